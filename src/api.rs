@@ -1,0 +1,432 @@
+//! The REST API of the old proxy (prices, usage, queries, rate limits), with
+//! its camelCase field names, plus the fields tollgate adds.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::value::RawValue;
+
+use crate::body::{Body, ChannelBody};
+use crate::error::ApiError;
+use crate::pricing::{self, Price, PriceTable, SCALE_PER_1K, SCALE_PER_1M};
+use crate::record::StoredRecord;
+use crate::server::State;
+use crate::store::{Filter, UsageTotals};
+
+/// Largest admin request body.
+const MAX_ADMIN_BODY: usize = 64 << 10;
+/// Size of the pieces `/queries` is written out in.
+const CHUNK: usize = 64 << 10;
+
+/// Answers a request outside `/v1/`.
+pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    match route(state, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn route(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    if let Some(name) = path.strip_prefix("/model/") {
+        let name = percent_decode(name, false)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| ApiError::bad_request("bad model name in path"))?;
+        return match method {
+            Method::GET | Method::HEAD => get_model(state, &name),
+            Method::POST | Method::PUT => set_price(state, &name, req).await,
+            m => Err(ApiError::method_not_allowed(&m, &path)),
+        };
+    }
+    let known = matches!(
+        path.as_str(),
+        "/models" | "/usage" | "/queries" | "/ratelimits"
+    );
+    if !known {
+        return Err(ApiError::not_found(format!("unknown path {path}")).with_code("not_found"));
+    }
+    if method != Method::GET && method != Method::HEAD {
+        return Err(ApiError::method_not_allowed(&method, &path));
+    }
+    match path.as_str() {
+        "/models" => models(state),
+        "/usage" => usage(state, &query).await,
+        "/queries" => queries(state, &query).await,
+        _ => ratelimits(state),
+    }
+}
+
+fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(crate::body::full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Appends `s` as a JSON string.
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+fn model_json(out: &mut String, name: &str, rows: &[Price]) {
+    out.push_str("{\"name\":");
+    push_json_str(out, name);
+    out.push_str(",\"costs\":[");
+    for (i, p) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"validFrom\":");
+        push_json_str(out, &crate::timestamp::format_ms(p.valid_from));
+        let mut num = |key: &str, v: i64, scale: u32| {
+            out.push_str(&format!(
+                ",\"{key}\":{}",
+                pricing::format_scaled(v.into(), scale)
+            ));
+        };
+        num("per1KQueryTokens", p.query, SCALE_PER_1K);
+        num("per1KAnswerTokens", p.answer, SCALE_PER_1K);
+        if let Some(c) = p.cached {
+            num("per1KCachedQueryTokens", c, SCALE_PER_1K);
+        }
+        num("per1MQueryTokens", p.query, SCALE_PER_1M);
+        num("per1MAnswerTokens", p.answer, SCALE_PER_1M);
+        if let Some(c) = p.cached {
+            num("per1MCachedQueryTokens", c, SCALE_PER_1M);
+        }
+        out.push('}');
+    }
+    out.push_str("]}");
+}
+
+fn get_model(state: &Arc<State>, name: &str) -> Result<Response<Body>, ApiError> {
+    let table = state.store.prices();
+    let rows = table
+        .rows(name)
+        .ok_or_else(|| ApiError::not_found(format!("no prices for model {name}")).with_code("model_not_found"))?;
+    let mut out = String::new();
+    model_json(&mut out, name, rows);
+    Ok(json_response(StatusCode::OK, out))
+}
+
+fn models(state: &Arc<State>) -> Result<Response<Body>, ApiError> {
+    let table: PriceTable = state.store.prices().clone();
+    let mut out = String::from("[");
+    for (i, name) in table.names().into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        model_json(&mut out, name, table.rows(name).unwrap_or_default());
+    }
+    out.push(']');
+    Ok(json_response(StatusCode::OK, out))
+}
+
+/// Parses a price body: `validFrom` plus query/answer (and optionally cached)
+/// prices, per 1K or per 1M tokens, never both units.
+pub fn parse_price_body(body: &[u8]) -> Result<Price, ApiError> {
+    let fields: BTreeMap<String, &RawValue> = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("body must be a JSON object: {e}")))?;
+    const KNOWN: [&str; 7] = [
+        "validFrom",
+        "per1KQueryTokens",
+        "per1KAnswerTokens",
+        "per1KCachedQueryTokens",
+        "per1MQueryTokens",
+        "per1MAnswerTokens",
+        "per1MCachedQueryTokens",
+    ];
+    if let Some(k) = fields.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(ApiError::bad_param(k, format!("unknown field {k}")));
+    }
+    let valid_from = match fields.get("validFrom") {
+        None => return Err(ApiError::bad_param("validFrom", "validFrom is required")),
+        Some(raw) => {
+            let s: String = serde_json::from_str(raw.get()).map_err(|_| {
+                ApiError::bad_param("validFrom", "validFrom must be a timestamp string")
+            })?;
+            crate::timestamp::parse(&s).ok_or_else(|| {
+                ApiError::bad_param(
+                    "validFrom",
+                    format!("validFrom `{s}` is not a timestamp with an offset, like 2024-01-24T14:50:00Z"),
+                )
+            })?
+        }
+    };
+    let has_1k = fields.keys().any(|k| k.starts_with("per1K"));
+    let has_1m = fields.keys().any(|k| k.starts_with("per1M"));
+    let (unit, scale) = match (has_1k, has_1m) {
+        (true, true) => {
+            return Err(ApiError::bad_request(
+                "give prices either per 1K tokens or per 1M tokens, not both",
+            ))
+        }
+        (false, true) => ("per1M", SCALE_PER_1M),
+        _ => ("per1K", SCALE_PER_1K),
+    };
+    let price = |what: &str, required: bool| -> Result<Option<i64>, ApiError> {
+        let key = format!("{unit}{what}");
+        match fields.get(key.as_str()) {
+            None if required => Err(ApiError::bad_param(&key, format!("{key} is required"))),
+            None => Ok(None),
+            Some(raw) => pricing::parse_scaled(raw.get(), scale)
+                .map(Some)
+                .map_err(|e| ApiError::bad_param(&key, format!("{key} {e}"))),
+        }
+    };
+    let query = price("QueryTokens", true)?.unwrap_or(0);
+    let answer = price("AnswerTokens", true)?.unwrap_or(0);
+    let cached = price("CachedQueryTokens", false)?;
+    Ok(Price {
+        valid_from,
+        query,
+        cached,
+        answer,
+    })
+}
+
+async fn set_price(
+    state: &Arc<State>,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body = http_body_util::Limited::new(req.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+        .map_err(|_| ApiError::bad_request("could not read the body (at most 64 KiB)"))?
+        .to_bytes();
+    let price = parse_price_body(&body)?;
+    let repriced = state
+        .store
+        .set_price(name.to_owned(), price)
+        .await
+        .map_err(|e| ApiError::internal(format!("could not store the price: {e}")))?;
+    let table = state.store.prices();
+    let mut out = String::new();
+    model_json(&mut out, name, table.rows(name).unwrap_or_default());
+    // Keep the old shape and add what changed.
+    out.pop();
+    out.push_str(&format!(",\"repricedQueries\":{repriced}}}"));
+    Ok(json_response(StatusCode::OK, out))
+}
+
+/// Decodes `%XX` escapes (and `+` as space in query strings).
+fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Parses the filter parameters; `allowed` lists those the endpoint takes.
+pub fn parse_filter(query: &str, allowed: &[&str]) -> Result<Filter, ApiError> {
+    let mut f = Filter::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let k = percent_decode(k, true).ok_or_else(|| ApiError::bad_request("bad query string"))?;
+        let v = percent_decode(v, true)
+            .ok_or_else(|| ApiError::bad_param(&k, format!("bad encoding of parameter {k}")))?;
+        if !allowed.contains(&k.as_str()) {
+            return Err(ApiError::bad_param(
+                &k,
+                format!("unknown parameter {k} (allowed: {})", allowed.join(", ")),
+            ));
+        }
+        let time = |v: &str| {
+            crate::timestamp::parse(v).ok_or_else(|| {
+                ApiError::bad_param(
+                    &k,
+                    format!("{k} `{v}` is not a timestamp with an offset, like 2024-01-24T14:50%2B01"),
+                )
+            })
+        };
+        let number = |v: &str| {
+            v.parse::<u64>().map_err(|_| {
+                ApiError::bad_param(&k, format!("{k} must be a non-negative integer"))
+            })
+        };
+        match k.as_str() {
+            "user" => f.user = Some(v),
+            "model" => f.model = Some(v),
+            "after" => f.after = Some(time(&v)?),
+            "before" => f.before = Some(time(&v)?),
+            "limit" => f.limit = Some(number(&v)?),
+            "offset" => f.offset = number(&v)?,
+            _ => unreachable!("checked against allowed"),
+        }
+    }
+    Ok(f)
+}
+
+/// Waits (briefly) until records of requests that already ended are written,
+/// so a report read right after a request sees it.
+async fn settle(state: &Arc<State>) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), state.store.flush()).await;
+}
+
+async fn usage(state: &Arc<State>, query: &str) -> Result<Response<Body>, ApiError> {
+    let f = parse_filter(query, &["user", "model", "after", "before"])?;
+    settle(state).await;
+    let reports = state.store.reports();
+    let t = tokio::task::spawn_blocking(move || reports.usage(&f))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(format!("could not read usage: {e}")))?;
+    Ok(json_response(StatusCode::OK, usage_json(&t)))
+}
+
+/// The `/usage` object.
+pub fn usage_json(t: &UsageTotals) -> String {
+    let avg = if t.queries == 0 {
+        0
+    } else {
+        // Rounded to the nearest pico-dollar.
+        (t.cost + i128::from(t.queries) / 2) / i128::from(t.queries)
+    };
+    format!(
+        "{{\"numQueries\":{},\"queryTokens\":{},\"answerTokens\":{},\"cost\":{},\"averageCostPerQuery\":{},\"cachedQueryTokens\":{},\"reasoningTokens\":{},\"unpricedQueries\":{}}}",
+        t.queries,
+        t.query_tokens,
+        t.answer_tokens,
+        pricing::format_dollars(t.cost),
+        pricing::format_dollars(avg),
+        t.cached_tokens,
+        t.reasoning_tokens,
+        t.unpriced
+    )
+}
+
+/// One `/queries` element.
+pub fn record_json(out: &mut String, r: &StoredRecord) {
+    out.push_str("{\"id\":");
+    out.push_str(&r.id.to_string());
+    out.push_str(",\"user\":");
+    push_json_str(out, &r.user);
+    out.push_str(",\"model\":");
+    push_json_str(out, &r.model);
+    out.push_str(",\"requestedModel\":");
+    push_json_str(out, &r.requested_model);
+    out.push_str(",\"endpoint\":");
+    push_json_str(out, &r.endpoint);
+    out.push_str(",\"timestamp\":");
+    push_json_str(out, &crate::timestamp::format_ms(r.started_ms));
+    out.push_str(&format!(
+        ",\"queryTokens\":{},\"answerTokens\":{},\"cachedQueryTokens\":{},\"reasoningTokens\":{},\"cost\":{},\"priced\":{},\"estimated\":{},\"status\":{},\"stream\":{},\"durationMs\":{}",
+        r.query_tokens,
+        r.answer_tokens,
+        r.cached_tokens,
+        r.reasoning_tokens,
+        pricing::format_dollars(r.cost.into()),
+        r.priced,
+        r.estimated,
+        r.status,
+        r.stream,
+        pricing::format_scaled(r.duration_us.into(), 3),
+    ));
+    out.push_str(",\"ttfbMs\":");
+    match r.ttfb_us {
+        Some(t) => out.push_str(&pricing::format_scaled(t.into(), 3)),
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"requestId\":");
+    match &r.request_id {
+        Some(id) => push_json_str(out, id),
+        None => out.push_str("null"),
+    }
+    out.push('}');
+}
+
+async fn queries(state: &Arc<State>, query: &str) -> Result<Response<Body>, ApiError> {
+    let f = parse_filter(
+        query,
+        &["user", "model", "after", "before", "limit", "offset"],
+    )?;
+    settle(state).await;
+    let reports = state.store.reports();
+    let (tx, body) = ChannelBody::new(4);
+    tokio::task::spawn_blocking(move || {
+        let mut buf = String::with_capacity(CHUNK + 1024);
+        buf.push('[');
+        let mut first = true;
+        let mut alive = true;
+        let res = reports.queries(&f, &mut |r| {
+            if !first {
+                buf.push(',');
+            }
+            first = false;
+            record_json(&mut buf, &r);
+            if buf.len() >= CHUNK {
+                let piece = Bytes::from(std::mem::take(&mut buf));
+                alive = tx.blocking_send(Ok(piece)).is_ok();
+            }
+            alive
+        });
+        match res {
+            Ok(()) => {
+                buf.push(']');
+                let _ = tx.blocking_send(Ok(Bytes::from(buf)));
+            }
+            Err(e) => {
+                // The status is already sent: end the body with an error.
+                tracing::error!(error = %e, "reading /queries failed");
+                let _ = tx.blocking_send(Err(Box::new(e)));
+            }
+        }
+    });
+    let mut r = Response::new(body.boxed_unsync());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(r)
+}
+
+fn ratelimits(state: &Arc<State>) -> Result<Response<Body>, ApiError> {
+    let body = match state.store.ratelimits() {
+        Some(rl) => serde_json::to_vec(&rl).map_err(|e| ApiError::internal(e.to_string()))?,
+        None => b"{}".to_vec(),
+    };
+    Ok(json_response(StatusCode::OK, body))
+}
+
+#[cfg(test)]
+mod tests;

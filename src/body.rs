@@ -1,0 +1,351 @@
+//! Body types and the metered answer body.
+//!
+//! [`MeteredBody`] wraps upstream's answer, hands every frame to the usage
+//! scanners on its way to the client, and settles the request's record exactly
+//! once: at the end of the stream, on an upstream error, on idle timeout, or in
+//! `Drop` when the client goes away (as linkerd's body-eos wrappers do).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use tokio::time::Sleep;
+
+use crate::record::{Estimate, Record};
+use crate::store::{Slot, Store};
+use crate::usage::{Capture, Endpoint, Found, JsonScanner, SseScanner};
+
+/// Error type of every body tollgate produces.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every request and answer tollgate sends.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A body of known bytes.
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// How the answer body is read.
+#[derive(Debug)]
+pub enum Observer {
+    /// Not read (bodies of endpoints without usage).
+    Ignore,
+    /// A plain JSON answer.
+    Json(JsonScanner),
+    /// An SSE stream.
+    Sse(SseScanner),
+}
+
+/// The record of one request under construction; submitted exactly once,
+/// when the exchange ends in whatever way.
+pub struct Meter {
+    store: Arc<Store>,
+    slot: Option<Slot>,
+    record: Record,
+    started: Instant,
+    endpoint: Endpoint,
+    request_body: Bytes,
+    observer: Observer,
+}
+
+impl Meter {
+    /// Starts metering a request about to go upstream. Until an answer head
+    /// arrives, the status is 499 (client gone): dropping the meter then
+    /// still leaves a record.
+    pub fn new(
+        store: Arc<Store>,
+        slot: Slot,
+        mut record: Record,
+        started: Instant,
+        endpoint: Endpoint,
+        request_body: Bytes,
+    ) -> Meter {
+        record.status = 499;
+        Meter {
+            store,
+            slot: Some(slot),
+            record,
+            started,
+            endpoint,
+            request_body,
+            observer: Observer::Ignore,
+        }
+    }
+
+    /// The answer head arrived.
+    pub fn answered(&mut self, status: u16, request_id: Option<String>, observer: Observer) {
+        self.record.status = status;
+        self.record.request_id = request_id;
+        self.observer = observer;
+    }
+
+    /// Tollgate answered for upstream (502/504).
+    pub fn failed(&mut self, status: u16) {
+        self.record.status = status;
+    }
+
+    /// The request never reached upstream: no record.
+    pub fn cancel(mut self) {
+        self.slot = None;
+    }
+
+    /// Passes one chunk of the answer through the scanners.
+    fn observe(&mut self, data: Bytes) -> Bytes {
+        if self.record.ttfb_us.is_none() {
+            self.record.ttfb_us = Some(self.started.elapsed().as_micros() as u64);
+        }
+        match &mut self.observer {
+            Observer::Ignore => data,
+            Observer::Json(j) => {
+                j.feed(&data);
+                data
+            }
+            Observer::Sse(s) => s.feed(&data),
+        }
+    }
+
+    /// Bytes the scanner still holds at the end of the stream.
+    fn flush(&mut self) -> Bytes {
+        match &mut self.observer {
+            Observer::Sse(s) => s.finish(),
+            _ => Bytes::new(),
+        }
+    }
+
+    /// Submits the record (once).
+    fn settle(&mut self) {
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
+        let mut rec = std::mem::take(&mut self.record);
+        rec.duration_us = self.started.elapsed().as_micros() as u64;
+        let (found, capture) = match std::mem::replace(&mut self.observer, Observer::Ignore) {
+            Observer::Ignore => (Found::default(), None),
+            Observer::Json(mut j) => {
+                let (f, c) = j.finish();
+                (f, Some(c))
+            }
+            Observer::Sse(mut s) => {
+                let _ = s.finish();
+                (std::mem::take(&mut s.found), Some(std::mem::take(&mut s.capture)))
+            }
+        };
+        if let Some(m) = found.model {
+            rec.model = m;
+        }
+        match found.usage {
+            Some(u) => rec.usage = u,
+            None if self.should_estimate(rec.status) => {
+                rec.estimate = Some(Box::new(Estimate {
+                    endpoint: self.endpoint,
+                    request_body: std::mem::take(&mut self.request_body),
+                    capture: capture.filter(|c: &Capture| !c.bytes.is_empty()),
+                }));
+            }
+            None => {}
+        }
+        self.store.submit(rec, slot);
+    }
+
+    /// Tokens may have been spent without upstream saying how many: a
+    /// successful answer without usage, a cut stream, or no answer at all.
+    fn should_estimate(&self, status: u16) -> bool {
+        self.endpoint.needs_model()
+            && (matches!(status, 200..=299) || matches!(status, 499 | 502 | 504))
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
+/// Upstream's answer body on its way to the client, metered.
+pub struct MeteredBody {
+    inner: Incoming,
+    meter: Meter,
+    idle: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    last_activity: Instant,
+    /// Bytes released at the end of the stream, sent before the end.
+    tail: Option<Bytes>,
+    strips: bool,
+    done: bool,
+}
+
+/// The upstream went silent for longer than the idle timeout mid-answer.
+#[derive(Debug)]
+pub struct IdleTimeout;
+
+impl std::fmt::Display for IdleTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("upstream idle timeout")
+    }
+}
+
+impl std::error::Error for IdleTimeout {}
+
+impl MeteredBody {
+    /// Wraps `inner`; silence longer than `idle` ends the stream with an error.
+    pub fn new(inner: Incoming, meter: Meter, idle: Duration) -> MeteredBody {
+        let strips = matches!(&meter.observer, Observer::Sse(s) if s.strips());
+        MeteredBody {
+            inner,
+            meter,
+            idle,
+            timer: None,
+            last_activity: Instant::now(),
+            tail: None,
+            strips,
+            done: false,
+        }
+    }
+
+    fn end(&mut self) -> Option<Bytes> {
+        let tail = self.meter.flush();
+        self.meter.settle();
+        self.done = true;
+        (!tail.is_empty()).then_some(tail)
+    }
+}
+
+impl HttpBody for MeteredBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(t) = this.tail.take() {
+            return Poll::Ready(Some(Ok(Frame::data(t))));
+        }
+        if this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    this.last_activity = Instant::now();
+                    let data = match frame.into_data() {
+                        Ok(d) => d,
+                        Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                    };
+                    let mut out = this.meter.observe(data);
+                    if this.inner.is_end_stream() {
+                        // Settle before the client can see the end.
+                        if let Some(t) = this.end() {
+                            if out.is_empty() {
+                                out = t;
+                            } else {
+                                this.tail = Some(t);
+                            }
+                        }
+                    }
+                    if out.is_empty() && !this.done {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.meter.settle();
+                    this.done = true;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                Poll::Ready(None) => {
+                    return Poll::Ready(this.end().map(|t| Ok(Frame::data(t))));
+                }
+                Poll::Pending => {
+                    let deadline = this.last_activity + this.idle;
+                    let timer = this.timer.get_or_insert_with(|| {
+                        Box::pin(tokio::time::sleep_until(deadline.into()))
+                    });
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if Instant::now() >= deadline {
+                        this.meter.settle();
+                        this.done = true;
+                        return Poll::Ready(Some(Err(Box::new(IdleTimeout))));
+                    }
+                    // Activity since the timer was set: wait for the new deadline.
+                    timer.as_mut().reset(deadline.into());
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.tail.is_none() && (self.done || (self.inner.is_end_stream() && !self.strips))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.strips {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        // An answer hyper never needed to poll (empty) is complete; any
+        // other unfinished one was cut by the client.
+        if !self.done && self.inner.is_end_stream() {
+            let _ = self.end();
+        }
+        // Otherwise the meter's own Drop settles it as it stands.
+    }
+}
+
+/// A body fed by a channel, for answers produced piece by piece on a
+/// blocking thread (`/queries`): memory stays bounded by the channel.
+pub struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>,
+}
+
+impl ChannelBody {
+    /// A body and the sender that feeds it; `capacity` pieces may wait.
+    pub fn new(
+        capacity: usize,
+    ) -> (tokio::sync::mpsc::Sender<Result<Bytes, BoxError>>, ChannelBody) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+        (tx, ChannelBody { rx })
+    }
+}
+
+impl HttpBody for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.get_mut()
+            .rx
+            .poll_recv(cx)
+            .map(|o| o.map(|r| r.map(Frame::data)))
+    }
+}

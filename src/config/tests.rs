@@ -1,0 +1,108 @@
+use super::*;
+use std::collections::HashMap;
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let env: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    match parse(args.iter().map(|s| s.to_string()), &|k| env.get(k).cloned())? {
+        Command::Run(c) => Ok(c),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn defaults() {
+    let c = run(&[], &[]).unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(c.upstream.to_string(), "https://api.openai.com");
+    assert_eq!(c.db, PathBuf::from("openai-queries.db"));
+    assert_eq!(c.upstream_connect_timeout, Duration::from_secs(10));
+    assert_eq!(c.upstream_idle_timeout, Duration::from_secs(600));
+    assert_eq!(c.max_body, 32 << 20);
+    assert_eq!(c.shutdown_grace, Duration::from_secs(30));
+    assert!(c.upstream_token.is_none());
+    assert!(c.default_prices);
+}
+
+#[test]
+fn flags_beat_env_beat_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("t.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:1\"\nupstream = \"http://file:1\"\ndb = \"file.db\"\nmax_body = \"1MiB\"\nupstream_token = \"from-file\"\nupstream_idle_timeout = 7\ndefault_prices = false\n",
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let c = run(
+        &["--config", f, "--listen=127.0.0.1:3"],
+        &[("TOLLGATE_LISTEN", "127.0.0.1:2"), ("TOLLGATE_UPSTREAM", "http://env:2/base/")],
+    )
+    .unwrap();
+    assert_eq!(c.listen.port(), 3);
+    assert_eq!(c.upstream.to_string(), "http://env:2/base");
+    assert_eq!(c.db, PathBuf::from("file.db"));
+    assert_eq!(c.max_body, 1 << 20);
+    assert_eq!(c.upstream_token.as_deref(), Some("from-file"));
+    assert_eq!(c.upstream_idle_timeout, Duration::from_secs(7));
+    assert!(!c.default_prices);
+    let c = run(&["--config", f], &[("FORWARD_TOKEN", "old-name")]).unwrap();
+    assert_eq!(c.upstream_token.as_deref(), Some("old-name"));
+    let c = run(
+        &["--config", f],
+        &[("FORWARD_TOKEN", "old"), ("TOLLGATE_UPSTREAM_TOKEN", "new")],
+    )
+    .unwrap();
+    assert_eq!(c.upstream_token.as_deref(), Some("new"));
+}
+
+#[test]
+fn bad_values_name_the_setting() {
+    let e = run(&["--listen", "nope"], &[]).unwrap_err();
+    assert_eq!(e.setting, "--listen");
+    let e = run(&[], &[("TOLLGATE_UPSTREAM", "ftp://x")]).unwrap_err();
+    assert_eq!(e.setting, "--upstream");
+    let e = run(&["--upstream-idle-timeout", "soon"], &[]).unwrap_err();
+    assert_eq!(e.setting, "--upstream-idle-timeout");
+    let e = run(&["--max-body", "12 parsecs"], &[]).unwrap_err();
+    assert_eq!(e.setting, "--max-body");
+    let e = run(&["--upstream-token", "sk-x"], &[]).unwrap_err();
+    assert!(e.message.contains("never taken from a flag"));
+    let e = run(&["--bogus"], &[]).unwrap_err();
+    assert_eq!(e.setting, "--bogus");
+    let e = run(&["--config", "/nonexistent/x.toml"], &[]).unwrap_err();
+    assert_eq!(e.setting, "--config");
+}
+
+#[test]
+fn durations_and_sizes() {
+    assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+    assert_eq!(parse_duration("10m"), Some(Duration::from_secs(600)));
+    assert_eq!(parse_duration("2"), Some(Duration::from_secs(2)));
+    assert_eq!(parse_size("32MiB"), Some(32 << 20));
+    assert_eq!(parse_size("10MB"), Some(10_000_000));
+    assert_eq!(parse_size("4096"), Some(4096));
+    assert_eq!(parse_size("x"), None);
+}
+
+#[test]
+fn upstream_uri_keeps_prefix() {
+    let u = Upstream::parse("http://127.0.0.1:9000/openai/").unwrap();
+    assert_eq!(
+        u.uri_for("/v1/chat/completions?x=1").unwrap().to_string(),
+        "http://127.0.0.1:9000/openai/v1/chat/completions?x=1"
+    );
+}
+
+#[test]
+fn help_version_check() {
+    let env = |_: &str| None;
+    assert!(matches!(parse(["--help".to_string()], &env), Ok(Command::Help)));
+    assert!(matches!(parse(["-V".to_string()], &env), Ok(Command::Version)));
+    assert!(matches!(
+        parse(["check-config".to_string()], &env),
+        Ok(Command::CheckConfig(_))
+    ));
+}

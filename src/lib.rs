@@ -1,0 +1,46 @@
+//! tollgate: a metering proxy for the OpenAI API.
+//!
+//! Every request under `/v1/` is forwarded to the configured upstream
+//! (OpenAI or any OpenAI-compatible server) with bodies streamed through
+//! untouched, and leaves exactly one usage record: user, models, tokens
+//! (cached and reasoning included), cost, status and timings. Records go over
+//! a bounded channel to one writer thread that batches them into SQLite. A
+//! small REST API reports prices, usage, per-query records and upstream rate
+//! limits.
+//!
+//! # Layout
+//!
+//! - [`config`]: flags, environment and TOML parsed into one validated [`config::Config`].
+//! - [`server`]: accept loop, routing, graceful shutdown; [`server::run`] is the
+//!   seam the binary and the tests start it through.
+//! - [`proxy`]: the `/v1/` handler: request checks, header rules, the
+//!   `include_usage` splice, upstream call and timeouts.
+//! - [`body`]: [`body::MeteredBody`], which observes answer frames and settles the
+//!   record at the end, on error or when the client leaves.
+//! - [`usage`]: reading model, stream flags and usage from request bodies,
+//!   JSON answers and SSE streams, chunk by chunk.
+//! - [`tokens`]: tiktoken estimates for answers without usage, off the request path.
+//! - [`pricing`]: exact integer prices and costs, the model lookup chain, the built-in list.
+//! - [`record`]: the usage record.
+//! - [`store`]: the writer and estimator threads and the storage traits; [`store::sqlite`]
+//!   implements them.
+//! - [`api`]: the REST endpoints (`/model`, `/models`, `/usage`, `/queries`, `/ratelimits`).
+//! - [`ratelimit`], [`timestamp`]: header and time formats.
+//! - [`error`]: errors answered in OpenAI's error shape.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod pricing;
+pub mod proxy;
+pub mod ratelimit;
+pub mod record;
+pub mod server;
+pub mod store;
+pub mod timestamp;
+pub mod tokens;
+pub mod usage;

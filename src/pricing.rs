@@ -1,0 +1,294 @@
+//! Prices and cost, in exact integer arithmetic.
+//!
+//! A price is held as pico-dollars (1e-12 USD) per token: every price OpenAI
+//! publishes per 1K or per 1M tokens is an integer there, so cost is an exact
+//! integer too and the API prints it as a decimal without float noise.
+
+use std::collections::HashMap;
+
+/// Pico-dollars in one dollar.
+pub const PICO_PER_DOLLAR: i128 = 1_000_000_000_000;
+
+/// One price row of a model, valid from `valid_from` until the next row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Price {
+    /// Start of validity, milliseconds since the epoch.
+    pub valid_from: i64,
+    /// Pico-dollars per prompt token.
+    pub query: i64,
+    /// Pico-dollars per cached prompt token; `None` means the query price.
+    pub cached: Option<i64>,
+    /// Pico-dollars per completion token.
+    pub answer: i64,
+}
+
+/// Tokens of one request, as priced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    /// Prompt tokens, cached ones included.
+    pub query: u64,
+    /// Completion tokens, reasoning ones included.
+    pub answer: u64,
+    /// The cached subset of `query`.
+    pub cached: u64,
+}
+
+impl Price {
+    /// Cost in pico-dollars: (query - cached) x query + cached x cached + answer x answer.
+    pub fn cost(&self, t: Tokens) -> i64 {
+        let cached = t.cached.min(t.query);
+        let c = i128::from(t.query - cached) * i128::from(self.query)
+            + i128::from(cached) * i128::from(self.cached.unwrap_or(self.query))
+            + i128::from(t.answer) * i128::from(self.answer);
+        i64::try_from(c).unwrap_or(i64::MAX)
+    }
+}
+
+/// All price rows, by model, each list sorted by `valid_from`.
+#[derive(Debug, Default, Clone)]
+pub struct PriceTable {
+    models: HashMap<String, Vec<Price>>,
+}
+
+impl PriceTable {
+    /// Adds a row, replacing one with the same `valid_from`.
+    pub fn insert(&mut self, model: &str, price: Price) {
+        let rows = self.models.entry(model.to_owned()).or_default();
+        match rows.binary_search_by_key(&price.valid_from, |p| p.valid_from) {
+            Ok(i) => rows[i] = price,
+            Err(i) => rows.insert(i, price),
+        }
+    }
+
+    /// Rows of one model, oldest first.
+    pub fn rows(&self, model: &str) -> Option<&[Price]> {
+        self.models.get(model).map(Vec::as_slice)
+    }
+
+    /// Model names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.models.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Whether no model has a price.
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+    }
+
+    /// The price row valid at `at_ms` for exactly `model`.
+    fn valid(&self, model: &str, at_ms: i64) -> Option<&Price> {
+        let rows = self.models.get(model)?;
+        let i = rows.partition_point(|p| p.valid_from <= at_ms);
+        i.checked_sub(1).map(|i| &rows[i])
+    }
+
+    /// The price for a request that started at `at_ms`, found through the
+    /// lookup chain of [`candidates`]. Returns the name priced under and the row.
+    pub fn lookup<'a>(
+        &'a self,
+        answered: &str,
+        requested: &str,
+        at_ms: i64,
+    ) -> Option<(String, &'a Price)> {
+        candidates(answered, requested)
+            .into_iter()
+            .find_map(|m| self.valid(&m, at_ms).map(|p| (m, p)))
+    }
+
+    /// Cost in pico-dollars and whether a price was found.
+    pub fn cost(&self, answered: &str, requested: &str, at_ms: i64, t: Tokens) -> (i64, bool) {
+        match self.lookup(answered, requested, at_ms) {
+            Some((_, p)) => (p.cost(t), true),
+            None => (0, false),
+        }
+    }
+}
+
+/// The names a request's price is looked up under, in order: the answered
+/// model, the requested one, then each without a date suffix, and the base
+/// model of a fine-tuned name (`ft:gpt-4o-mini:org::id` -> `gpt-4o-mini`).
+pub fn candidates(answered: &str, requested: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(4);
+    let mut push = |s: &str| {
+        if !s.is_empty() && !out.iter().any(|o| o == s) {
+            out.push(s.to_owned());
+        }
+    };
+    push(answered);
+    push(requested);
+    for m in [answered, requested] {
+        let base = fine_tune_base(m).unwrap_or(m);
+        push(base);
+        push(strip_date(base));
+    }
+    out
+}
+
+fn fine_tune_base(m: &str) -> Option<&str> {
+    let rest = m.strip_prefix("ft:")?;
+    rest.split(':').next().filter(|s| !s.is_empty())
+}
+
+/// `gpt-4o-2024-08-06` -> `gpt-4o`, `gpt-4-0613` -> `gpt-4`; anything else unchanged.
+pub fn strip_date(m: &str) -> &str {
+    let b = m.as_bytes();
+    let digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
+    if b.len() > 11 {
+        let t = &b[b.len() - 11..];
+        if t[0] == b'-'
+            && digits(&t[1..5])
+            && t[5] == b'-'
+            && digits(&t[6..8])
+            && t[8] == b'-'
+            && digits(&t[9..11])
+        {
+            return &m[..m.len() - 11];
+        }
+    }
+    if b.len() > 5 {
+        let t = &b[b.len() - 5..];
+        if t[0] == b'-' && digits(&t[1..]) {
+            return &m[..m.len() - 5];
+        }
+    }
+    m
+}
+
+/// Why a decimal could not be taken as a price.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecimalError {
+    /// Not a JSON number.
+    NotANumber,
+    /// Below zero.
+    Negative,
+    /// Finer than the unit can hold.
+    TooPrecise,
+    /// Too large.
+    TooLarge,
+}
+
+impl std::fmt::Display for DecimalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DecimalError::NotANumber => "must be a finite number",
+            DecimalError::Negative => "must not be negative",
+            DecimalError::TooPrecise => "has more decimals than 1e-12 dollars per token",
+            DecimalError::TooLarge => "is too large",
+        })
+    }
+}
+
+/// Parses the text of a JSON number exactly and multiplies it by `10^scale`;
+/// the result must be a non-negative integer that fits in an `i64`.
+pub fn parse_scaled(text: &str, scale: u32) -> Result<i64, DecimalError> {
+    let t = text.trim();
+    let (mantissa, exp) = match t.find(['e', 'E']) {
+        Some(i) => (
+            &t[..i],
+            t[i + 1..]
+                .parse::<i32>()
+                .map_err(|_| DecimalError::NotANumber)?,
+        ),
+        None => (t, 0),
+    };
+    let (neg, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => (true, m),
+        None => (false, mantissa),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int.is_empty()
+        || !int.bytes().all(|c| c.is_ascii_digit())
+        || !frac.bytes().all(|c| c.is_ascii_digit())
+        || (mantissa.contains('.') && frac.is_empty())
+    {
+        return Err(DecimalError::NotANumber);
+    }
+    let mut digits: String = format!("{int}{frac}");
+    let mut shift = i64::from(scale) + i64::from(exp) - frac.len() as i64;
+    // Trailing zeros may absorb a negative shift.
+    while shift < 0 && digits.ends_with('0') && digits.len() > 1 {
+        digits.pop();
+        shift += 1;
+    }
+    let all_zero = digits.bytes().all(|c| c == b'0');
+    if neg && !all_zero {
+        return Err(DecimalError::Negative);
+    }
+    if all_zero {
+        return Ok(0);
+    }
+    if shift < 0 {
+        return Err(DecimalError::TooPrecise);
+    }
+    let digits = digits.trim_start_matches('0');
+    if digits.len() as i64 + shift > 18 {
+        return Err(DecimalError::TooLarge);
+    }
+    let v: i64 = digits.parse().map_err(|_| DecimalError::TooLarge)?;
+    v.checked_mul(10i64.pow(shift as u32))
+        .ok_or(DecimalError::TooLarge)
+}
+
+/// Formats `value / 10^scale` as a plain decimal without trailing zeros.
+pub fn format_scaled(value: i128, scale: u32) -> String {
+    let neg = value < 0;
+    let v = value.unsigned_abs();
+    let div = 10u128.pow(scale);
+    let int = v / div;
+    let frac = v % div;
+    let mut s = if neg {
+        format!("-{int}")
+    } else {
+        int.to_string()
+    };
+    if frac != 0 {
+        let f = format!("{frac:0width$}", width = scale as usize);
+        s.push('.');
+        s.push_str(f.trim_end_matches('0'));
+    }
+    s
+}
+
+/// Formats pico-dollars as dollars.
+pub fn format_dollars(pico: i128) -> String {
+    format_scaled(pico, 12)
+}
+
+/// Pico-dollars per token from a price per 1K tokens.
+pub const SCALE_PER_1K: u32 = 9;
+/// Pico-dollars per token from a price per 1M tokens.
+pub const SCALE_PER_1M: u32 = 6;
+
+/// Price list shipped with tollgate: (model, $/1M input, $/1M cached input, $/1M output).
+const DEFAULT_PRICES: &str = include_str!("../prices.tsv");
+
+/// The built-in price list, valid from the epoch.
+pub fn default_prices() -> Vec<(String, Price)> {
+    DEFAULT_PRICES
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let p = |s: &str| parse_scaled(s, SCALE_PER_1M).expect("built-in price parses");
+            let cached = match f[2] {
+                "-" => None,
+                c => Some(p(c)),
+            };
+            (
+                f[0].to_owned(),
+                Price {
+                    valid_from: 0,
+                    query: p(f[1]),
+                    cached,
+                    answer: p(f[3]),
+                },
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,120 @@
+use super::*;
+
+fn per1k(s: &str) -> i64 {
+    parse_scaled(s, SCALE_PER_1K).unwrap()
+}
+
+#[test]
+fn old_readme_cost_is_exact() {
+    // 3243 x 0.01/1K + 1399 x 0.03/1K = 0.0744 (the old proxy printed 0.07440000000000001).
+    let p = Price {
+        valid_from: 0,
+        query: per1k("0.01"),
+        cached: None,
+        answer: per1k("0.03"),
+    };
+    let c = p.cost(Tokens {
+        query: 3243,
+        answer: 1399,
+        cached: 0,
+    });
+    assert_eq!(format_dollars(c.into()), "0.0744");
+}
+
+#[test]
+fn cached_tokens_use_cached_price() {
+    let p = Price {
+        valid_from: 0,
+        query: parse_scaled("2.50", SCALE_PER_1M).unwrap(),
+        cached: Some(parse_scaled("1.25", SCALE_PER_1M).unwrap()),
+        answer: parse_scaled("10", SCALE_PER_1M).unwrap(),
+    };
+    // (1000-400) x 2.5e-6 + 400 x 1.25e-6 + 100 x 1e-5 = 0.0015 + 0.0005 + 0.001
+    let c = p.cost(Tokens {
+        query: 1000,
+        answer: 100,
+        cached: 400,
+    });
+    assert_eq!(format_dollars(c.into()), "0.003");
+    // Cached more than query (a broken upstream) never goes negative.
+    let c = p.cost(Tokens {
+        query: 10,
+        answer: 0,
+        cached: 50,
+    });
+    assert_eq!(format_dollars(c.into()), "0.0000125");
+}
+
+#[test]
+fn decimals_parse_exactly() {
+    assert_eq!(parse_scaled("0.01", 9), Ok(10_000_000));
+    assert_eq!(parse_scaled("1e-2", 9), Ok(10_000_000));
+    assert_eq!(parse_scaled("0.005", 6), Ok(5_000));
+    assert_eq!(parse_scaled("10", 6), Ok(10_000_000));
+    assert_eq!(parse_scaled("0", 6), Ok(0));
+    assert_eq!(parse_scaled("-0", 6), Ok(0));
+    assert_eq!(parse_scaled("1.50000000000000", 6), Ok(1_500_000));
+    assert_eq!(parse_scaled("-1", 6), Err(DecimalError::Negative));
+    assert_eq!(parse_scaled("0.0000001", 6), Err(DecimalError::TooPrecise));
+    assert_eq!(parse_scaled("1e30", 6), Err(DecimalError::TooLarge));
+    assert_eq!(parse_scaled("abc", 6), Err(DecimalError::NotANumber));
+    assert_eq!(parse_scaled("1.", 6), Err(DecimalError::NotANumber));
+    assert_eq!(parse_scaled(".5", 6), Err(DecimalError::NotANumber));
+}
+
+#[test]
+fn decimals_format_without_noise() {
+    assert_eq!(format_scaled(0, 12), "0");
+    assert_eq!(format_scaled(74_400_000_000, 12), "0.0744");
+    assert_eq!(format_scaled(1_000_000_000_000, 12), "1");
+    assert_eq!(format_scaled(-5, 1), "-0.5");
+    assert_eq!(format_scaled(10_000_000, 9), "0.01");
+}
+
+#[test]
+fn lookup_follows_the_chain_and_validity() {
+    let mut t = PriceTable::default();
+    let p = |q: i64, from: i64| Price {
+        valid_from: from,
+        query: q,
+        cached: None,
+        answer: q,
+    };
+    t.insert("gpt-4o", p(1, 0));
+    t.insert("gpt-4o", p(2, 1000));
+    t.insert("gpt-4o-mini", p(7, 0));
+    assert_eq!(t.lookup("gpt-4o-2024-08-06", "gpt-4o", 999).unwrap().1.query, 1);
+    assert_eq!(t.lookup("gpt-4o-2024-08-06", "x", 1000).unwrap().1.query, 2);
+    assert_eq!(t.lookup("", "ft:gpt-4o-mini:org::abc", 5).unwrap().1.query, 7);
+    // The answered model wins over the requested one.
+    assert_eq!(t.lookup("gpt-4o-mini", "gpt-4o", 5).unwrap().0, "gpt-4o-mini");
+    assert!(t.lookup("unknown", "", 5).is_none());
+    // Before the first row there is no price.
+    t.insert("late", p(3, 10_000));
+    assert!(t.lookup("late", "", 9_999).is_none());
+    // Same instant replaces.
+    t.insert("gpt-4o", p(5, 1000));
+    assert_eq!(t.rows("gpt-4o").unwrap().len(), 2);
+    assert_eq!(t.lookup("gpt-4o", "", 2000).unwrap().1.query, 5);
+}
+
+#[test]
+fn date_suffixes() {
+    assert_eq!(strip_date("gpt-4o-2024-08-06"), "gpt-4o");
+    assert_eq!(strip_date("gpt-4-0613"), "gpt-4");
+    assert_eq!(strip_date("gpt-4o"), "gpt-4o");
+    assert_eq!(strip_date("o3"), "o3");
+    assert_eq!(strip_date("gpt-4-1106-preview"), "gpt-4-1106-preview");
+}
+
+#[test]
+fn default_prices_load() {
+    let d = default_prices();
+    assert!(d.len() >= 11);
+    let (_, mini) = d.iter().find(|(m, _)| m == "gpt-4o-mini").unwrap();
+    assert_eq!(mini.query, 150_000);
+    assert_eq!(mini.cached, Some(75_000));
+    let (_, emb) = d.iter().find(|(m, _)| m == "text-embedding-3-small").unwrap();
+    assert_eq!(emb.cached, None);
+    assert_eq!(emb.answer, 0);
+}

@@ -1,0 +1,267 @@
+//! The metered proxy for everything under `/v1/`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use crate::body::{Body, Meter, MeteredBody, Observer};
+use crate::error::ApiError;
+use crate::record::Record;
+use crate::server::State;
+use crate::usage::{self, Endpoint, JsonScanner, SseScanner};
+
+/// Longest a request waits for room in the usage queue before a 503.
+const QUEUE_WAIT: Duration = Duration::from_secs(10);
+
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    let hop: Vec<HeaderName> = h.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
+    for n in hop {
+        h.remove(n);
+    }
+}
+
+/// The user a request is charged to.
+fn user_of(req: &Request<Incoming>) -> Result<String, ApiError> {
+    match req.headers().get("x-user").map(|v| v.to_str()) {
+        Some(Ok(u)) if !u.trim().is_empty() => Ok(u.trim().to_owned()),
+        Some(Err(_)) => Err(ApiError::unauthorized(
+            "The x-user header must be visible ASCII text.",
+        )),
+        _ => Err(ApiError::unauthorized(
+            "Missing x-user header: tollgate charges every request to a user.",
+        )
+        .with_code("missing_user")),
+    }
+}
+
+/// Reads a request body up to `limit` bytes.
+async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, ApiError> {
+    match Limited::new(body, limit as usize).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}
+
+/// Forwards one API request upstream and meters it.
+pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    match forward(state, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let started = Instant::now();
+    let started_ms = crate::timestamp::now_ms();
+    let user = user_of(&req)?;
+    let endpoint = Endpoint::classify(req.method(), req.uri().path());
+    let cfg = &state.config;
+    let (mut parts, body) = req.into_parts();
+
+    let mut strip = false;
+    let mut stream = false;
+    let mut requested_model = String::new();
+    let mut sent_bytes = Bytes::new();
+    let upstream_body = if endpoint.needs_model() {
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > cfg.max_body) {
+            return Err(ApiError::too_large(cfg.max_body));
+        }
+        let bytes = read_body(body, cfg.max_body).await?;
+        let info = usage::parse_request(&bytes)
+            .map_err(|e| match e.param() {
+                Some(p) => ApiError::bad_param(p, e.message()),
+                None => ApiError::bad_request(e.message()),
+            })?;
+        stream = info.stream;
+        requested_model = info.model;
+        sent_bytes = bytes;
+        if info.stream && !info.include_usage && endpoint.usage_on_request() {
+            if let Some(spliced) = usage::splice_include_usage(&sent_bytes) {
+                sent_bytes = Bytes::from(spliced);
+                strip = true;
+            }
+        }
+        parts.headers.remove(header::CONTENT_LENGTH);
+        // Usage is read from the answer, so it must not be compressed.
+        parts
+            .headers
+            .insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        crate::body::full(sent_bytes.clone())
+    } else {
+        if endpoint == Endpoint::Media {
+            parts
+                .headers
+                .insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        }
+        // Uploads stream through unbuffered, whatever their size.
+        body.map_err(|e| Box::new(e) as crate::body::BoxError)
+            .boxed_unsync()
+    };
+
+    let slot = state
+        .store
+        .reserve(QUEUE_WAIT)
+        .await
+        .ok_or_else(|| ApiError::unavailable("usage store is far behind; try again shortly"))?;
+
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/");
+    let uri = cfg
+        .upstream
+        .uri_for(path_and_query)
+        .map_err(|e| ApiError::bad_request(format!("bad request path: {e}")))?;
+    let endpoint_path = parts.uri.path().to_owned();
+    let mut headers = std::mem::take(&mut parts.headers);
+    strip_hop_by_hop(&mut headers);
+    headers.remove(header::HOST);
+    headers.remove("x-user");
+    if let Some(v) = &state.auth_header {
+        headers.insert(header::AUTHORIZATION, v.clone());
+    }
+    let mut up = Request::new(upstream_body);
+    *up.method_mut() = parts.method;
+    *up.uri_mut() = uri;
+    *up.headers_mut() = headers;
+
+    let record = Record {
+        user,
+        requested_model,
+        endpoint: endpoint_path,
+        started_ms,
+        stream,
+        ..Record::default()
+    };
+    let mut meter = Meter::new(
+        state.store.clone(),
+        slot,
+        record,
+        started,
+        endpoint,
+        sent_bytes,
+    );
+
+    let resp = match tokio::time::timeout(cfg.upstream_idle_timeout, state.client.request(up)).await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            if e.is_connect() {
+                // Never reached upstream: nothing was spent, nothing to record.
+                meter.cancel();
+                return Err(ApiError::bad_gateway(format!(
+                    "upstream {} is unreachable",
+                    cfg.upstream
+                ))
+                .with_code("upstream_unreachable"));
+            }
+            meter.failed(502);
+            return Err(ApiError::bad_gateway(format!(
+                "upstream failed before answering: {}",
+                error_chain(&e)
+            )));
+        }
+        Err(_) => {
+            meter.failed(504);
+            return Err(ApiError::gateway_timeout(format!(
+                "upstream sent no answer within {:?}",
+                cfg.upstream_idle_timeout
+            )));
+        }
+    };
+
+    let (mut parts, body) = resp.into_parts();
+    if crate::ratelimit::has_headers(&parts.headers) {
+        if let Some(rl) =
+            crate::ratelimit::from_headers(&parts.headers, crate::timestamp::now_ms())
+        {
+            state.store.set_ratelimits(rl);
+        }
+    }
+    let request_id = parts
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let ok = parts.status.is_success();
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let encoded = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes() != b"identity");
+    let observer = if endpoint == Endpoint::Other || encoded {
+        Observer::Ignore
+    } else if content_type.starts_with("text/event-stream") {
+        Observer::Sse(SseScanner::new(endpoint.stream_kind(), strip && ok))
+    } else if content_type.contains("json") {
+        Observer::Json(JsonScanner::default())
+    } else {
+        Observer::Ignore
+    };
+    let strips = matches!(&observer, Observer::Sse(_)) && strip && ok;
+    meter.answered(parts.status.as_u16(), request_id, observer);
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::SET_COOKIE);
+    if strips {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    let body = MeteredBody::new(body, meter, cfg.upstream_idle_timeout);
+    Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+/// An error and its causes on one line, for logs and 502 messages.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,135 @@
+//! Upstream rate-limit headers (`x-ratelimit-*`) and Go-style durations.
+
+use http::HeaderMap;
+use serde::{Deserialize, Serialize};
+
+/// One limit (requests or tokens) as the API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Limit {
+    /// `x-ratelimit-limit-*`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maximum: Option<u64>,
+    /// `x-ratelimit-remaining-*`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<u64>,
+    /// Absolute reset time, RFC 3339: the answer's arrival plus `x-ratelimit-reset-*`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reset: Option<String>,
+}
+
+/// The latest rate-limit state reported by upstream (`GET /ratelimits`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RateLimits {
+    /// Token limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<Limit>,
+    /// Request limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests: Option<Limit>,
+}
+
+/// Reads the `x-ratelimit-*` headers of an answer that arrived at `now_ms`.
+/// `None` when the answer carries none of them.
+pub fn from_headers(headers: &HeaderMap, now_ms: i64) -> Option<RateLimits> {
+    let limit = |kind: &str| -> Option<Limit> {
+        let get = |what: &str| {
+            headers
+                .get(format!("x-ratelimit-{what}-{kind}"))
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        };
+        let maximum = get("limit").and_then(|v| v.parse().ok());
+        let remaining = get("remaining").and_then(|v| v.parse().ok());
+        let reset = get("reset")
+            .and_then(parse_go_duration_ns)
+            .map(|ns| crate::timestamp::format_ms(now_ms + (ns / 1_000_000) as i64));
+        if maximum.is_none() && remaining.is_none() && reset.is_none() {
+            None
+        } else {
+            Some(Limit {
+                maximum,
+                remaining,
+                reset,
+            })
+        }
+    };
+    let rl = RateLimits {
+        tokens: limit("tokens"),
+        requests: limit("requests"),
+    };
+    (rl.tokens.is_some() || rl.requests.is_some()).then_some(rl)
+}
+
+/// Cheap test run on every answer before any parsing.
+pub fn has_headers(headers: &HeaderMap) -> bool {
+    headers.contains_key("x-ratelimit-remaining-requests")
+        || headers.contains_key("x-ratelimit-remaining-tokens")
+        || headers.contains_key("x-ratelimit-limit-requests")
+        || headers.contains_key("x-ratelimit-limit-tokens")
+}
+
+/// Parses Go's duration format (`1h2m3.5s`, `6m0s`, `20ms`, `1.5us`, `0`) into
+/// nanoseconds. Units: `h`, `m`, `s`, `ms`, `us`/`µs`/`μs`, `ns`. A bare number is
+/// taken as seconds, as OpenAI-compatible servers sometimes send plain seconds.
+pub fn parse_go_duration_ns(s: &str) -> Option<u128> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    if s == "0" {
+        return Some(0);
+    }
+    let b = s.as_bytes();
+    if b.iter().all(|c| c.is_ascii_digit() || *c == b'.') {
+        return decimal_times(s, 1_000_000_000);
+    }
+    let mut total: u128 = 0;
+    let mut i = 0;
+    while i < b.len() {
+        let start = i;
+        while i < b.len() && (b[i].is_ascii_digit() || b[i] == b'.') {
+            i += 1;
+        }
+        let number = &s[start..i];
+        if number.is_empty() {
+            return None;
+        }
+        let unit_start = i;
+        while i < b.len() && !(b[i].is_ascii_digit() || b[i] == b'.') {
+            i += 1;
+        }
+        let unit_ns: u128 = match &s[unit_start..i] {
+            "h" => 3_600_000_000_000,
+            "m" => 60_000_000_000,
+            "s" => 1_000_000_000,
+            "ms" => 1_000_000,
+            "us" | "µs" | "μs" => 1_000,
+            "ns" => 1,
+            _ => return None,
+        };
+        total = total.checked_add(decimal_times(number, unit_ns)?)?;
+    }
+    Some(total)
+}
+
+/// `number * unit` where number is a non-negative decimal, truncated to an integer.
+fn decimal_times(number: &str, unit: u128) -> Option<u128> {
+    let (int, frac) = number.split_once('.').unwrap_or((number, ""));
+    if (int.is_empty() && frac.is_empty()) || frac.contains('.') {
+        return None;
+    }
+    let int_v: u128 = if int.is_empty() { 0 } else { int.parse().ok()? };
+    let mut result = int_v.checked_mul(unit)?;
+    let mut scale = unit;
+    for c in frac.bytes().take(30) {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        scale /= 10;
+        result += u128::from(c - b'0') * scale;
+    }
+    Some(result)
+}
+
+#[cfg(test)]
+mod tests;

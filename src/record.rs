@@ -1,0 +1,89 @@
+//! The usage record: one per request that reached upstream.
+
+use bytes::Bytes;
+
+use crate::usage::{Capture, Endpoint, Usage};
+
+/// One metered request, as the proxy hands it to the store.
+#[derive(Debug, Default)]
+pub struct Record {
+    /// The user the request is charged to.
+    pub user: String,
+    /// `model` of the request (empty where the request has none).
+    pub requested_model: String,
+    /// `model` of the answer (empty when upstream did not say).
+    pub model: String,
+    /// Request path, without the query string.
+    pub endpoint: String,
+    /// When the request arrived, milliseconds since the epoch.
+    pub started_ms: i64,
+    /// From arrival to the last byte (or the failure), microseconds.
+    pub duration_us: u64,
+    /// From arrival to the first byte of the answer body, microseconds.
+    pub ttfb_us: Option<u64>,
+    /// Upstream's status; 499 when the client left before the answer's head,
+    /// 502/504 when tollgate answered for a failed upstream.
+    pub status: u16,
+    /// Whether the request asked for a stream.
+    pub stream: bool,
+    /// Tokens, from upstream or estimated.
+    pub usage: Usage,
+    /// Whether `usage` (or a part of it) is an estimate.
+    pub estimated: bool,
+    /// Upstream's `x-request-id`.
+    pub request_id: Option<String>,
+    /// Work left for the estimator thread, when upstream reported no usage.
+    pub estimate: Option<Box<Estimate>>,
+}
+
+/// What an estimate is computed from, off the request path.
+#[derive(Debug)]
+pub struct Estimate {
+    /// Which API the request used.
+    pub endpoint: Endpoint,
+    /// The request body as forwarded.
+    pub request_body: Bytes,
+    /// Answer bytes captured for counting completion tokens.
+    pub capture: Option<Capture>,
+}
+
+/// A stored record, as the reports return it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// Row id.
+    pub id: i64,
+    /// See [`Record::user`].
+    pub user: String,
+    /// The answered model, or the requested one when upstream did not say.
+    pub model: String,
+    /// See [`Record::requested_model`].
+    pub requested_model: String,
+    /// See [`Record::endpoint`].
+    pub endpoint: String,
+    /// See [`Record::started_ms`].
+    pub started_ms: i64,
+    /// See [`Record::duration_us`].
+    pub duration_us: i64,
+    /// See [`Record::ttfb_us`].
+    pub ttfb_us: Option<i64>,
+    /// See [`Record::status`].
+    pub status: u16,
+    /// See [`Record::stream`].
+    pub stream: bool,
+    /// Prompt tokens.
+    pub query_tokens: i64,
+    /// Completion tokens.
+    pub answer_tokens: i64,
+    /// Cached prompt tokens.
+    pub cached_tokens: i64,
+    /// Reasoning tokens.
+    pub reasoning_tokens: i64,
+    /// Cost in pico-dollars.
+    pub cost: i64,
+    /// Whether a price was found.
+    pub priced: bool,
+    /// See [`Record::estimated`].
+    pub estimated: bool,
+    /// See [`Record::request_id`].
+    pub request_id: Option<String>,
+}

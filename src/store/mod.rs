@@ -1,0 +1,458 @@
+//! Where records go: a bounded channel to one blocking writer thread that
+//! batches them into the database, an estimator thread for records without
+//! upstream usage, and the read side of the reports.
+//!
+//! Storage sits behind two narrow traits, [`Backend`] (records and prices in)
+//! and [`Reports`] (reports and prices out), so another database is an
+//! addition next to [`sqlite`], not a rewrite.
+
+pub mod sqlite;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::pricing::{Price, PriceTable, Tokens};
+use crate::ratelimit::RateLimits;
+use crate::record::{Record, StoredRecord};
+
+/// A storage failure.
+#[derive(Debug)]
+pub struct StoreError(pub String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+/// A record with its cost, ready to be written.
+#[derive(Debug)]
+pub struct Priced {
+    /// The record.
+    pub record: Record,
+    /// Cost in pico-dollars.
+    pub cost: i64,
+    /// Whether a price was found.
+    pub priced: bool,
+}
+
+/// The write side, owned by the writer thread.
+pub trait Backend: Send + 'static {
+    /// Writes a batch (and the latest rate limits, if any) in one transaction.
+    fn write(&mut self, batch: &[Priced], ratelimits: Option<&RateLimits>)
+        -> Result<(), StoreError>;
+    /// Stores a price row and re-prices the records it now covers with `table`
+    /// (which already holds the row). Returns how many records changed cost.
+    fn set_price(&mut self, model: &str, price: &Price, table: &PriceTable)
+        -> Result<u64, StoreError>;
+}
+
+/// Filters of `/usage` and `/queries`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only this user.
+    pub user: Option<String>,
+    /// Only this model (answered, or requested when none was answered).
+    pub model: Option<String>,
+    /// Start strictly after, ms since the epoch.
+    pub after: Option<i64>,
+    /// Start strictly before, ms since the epoch.
+    pub before: Option<i64>,
+    /// At most this many rows (`/queries`).
+    pub limit: Option<u64>,
+    /// Skip this many rows (`/queries`).
+    pub offset: u64,
+}
+
+/// Totals of `/usage`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageTotals {
+    /// Matching records.
+    pub queries: u64,
+    /// Sum of prompt tokens.
+    pub query_tokens: u64,
+    /// Sum of completion tokens.
+    pub answer_tokens: u64,
+    /// Sum of cached prompt tokens.
+    pub cached_tokens: u64,
+    /// Sum of reasoning tokens.
+    pub reasoning_tokens: u64,
+    /// Sum of cost, pico-dollars.
+    pub cost: i128,
+    /// Records with no price.
+    pub unpriced: u64,
+}
+
+/// The read side, shared by API handlers (called on blocking threads).
+pub trait Reports: Send + Sync + 'static {
+    /// Totals over the filter.
+    fn usage(&self, f: &Filter) -> Result<UsageTotals, StoreError>;
+    /// Records over the filter, oldest first, handed one by one to `sink`
+    /// until it returns false.
+    fn queries(
+        &self,
+        f: &Filter,
+        sink: &mut dyn FnMut(StoredRecord) -> bool,
+    ) -> Result<(), StoreError>;
+    /// Every price row.
+    fn prices(&self) -> Result<PriceTable, StoreError>;
+    /// The last stored rate limits.
+    fn ratelimits(&self) -> Result<Option<RateLimits>, StoreError>;
+}
+
+/// Records queued or in flight at most; past it new requests wait.
+pub const QUEUE_CAPACITY: usize = 65_536;
+/// Most records in one transaction.
+const MAX_BATCH: usize = 8192;
+
+enum Msg {
+    Record(Box<Record>, OwnedSemaphorePermit),
+    Price {
+        model: String,
+        price: Price,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    Flush(oneshot::Sender<()>),
+    Shutdown,
+}
+
+/// Handle to the store, shared by every request.
+pub struct Store {
+    writer_tx: Sender<Msg>,
+    estimator_tx: Sender<Msg>,
+    permits: Arc<Semaphore>,
+    prices: Arc<RwLock<PriceTable>>,
+    reports: Arc<dyn Reports>,
+    ratelimits: Arc<Latest>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A reserved place in the queue for one record: taken before a request goes
+/// upstream so that a record never waits for room.
+pub struct Slot(OwnedSemaphorePermit);
+
+impl Store {
+    /// Starts the estimator and writer threads over `backend`.
+    pub fn start(
+        backend: impl Backend,
+        reports: Arc<dyn Reports>,
+    ) -> Result<Arc<Store>, StoreError> {
+        let table = reports.prices()?;
+        let ratelimits = reports.ratelimits()?;
+        let prices = Arc::new(RwLock::new(table));
+        let (writer_tx, writer_rx) = crossbeam_channel::bounded(QUEUE_CAPACITY + 1024);
+        let (estimator_tx, estimator_rx) = crossbeam_channel::bounded(QUEUE_CAPACITY + 1024);
+        let w_prices = prices.clone();
+        let latest = Arc::new(Latest {
+            value: Mutex::new(ratelimits),
+            dirty: AtomicBool::new(false),
+        });
+        let w_latest = latest.clone();
+        let writer = std::thread::Builder::new()
+            .name("tollgate-writer".into())
+            .spawn(move || writer_loop(backend, writer_rx, w_prices, w_latest))
+            .map_err(|e| StoreError(e.to_string()))?;
+        let to_writer = writer_tx.clone();
+        let estimator = std::thread::Builder::new()
+            .name("tollgate-estimator".into())
+            .spawn(move || {
+                crate::tokens::warm_up();
+                estimator_loop(estimator_rx, to_writer)
+            })
+            .map_err(|e| StoreError(e.to_string()))?;
+        Ok(Arc::new(Store {
+            writer_tx,
+            estimator_tx,
+            permits: Arc::new(Semaphore::new(QUEUE_CAPACITY)),
+            prices,
+            reports,
+            ratelimits: latest,
+            threads: Mutex::new(vec![writer, estimator]),
+        }))
+    }
+
+    /// Reserves room for one record, waiting at most `wait` when the writer is
+    /// behind (backpressure). `None` when no room freed up in time.
+    pub async fn reserve(&self, wait: Duration) -> Option<Slot> {
+        if let Ok(p) = self.permits.clone().try_acquire_owned() {
+            return Some(Slot(p));
+        }
+        tracing::warn!("usage queue is full: the database is not keeping up; requests wait");
+        tokio::time::timeout(wait, self.permits.clone().acquire_owned())
+            .await
+            .ok()?
+            .ok()
+            .map(Slot)
+    }
+
+    /// Queues a record. Never blocks and never drops: the slot guarantees room.
+    pub fn submit(&self, record: Record, slot: Slot) {
+        let tx = if record.estimate.is_some() {
+            &self.estimator_tx
+        } else {
+            &self.writer_tx
+        };
+        if let Err(e) = tx.try_send(Msg::Record(Box::new(record), slot.0)) {
+            // Only after shutdown, when the threads are gone.
+            tracing::error!("usage record lost: store closed ({e})");
+        }
+    }
+
+    /// Records the latest upstream rate limits.
+    pub fn set_ratelimits(&self, rl: RateLimits) {
+        // Written with the next batch: every answer that carries them also
+        // leaves a record.
+        *self.ratelimits.value.lock() = Some(rl);
+        self.ratelimits.dirty.store(true, Ordering::Release);
+    }
+
+    /// The latest upstream rate limits.
+    pub fn ratelimits(&self) -> Option<RateLimits> {
+        self.ratelimits.value.lock().clone()
+    }
+
+    /// Adds or replaces a price row and re-prices the records it covers.
+    pub async fn set_price(&self, model: String, price: Price) -> Result<u64, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.writer_tx
+            .try_send(Msg::Price {
+                model,
+                price,
+                reply,
+            })
+            .map_err(|_| StoreError("store is busy or closed".into()))?;
+        rx.await
+            .map_err(|_| StoreError("store is closed".into()))?
+    }
+
+    /// Waits until every record queued before the call is written.
+    pub async fn flush(&self) {
+        let (reply, rx) = oneshot::channel();
+        // Through the estimator, so records waiting there are flushed too.
+        if self.estimator_tx.try_send(Msg::Flush(reply)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// The in-memory price table.
+    pub fn prices(&self) -> parking_lot::RwLockReadGuard<'_, PriceTable> {
+        self.prices.read()
+    }
+
+    /// The read side.
+    pub fn reports(&self) -> Arc<dyn Reports> {
+        self.reports.clone()
+    }
+
+    /// Stops the threads after everything queued is written. Blocking; call
+    /// once no request can submit any more.
+    pub fn close(&self) {
+        let threads: Vec<_> = std::mem::take(&mut *self.threads.lock());
+        if threads.is_empty() {
+            return;
+        }
+        // The estimator forwards it to the writer after what it still holds.
+        let _ = self.estimator_tx.send(Msg::Shutdown);
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn estimator_loop(rx: Receiver<Msg>, writer: Sender<Msg>) {
+    while let Ok(msg) = rx.recv() {
+        let msg = match msg {
+            Msg::Record(mut r, permit) => {
+                estimate(&mut r);
+                Msg::Record(r, permit)
+            }
+            other => other,
+        };
+        let last = matches!(msg, Msg::Shutdown);
+        if writer.send(msg).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Fills in what upstream did not report.
+fn estimate(r: &mut Record) {
+    let Some(e) = r.estimate.take() else {
+        return;
+    };
+    let model = if r.model.is_empty() {
+        &r.requested_model
+    } else {
+        &r.model
+    };
+    if r.usage.query == 0 && e.endpoint.needs_model() {
+        r.usage.query = crate::tokens::prompt_tokens(e.endpoint, model, &e.request_body);
+    }
+    if let Some(c) = &e.capture {
+        if r.usage.answer == 0 {
+            r.usage.answer = crate::tokens::answer_tokens(model, c);
+        }
+    }
+    r.estimated = true;
+}
+
+struct Pending {
+    batch: Vec<Priced>,
+    permits: Vec<OwnedSemaphorePermit>,
+    ratelimits: Option<RateLimits>,
+    flushes: Vec<oneshot::Sender<()>>,
+}
+
+/// The latest rate limits, and whether they changed since last written.
+struct Latest {
+    value: Mutex<Option<RateLimits>>,
+    dirty: AtomicBool,
+}
+
+fn writer_loop(
+    mut backend: impl Backend,
+    rx: Receiver<Msg>,
+    prices: Arc<RwLock<PriceTable>>,
+    latest: Arc<Latest>,
+) {
+    let mut p = Pending {
+        batch: Vec::with_capacity(MAX_BATCH),
+        permits: Vec::with_capacity(MAX_BATCH),
+        ratelimits: None,
+        flushes: Vec::new(),
+    };
+    let mut shutting_down = false;
+    loop {
+        let first = if shutting_down {
+            match rx.try_recv() {
+                Ok(m) => m,
+                Err(_) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(m) => m,
+                Err(_) => break,
+            }
+        };
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Record(r, permit) => {
+                    let (cost, priced) = {
+                        let t = prices.read();
+                        t.cost(
+                            &r.model,
+                            &r.requested_model,
+                            r.started_ms,
+                            Tokens {
+                                query: r.usage.query,
+                                answer: r.usage.answer,
+                                cached: r.usage.cached,
+                            },
+                        )
+                    };
+                    p.batch.push(Priced {
+                        record: *r,
+                        cost,
+                        priced,
+                    });
+                    p.permits.push(permit);
+                }
+                Msg::Flush(reply) => p.flushes.push(reply),
+                Msg::Price {
+                    model,
+                    price,
+                    reply,
+                } => {
+                    // Records before the change are written under the old prices
+                    // first, so the re-pricing below sees them.
+                    commit(&mut backend, &mut p, shutting_down);
+                    let mut table = prices.read().clone();
+                    table.insert(&model, price);
+                    let res = backend.set_price(&model, &price, &table);
+                    if res.is_ok() {
+                        *prices.write() = table;
+                    }
+                    let _ = reply.send(res);
+                }
+                Msg::Shutdown => shutting_down = true,
+            }
+            if p.batch.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if latest.dirty.swap(false, Ordering::AcqRel) {
+            p.ratelimits = latest.value.lock().clone();
+        }
+        commit(&mut backend, &mut p, shutting_down);
+    }
+    commit(&mut backend, &mut p, true);
+}
+
+/// Writes what is pending, retrying until it succeeds: records are never
+/// dropped while the process lives. While this retries, the queue fills and
+/// new requests wait for room (backpressure). At shutdown it gives up after a
+/// bounded number of attempts and says how many records were lost.
+fn commit(backend: &mut impl Backend, p: &mut Pending, shutting_down: bool) {
+    if p.batch.is_empty() && p.ratelimits.is_none() && p.flushes.is_empty() {
+        return;
+    }
+    let mut delay = Duration::from_millis(50);
+    let mut attempts = 0u32;
+    let started = Instant::now();
+    loop {
+        match backend.write(&p.batch, p.ratelimits.as_ref()) {
+            Ok(()) => {
+                if attempts > 0 {
+                    tracing::warn!(
+                        records = p.batch.len(),
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "usage records written after the database recovered"
+                    );
+                }
+                break;
+            }
+            Err(e) => {
+                attempts += 1;
+                if shutting_down && attempts >= 20 {
+                    tracing::error!(
+                        records = p.batch.len(),
+                        error = %e,
+                        "giving up at shutdown: these usage records are lost"
+                    );
+                    break;
+                }
+                if attempts == 1 || attempts % 20 == 0 {
+                    tracing::error!(
+                        records = p.batch.len(),
+                        error = %e,
+                        attempts,
+                        "cannot write usage records; holding them and retrying"
+                    );
+                }
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    p.batch.clear();
+    p.permits.clear();
+    p.ratelimits = None;
+    for f in p.flushes.drain(..) {
+        let _ = f.send(());
+    }
+}
