@@ -123,9 +123,9 @@ fn model_json(out: &mut String, name: &str, rows: &[Price]) {
 
 fn get_model(state: &Arc<State>, name: &str) -> Result<Response<Body>, ApiError> {
     let table = state.store.prices();
-    let rows = table
-        .rows(name)
-        .ok_or_else(|| ApiError::not_found(format!("no prices for model {name}")).with_code("model_not_found"))?;
+    let rows = table.rows(name).ok_or_else(|| {
+        ApiError::not_found(format!("no prices for model {name}")).with_code("model_not_found")
+    })?;
     let mut out = String::new();
     model_json(&mut out, name, rows);
     Ok(json_response(StatusCode::OK, out))
@@ -275,14 +275,15 @@ pub fn parse_filter(query: &str, allowed: &[&str]) -> Result<Filter, ApiError> {
             crate::timestamp::parse(v).ok_or_else(|| {
                 ApiError::bad_param(
                     &k,
-                    format!("{k} `{v}` is not a timestamp with an offset, like 2024-01-24T14:50%2B01"),
+                    format!(
+                        "{k} `{v}` is not a timestamp with an offset, like 2024-01-24T14:50%2B01"
+                    ),
                 )
             })
         };
         let number = |v: &str| {
-            v.parse::<u64>().map_err(|_| {
-                ApiError::bad_param(&k, format!("{k} must be a non-negative integer"))
-            })
+            v.parse::<u64>()
+                .map_err(|_| ApiError::bad_param(&k, format!("{k} must be a non-negative integer")))
         };
         match k.as_str() {
             "user" => f.user = Some(v),

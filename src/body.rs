@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -61,6 +61,7 @@ pub struct Meter {
     endpoint: Endpoint,
     request_body: Bytes,
     observer: Observer,
+    sniffed: Option<Arc<OnceLock<String>>>,
 }
 
 impl Meter {
@@ -84,7 +85,13 @@ impl Meter {
             endpoint,
             request_body,
             observer: Observer::Ignore,
+            sniffed: None,
         }
+    }
+
+    /// The requested model will be read from the upload as it streams.
+    pub fn model_from(&mut self, sniffed: Arc<OnceLock<String>>) {
+        self.sniffed = Some(sniffed);
     }
 
     /// The answer head arrived.
@@ -142,11 +149,17 @@ impl Meter {
             }
             Observer::Sse(mut s) => {
                 let _ = s.finish();
-                (std::mem::take(&mut s.found), Some(std::mem::take(&mut s.capture)))
+                (
+                    std::mem::take(&mut s.found),
+                    Some(std::mem::take(&mut s.capture)),
+                )
             }
         };
         if let Some(m) = found.model {
             rec.model = m;
+        }
+        if let Some(m) = self.sniffed.as_ref().and_then(|s| s.get()) {
+            rec.requested_model = m.clone();
         }
         match found.usage {
             Some(u) => rec.usage = u,
@@ -274,9 +287,9 @@ impl HttpBody for MeteredBody {
                 }
                 Poll::Pending => {
                     let deadline = this.last_activity + this.idle;
-                    let timer = this.timer.get_or_insert_with(|| {
-                        Box::pin(tokio::time::sleep_until(deadline.into()))
-                    });
+                    let timer = this
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
                     if timer.as_mut().poll(cx).is_pending() {
                         return Poll::Pending;
                     }
@@ -329,7 +342,10 @@ impl ChannelBody {
     /// A body and the sender that feeds it; `capacity` pieces may wait.
     pub fn new(
         capacity: usize,
-    ) -> (tokio::sync::mpsc::Sender<Result<Bytes, BoxError>>, ChannelBody) {
+    ) -> (
+        tokio::sync::mpsc::Sender<Result<Bytes, BoxError>>,
+        ChannelBody,
+    ) {
         let (tx, rx) = tokio::sync::mpsc::channel(capacity);
         (tx, ChannelBody { rx })
     }
@@ -347,5 +363,72 @@ impl HttpBody for ChannelBody {
             .rx
             .poll_recv(cx)
             .map(|o| o.map(|r| r.map(Frame::data)))
+    }
+}
+
+/// Most bytes of an upload searched for its `model` field.
+const SNIFF_LIMIT: usize = 64 << 10;
+
+/// A streamed upload (multipart audio or image requests) that reads its
+/// `model` field from the first bytes as they pass, without buffering the body.
+pub struct SniffBody {
+    inner: Incoming,
+    seen: Vec<u8>,
+    multipart: bool,
+    found: Arc<OnceLock<String>>,
+}
+
+impl SniffBody {
+    /// Wraps an upload; `multipart` selects form-field rather than JSON search.
+    pub fn new(inner: Incoming, multipart: bool) -> (SniffBody, Arc<OnceLock<String>>) {
+        let found = Arc::new(OnceLock::new());
+        (
+            SniffBody {
+                inner,
+                seen: Vec::new(),
+                multipart,
+                found: found.clone(),
+            },
+            found,
+        )
+    }
+}
+
+impl HttpBody for SniffBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(d) = frame.data_ref() {
+                if this.found.get().is_none() && this.seen.len() < SNIFF_LIMIT {
+                    let n = d.len().min(SNIFF_LIMIT - this.seen.len());
+                    this.seen.extend_from_slice(&d[..n]);
+                    let m = if this.multipart {
+                        crate::usage::find_multipart_model(&this.seen)
+                    } else {
+                        crate::usage::find_model(&this.seen)
+                    };
+                    if let Some(m) = m {
+                        let _ = this.found.set(m);
+                        this.seen = Vec::new();
+                    }
+                }
+            }
+        }
+        polled.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

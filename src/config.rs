@@ -182,8 +182,16 @@ const SETTINGS: [(&str, &str, &str); 8] = [
         "upstream_idle_timeout",
     ),
     ("--max-body", "TOLLGATE_MAX_BODY", "max_body"),
-    ("--shutdown-grace", "TOLLGATE_SHUTDOWN_GRACE", "shutdown_grace"),
-    ("--header-timeout", "TOLLGATE_HEADER_TIMEOUT", "header_timeout"),
+    (
+        "--shutdown-grace",
+        "TOLLGATE_SHUTDOWN_GRACE",
+        "shutdown_grace",
+    ),
+    (
+        "--header-timeout",
+        "TOLLGATE_HEADER_TIMEOUT",
+        "header_timeout",
+    ),
 ];
 
 /// Parses the command line (without the program name) and environment.
@@ -263,9 +271,12 @@ pub fn parse(
     };
     let mut c = Config::default();
     if let Some(v) = raw("--listen")? {
-        c.listen = v
-            .parse()
-            .map_err(|_| err("--listen", format!("`{v}` is not an address like 127.0.0.1:8080")))?;
+        c.listen = v.parse().map_err(|_| {
+            err(
+                "--listen",
+                format!("`{v}` is not an address like 127.0.0.1:8080"),
+            )
+        })?;
     }
     if let Some(v) = raw("--upstream")? {
         c.upstream = Upstream::parse(&v).map_err(|m| err("--upstream", format!("`{v}`: {m}")))?;
@@ -279,7 +290,10 @@ pub fn parse(
     let dur = |flag: &str, slot: &mut Duration| -> Result<(), ConfigError> {
         if let Some(v) = raw(flag)? {
             *slot = parse_duration(&v).ok_or_else(|| {
-                err(flag, format!("`{v}` is not a duration like 500ms, 2s or 10m"))
+                err(
+                    flag,
+                    format!("`{v}` is not a duration like 500ms, 2s or 10m"),
+                )
             })?;
             if slot.is_zero() {
                 return Err(err(flag, "must be above zero"));
@@ -287,7 +301,10 @@ pub fn parse(
         }
         Ok(())
     };
-    dur("--upstream-connect-timeout", &mut c.upstream_connect_timeout)?;
+    dur(
+        "--upstream-connect-timeout",
+        &mut c.upstream_connect_timeout,
+    )?;
     dur("--upstream-idle-timeout", &mut c.upstream_idle_timeout)?;
     dur("--shutdown-grace", &mut c.shutdown_grace)?;
     dur("--header-timeout", &mut c.header_timeout)?;
@@ -332,9 +349,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 /// `1048576`, `512KiB`, `32MiB`, `1GiB`, `10MB`.
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().ok()?;
     let mult: u64 = match unit.trim() {

@@ -6,8 +6,7 @@ use tollgate::config::{self, Command};
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -26,7 +25,12 @@ async fn main() -> ExitCode {
     };
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
-        Err(e) => return fail(&format!("invalid --listen: cannot bind {}: {e}", config.listen)),
+        Err(e) => {
+            return fail(&format!(
+                "invalid --listen: cannot bind {}: {e}",
+                config.listen
+            ))
+        }
     };
     match tollgate::server::run(listener, config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -35,7 +39,12 @@ async fn main() -> ExitCode {
 }
 
 fn check(c: config::Config) -> ExitCode {
-    println!("configuration is valid: listen {}, upstream {}, db {}", c.listen, c.upstream, c.db.display());
+    println!(
+        "configuration is valid: listen {}, upstream {}, db {}",
+        c.listen,
+        c.upstream,
+        c.db.display()
+    );
     ExitCode::SUCCESS
 }
 

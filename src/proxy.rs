@@ -9,7 +9,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::body::{Body, Meter, MeteredBody, Observer};
+use crate::body::{Body, Meter, MeteredBody, Observer, SniffBody};
 use crate::error::ApiError;
 use crate::record::Record;
 use crate::server::State;
@@ -97,6 +97,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
     let mut stream = false;
     let mut requested_model = String::new();
     let mut sent_bytes = Bytes::new();
+    let mut sniffed = None;
     let upstream_body = if endpoint.needs_model() {
         let declared = parts
             .headers
@@ -107,11 +108,10 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
             return Err(ApiError::too_large(cfg.max_body));
         }
         let bytes = read_body(body, cfg.max_body).await?;
-        let info = usage::parse_request(&bytes)
-            .map_err(|e| match e.param() {
-                Some(p) => ApiError::bad_param(p, e.message()),
-                None => ApiError::bad_request(e.message()),
-            })?;
+        let info = usage::parse_request(&bytes).map_err(|e| match e.param() {
+            Some(p) => ApiError::bad_param(p, e.message()),
+            None => ApiError::bad_request(e.message()),
+        })?;
         stream = info.stream;
         requested_model = info.model;
         sent_bytes = bytes;
@@ -123,16 +123,24 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
         }
         parts.headers.remove(header::CONTENT_LENGTH);
         // Usage is read from the answer, so it must not be compressed.
-        parts
-            .headers
-            .insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
         crate::body::full(sent_bytes.clone())
+    } else if endpoint == Endpoint::Media {
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        let multipart = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"multipart/"));
+        let (b, found) = SniffBody::new(body, multipart);
+        sniffed = Some(found);
+        b.boxed_unsync()
     } else {
-        if endpoint == Endpoint::Media {
-            parts
-                .headers
-                .insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-        }
         // Uploads stream through unbuffered, whatever their size.
         body.map_err(|e| Box::new(e) as crate::body::BoxError)
             .boxed_unsync()
@@ -182,6 +190,9 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
         endpoint,
         sent_bytes,
     );
+    if let Some(found) = sniffed {
+        meter.model_from(found);
+    }
 
     let resp = match tokio::time::timeout(cfg.upstream_idle_timeout, state.client.request(up)).await
     {
@@ -213,8 +224,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
 
     let (mut parts, body) = resp.into_parts();
     if crate::ratelimit::has_headers(&parts.headers) {
-        if let Some(rl) =
-            crate::ratelimit::from_headers(&parts.headers, crate::timestamp::now_ms())
+        if let Some(rl) = crate::ratelimit::from_headers(&parts.headers, crate::timestamp::now_ms())
         {
             state.store.set_ratelimits(rl);
         }

@@ -71,12 +71,11 @@ fn client(config: &Config) -> UpstreamClient {
 
 /// Opens the store and builds the shared state.
 pub fn state(config: Config) -> Result<Arc<State>, StartError> {
-    let (backend, reports) = sqlite::open(&config.db, config.default_prices).map_err(|e| {
-        StartError {
+    let (backend, reports) =
+        sqlite::open(&config.db, config.default_prices).map_err(|e| StartError {
             setting: "--db",
             message: format!("{}: {e}", config.db.display()),
-        }
-    })?;
+        })?;
     let store = Store::start(backend, reports).map_err(|e| StartError {
         setting: "--db",
         message: e.to_string(),
@@ -171,8 +170,14 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
     }
     drop(listener);
     let grace = state.config.shutdown_grace;
-    tracing::info!(in_flight = conns.len(), "shutting down: no longer accepting");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    tracing::info!(
+        in_flight = conns.len(),
+        "shutting down: no longer accepting"
+    );
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             remaining = conns.len(),
             "grace period over: cutting the remaining connections (their records are still written)"

@@ -38,9 +38,7 @@ pub fn parse(s: &str) -> Option<i64> {
     }
     let rest = &s[11..];
     // Split the time of day from the offset.
-    let off_at = rest
-        .find(|c: char| matches!(c, 'Z' | 'z' | '+' | '-' | ' '))
-        .unwrap_or(rest.len());
+    let off_at = rest.find(['Z', 'z', '+', '-', ' ']).unwrap_or(rest.len());
     let (time, offset) = rest.split_at(off_at);
     let (hms, frac) = match time.split_once('.') {
         Some((hms, frac)) => (hms, Some(frac)),

@@ -26,7 +26,10 @@ pub fn encoding(model: &str) -> &'static CoreBPE {
     let m = m.strip_prefix("ft:").unwrap_or(m);
     let cl100k = m.starts_with("gpt-3.5")
         || m.starts_with("text-embedding")
-        || (m.starts_with("gpt-4") && !m.starts_with("gpt-4o") && !m.starts_with("gpt-4.") && !m.starts_with("gpt-4-o"));
+        || (m.starts_with("gpt-4")
+            && !m.starts_with("gpt-4o")
+            && !m.starts_with("gpt-4.")
+            && !m.starts_with("gpt-4-o"));
     if cl100k {
         CL100K.get_or_init(|| tiktoken_rs::cl100k_base().expect("cl100k vocabulary is embedded"))
     } else {
@@ -73,10 +76,9 @@ pub fn prompt_tokens(endpoint: Endpoint, model: &str, body: &[u8]) -> u64 {
                 // Embeddings accept pre-tokenized input: one token per integer.
                 Value::Array(items) if items.iter().all(Value::is_number) => items.len() as u64,
                 Value::Array(items)
-                    if items.iter().all(|i| {
-                        i.as_array()
-                            .is_some_and(|a| a.iter().all(Value::is_number))
-                    }) =>
+                    if items
+                        .iter()
+                        .all(|i| i.as_array().is_some_and(|a| a.iter().all(Value::is_number))) =>
                 {
                     items
                         .iter()

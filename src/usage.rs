@@ -115,6 +115,7 @@ impl RequestError {
 }
 
 /// A JSON value read only as far as accounting needs.
+#[derive(Default)]
 enum Loose<'a> {
     Str(Cow<'a, str>),
     Bool(bool),
@@ -125,13 +126,8 @@ enum Loose<'a> {
     Null,
     Other,
     /// The member is absent.
+    #[default]
     Missing,
-}
-
-impl Default for Loose<'_> {
-    fn default() -> Self {
-        Loose::Missing
-    }
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for Loose<'a> {
@@ -430,7 +426,7 @@ fn find_usage_object(b: &[u8]) -> Option<&[u8]> {
 }
 
 /// The first string value of key `model`.
-fn find_model(b: &[u8]) -> Option<String> {
+pub fn find_model(b: &[u8]) -> Option<String> {
     for at in MODEL_KEY.find_iter(b) {
         if let Some(v) = value_after_key(b, at, 7) {
             if b.get(v) == Some(&b'"') {
@@ -903,6 +899,19 @@ impl JsonScanner {
         };
         (found, capture)
     }
+}
+
+static MULTIPART_MODEL: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"name=\"model\""));
+
+/// The `model` form field of a multipart body's beginning (audio, image edits).
+pub fn find_multipart_model(b: &[u8]) -> Option<String> {
+    let at = MULTIPART_MODEL.find(b)?;
+    let rest = &b[at..];
+    let start = memchr::memmem::find(rest, b"\r\n\r\n")? + 4;
+    let len = memchr::memmem::find(&rest[start..], b"\r\n")?;
+    let v = std::str::from_utf8(&rest[start..start + len]).ok()?.trim();
+    (!v.is_empty()).then(|| v.to_owned())
 }
 
 #[cfg(test)]

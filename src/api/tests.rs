@@ -15,25 +15,54 @@ fn price_bodies() {
     .unwrap();
     assert_eq!(p.query, 2_500_000);
     assert_eq!(p.cached, Some(1_250_000));
-    assert_eq!(p.valid_from, crate::timestamp::parse("2024-01-24T13:50:00Z").unwrap());
+    assert_eq!(
+        p.valid_from,
+        crate::timestamp::parse("2024-01-24T13:50:00Z").unwrap()
+    );
 }
 
 #[test]
 fn bad_price_bodies_name_the_field() {
     let cases: [(&[u8], Option<&str>); 8] = [
-        (br#"{"per1KQueryTokens":1,"per1KAnswerTokens":1}"#, Some("validFrom")),
-        (br#"{"validFrom":"x","per1KQueryTokens":1,"per1KAnswerTokens":1}"#, Some("validFrom")),
-        (br#"{"validFrom":"2024-01-01T00:00:00Z","per1KQueryTokens":-1,"per1KAnswerTokens":1}"#, Some("per1KQueryTokens")),
-        (br#"{"validFrom":"2024-01-01T00:00:00Z","per1KQueryTokens":"1","per1KAnswerTokens":1}"#, Some("per1KQueryTokens")),
-        (br#"{"validFrom":"2024-01-01T00:00:00Z","per1KQueryTokens":1}"#, Some("per1KAnswerTokens")),
-        (br#"{"validFrom":"2024-01-01T00:00:00Z","per1KQueryTokens":1,"per1MAnswerTokens":1}"#, None),
-        (br#"{"validFrom":"2024-01-01T00:00:00Z","per1kQueryTokens":1}"#, Some("per1kQueryTokens")),
+        (
+            br#"{"per1KQueryTokens":1,"per1KAnswerTokens":1}"#,
+            Some("validFrom"),
+        ),
+        (
+            br#"{"validFrom":"x","per1KQueryTokens":1,"per1KAnswerTokens":1}"#,
+            Some("validFrom"),
+        ),
+        (
+            br#"{"validFrom":"2024-01-01T00:00:00Z","per1KQueryTokens":-1,"per1KAnswerTokens":1}"#,
+            Some("per1KQueryTokens"),
+        ),
+        (
+            br#"{"validFrom":"2024-01-01T00:00:00Z","per1KQueryTokens":"1","per1KAnswerTokens":1}"#,
+            Some("per1KQueryTokens"),
+        ),
+        (
+            br#"{"validFrom":"2024-01-01T00:00:00Z","per1KQueryTokens":1}"#,
+            Some("per1KAnswerTokens"),
+        ),
+        (
+            br#"{"validFrom":"2024-01-01T00:00:00Z","per1KQueryTokens":1,"per1MAnswerTokens":1}"#,
+            None,
+        ),
+        (
+            br#"{"validFrom":"2024-01-01T00:00:00Z","per1kQueryTokens":1}"#,
+            Some("per1kQueryTokens"),
+        ),
         (br#"[1]"#, None),
     ];
     for (body, param) in cases {
         let e = parse_price_body(body).unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
-        assert_eq!(e.param.as_deref(), param, "{}", String::from_utf8_lossy(body));
+        assert_eq!(
+            e.param.as_deref(),
+            param,
+            "{}",
+            String::from_utf8_lossy(body)
+        );
     }
 }
 

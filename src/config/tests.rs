@@ -38,7 +38,10 @@ fn flags_beat_env_beat_file() {
     let f = file.to_str().unwrap();
     let c = run(
         &["--config", f, "--listen=127.0.0.1:3"],
-        &[("TOLLGATE_LISTEN", "127.0.0.1:2"), ("TOLLGATE_UPSTREAM", "http://env:2/base/")],
+        &[
+            ("TOLLGATE_LISTEN", "127.0.0.1:2"),
+            ("TOLLGATE_UPSTREAM", "http://env:2/base/"),
+        ],
     )
     .unwrap();
     assert_eq!(c.listen.port(), 3);
@@ -99,8 +102,14 @@ fn upstream_uri_keeps_prefix() {
 #[test]
 fn help_version_check() {
     let env = |_: &str| None;
-    assert!(matches!(parse(["--help".to_string()], &env), Ok(Command::Help)));
-    assert!(matches!(parse(["-V".to_string()], &env), Ok(Command::Version)));
+    assert!(matches!(
+        parse(["--help".to_string()], &env),
+        Ok(Command::Help)
+    ));
+    assert!(matches!(
+        parse(["-V".to_string()], &env),
+        Ok(Command::Version)
+    ));
     assert!(matches!(
         parse(["check-config".to_string()], &env),
         Ok(Command::CheckConfig(_))

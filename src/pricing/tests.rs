@@ -83,11 +83,23 @@ fn lookup_follows_the_chain_and_validity() {
     t.insert("gpt-4o", p(1, 0));
     t.insert("gpt-4o", p(2, 1000));
     t.insert("gpt-4o-mini", p(7, 0));
-    assert_eq!(t.lookup("gpt-4o-2024-08-06", "gpt-4o", 999).unwrap().1.query, 1);
+    assert_eq!(
+        t.lookup("gpt-4o-2024-08-06", "gpt-4o", 999)
+            .unwrap()
+            .1
+            .query,
+        1
+    );
     assert_eq!(t.lookup("gpt-4o-2024-08-06", "x", 1000).unwrap().1.query, 2);
-    assert_eq!(t.lookup("", "ft:gpt-4o-mini:org::abc", 5).unwrap().1.query, 7);
+    assert_eq!(
+        t.lookup("", "ft:gpt-4o-mini:org::abc", 5).unwrap().1.query,
+        7
+    );
     // The answered model wins over the requested one.
-    assert_eq!(t.lookup("gpt-4o-mini", "gpt-4o", 5).unwrap().0, "gpt-4o-mini");
+    assert_eq!(
+        t.lookup("gpt-4o-mini", "gpt-4o", 5).unwrap().0,
+        "gpt-4o-mini"
+    );
     assert!(t.lookup("unknown", "", 5).is_none());
     // Before the first row there is no price.
     t.insert("late", p(3, 10_000));
@@ -114,7 +126,10 @@ fn default_prices_load() {
     let (_, mini) = d.iter().find(|(m, _)| m == "gpt-4o-mini").unwrap();
     assert_eq!(mini.query, 150_000);
     assert_eq!(mini.cached, Some(75_000));
-    let (_, emb) = d.iter().find(|(m, _)| m == "text-embedding-3-small").unwrap();
+    let (_, emb) = d
+        .iter()
+        .find(|(m, _)| m == "text-embedding-3-small")
+        .unwrap();
     assert_eq!(emb.cached, None);
     assert_eq!(emb.answer, 0);
 }

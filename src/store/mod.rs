@@ -53,12 +53,19 @@ pub struct Priced {
 /// The write side, owned by the writer thread.
 pub trait Backend: Send + 'static {
     /// Writes a batch (and the latest rate limits, if any) in one transaction.
-    fn write(&mut self, batch: &[Priced], ratelimits: Option<&RateLimits>)
-        -> Result<(), StoreError>;
+    fn write(
+        &mut self,
+        batch: &[Priced],
+        ratelimits: Option<&RateLimits>,
+    ) -> Result<(), StoreError>;
     /// Stores a price row and re-prices the records it now covers with `table`
     /// (which already holds the row). Returns how many records changed cost.
-    fn set_price(&mut self, model: &str, price: &Price, table: &PriceTable)
-        -> Result<u64, StoreError>;
+    fn set_price(
+        &mut self,
+        model: &str,
+        price: &Price,
+        table: &PriceTable,
+    ) -> Result<u64, StoreError>;
 }
 
 /// Filters of `/usage` and `/queries`.
@@ -235,8 +242,7 @@ impl Store {
                 reply,
             })
             .map_err(|_| StoreError("store is busy or closed".into()))?;
-        rx.await
-            .map_err(|_| StoreError("store is closed".into()))?
+        rx.await.map_err(|_| StoreError("store is closed".into()))?
     }
 
     /// Waits until every record queued before the call is written.

@@ -357,7 +357,8 @@ impl Reports for SqliteReports {
 
     fn prices(&self) -> Result<PriceTable, StoreError> {
         self.with(|c| {
-            let mut st = c.prepare("SELECT model, valid_from, query, cached, answer FROM prices")?;
+            let mut st =
+                c.prepare("SELECT model, valid_from, query, cached, answer FROM prices")?;
             let mut rows = st.query([])?;
             let mut t = PriceTable::default();
             while let Some(r) = rows.next()? {

@@ -13,10 +13,7 @@ fn old_readme_short_form() {
 
 #[test]
 fn rfc3339_with_fraction() {
-    assert_eq!(
-        parse("2024-01-25T13:18:05.205Z"),
-        Some(1_706_188_685_205)
-    );
+    assert_eq!(parse("2024-01-25T13:18:05.205Z"), Some(1_706_188_685_205));
     assert_eq!(parse("2024-01-25T13:18:05.2Z"), Some(1_706_188_685_200));
     assert_eq!(format_ms(1_706_188_685_205), "2024-01-25T13:18:05.205Z");
     assert_eq!(format_ms(0), "1970-01-01T00:00:00.000Z");

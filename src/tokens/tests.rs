@@ -5,10 +5,22 @@ fn encodings_by_model() {
     let o = encoding("gpt-4o") as *const CoreBPE;
     let c = encoding("gpt-4") as *const CoreBPE;
     assert_ne!(o, c);
-    for m in ["gpt-4o-mini", "gpt-4.1", "gpt-5", "o3", "o4-mini", "gpt-4o-2024-08-06"] {
+    for m in [
+        "gpt-4o-mini",
+        "gpt-4.1",
+        "gpt-5",
+        "o3",
+        "o4-mini",
+        "gpt-4o-2024-08-06",
+    ] {
         assert_eq!(encoding(m) as *const CoreBPE, o, "{m}");
     }
-    for m in ["gpt-4-0613", "gpt-3.5-turbo", "text-embedding-3-small", "gpt-4-1106-preview"] {
+    for m in [
+        "gpt-4-0613",
+        "gpt-3.5-turbo",
+        "text-embedding-3-small",
+        "gpt-4-1106-preview",
+    ] {
         assert_eq!(encoding(m) as *const CoreBPE, c, "{m}");
     }
 }

@@ -56,15 +56,24 @@ fn splice_adds_or_merges() {
     assert_eq!(v["stream_options"]["include_obfuscation"], false);
 
     let v = spliced(r#"{"model":"m","stream_options":{}}"#);
-    assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true}));
+    assert_eq!(
+        v["stream_options"],
+        serde_json::json!({"include_usage": true})
+    );
 
     let v = spliced(r#"{"model":"m","stream_options":null}"#);
-    assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true}));
+    assert_eq!(
+        v["stream_options"],
+        serde_json::json!({"include_usage": true})
+    );
 
     let v = spliced(r#"{ "model" : "m" , "stream_options" : { "include_usage" : false } }"#);
     assert_eq!(v["stream_options"]["include_usage"], true);
 
-    assert_eq!(splice_include_usage(br#"{"model":"m","stream_options":3}"#), None);
+    assert_eq!(
+        splice_include_usage(br#"{"model":"m","stream_options":3}"#),
+        None
+    );
 }
 
 #[test]
@@ -125,7 +134,8 @@ fn json_answer_pretty_printed() {
 
 #[test]
 fn json_answer_larger_than_window() {
-    let mut body = br#"{"object":"list","model":"text-embedding-3-small","data":[{"embedding":["#.to_vec();
+    let mut body =
+        br#"{"object":"list","model":"text-embedding-3-small","data":[{"embedding":["#.to_vec();
     for i in 0..200_000 {
         body.extend_from_slice(format!("0.{i},").as_bytes());
     }
@@ -138,7 +148,10 @@ fn json_answer_larger_than_window() {
     assert_eq!(found.usage.unwrap().query, 42);
     assert_eq!(found.model.as_deref(), Some("text-embedding-3-small"));
     assert!(capture.bytes.len() <= 256 << 10);
-    assert_eq!(capture.bytes.len() as u64 + capture.overflow, body.len() as u64);
+    assert_eq!(
+        capture.bytes.len() as u64 + capture.overflow,
+        body.len() as u64
+    );
 }
 
 fn chat_stream(with_usage: bool, sep: &str) -> (String, String) {
@@ -251,7 +264,11 @@ fn responses_stream_usage_in_completed_event() {
     let big = "x".repeat(300_000);
     text.push_str(&format!("event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"id\":\"r\",\"model\":\"gpt-4o-2024-08-06\",\"output\":[{{\"content\":[{{\"text\":\"{big}\"}}]}}],\"usage\":{{\"input_tokens\":11,\"input_tokens_details\":{{\"cached_tokens\":2}},\"output_tokens\":5,\"output_tokens_details\":{{\"reasoning_tokens\":1}},\"total_tokens\":16}}}}}}\n\n"));
     let input = text.as_bytes();
-    for cuts in [vec![], vec![100, 200, 5000, 250_000], (1..38).map(|i| i * 7919).collect::<Vec<_>>()] {
+    for cuts in [
+        vec![],
+        vec![100, 200, 5000, 250_000],
+        (1..38).map(|i| i * 7919).collect::<Vec<_>>(),
+    ] {
         let mut s = SseScanner::new(StreamKind::Responses, false);
         let out = run(&mut s, input, &cuts);
         assert_eq!(out, input);
@@ -268,4 +285,17 @@ fn sse_without_boundaries_stops_stripping() {
     let mut s = SseScanner::new(StreamKind::Chat, true);
     let out = run(&mut s, &junk, &[HOLD_CAP / 2]);
     assert_eq!(out.len(), junk.len());
+}
+
+#[test]
+fn multipart_model_field() {
+    let body = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF....\r\n--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ngpt-4o-transcribe\r\n--b--\r\n";
+    assert_eq!(
+        find_multipart_model(body).as_deref(),
+        Some("gpt-4o-transcribe")
+    );
+    assert_eq!(
+        find_multipart_model(b"--b\r\nname=\"model\"\r\n\r\ncut"),
+        None
+    );
 }
