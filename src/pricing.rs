@@ -92,6 +92,12 @@ impl PriceTable {
         requested: &str,
         at_ms: i64,
     ) -> Option<(String, &'a Price)> {
+        // The common cases first, without building the whole chain.
+        for m in [answered, requested] {
+            if let Some(p) = self.valid(m, at_ms) {
+                return Some((m.to_owned(), p));
+            }
+        }
         candidates(answered, requested)
             .into_iter()
             .find_map(|m| self.valid(&m, at_ms).map(|p| (m, p)))
@@ -99,8 +105,11 @@ impl PriceTable {
 
     /// Cost in pico-dollars and whether a price was found.
     pub fn cost(&self, answered: &str, requested: &str, at_ms: i64, t: Tokens) -> (i64, bool) {
-        match self.lookup(answered, requested, at_ms) {
-            Some((_, p)) => (p.cost(t), true),
+        let direct = self
+            .valid(answered, at_ms)
+            .or_else(|| self.valid(requested, at_ms));
+        match direct.or_else(|| self.lookup(answered, requested, at_ms).map(|(_, p)| p)) {
+            Some(p) => (p.cost(t), true),
             None => (0, false),
         }
     }

@@ -792,7 +792,11 @@ impl SseScanner {
                         return false;
                     }
                 }
-                if ERROR_KEY.find(ev).is_none() {
+                // A mid-stream error event (`data: {"error": {...}}`) is no answer text.
+                let is_error = ERROR_KEY
+                    .find_iter(ev)
+                    .any(|at| value_after_key(ev, at, 7).is_some_and(|v| ev.get(v) == Some(&b'{')));
+                if !is_error {
                     self.capture.push(ev);
                 }
                 true

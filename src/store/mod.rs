@@ -8,7 +8,7 @@
 
 pub mod sqlite;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -146,6 +146,7 @@ pub struct Store {
     reports: Arc<dyn Reports>,
     ratelimits: Arc<Latest>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    last_full_warning: AtomicI64,
 }
 
 /// A reserved place in the queue for one record: taken before a request goes
@@ -189,6 +190,7 @@ impl Store {
             reports,
             ratelimits: latest,
             threads: Mutex::new(vec![writer, estimator]),
+            last_full_warning: AtomicI64::new(0),
         }))
     }
 
@@ -198,7 +200,20 @@ impl Store {
         if let Ok(p) = self.permits.clone().try_acquire_owned() {
             return Some(Slot(p));
         }
-        tracing::warn!("usage queue is full: the database is not keeping up; requests wait");
+        // Once a second at most: this is hit by every request while it lasts.
+        let now = crate::timestamp::now_ms();
+        let last = self.last_full_warning.load(Ordering::Relaxed);
+        if now - last >= 1000
+            && self
+                .last_full_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                capacity = QUEUE_CAPACITY,
+                "usage queue is full: the database is not keeping up; new requests wait up to 10 s for room, then get 503"
+            );
+        }
         tokio::time::timeout(wait, self.permits.clone().acquire_owned())
             .await
             .ok()?
