@@ -16,7 +16,7 @@ use crate::error::ApiError;
 use crate::pricing::{self, Price, PriceTable, SCALE_PER_1K, SCALE_PER_1M};
 use crate::record::StoredRecord;
 use crate::server::State;
-use crate::store::{Filter, UsageTotals};
+use crate::store::{Filter, GroupKey, UsageTotals};
 
 /// Largest admin request body.
 const MAX_ADMIN_BODY: usize = 64 << 10;
@@ -47,7 +47,7 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     }
     let known = matches!(
         path.as_str(),
-        "/models" | "/usage" | "/queries" | "/ratelimits"
+        "/models" | "/usage" | "/queries" | "/ratelimits" | "/metrics" | "/healthz" | "/readyz"
     );
     if !known {
         return Err(ApiError::not_found(format!("unknown path {path}")).with_code("not_found"));
@@ -59,6 +59,9 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         "/models" => models(state),
         "/usage" => usage(state, &query).await,
         "/queries" => queries(state, &query).await,
+        "/metrics" => Ok(metrics(state)),
+        "/healthz" => Ok(json_response(StatusCode::OK, r#"{"status":"ok"}"#)),
+        "/readyz" => Ok(readyz(state)),
         _ => ratelimits(state),
     }
 }
@@ -257,9 +260,26 @@ fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Parameters of the report endpoints.
+#[derive(Debug, Default)]
+pub struct Params {
+    /// Filters.
+    pub filter: Filter,
+    /// `group_by` of `/usage`.
+    pub group: Vec<GroupKey>,
+    /// `format=csv` of `/queries`.
+    pub csv: bool,
+}
+
 /// Parses the filter parameters; `allowed` lists those the endpoint takes.
 pub fn parse_filter(query: &str, allowed: &[&str]) -> Result<Filter, ApiError> {
-    let mut f = Filter::default();
+    parse_params(query, allowed).map(|p| p.filter)
+}
+
+/// Parses report parameters; `allowed` lists those the endpoint takes.
+pub fn parse_params(query: &str, allowed: &[&str]) -> Result<Params, ApiError> {
+    let mut p = Params::default();
+    let f = &mut p.filter;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let k = percent_decode(k, true).ok_or_else(|| ApiError::bad_request("bad query string"))?;
@@ -292,10 +312,34 @@ pub fn parse_filter(query: &str, allowed: &[&str]) -> Result<Filter, ApiError> {
             "before" => f.before = Some(time(&v)?),
             "limit" => f.limit = Some(number(&v)?),
             "offset" => f.offset = number(&v)?,
+            "group_by" => {
+                for g in v.split(',').map(str::trim).filter(|g| !g.is_empty()) {
+                    let key = match g {
+                        "user" => GroupKey::User,
+                        "model" => GroupKey::Model,
+                        "day" => GroupKey::Day,
+                        "month" => GroupKey::Month,
+                        other => {
+                            return Err(ApiError::bad_param(
+                                "group_by",
+                                format!("cannot group by {other} (user, model, day, month)"),
+                            ))
+                        }
+                    };
+                    if !p.group.contains(&key) {
+                        p.group.push(key);
+                    }
+                }
+            }
+            "format" => match v.as_str() {
+                "json" => p.csv = false,
+                "csv" => p.csv = true,
+                _ => return Err(ApiError::bad_param("format", "format must be json or csv")),
+            },
             _ => unreachable!("checked against allowed"),
         }
     }
-    Ok(f)
+    Ok(p)
 }
 
 /// Waits (briefly) until records of requests that already ended are written,
@@ -305,14 +349,42 @@ async fn settle(state: &Arc<State>) {
 }
 
 async fn usage(state: &Arc<State>, query: &str) -> Result<Response<Body>, ApiError> {
-    let f = parse_filter(query, &["user", "model", "after", "before"])?;
+    let p = parse_params(query, &["user", "model", "after", "before", "group_by"])?;
     settle(state).await;
     let reports = state.store.reports();
-    let t = tokio::task::spawn_blocking(move || reports.usage(&f))
+    let group = p.group.clone();
+    let rows = tokio::task::spawn_blocking(move || reports.usage(&p.filter, &p.group))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| ApiError::internal(format!("could not read usage: {e}")))?;
-    Ok(json_response(StatusCode::OK, usage_json(&t)))
+    if group.is_empty() {
+        let t = rows.into_iter().next().map(|r| r.1).unwrap_or_default();
+        return Ok(json_response(StatusCode::OK, usage_json(&t)));
+    }
+    let mut out = String::from("[");
+    for (i, (g, t)) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('{');
+        for (key, v) in [
+            ("user", &g.user),
+            ("model", &g.model),
+            ("day", &g.day),
+            ("month", &g.month),
+        ] {
+            if let Some(v) = v {
+                push_json_str(&mut out, key);
+                out.push(':');
+                push_json_str(&mut out, v);
+                out.push(',');
+            }
+        }
+        // Splice the totals object's members after the keys.
+        out.push_str(&usage_json(t)[1..]);
+    }
+    out.push(']');
+    Ok(json_response(StatusCode::OK, out))
 }
 
 /// The `/usage` object.
@@ -377,24 +449,32 @@ pub fn record_json(out: &mut String, r: &StoredRecord) {
 }
 
 async fn queries(state: &Arc<State>, query: &str) -> Result<Response<Body>, ApiError> {
-    let f = parse_filter(
+    let p = parse_params(
         query,
-        &["user", "model", "after", "before", "limit", "offset"],
+        &[
+            "user", "model", "after", "before", "limit", "offset", "format",
+        ],
     )?;
     settle(state).await;
     let reports = state.store.reports();
     let (tx, body) = ChannelBody::new(4);
+    let csv = p.csv;
+    let f = p.filter;
     tokio::task::spawn_blocking(move || {
         let mut buf = String::with_capacity(CHUNK + 1024);
-        buf.push('[');
+        buf.push_str(if csv { CSV_HEADER } else { "[" });
         let mut first = true;
         let mut alive = true;
         let res = reports.queries(&f, &mut |r| {
-            if !first {
-                buf.push(',');
+            if csv {
+                record_csv(&mut buf, &r);
+            } else {
+                if !first {
+                    buf.push(',');
+                }
+                record_json(&mut buf, &r);
             }
             first = false;
-            record_json(&mut buf, &r);
             if buf.len() >= CHUNK {
                 let piece = Bytes::from(std::mem::take(&mut buf));
                 alive = tx.blocking_send(Ok(piece)).is_ok();
@@ -403,7 +483,9 @@ async fn queries(state: &Arc<State>, query: &str) -> Result<Response<Body>, ApiE
         });
         match res {
             Ok(()) => {
-                buf.push(']');
+                if !csv {
+                    buf.push(']');
+                }
                 let _ = tx.blocking_send(Ok(Bytes::from(buf)));
             }
             Err(e) => {
@@ -416,9 +498,79 @@ async fn queries(state: &Arc<State>, query: &str) -> Result<Response<Body>, ApiE
     let mut r = Response::new(body.boxed_unsync());
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
+        HeaderValue::from_static(if csv {
+            "text/csv; charset=utf-8"
+        } else {
+            "application/json"
+        }),
     );
     Ok(r)
+}
+
+const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId\r\n";
+
+/// Appends a CSV field, quoted when it needs to be (RFC 4180).
+fn push_csv(out: &mut String, s: &str) {
+    if s.contains([',', '"', '\n', '\r']) {
+        out.push('"');
+        out.push_str(&s.replace('"', "\"\""));
+        out.push('"');
+    } else {
+        out.push_str(s);
+    }
+}
+
+/// One `/queries?format=csv` row.
+pub fn record_csv(out: &mut String, r: &StoredRecord) {
+    out.push_str(&r.id.to_string());
+    for s in [&r.user, &r.model, &r.requested_model, &r.endpoint] {
+        out.push(',');
+        push_csv(out, s);
+    }
+    out.push_str(&format!(
+        ",{},{},{},{},{},{},{},{},{},{},{},",
+        crate::timestamp::format_ms(r.started_ms),
+        r.query_tokens,
+        r.answer_tokens,
+        r.cached_tokens,
+        r.reasoning_tokens,
+        pricing::format_dollars(r.cost.into()),
+        r.priced,
+        r.estimated,
+        r.status,
+        r.stream,
+        pricing::format_scaled(r.duration_us.into(), 3),
+    ));
+    if let Some(t) = r.ttfb_us {
+        out.push_str(&pricing::format_scaled(t.into(), 3));
+    }
+    out.push(',');
+    if let Some(id) = &r.request_id {
+        push_csv(out, id);
+    }
+    out.push_str("\r\n");
+}
+
+fn metrics(state: &Arc<State>) -> Response<Body> {
+    let text = state.store.metrics().encode(state.store.queue_depth());
+    let mut r = Response::new(crate::body::full(text));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    r
+}
+
+fn readyz(state: &Arc<State>) -> Response<Body> {
+    match state.store.unready() {
+        None => json_response(StatusCode::OK, r#"{"status":"ready"}"#),
+        Some(why) => {
+            let mut out = String::from(r#"{"status":"unready","reason":"#);
+            push_json_str(&mut out, &why);
+            out.push('}');
+            json_response(StatusCode::SERVICE_UNAVAILABLE, out)
+        }
+    }
 }
 
 fn ratelimits(state: &Arc<State>) -> Result<Response<Body>, ApiError> {

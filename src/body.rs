@@ -77,6 +77,7 @@ impl Meter {
         request_body: Bytes,
     ) -> Meter {
         record.status = 499;
+        store.metrics().in_flight.inc();
         Meter {
             store,
             slot: Some(slot),
@@ -108,22 +109,31 @@ impl Meter {
 
     /// The request never reached upstream: no record.
     pub fn cancel(mut self) {
-        self.slot = None;
+        if self.slot.take().is_some() {
+            self.store.metrics().in_flight.dec();
+        }
+    }
+
+    /// Adds time tollgate spent on the request outside the upstream wait.
+    pub fn overhead(&mut self, d: Duration) {
+        self.record.overhead_us += d.as_micros() as u64;
     }
 
     /// Passes one chunk of the answer through the scanners.
-    fn observe(&mut self, data: Bytes) -> Bytes {
+    fn observe(&mut self, data: Bytes, now: Instant) -> Bytes {
         if self.record.ttfb_us.is_none() {
-            self.record.ttfb_us = Some(self.started.elapsed().as_micros() as u64);
+            self.record.ttfb_us = Some(now.duration_since(self.started).as_micros() as u64);
         }
-        match &mut self.observer {
+        let out = match &mut self.observer {
             Observer::Ignore => data,
             Observer::Json(j) => {
                 j.feed(&data);
                 data
             }
             Observer::Sse(s) => s.feed(&data),
-        }
+        };
+        self.overhead(now.elapsed());
+        out
     }
 
     /// Bytes the scanner still holds at the end of the stream.
@@ -139,6 +149,7 @@ impl Meter {
         let Some(slot) = self.slot.take() else {
             return;
         };
+        self.store.metrics().in_flight.dec();
         let mut rec = std::mem::take(&mut self.record);
         rec.duration_us = self.started.elapsed().as_micros() as u64;
         let (found, capture) = match std::mem::replace(&mut self.observer, Observer::Ignore) {
@@ -256,12 +267,13 @@ impl HttpBody for MeteredBody {
         loop {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    this.last_activity = Instant::now();
+                    let now = Instant::now();
+                    this.last_activity = now;
                     let data = match frame.into_data() {
                         Ok(d) => d,
                         Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                     };
-                    let mut out = this.meter.observe(data);
+                    let mut out = this.meter.observe(data, now);
                     if this.inner.is_end_stream() {
                         // Settle before the client can see the end.
                         if let Some(t) = this.end() {

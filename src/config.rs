@@ -33,6 +33,19 @@ pub struct Config {
     pub header_timeout: Duration,
     /// Load the built-in price list into a new database.
     pub default_prices: bool,
+    /// Delete per-query records older than this many days (rollups stay).
+    pub retain_days: Option<u32>,
+    /// Log line format.
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable text.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// An upstream base URL, split for fast per-request URI building.
@@ -99,6 +112,8 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(30),
             header_timeout: Duration::from_secs(10),
             default_prices: true,
+            retain_days: None,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -155,6 +170,8 @@ Options (flag / environment variable / TOML key; flags win, then env, then file)
   --max-body SIZE                 TOLLGATE_MAX_BODY                 max_body     [32MiB]
   --shutdown-grace DUR            TOLLGATE_SHUTDOWN_GRACE           shutdown_grace [30s]
   --header-timeout DUR            TOLLGATE_HEADER_TIMEOUT           header_timeout [10s]
+  --retain-days N                  TOLLGATE_RETAIN_DAYS              retain_days  [keep forever]
+  --log-format text|json          TOLLGATE_LOG_FORMAT               log_format   [text]
   --no-default-prices             TOLLGATE_NO_DEFAULT_PRICES=1      default_prices = false
   --config FILE                   TOLLGATE_CONFIG                   TOML file with the keys above
   -h, --help                      this text
@@ -167,7 +184,9 @@ Sizes: bytes, or with KiB/MiB/GiB (KB/MB/GB are powers of 1000).
 ";
 
 /// (flag, env var, TOML key) of every valued setting.
-const SETTINGS: [(&str, &str, &str); 8] = [
+const SETTINGS: [(&str, &str, &str); 10] = [
+    ("--retain-days", "TOLLGATE_RETAIN_DAYS", "retain_days"),
+    ("--log-format", "TOLLGATE_LOG_FORMAT", "log_format"),
     ("--listen", "TOLLGATE_LISTEN", "listen"),
     ("--upstream", "TOLLGATE_UPSTREAM", "upstream"),
     ("--db", "TOLLGATE_DB", "db"),
@@ -308,6 +327,21 @@ pub fn parse(
     dur("--upstream-idle-timeout", &mut c.upstream_idle_timeout)?;
     dur("--shutdown-grace", &mut c.shutdown_grace)?;
     dur("--header-timeout", &mut c.header_timeout)?;
+    if let Some(v) = raw("--retain-days")? {
+        c.retain_days = Some(v.parse::<u32>().ok().filter(|&d| d > 0).ok_or_else(|| {
+            err(
+                "--retain-days",
+                format!("`{v}` is not a whole number of days above 0"),
+            )
+        })?);
+    }
+    if let Some(v) = raw("--log-format")? {
+        c.log_format = match v.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => return Err(err("--log-format", format!("`{v}` is not text or json"))),
+        };
+    }
     if let Some(v) = raw("--max-body")? {
         c.max_body = parse_size(&v)
             .filter(|&n| n > 0)

@@ -26,6 +26,7 @@
 //!   implements them.
 //! - [`api`]: the REST endpoints (`/model`, `/models`, `/usage`, `/queries`, `/ratelimits`).
 //! - [`ratelimit`], [`timestamp`]: header and time formats.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: errors answered in OpenAI's error shape.
 
 #![forbid(unsafe_code)]
@@ -35,6 +36,7 @@ pub mod api;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod pricing;
 pub mod proxy;
 pub mod ratelimit;

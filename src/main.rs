@@ -1,18 +1,20 @@
 use std::process::ExitCode;
 
-use tollgate::config::{self, Command};
+use tollgate::config::{self, Command, LogFormat};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let config = match config::parse(std::env::args().skip(1), &|k| std::env::var(k).ok()) {
         Ok(Command::Run(c)) => c,
-        Ok(Command::CheckConfig(c)) => return check(c),
+        Ok(Command::CheckConfig(c)) => {
+            println!(
+                "configuration is valid: listen {}, upstream {}, db {}",
+                c.listen,
+                c.upstream,
+                c.db.display()
+            );
+            return ExitCode::SUCCESS;
+        }
         Ok(Command::Help) => {
             print!("{}", config::HELP);
             return ExitCode::SUCCESS;
@@ -23,6 +25,18 @@ async fn main() -> ExitCode {
         }
         Err(e) => return fail(&e),
     };
+    // Log lines are written by a background thread: a slow stderr never
+    // stalls a request or the usage writer (lines are dropped instead).
+    let (writer, _guard) = tracing_appender::non_blocking(std::io::stderr());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match config.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.with_ansi(false).init(),
+    }
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -38,32 +52,16 @@ async fn main() -> ExitCode {
     }
 }
 
-fn check(c: config::Config) -> ExitCode {
-    println!(
-        "configuration is valid: listen {}, upstream {}, db {}",
-        c.listen,
-        c.upstream,
-        c.db.display()
-    );
-    ExitCode::SUCCESS
-}
-
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("tollgate: {e}");
     ExitCode::from(2)
 }
 
 async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -271,7 +271,7 @@ pub const SCALE_PER_1K: u32 = 9;
 pub const SCALE_PER_1M: u32 = 6;
 
 /// Price list shipped with tollgate: (model, $/1M input, $/1M cached input, $/1M output).
-const DEFAULT_PRICES: &str = include_str!("../prices.tsv");
+const DEFAULT_PRICES: &str = include_str!("prices.tsv");
 
 /// The built-in price list, valid from the epoch.
 pub fn default_prices() -> Vec<(String, Price)> {

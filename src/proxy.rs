@@ -194,6 +194,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
         meter.model_from(found);
     }
 
+    meter.overhead(started.elapsed());
     let resp = match tokio::time::timeout(cfg.upstream_idle_timeout, state.client.request(up)).await
     {
         Ok(Ok(r)) => r,

@@ -32,6 +32,9 @@ pub struct Record {
     pub estimated: bool,
     /// Upstream's `x-request-id`.
     pub request_id: Option<String>,
+    /// Time tollgate itself spent on the request (parsing, scanning,
+    /// queueing), microseconds; for the overhead metric, not stored.
+    pub overhead_us: u64,
     /// Work left for the estimator thread, when upstream reported no usage.
     pub estimate: Option<Box<Estimate>>,
 }

@@ -76,7 +76,11 @@ pub fn state(config: Config) -> Result<Arc<State>, StartError> {
             setting: "--db",
             message: format!("{}: {e}", config.db.display()),
         })?;
-    let store = Store::start(backend, reports).map_err(|e| StartError {
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let retain = config
+        .retain_days
+        .map(|d| std::time::Duration::from_secs(u64::from(d) * 86_400));
+    let store = Store::start(backend, reports, metrics, retain).map_err(|e| StartError {
         setting: "--db",
         message: e.to_string(),
     })?;

@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::metrics::Metrics;
 use crate::pricing::{Price, PriceTable, Tokens};
 use crate::ratelimit::RateLimits;
 use crate::record::{Record, StoredRecord};
@@ -66,6 +67,9 @@ pub trait Backend: Send + 'static {
         price: &Price,
         table: &PriceTable,
     ) -> Result<u64, StoreError>;
+    /// Deletes at most `limit` records that started before `cutoff_ms`
+    /// (rollups stay); returns how many went.
+    fn delete_before(&mut self, cutoff_ms: i64, limit: usize) -> Result<usize, StoreError>;
 }
 
 /// Filters of `/usage` and `/queries`.
@@ -104,10 +108,41 @@ pub struct UsageTotals {
     pub unpriced: u64,
 }
 
+/// What `/usage` can group by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum GroupKey {
+    /// Per user.
+    User,
+    /// Per model.
+    Model,
+    /// Per UTC day.
+    Day,
+    /// Per UTC month.
+    Month,
+}
+
+/// The values of the group keys of one `/usage` row (`None` where not grouped).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GroupValues {
+    /// User.
+    pub user: Option<String>,
+    /// Model.
+    pub model: Option<String>,
+    /// `YYYY-MM-DD`.
+    pub day: Option<String>,
+    /// `YYYY-MM`.
+    pub month: Option<String>,
+}
+
 /// The read side, shared by API handlers (called on blocking threads).
 pub trait Reports: Send + Sync + 'static {
-    /// Totals over the filter.
-    fn usage(&self, f: &Filter) -> Result<UsageTotals, StoreError>;
+    /// Totals over the filter, one row per combination of the group keys
+    /// (a single row without keys), sorted by key.
+    fn usage(
+        &self,
+        f: &Filter,
+        group: &[GroupKey],
+    ) -> Result<Vec<(GroupValues, UsageTotals)>, StoreError>;
     /// Records over the filter, oldest first, handed one by one to `sink`
     /// until it returns false.
     fn queries(
@@ -147,6 +182,15 @@ pub struct Store {
     ratelimits: Arc<Latest>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     last_full_warning: AtomicI64,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// What the writer reports about itself.
+#[derive(Default)]
+struct Health {
+    /// The last write attempt failed.
+    failing: AtomicBool,
 }
 
 /// A reserved place in the queue for one record: taken before a request goes
@@ -158,6 +202,8 @@ impl Store {
     pub fn start(
         backend: impl Backend,
         reports: Arc<dyn Reports>,
+        metrics: Arc<Metrics>,
+        retain: Option<Duration>,
     ) -> Result<Arc<Store>, StoreError> {
         let table = reports.prices()?;
         let ratelimits = reports.ratelimits()?;
@@ -170,9 +216,17 @@ impl Store {
             dirty: AtomicBool::new(false),
         });
         let w_latest = latest.clone();
+        let health = Arc::new(Health::default());
+        let w = Writer {
+            prices: w_prices,
+            latest: w_latest,
+            metrics: metrics.clone(),
+            health: health.clone(),
+            retain,
+        };
         let writer = std::thread::Builder::new()
             .name("tollgate-writer".into())
-            .spawn(move || writer_loop(backend, writer_rx, w_prices, w_latest))
+            .spawn(move || w.run(backend, writer_rx))
             .map_err(|e| StoreError(e.to_string()))?;
         let to_writer = writer_tx.clone();
         let estimator = std::thread::Builder::new()
@@ -191,6 +245,8 @@ impl Store {
             ratelimits: latest,
             threads: Mutex::new(vec![writer, estimator]),
             last_full_warning: AtomicI64::new(0),
+            metrics,
+            health,
         }))
     }
 
@@ -238,6 +294,7 @@ impl Store {
     pub fn set_ratelimits(&self, rl: RateLimits) {
         // Written with the next batch: every answer that carries them also
         // leaves a record.
+        self.metrics.ratelimits(&rl);
         *self.ratelimits.value.lock() = Some(rl);
         self.ratelimits.dirty.store(true, Ordering::Release);
     }
@@ -272,6 +329,27 @@ impl Store {
     /// The in-memory price table.
     pub fn prices(&self) -> parking_lot::RwLockReadGuard<'_, PriceTable> {
         self.prices.read()
+    }
+
+    /// The metrics the writer keeps.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Records queued or in flight, not yet written.
+    pub fn queue_depth(&self) -> usize {
+        QUEUE_CAPACITY - self.permits.available_permits()
+    }
+
+    /// Why the store is not ready, if it is not: the database refuses
+    /// writes, or the queue is nearly full.
+    pub fn unready(&self) -> Option<String> {
+        if self.health.failing.load(Ordering::Relaxed) {
+            return Some("the database refuses writes; records are held and retried".into());
+        }
+        let depth = self.queue_depth();
+        (depth * 10 >= QUEUE_CAPACITY * 9)
+            .then(|| format!("the writer is behind: {depth} of {QUEUE_CAPACITY} records queued"))
     }
 
     /// The read side.
@@ -344,38 +422,71 @@ struct Latest {
     dirty: AtomicBool,
 }
 
-fn writer_loop(
-    mut backend: impl Backend,
-    rx: Receiver<Msg>,
+struct Writer {
     prices: Arc<RwLock<PriceTable>>,
     latest: Arc<Latest>,
-) {
-    let mut p = Pending {
-        batch: Vec::with_capacity(MAX_BATCH),
-        permits: Vec::with_capacity(MAX_BATCH),
-        ratelimits: None,
-        flushes: Vec::new(),
-    };
-    let mut shutting_down = false;
-    loop {
-        let first = if shutting_down {
-            match rx.try_recv() {
-                Ok(m) => m,
-                Err(_) => break,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    retain: Option<Duration>,
+}
+
+/// Records deleted per retention step: small, so writes never wait long.
+const RETENTION_BATCH: usize = 5000;
+
+impl Writer {
+    /// Deletes one batch of records past retention; returns when to run next.
+    fn retention_step(&self, backend: &mut impl Backend, retain: Duration) -> Instant {
+        let cutoff = crate::timestamp::now_ms() - retain.as_millis() as i64;
+        match backend.delete_before(cutoff, RETENTION_BATCH) {
+            Ok(n) if n == RETENTION_BATCH => Instant::now() + Duration::from_millis(20),
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(deleted = n, "retention: deleted old records (rollups kept)");
+                }
+                Instant::now() + Duration::from_secs(60)
             }
-        } else {
-            match rx.recv() {
-                Ok(m) => m,
-                Err(_) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention: delete failed; will retry");
+                Instant::now() + Duration::from_secs(60)
             }
+        }
+    }
+
+    fn run(self, mut backend: impl Backend, rx: Receiver<Msg>) {
+        let mut p = Pending {
+            batch: Vec::with_capacity(MAX_BATCH),
+            permits: Vec::with_capacity(MAX_BATCH),
+            ratelimits: None,
+            flushes: Vec::new(),
         };
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
-                Msg::Record(r, permit) => {
-                    let (cost, priced) = {
-                        let t = prices.read();
-                        t.cost(
+        let mut shutting_down = false;
+        let mut next_retention = Instant::now();
+        loop {
+            let first = if shutting_down {
+                match rx.try_recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                }
+            } else if let Some(retain) = self.retain {
+                if Instant::now() >= next_retention {
+                    next_retention = self.retention_step(&mut backend, retain);
+                }
+                match rx.recv_deadline(next_retention) {
+                    Ok(m) => m,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                    Err(_) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => break,
+                }
+            };
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    Msg::Record(r, permit) => {
+                        let (cost, priced) = self.prices.read().cost(
                             &r.model,
                             &r.requested_model,
                             r.started_ms,
@@ -384,96 +495,129 @@ fn writer_loop(
                                 answer: r.usage.answer,
                                 cached: r.usage.cached,
                             },
-                        )
-                    };
-                    p.batch.push(Priced {
-                        record: *r,
-                        cost,
-                        priced,
-                    });
-                    p.permits.push(permit);
-                }
-                Msg::Flush(reply) => p.flushes.push(reply),
-                Msg::Price {
-                    model,
-                    price,
-                    reply,
-                } => {
-                    // Records before the change are written under the old prices
-                    // first, so the re-pricing below sees them.
-                    commit(&mut backend, &mut p, shutting_down);
-                    let mut table = prices.read().clone();
-                    table.insert(&model, price);
-                    let res = backend.set_price(&model, &price, &table);
-                    if res.is_ok() {
-                        *prices.write() = table;
+                        );
+                        p.batch.push(Priced {
+                            record: *r,
+                            cost,
+                            priced,
+                        });
+                        p.permits.push(permit);
                     }
-                    let _ = reply.send(res);
+                    Msg::Flush(reply) => p.flushes.push(reply),
+                    Msg::Price {
+                        model,
+                        price,
+                        reply,
+                    } => {
+                        // Records before the change are written under the old
+                        // prices first, so the re-pricing below sees them.
+                        self.commit(&mut backend, &mut p, shutting_down);
+                        let mut table = self.prices.read().clone();
+                        table.insert(&model, price);
+                        let res = backend.set_price(&model, &price, &table);
+                        if res.is_ok() {
+                            *self.prices.write() = table;
+                        }
+                        let _ = reply.send(res);
+                    }
+                    Msg::Shutdown => shutting_down = true,
                 }
-                Msg::Shutdown => shutting_down = true,
+                if p.batch.len() < MAX_BATCH {
+                    next = rx.try_recv().ok();
+                }
             }
-            if p.batch.len() < MAX_BATCH {
-                next = rx.try_recv().ok();
-            }
+            self.commit(&mut backend, &mut p, shutting_down);
         }
-        if latest.dirty.swap(false, Ordering::AcqRel) {
-            p.ratelimits = latest.value.lock().clone();
-        }
-        commit(&mut backend, &mut p, shutting_down);
+        self.commit(&mut backend, &mut p, true);
     }
-    commit(&mut backend, &mut p, true);
-}
 
-/// Writes what is pending, retrying until it succeeds: records are never
-/// dropped while the process lives. While this retries, the queue fills and
-/// new requests wait for room (backpressure). At shutdown it gives up after a
-/// bounded number of attempts and says how many records were lost.
-fn commit(backend: &mut impl Backend, p: &mut Pending, shutting_down: bool) {
-    if p.batch.is_empty() && p.ratelimits.is_none() && p.flushes.is_empty() {
-        return;
-    }
-    let mut delay = Duration::from_millis(50);
-    let mut attempts = 0u32;
-    let started = Instant::now();
-    loop {
-        match backend.write(&p.batch, p.ratelimits.as_ref()) {
-            Ok(()) => {
-                if attempts > 0 {
-                    tracing::warn!(
-                        records = p.batch.len(),
-                        waited_ms = started.elapsed().as_millis() as u64,
-                        "usage records written after the database recovered"
-                    );
-                }
-                break;
-            }
-            Err(e) => {
-                attempts += 1;
-                if shutting_down && attempts >= 20 {
-                    tracing::error!(
-                        records = p.batch.len(),
-                        error = %e,
-                        "giving up at shutdown: these usage records are lost"
-                    );
+    /// Writes what is pending, retrying until it succeeds: records are never
+    /// dropped while the process lives. While this retries, the queue fills and
+    /// new requests wait for room (backpressure). At shutdown it gives up after a
+    /// bounded number of attempts and says how many records were lost.
+    fn commit(&self, backend: &mut impl Backend, p: &mut Pending, shutting_down: bool) {
+        if self.latest.dirty.swap(false, Ordering::AcqRel) {
+            p.ratelimits = self.latest.value.lock().clone();
+        }
+        if p.batch.is_empty() && p.ratelimits.is_none() && p.flushes.is_empty() {
+            return;
+        }
+        let mut delay = Duration::from_millis(50);
+        let mut attempts = 0u32;
+        let started = Instant::now();
+        loop {
+            let t = Instant::now();
+            match backend.write(&p.batch, p.ratelimits.as_ref()) {
+                Ok(()) => {
+                    self.metrics.batch(p.batch.len(), t.elapsed().as_secs_f64());
+                    self.health.failing.store(false, Ordering::Relaxed);
+                    for r in &p.batch {
+                        self.metrics.record(r);
+                        access_log(r);
+                    }
+                    if attempts > 0 {
+                        tracing::warn!(
+                            records = p.batch.len(),
+                            waited_ms = started.elapsed().as_millis() as u64,
+                            "usage records written after the database recovered"
+                        );
+                    }
                     break;
                 }
-                if attempts == 1 || attempts % 20 == 0 {
-                    tracing::error!(
-                        records = p.batch.len(),
-                        error = %e,
-                        attempts,
-                        "cannot write usage records; holding them and retrying"
-                    );
+                Err(e) => {
+                    attempts += 1;
+                    self.metrics.write_error();
+                    self.health.failing.store(true, Ordering::Relaxed);
+                    if shutting_down && attempts >= 20 {
+                        tracing::error!(
+                            records = p.batch.len(),
+                            error = %e,
+                            "giving up at shutdown: these usage records are lost"
+                        );
+                        break;
+                    }
+                    if attempts == 1 || attempts % 20 == 0 {
+                        tracing::error!(
+                            records = p.batch.len(),
+                            error = %e,
+                            attempts,
+                            "cannot write usage records; holding them and retrying"
+                        );
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
                 }
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
+        p.batch.clear();
+        p.permits.clear();
+        p.ratelimits = None;
+        for f in p.flushes.drain(..) {
+            let _ = f.send(());
+        }
     }
-    p.batch.clear();
-    p.permits.clear();
-    p.ratelimits = None;
-    for f in p.flushes.drain(..) {
-        let _ = f.send(());
-    }
+}
+
+/// One line per request (target `tollgate::access`): never prompt or answer
+/// text, never keys.
+fn access_log(p: &Priced) {
+    let r = &p.record;
+    tracing::info!(
+        target: "tollgate::access",
+        user = %r.user,
+        endpoint = %r.endpoint,
+        model = %if r.model.is_empty() { &r.requested_model } else { &r.model },
+        status = r.status,
+        stream = r.stream,
+        query_tokens = r.usage.query,
+        answer_tokens = r.usage.answer,
+        cached_tokens = r.usage.cached,
+        reasoning_tokens = r.usage.reasoning,
+        estimated = r.estimated,
+        cost = %crate::pricing::format_dollars(p.cost.into()),
+        duration_ms = r.duration_us as f64 / 1000.0,
+        ttfb_ms = r.ttfb_us.map(|t| t as f64 / 1000.0),
+        request_id = r.request_id.as_deref(),
+        "request"
+    );
 }

@@ -8,13 +8,18 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-use super::{Backend, Filter, Priced, Reports, StoreError, UsageTotals};
+use std::collections::BTreeMap;
+
+use super::{Backend, Filter, GroupKey, GroupValues, Priced, Reports, StoreError, UsageTotals};
 use crate::pricing::{self, Price, PriceTable};
 use crate::ratelimit::RateLimits;
 use crate::record::StoredRecord;
 
 /// Current schema version (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// Milliseconds in a day.
+const DAY: i64 = 86_400_000;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS queries (
@@ -53,6 +58,34 @@ CREATE TABLE IF NOT EXISTS meta (
 ) WITHOUT ROWID;
 ";
 
+/// Per-day totals kept by the writer in the same transaction as the records,
+/// so reports over any span read a few rows per day instead of every record.
+/// Retention deletes records, never these.
+const SCHEMA_V2: &str = "
+CREATE TABLE IF NOT EXISTS usage_daily (
+    day              INTEGER NOT NULL,
+    user             TEXT    NOT NULL,
+    model            TEXT    NOT NULL,
+    queries          INTEGER NOT NULL,
+    query_tokens     INTEGER NOT NULL,
+    answer_tokens    INTEGER NOT NULL,
+    cached_tokens    INTEGER NOT NULL,
+    reasoning_tokens INTEGER NOT NULL,
+    cost             INTEGER NOT NULL,
+    unpriced         INTEGER NOT NULL,
+    PRIMARY KEY (day, user, model)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS usage_daily_user ON usage_daily (user, day);
+CREATE INDEX IF NOT EXISTS usage_daily_model ON usage_daily (model, day);
+";
+
+/// Fills the rollups of records written before they existed (schema 1).
+const BACKFILL_V2: &str = "
+INSERT INTO usage_daily (day, user, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
+SELECT ts / 86400000, user, model, COUNT(*), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost), SUM(1 - priced)
+FROM queries GROUP BY 1, 2, 3;
+";
+
 fn connect(path: &Path) -> Result<Connection, StoreError> {
     let c = Connection::open_with_flags(
         path,
@@ -84,6 +117,10 @@ pub fn open(
     }
     let tx = c.transaction()?;
     tx.execute_batch(SCHEMA_V1)?;
+    tx.execute_batch(SCHEMA_V2)?;
+    if version == 1 {
+        tx.execute_batch(BACKFILL_V2)?;
+    }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     let loaded: Option<String> = tx
         .query_row(
@@ -123,6 +160,29 @@ fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+const UPSERT_DAILY: &str = "INSERT INTO usage_daily (day, user, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+ON CONFLICT (day, user, model) DO UPDATE SET
+    queries = queries + excluded.queries,
+    query_tokens = query_tokens + excluded.query_tokens,
+    answer_tokens = answer_tokens + excluded.answer_tokens,
+    cached_tokens = cached_tokens + excluded.cached_tokens,
+    reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens,
+    cost = cost + excluded.cost,
+    unpriced = unpriced + excluded.unpriced";
+
+/// One rollup row's increments.
+#[derive(Default)]
+struct Daily {
+    queries: i64,
+    query_tokens: i64,
+    answer_tokens: i64,
+    cached_tokens: i64,
+    reasoning_tokens: i64,
+    cost: i64,
+    unpriced: i64,
+}
+
 impl Backend for SqliteBackend {
     fn write(
         &mut self,
@@ -132,6 +192,8 @@ impl Backend for SqliteBackend {
         let tx = self.conn.transaction()?;
         {
             let mut st = tx.prepare_cached(INSERT)?;
+            let mut daily: std::collections::HashMap<(i64, &str, &str), Daily> =
+                std::collections::HashMap::new();
             for p in batch {
                 let r = &p.record;
                 let model = if r.model.is_empty() {
@@ -139,6 +201,16 @@ impl Backend for SqliteBackend {
                 } else {
                     &r.model
                 };
+                let d = daily
+                    .entry((r.started_ms.div_euclid(DAY), &r.user, model))
+                    .or_default();
+                d.queries += 1;
+                d.query_tokens += i(r.usage.query);
+                d.answer_tokens += i(r.usage.answer);
+                d.cached_tokens += i(r.usage.cached);
+                d.reasoning_tokens += i(r.usage.reasoning);
+                d.cost = d.cost.saturating_add(p.cost);
+                d.unpriced += i64::from(!p.priced);
                 st.execute(params![
                     r.user,
                     model,
@@ -157,6 +229,21 @@ impl Backend for SqliteBackend {
                     p.priced,
                     r.estimated,
                     r.request_id,
+                ])?;
+            }
+            let mut up = tx.prepare_cached(UPSERT_DAILY)?;
+            for ((day, user, model), d) in daily {
+                up.execute(params![
+                    day,
+                    user,
+                    model,
+                    d.queries,
+                    d.query_tokens,
+                    d.answer_tokens,
+                    d.cached_tokens,
+                    d.reasoning_tokens,
+                    d.cost,
+                    d.unpriced
                 ])?;
             }
         }
@@ -189,18 +276,21 @@ impl Backend for SqliteBackend {
         {
             let like_dated = format!("{}-%", escape_like(model));
             let mut sel = tx.prepare(
-                "SELECT id, model, requested_model, ts, query_tokens, cached_tokens, answer_tokens, cost, priced FROM queries
+                "SELECT id, model, requested_model, ts, query_tokens, cached_tokens, answer_tokens, cost, priced, user FROM queries
                  WHERE ts >= ?1 AND (model = ?2 OR requested_model = ?2
                     OR model LIKE ?3 ESCAPE '\\' OR requested_model LIKE ?3 ESCAPE '\\'
                     OR model LIKE 'ft:%' OR requested_model LIKE 'ft:%')",
             )?;
             let mut upd = tx.prepare("UPDATE queries SET cost = ?2, priced = ?3 WHERE id = ?1")?;
+            let mut deltas: std::collections::HashMap<(i64, String, String), (i64, i64)> =
+                std::collections::HashMap::new();
             let mut rows = sel.query(params![price.valid_from, model, like_dated])?;
             while let Some(row) = rows.next()? {
                 let id: i64 = row.get(0)?;
                 let m: String = row.get(1)?;
                 let req: String = row.get(2)?;
                 let ts: i64 = row.get(3)?;
+                let user: String = row.get(9)?;
                 let tokens = pricing::Tokens {
                     query: row.get::<_, i64>(4)?.max(0) as u64,
                     cached: row.get::<_, i64>(5)?.max(0) as u64,
@@ -211,11 +301,35 @@ impl Backend for SqliteBackend {
                 if new != old {
                     upd.execute(params![id, new.0, new.1])?;
                     changed += 1;
+                    let d = deltas.entry((ts.div_euclid(DAY), user, m)).or_default();
+                    d.0 += new.0 - old.0;
+                    d.1 += i64::from(old.1) - i64::from(new.1);
                 }
+            }
+            drop(rows);
+            let mut roll = tx.prepare(
+                "UPDATE usage_daily SET cost = cost + ?4, unpriced = unpriced + ?5 WHERE day = ?1 AND user = ?2 AND model = ?3",
+            )?;
+            for ((day, user, m), (cost, unpriced)) in deltas {
+                roll.execute(params![day, user, m, cost, unpriced])?;
             }
         }
         tx.commit()?;
         Ok(changed)
+    }
+
+    fn delete_before(&mut self, cutoff_ms: i64, limit: usize) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "DELETE FROM queries WHERE id IN (SELECT id FROM queries WHERE ts < ?1 ORDER BY ts LIMIT ?2)",
+            params![cutoff_ms, limit as i64],
+        )?)
+    }
+}
+
+impl SqliteBackend {
+    /// Runs arbitrary SQL on the write connection (benchmarks fill databases with it).
+    pub fn execute_batch(&self, sql: &str) -> Result<(), StoreError> {
+        Ok(self.conn.execute_batch(sql)?)
     }
 }
 
@@ -279,31 +393,41 @@ fn where_clause(f: &Filter) -> (String, Vec<rusqlite::types::Value>) {
 }
 
 impl Reports for SqliteReports {
-    fn usage(&self, f: &Filter) -> Result<UsageTotals, StoreError> {
-        let (w, args) = where_clause(f);
-        // Cost is summed in two parts so the total cannot overflow 64 bits.
-        let sql = format!(
-            "SELECT COUNT(*), COALESCE(SUM(query_tokens), 0), COALESCE(SUM(answer_tokens), 0), COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(reasoning_tokens), 0),
-                    COALESCE(SUM(cost / 1000000000), 0), COALESCE(SUM(cost % 1000000000), 0), COALESCE(SUM(1 - priced), 0)
-             FROM queries{w}"
-        );
+    fn usage(
+        &self,
+        f: &Filter,
+        group: &[GroupKey],
+    ) -> Result<Vec<(GroupValues, UsageTotals)>, StoreError> {
+        let mut acc: BTreeMap<GroupValues, [i128; 7]> = BTreeMap::new();
         self.with(|c| {
-            let mut st = c.prepare_cached(&sql)?;
-            let t = st.query_row(rusqlite::params_from_iter(args), |r| {
-                let n = |i: usize| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
-                Ok(UsageTotals {
-                    queries: r.get::<_, i64>(0)? as u64,
-                    query_tokens: n(1)?,
-                    answer_tokens: n(2)?,
-                    cached_tokens: n(3)?,
-                    reasoning_tokens: n(4)?,
-                    cost: i128::from(r.get::<_, i64>(5)?) * 1_000_000_000
-                        + i128::from(r.get::<_, i64>(6)?),
-                    unpriced: r.get::<_, i64>(7)? as u64,
-                })
-            })?;
-            Ok(t)
-        })
+            for piece in pieces(f.after, f.before) {
+                piece_totals(c, &piece, f, group, &mut acc)?;
+            }
+            Ok(())
+        })?;
+        let n = |v: i128| u64::try_from(v.max(0)).unwrap_or(u64::MAX);
+        let mut rows: Vec<(GroupValues, UsageTotals)> = acc
+            .into_iter()
+            .filter(|(_, t)| t[0] > 0)
+            .map(|(g, t)| {
+                (
+                    g,
+                    UsageTotals {
+                        queries: n(t[0]),
+                        query_tokens: n(t[1]),
+                        answer_tokens: n(t[2]),
+                        cached_tokens: n(t[3]),
+                        reasoning_tokens: n(t[4]),
+                        cost: t[5],
+                        unpriced: n(t[6]),
+                    },
+                )
+            })
+            .collect();
+        if group.is_empty() && rows.is_empty() {
+            rows.push((GroupValues::default(), UsageTotals::default()));
+        }
+        Ok(rows)
     }
 
     fn queries(
@@ -388,3 +512,167 @@ impl Reports for SqliteReports {
         })
     }
 }
+
+/// A part of a time range read either from the rollups or from the records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    /// Whole days `[from, to)` (day numbers; `None` is unbounded), from the rollups.
+    Days(Option<i64>, Option<i64>, i64),
+    /// Records with `from <= ts < to` (ms), added (1) or removed (-1).
+    Records(i64, i64, i64),
+}
+
+/// Splits the exclusive range (`after`, `before`) into whole days read from
+/// the rollups and partial days read from the records. A partial day more
+/// than half covered is read as its whole day minus the uncovered records, so
+/// at most half a day of records is ever scanned per edge.
+fn pieces(after: Option<i64>, before: Option<i64>) -> Vec<Piece> {
+    let lo = after.map(|a| a.saturating_add(1));
+    let hi = before;
+    if let (Some(l), Some(h)) = (lo, hi) {
+        if l >= h {
+            return Vec::new();
+        }
+    }
+    let first = lo.map(|l| l.div_euclid(DAY) + i64::from(l.rem_euclid(DAY) != 0));
+    let last = hi.map(|h| h.div_euclid(DAY));
+    if let (Some(f), Some(t), Some(l), Some(h)) = (first, last, lo, hi) {
+        if f >= t {
+            return vec![Piece::Records(l, h, 1)];
+        }
+    }
+    let mut out = vec![Piece::Days(first, last, 1)];
+    if let (Some(l), Some(f)) = (lo, first) {
+        if l.rem_euclid(DAY) != 0 {
+            let day = f - 1;
+            if l - day * DAY < DAY / 2 {
+                out.push(Piece::Days(Some(day), Some(f), 1));
+                out.push(Piece::Records(day * DAY, l, -1));
+            } else {
+                out.push(Piece::Records(l, f * DAY, 1));
+            }
+        }
+    }
+    if let (Some(h), Some(t)) = (hi, last) {
+        if h.rem_euclid(DAY) != 0 {
+            if h - t * DAY > DAY / 2 {
+                out.push(Piece::Days(Some(t), Some(t + 1), 1));
+                out.push(Piece::Records(h, (t + 1) * DAY, -1));
+            } else {
+                out.push(Piece::Records(t * DAY, h, 1));
+            }
+        }
+    }
+    out
+}
+
+fn piece_totals(
+    c: &Connection,
+    piece: &Piece,
+    f: &Filter,
+    group: &[GroupKey],
+    acc: &mut BTreeMap<GroupValues, [i128; 7]>,
+) -> Result<(), StoreError> {
+    use rusqlite::types::Value;
+    let rollup = matches!(piece, Piece::Days(..));
+    let mut conds: Vec<&str> = Vec::new();
+    let mut args: Vec<Value> = Vec::new();
+    let sign = match *piece {
+        Piece::Days(from, to, sign) => {
+            if let Some(d) = from {
+                conds.push("day >= ?");
+                args.push(Value::Integer(d));
+            }
+            if let Some(d) = to {
+                conds.push("day < ?");
+                args.push(Value::Integer(d));
+            }
+            sign
+        }
+        Piece::Records(from, to, sign) => {
+            conds.push("ts >= ?");
+            args.push(Value::Integer(from));
+            conds.push("ts < ?");
+            args.push(Value::Integer(to));
+            sign
+        }
+    };
+    if let Some(u) = &f.user {
+        conds.push("user = ?");
+        args.push(Value::Text(u.clone()));
+    }
+    if let Some(m) = &f.model {
+        conds.push("model = ?");
+        args.push(Value::Text(m.clone()));
+    }
+    let keys: Vec<&str> = group
+        .iter()
+        .map(|g| match (g, rollup) {
+            (GroupKey::User, _) => "user",
+            (GroupKey::Model, _) => "model",
+            (GroupKey::Day, true) => "date(day * 86400, 'unixepoch')",
+            (GroupKey::Day, false) => "date(ts / 1000, 'unixepoch')",
+            (GroupKey::Month, true) => "strftime('%Y-%m', day * 86400, 'unixepoch')",
+            (GroupKey::Month, false) => "strftime('%Y-%m', ts / 1000, 'unixepoch')",
+        })
+        .collect();
+    let sums = if rollup {
+        "SUM(queries), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost / 1000000000), SUM(cost % 1000000000), SUM(unpriced)"
+    } else {
+        "COUNT(*), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost / 1000000000), SUM(cost % 1000000000), SUM(1 - priced)"
+    };
+    let mut sql = String::from("SELECT ");
+    for k in &keys {
+        sql.push_str(k);
+        sql.push_str(", ");
+    }
+    sql.push_str(sums);
+    sql.push_str(if rollup {
+        " FROM usage_daily"
+    } else {
+        " FROM queries"
+    });
+    if !conds.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&conds.join(" AND "));
+    }
+    if !keys.is_empty() {
+        sql.push_str(" GROUP BY ");
+        sql.push_str(&keys.join(", "));
+    }
+    let mut st = c.prepare_cached(&sql)?;
+    let mut rows = st.query(rusqlite::params_from_iter(args))?;
+    while let Some(r) = rows.next()? {
+        let mut g = GroupValues::default();
+        for (i, k) in group.iter().enumerate() {
+            let v: Option<String> = r.get(i)?;
+            match k {
+                GroupKey::User => g.user = v,
+                GroupKey::Model => g.model = v,
+                GroupKey::Day => g.day = v,
+                GroupKey::Month => g.month = v,
+            }
+        }
+        let n = keys.len();
+        let int = |i: usize| -> rusqlite::Result<i128> {
+            Ok(i128::from(r.get::<_, Option<i64>>(n + i)?.unwrap_or(0)))
+        };
+        let t = [
+            int(0)?,
+            int(1)?,
+            int(2)?,
+            int(3)?,
+            int(4)?,
+            int(5)? * 1_000_000_000 + int(6)?,
+            int(7)?,
+        ];
+        let e = acc.entry(g).or_default();
+        for (a, b) in e.iter_mut().zip(t) {
+            *a += i128::from(sign) * b;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

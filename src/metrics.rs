@@ -1,0 +1,286 @@
+//! Prometheus metrics (`GET /metrics`), kept with `prometheus-client`.
+//!
+//! Per-record figures (tokens, cost, latencies) are counted by the writer
+//! thread once a record is priced, so the request path only touches the
+//! in-flight gauge.
+
+use std::sync::atomic::{AtomicI64, AtomicU64};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::ratelimit::RateLimits;
+use crate::store::Priced;
+
+/// Labels of the request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Request path.
+    pub endpoint: String,
+    /// Answered (else requested) model.
+    pub model: String,
+    /// Upstream status (499/502/504 as recorded).
+    pub status: u16,
+}
+
+/// Labels of token counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// User.
+    pub user: String,
+    /// Model.
+    pub model: String,
+    /// `query`, `answer`, `cached` or `reasoning`.
+    pub kind: &'static str,
+}
+
+/// Labels of the cost counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UserModel {
+    /// User.
+    pub user: String,
+    /// Model.
+    pub model: String,
+}
+
+/// Labels of rate-limit gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// `requests` or `tokens`.
+    pub limit: &'static str,
+}
+
+/// Labels of rejections (access control and budgets).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    /// Why: `budget_exceeded`, `rate_limit_exceeded`, `invalid_api_key`, ...
+    pub reason: &'static str,
+}
+
+/// Every metric tollgate exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    tokens: Family<TokenLabels, Counter>,
+    cost: Family<UserModel, Counter<f64, AtomicU64>>,
+    duration: Histogram,
+    ttfb: Histogram,
+    overhead: Histogram,
+    estimated: Counter,
+    /// Requests inside the proxy (from arrival to the last byte).
+    pub in_flight: Gauge,
+    queue_depth: Gauge,
+    batch_size: Histogram,
+    commit_seconds: Histogram,
+    write_errors: Counter,
+    ratelimit_remaining: Family<LimitLabels, Gauge<i64, AtomicI64>>,
+    ratelimit_limit: Family<LimitLabels, Gauge<i64, AtomicI64>>,
+    rejected: Family<RejectLabels, Counter>,
+}
+
+fn seconds_buckets() -> Histogram {
+    // 50 us .. ~105 s.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 22))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Metrics {
+            registry: Registry::with_prefix("tollgate"),
+            requests: Family::default(),
+            tokens: Family::default(),
+            cost: Family::default(),
+            duration: seconds_buckets(),
+            ttfb: seconds_buckets(),
+            overhead: Histogram::new(exponential_buckets(0.000_001, 2.0, 24)),
+            estimated: Counter::default(),
+            in_flight: Gauge::default(),
+            queue_depth: Gauge::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
+            commit_seconds: seconds_buckets(),
+            write_errors: Counter::default(),
+            ratelimit_remaining: Family::default(),
+            ratelimit_limit: Family::default(),
+            rejected: Family::default(),
+        };
+        m.register()
+    }
+}
+
+impl Metrics {
+    fn register(mut self) -> Self {
+        let r = &mut self.registry;
+        r.register(
+            "requests",
+            "Metered requests by endpoint, model and status",
+            self.requests.clone(),
+        );
+        r.register(
+            "tokens",
+            "Tokens by user, model and kind (query, answer, cached, reasoning)",
+            self.tokens.clone(),
+        );
+        r.register(
+            "cost_dollars",
+            "Cost in dollars by user and model",
+            self.cost.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Time from arrival to the last byte of the answer",
+            self.duration.clone(),
+        );
+        r.register(
+            "upstream_ttfb_seconds",
+            "Time from arrival to the first byte of upstream's answer body",
+            self.ttfb.clone(),
+        );
+        r.register(
+            "overhead_seconds",
+            "Time tollgate itself spent on a request (total minus waiting on upstream)",
+            self.overhead.clone(),
+        );
+        r.register(
+            "estimated_records",
+            "Records whose tokens were estimated because upstream reported no usage",
+            self.estimated.clone(),
+        );
+        r.register(
+            "in_flight_requests",
+            "Requests being proxied now",
+            self.in_flight.clone(),
+        );
+        r.register(
+            "writer_queue_depth",
+            "Records queued or in flight, not yet written",
+            self.queue_depth.clone(),
+        );
+        r.register(
+            "writer_batch_size",
+            "Records per database transaction",
+            self.batch_size.clone(),
+        );
+        r.register(
+            "writer_commit_seconds",
+            "Duration of one database transaction",
+            self.commit_seconds.clone(),
+        );
+        r.register(
+            "writer_errors",
+            "Failed database writes (records are kept and retried)",
+            self.write_errors.clone(),
+        );
+        r.register(
+            "upstream_ratelimit_remaining",
+            "Remaining requests/tokens from upstream's latest x-ratelimit headers",
+            self.ratelimit_remaining.clone(),
+        );
+        r.register(
+            "upstream_ratelimit_limit",
+            "Request/token limits from upstream's latest x-ratelimit headers",
+            self.ratelimit_limit.clone(),
+        );
+        r.register(
+            "rejected_requests",
+            "Requests refused before upstream by access control, budgets or limits",
+            self.rejected.clone(),
+        );
+        self
+    }
+
+    /// Counts one written record.
+    pub fn record(&self, p: &Priced) {
+        let r = &p.record;
+        let model = if r.model.is_empty() {
+            &r.requested_model
+        } else {
+            &r.model
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                endpoint: r.endpoint.clone(),
+                model: model.clone(),
+                status: r.status,
+            })
+            .inc();
+        for (kind, n) in [
+            ("query", r.usage.query),
+            ("answer", r.usage.answer),
+            ("cached", r.usage.cached),
+            ("reasoning", r.usage.reasoning),
+        ] {
+            if n > 0 {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        user: r.user.clone(),
+                        model: model.clone(),
+                        kind,
+                    })
+                    .inc_by(n);
+            }
+        }
+        if p.cost > 0 {
+            self.cost
+                .get_or_create(&UserModel {
+                    user: r.user.clone(),
+                    model: model.clone(),
+                })
+                .inc_by(p.cost as f64 / 1e12);
+        }
+        self.duration.observe(r.duration_us as f64 / 1e6);
+        if let Some(t) = r.ttfb_us {
+            self.ttfb.observe(t as f64 / 1e6);
+        }
+        self.overhead.observe(r.overhead_us as f64 / 1e6);
+        if r.estimated {
+            self.estimated.inc();
+        }
+    }
+
+    /// Counts one committed batch.
+    pub fn batch(&self, records: usize, seconds: f64) {
+        self.batch_size.observe(records as f64);
+        self.commit_seconds.observe(seconds);
+    }
+
+    /// Counts a failed write attempt.
+    pub fn write_error(&self) {
+        self.write_errors.inc();
+    }
+
+    /// Copies upstream's latest rate limits.
+    pub fn ratelimits(&self, rl: &RateLimits) {
+        for (name, l) in [("requests", &rl.requests), ("tokens", &rl.tokens)] {
+            let Some(l) = l else { continue };
+            let labels = LimitLabels { limit: name };
+            if let Some(v) = l.remaining {
+                self.ratelimit_remaining
+                    .get_or_create(&labels)
+                    .set(i64::try_from(v).unwrap_or(i64::MAX));
+            }
+            if let Some(v) = l.maximum {
+                self.ratelimit_limit
+                    .get_or_create(&labels)
+                    .set(i64::try_from(v).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
+    /// Counts a request refused before upstream.
+    pub fn rejected(&self, reason: &'static str) {
+        self.rejected.get_or_create(&RejectLabels { reason }).inc();
+    }
+
+    /// The text exposition, with the queue depth read now.
+    pub fn encode(&self, queue_depth: usize) -> String {
+        self.queue_depth.set(queue_depth as i64);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
