@@ -12,11 +12,12 @@ use crate::usage::{Capture, Endpoint};
 static O200K: OnceLock<CoreBPE> = OnceLock::new();
 static CL100K: OnceLock<CoreBPE> = OnceLock::new();
 
-/// Loads both vocabularies (about 200 ms each); called once at start-up so the
-/// first estimate does not pay for it.
+/// Loads the `o200k_base` vocabulary (about 200 ms), the one of every current
+/// model, at start-up so the first estimate does not pay for it.
+/// `cl100k_base` (gpt-4, gpt-3.5, older embeddings) loads on its first use:
+/// each vocabulary holds about 30 MB, and most deployments never need it.
 pub fn warm_up() {
     let _ = encoding("gpt-4o");
-    let _ = encoding("gpt-4");
 }
 
 /// The encoding a model uses: `cl100k_base` for gpt-4, gpt-3.5 and the

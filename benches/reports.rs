@@ -1,0 +1,227 @@
+//! Reports at scale: `/usage` over a month and `/queries` streaming a
+//! million rows, on a database of 20 million records.
+//!
+//! `cargo bench --bench reports` (TOLLGATE_BENCH_SMOKE=1 for a 200k-record
+//! run in seconds). The filled database is kept in `target/bench-reports-N.db`
+//! so later runs skip the fill.
+
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use tollgate::store::{sqlite, Filter, GroupKey, Reports};
+
+const DAY: i64 = 86_400_000;
+/// 2025-01-01T00:00:00Z.
+const START: i64 = 1_735_689_600_000;
+const USERS: u64 = 200;
+const MODELS: [&str; 12] = [
+    "gpt-4o",
+    "gpt-4o-mini",
+    "gpt-4.1",
+    "gpt-4.1-mini",
+    "gpt-4.1-nano",
+    "o3",
+    "o4-mini",
+    "gpt-5",
+    "gpt-5-mini",
+    "gpt-5-nano",
+    "text-embedding-3-small",
+    "gpt-4o-2024-08-06",
+];
+
+fn vm(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Fills the database with `n` records spread over one year, in SQL: about
+/// a million rows a second, rollups built the way a migration builds them.
+fn fill(path: &std::path::Path, n: u64) {
+    let (backend, _) = sqlite::open(path, false).expect("open");
+    let step = 365 * DAY / n as i64;
+    let models = MODELS
+        .iter()
+        .enumerate()
+        .map(|(i, m)| format!("WHEN {i} THEN '{m}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let started = Instant::now();
+    backend
+        .execute_batch(&format!(
+            "PRAGMA synchronous = OFF;
+             BEGIN;
+             WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {last})
+             INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
+                                  query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id)
+             SELECT 'user-' || (i * 7919 % {USERS}), CASE i % 12 {models} END, 'gpt-4o', '/v1/chat/completions',
+                    {START} + i * {step}, 800000, 300000, 200, i % 2,
+                    500 + i % 1000, 100 + i % 300, i % 200, i % 50, (500 + i % 1000) * 2500000, 1, 0, NULL
+             FROM n;
+             INSERT INTO usage_daily (day, user, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
+             SELECT ts / 86400000, user, model, COUNT(*), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens),
+                    SUM(reasoning_tokens), SUM(cost), SUM(1 - priced)
+             FROM queries GROUP BY 1, 2, 3;
+             COMMIT;
+             PRAGMA synchronous = NORMAL;",
+            last = n - 1
+        ))
+        .expect("fill");
+    println!(
+        "filled {n} records in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let smoke = std::env::var_os("TOLLGATE_BENCH_SMOKE").is_some();
+    let n: u64 = if smoke { 200_000 } else { 20_000_000 };
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(format!("bench-reports-{n}.db"));
+    if !path.exists() {
+        fill(&path, n);
+    }
+    let (_backend, reports) = sqlite::open(&path, false).expect("open");
+    let size_mb = std::fs::metadata(&path).map(|m| m.len() >> 20).unwrap_or(0);
+    println!(
+        "database: {} ({size_mb} MiB, {n} records over 365 days)",
+        path.display()
+    );
+
+    // March 2025, bounds as users write them: after is exclusive, so the
+    // first day is a partial one.
+    let after = tollgate::timestamp::parse("2025-03-01T00:00:00Z");
+    let before = tollgate::timestamp::parse("2025-04-01T00:00:00Z");
+    let month = |user: Option<&str>, model: Option<&str>| Filter {
+        user: user.map(str::to_owned),
+        model: model.map(str::to_owned),
+        after,
+        before,
+        ..Filter::default()
+    };
+    let cases: Vec<(&str, Filter, Vec<GroupKey>)> = vec![
+        ("month, no filter", month(None, None), vec![]),
+        ("month, user", month(Some("user-17"), None), vec![]),
+        ("month, model", month(None, Some("gpt-4o-mini")), vec![]),
+        (
+            "month, user+model",
+            month(Some("user-17"), Some("o3")),
+            vec![],
+        ),
+        (
+            "month, group_by=user",
+            month(None, None),
+            vec![GroupKey::User],
+        ),
+        (
+            "month, group_by=user,model",
+            month(None, None),
+            vec![GroupKey::User, GroupKey::Model],
+        ),
+        (
+            "month, group_by=day",
+            month(None, None),
+            vec![GroupKey::Day],
+        ),
+        (
+            "month, user, group_by=model",
+            month(Some("user-17"), None),
+            vec![GroupKey::Model],
+        ),
+        (
+            "month at 13:37, group_by=month",
+            Filter {
+                after: tollgate::timestamp::parse("2025-03-01T13:37:00Z"),
+                before: tollgate::timestamp::parse("2025-04-01T13:37:00Z"),
+                ..Filter::default()
+            },
+            vec![GroupKey::Month],
+        ),
+        (
+            "all time, group_by=month",
+            Filter::default(),
+            vec![GroupKey::Month],
+        ),
+    ];
+    println!("\n/usage (median of 21 runs; target < 50 ms at 20M records)");
+    println!("| query | rows | numQueries | median ms |");
+    println!("|---|---|---|---|");
+    for (name, f, g) in &cases {
+        let mut times = Vec::new();
+        let mut out = Vec::new();
+        for _ in 0..21 {
+            let t = Instant::now();
+            out = reports.usage(f, g).expect("usage");
+            times.push(t.elapsed());
+        }
+        let total: u64 = out.iter().map(|(_, t)| t.queries).sum();
+        println!(
+            "| {name} | {} | {total} | {:.2} |",
+            out.len(),
+            median(times).as_secs_f64() * 1e3
+        );
+    }
+
+    // /queries through the real HTTP endpoint: a million rows streamed to a
+    // client that reads and discards them; the server's memory must not grow
+    // with the row count.
+    let rows: u64 = if smoke { 100_000 } else { 1_000_000 };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let config = tollgate::config::Config {
+            db: path.clone(),
+            default_prices: false,
+            ..tollgate::config::Config::default()
+        };
+        let state = tollgate::server::state(config).expect("state");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(tollgate::server::serve(listener, state, async {
+            let _ = stopped.await;
+        }));
+        let client = hyper_util::client::legacy::Client::builder(
+            hyper_util::rt::TokioExecutor::new(),
+        )
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        for format in ["json", "csv"] {
+            let rss_before = vm("VmRSS:");
+            let uri: http::Uri = format!("http://{addr}/queries?limit={rows}&format={format}")
+                .parse()
+                .expect("uri");
+            let t = Instant::now();
+            let resp = client.get(uri).await.expect("get");
+            let mut body = resp.into_body();
+            let (mut bytes, mut peak) = (0u64, 0u64);
+            while let Some(frame) = body.frame().await {
+                if let Ok(d) = frame.expect("frame").into_data() {
+                    bytes += d.len() as u64;
+                }
+                peak = peak.max(vm("VmRSS:"));
+            }
+            let secs = t.elapsed().as_secs_f64();
+            println!(
+                "\n/queries?format={format}: {rows} rows, {} MiB in {secs:.2} s ({:.0} rows/s); process RSS before {} MiB, peak while streaming {} MiB (+{} MiB)",
+                bytes >> 20,
+                rows as f64 / secs,
+                rss_before >> 10,
+                peak >> 10,
+                peak.saturating_sub(rss_before) >> 10
+            );
+        }
+        let _ = stop.send(());
+        let _ = server.await;
+    });
+}
