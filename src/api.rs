@@ -342,10 +342,11 @@ pub fn parse_params(query: &str, allowed: &[&str]) -> Result<Params, ApiError> {
     Ok(p)
 }
 
-/// Waits (briefly) until records of requests that already ended are written,
+/// Waits (at most 5 s, e.g. while the vocabulary for an estimate loads at
+/// start-up) until records of requests that already ended are written,
 /// so a report read right after a request sees it.
 async fn settle(state: &Arc<State>) {
-    let _ = tokio::time::timeout(Duration::from_secs(1), state.store.flush()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), state.store.flush()).await;
 }
 
 async fn usage(state: &Arc<State>, query: &str) -> Result<Response<Body>, ApiError> {

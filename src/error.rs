@@ -121,6 +121,16 @@ impl ApiError {
         .with_code("request_too_large")
     }
 
+    /// 431 for a request head over the limit.
+    pub fn headers_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "invalid_request_error",
+            format!("request headers are larger than the limit of {limit} bytes"),
+        )
+        .with_code("request_header_fields_too_large")
+    }
+
     /// 502: upstream could not be reached or broke the exchange.
     pub fn bad_gateway(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_GATEWAY, "upstream_error", message)

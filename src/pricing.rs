@@ -105,6 +105,10 @@ impl PriceTable {
 
     /// Cost in pico-dollars and whether a price was found.
     pub fn cost(&self, answered: &str, requested: &str, at_ms: i64, t: Tokens) -> (i64, bool) {
+        // Nothing to price (model lists, files, ...): free, and not "unpriced".
+        if t.query == 0 && t.answer == 0 {
+            return (0, true);
+        }
         let direct = self
             .valid(answered, at_ms)
             .or_else(|| self.valid(requested, at_ms));

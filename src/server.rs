@@ -103,7 +103,21 @@ pub fn state(config: Config) -> Result<Arc<State>, StartError> {
     }))
 }
 
+/// Largest request head answered normally. hyper's own limit is set above it
+/// so that oversized heads get tollgate's 431 in OpenAI's shape; only heads
+/// past hyper's limit get hyper's bare 431.
+const MAX_HEADER_BYTES: usize = 32 << 10;
+
 async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let head: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if head > MAX_HEADER_BYTES {
+        return Ok(crate::error::ApiError::headers_too_large(MAX_HEADER_BYTES).into_response());
+    }
     if req.uri().path().starts_with("/v1/") {
         Ok(crate::proxy::handle(&state, req).await)
     } else {
@@ -139,11 +153,11 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(state.config.header_timeout)
-        .max_buf_size(64 << 10);
+        .max_buf_size(MAX_HEADER_BYTES * 4);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(64 << 10);
+        .max_header_list_size((MAX_HEADER_BYTES * 4) as u32);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut conns = JoinSet::new();
     tokio::pin!(shutdown);

@@ -229,12 +229,15 @@ impl Store {
             .spawn(move || w.run(backend, writer_rx))
             .map_err(|e| StoreError(e.to_string()))?;
         let to_writer = writer_tx.clone();
+        // Vocabularies load beside the estimator, not in it: its queue (and
+        // the flushes that pass through it) must move from the first moment.
+        std::thread::Builder::new()
+            .name("tollgate-vocab".into())
+            .spawn(crate::tokens::warm_up)
+            .map_err(|e| StoreError(e.to_string()))?;
         let estimator = std::thread::Builder::new()
             .name("tollgate-estimator".into())
-            .spawn(move || {
-                crate::tokens::warm_up();
-                estimator_loop(estimator_rx, to_writer)
-            })
+            .spawn(move || estimator_loop(estimator_rx, to_writer))
             .map_err(|e| StoreError(e.to_string()))?;
         Ok(Arc::new(Store {
             writer_tx,
