@@ -68,7 +68,11 @@ DATE_SUFFIX = re.compile(r"-\d{4}-\d{2}-\d{2}$")
 
 def expected_cost(answered: str, requested: str, query: int, answer: int, cached: int) -> tuple[Decimal, bool]:
     """Exact cost and whether a price applies: answered model, requested model,
-    then the answered model without its date suffix (issue 3's lookup order)."""
+    then the answered model without its date suffix (issue 3's lookup order).
+    A record without tokens (model lists, files) costs nothing and is not
+    counted as unpriced."""
+    if query == 0 and answer == 0:
+        return Decimal(0), True
     for name in (answered, requested, DATE_SUFFIX.sub("", answered)):
         if name in PRICES:
             inp, cached_price, out = PRICES[name]
