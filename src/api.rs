@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use serde_json::value::RawValue;
 
 use crate::body::{Body, ChannelBody};
+use crate::budget::{Limits, Period};
 use crate::error::ApiError;
 use crate::pricing::{self, Price, PriceTable, SCALE_PER_1K, SCALE_PER_1M};
 use crate::record::StoredRecord;
@@ -24,45 +25,103 @@ const MAX_ADMIN_BODY: usize = 64 << 10;
 const CHUNK: usize = 64 << 10;
 
 /// Answers a request outside `/v1/`.
-pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
-    match route(state, req).await {
+pub async fn handle(
+    state: &Arc<State>,
+    remote: std::net::SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    match route(state, remote, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn route(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+/// The admin endpoints, by path.
+enum Route {
+    Model(String),
+    Models,
+    Usage,
+    Queries,
+    RateLimits,
+    Metrics,
+    UserKeys(String),
+    UserLimits(String),
+    DefaultLimits,
+    Key(String),
+}
+
+fn classify(path: &str) -> Result<Option<Route>, ApiError> {
+    let decode = |s: &str| {
+        percent_decode(s, false)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| ApiError::bad_request("bad name in path"))
+    };
+    if let Some(name) = path.strip_prefix("/model/") {
+        return Ok(Some(Route::Model(decode(name)?)));
+    }
+    if let Some(rest) = path.strip_prefix("/users/") {
+        if let Some(name) = rest.strip_suffix("/keys") {
+            return Ok(Some(Route::UserKeys(decode(name)?)));
+        }
+        if let Some(name) = rest.strip_suffix("/limits") {
+            return Ok(Some(Route::UserLimits(decode(name)?)));
+        }
+        return Ok(None);
+    }
+    if let Some(id) = path.strip_prefix("/keys/") {
+        return Ok(Some(Route::Key(decode(id)?)));
+    }
+    Ok(match path {
+        "/models" => Some(Route::Models),
+        "/usage" => Some(Route::Usage),
+        "/queries" => Some(Route::Queries),
+        "/ratelimits" => Some(Route::RateLimits),
+        "/metrics" => Some(Route::Metrics),
+        "/limits/default" => Some(Route::DefaultLimits),
+        _ => None,
+    })
+}
+
+async fn route(
+    state: &Arc<State>,
+    remote: std::net::SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let query = req.uri().query().unwrap_or("").to_owned();
-    if let Some(name) = path.strip_prefix("/model/") {
-        let name = percent_decode(name, false)
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| ApiError::bad_request("bad model name in path"))?;
-        return match method {
-            Method::GET | Method::HEAD => get_model(state, &name),
-            Method::POST | Method::PUT => set_price(state, &name, req).await,
-            m => Err(ApiError::method_not_allowed(&m, &path)),
-        };
-    }
-    let known = matches!(
-        path.as_str(),
-        "/models" | "/usage" | "/queries" | "/ratelimits" | "/metrics" | "/healthz" | "/readyz"
-    );
-    if !known {
-        return Err(ApiError::not_found(format!("unknown path {path}")).with_code("not_found"));
-    }
-    if method != Method::GET && method != Method::HEAD {
-        return Err(ApiError::method_not_allowed(&method, &path));
-    }
+    let get = method == Method::GET || method == Method::HEAD;
+    let not_allowed = || Err(ApiError::method_not_allowed(&method, &path));
+    // Health and self-service need no admin key.
     match path.as_str() {
-        "/models" => models(state),
-        "/usage" => usage(state, &query).await,
-        "/queries" => queries(state, &query).await,
-        "/metrics" => Ok(metrics(state)),
-        "/healthz" => Ok(json_response(StatusCode::OK, r#"{"status":"ok"}"#)),
-        "/readyz" => Ok(readyz(state)),
-        _ => ratelimits(state),
+        "/healthz" if get => return Ok(json_response(StatusCode::OK, r#"{"status":"ok"}"#)),
+        "/readyz" if get => return Ok(readyz(state)),
+        "/me/usage" if get => return me_usage(state, &req).await,
+        "/healthz" | "/readyz" | "/me/usage" => return not_allowed(),
+        _ => {}
+    }
+    let Some(r) = classify(&path)? else {
+        return Err(ApiError::not_found(format!("unknown path {path}")).with_code("not_found"));
+    };
+    crate::access::admin(state.admin_digest.as_ref(), req.headers(), remote)?;
+    match (r, method.clone()) {
+        (Route::Model(name), _) if get => get_model(state, &name),
+        (Route::Model(name), Method::POST | Method::PUT) => set_price(state, &name, req).await,
+        (Route::Models, _) if get => models(state),
+        (Route::Usage, _) if get => usage(state, &query).await,
+        (Route::Queries, _) if get => queries(state, &query).await,
+        (Route::RateLimits, _) if get => ratelimits(state),
+        (Route::Metrics, _) if get => Ok(metrics(state)),
+        (Route::UserKeys(user), Method::POST) => create_key(state, &user),
+        (Route::UserKeys(user), _) if get => list_keys(state, &user),
+        (Route::Key(id), Method::DELETE) => revoke_key(state, &id),
+        (Route::UserLimits(user), _) if get => Ok(limits_response(state, Some(&user))),
+        (Route::DefaultLimits, _) if get => Ok(limits_response(state, None)),
+        (Route::UserLimits(user), Method::PUT) => put_limits(state, Some(user), req).await,
+        (Route::DefaultLimits, Method::PUT) => put_limits(state, None, req).await,
+        (Route::UserLimits(user), Method::DELETE) => delete_limits(state, Some(user)).await,
+        (Route::DefaultLimits, Method::DELETE) => delete_limits(state, None).await,
+        _ => not_allowed(),
     }
 }
 
@@ -397,7 +456,7 @@ pub fn usage_json(t: &UsageTotals) -> String {
         (t.cost + i128::from(t.queries) / 2) / i128::from(t.queries)
     };
     format!(
-        "{{\"numQueries\":{},\"queryTokens\":{},\"answerTokens\":{},\"cost\":{},\"averageCostPerQuery\":{},\"cachedQueryTokens\":{},\"reasoningTokens\":{},\"unpricedQueries\":{}}}",
+        "{{\"numQueries\":{},\"queryTokens\":{},\"answerTokens\":{},\"cost\":{},\"averageCostPerQuery\":{},\"cachedQueryTokens\":{},\"reasoningTokens\":{},\"unpricedQueries\":{},\"rejectedQueries\":{}}}",
         t.queries,
         t.query_tokens,
         t.answer_tokens,
@@ -405,7 +464,8 @@ pub fn usage_json(t: &UsageTotals) -> String {
         pricing::format_dollars(avg),
         t.cached_tokens,
         t.reasoning_tokens,
-        t.unpriced
+        t.unpriced,
+        t.rejected
     )
 }
 
@@ -580,6 +640,262 @@ fn ratelimits(state: &Arc<State>) -> Result<Response<Body>, ApiError> {
         None => b"{}".to_vec(),
     };
     Ok(json_response(StatusCode::OK, body))
+}
+
+fn created(body: String) -> Response<Body> {
+    json_response(StatusCode::CREATED, body)
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::internal(format!("storage error: {e}"))
+}
+
+fn opt_time(out: &mut String, key: &str, ms: Option<i64>) {
+    out.push_str(&format!(",\"{key}\":"));
+    match ms {
+        Some(t) => push_json_str(out, &crate::timestamp::format_ms(t)),
+        None => out.push_str("null"),
+    }
+}
+
+fn create_key(state: &Arc<State>, user: &str) -> Result<Response<Body>, ApiError> {
+    let key = crate::access::new_key();
+    let digest = crate::access::digest(&key);
+    let info = crate::store::KeyInfo {
+        id: crate::access::new_key_id(),
+        user: user.to_owned(),
+        created_ms: crate::timestamp::now_ms(),
+        last_used_ms: None,
+        revoked_ms: None,
+    };
+    state
+        .store
+        .reports()
+        .accounts()
+        .create_key(&info, &digest)
+        .map_err(internal)?;
+    state.keys.insert(crate::access::KeyEntry {
+        id: info.id.clone(),
+        user: info.user.clone(),
+        digest,
+        last_used: std::sync::atomic::AtomicI64::new(0),
+    });
+    let mut out = String::from("{\"id\":");
+    push_json_str(&mut out, &info.id);
+    out.push_str(",\"user\":");
+    push_json_str(&mut out, user);
+    out.push_str(",\"key\":");
+    push_json_str(&mut out, &key);
+    opt_time(&mut out, "createdAt", Some(info.created_ms));
+    out.push('}');
+    Ok(created(out))
+}
+
+fn list_keys(state: &Arc<State>, user: &str) -> Result<Response<Body>, ApiError> {
+    let keys = state
+        .store
+        .reports()
+        .accounts()
+        .list_keys(user)
+        .map_err(internal)?;
+    let mut out = String::from("[");
+    for (i, k) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"id\":");
+        push_json_str(&mut out, &k.id);
+        out.push_str(",\"user\":");
+        push_json_str(&mut out, &k.user);
+        opt_time(&mut out, "createdAt", Some(k.created_ms));
+        let last = k.last_used_ms.max(state.keys.last_used(&k.id));
+        opt_time(&mut out, "lastUsedAt", last);
+        opt_time(&mut out, "revokedAt", k.revoked_ms);
+        out.push('}');
+    }
+    out.push(']');
+    Ok(json_response(StatusCode::OK, out))
+}
+
+fn revoke_key(state: &Arc<State>, id: &str) -> Result<Response<Body>, ApiError> {
+    // Out of memory first: the key stops working before the answer.
+    state.keys.remove(id);
+    match state
+        .store
+        .reports()
+        .accounts()
+        .revoke_key(id, crate::timestamp::now_ms())
+        .map_err(internal)?
+    {
+        Some(user) => {
+            let mut out = String::from("{\"id\":");
+            push_json_str(&mut out, id);
+            out.push_str(",\"user\":");
+            push_json_str(&mut out, &user);
+            out.push_str(",\"revoked\":true}");
+            Ok(json_response(StatusCode::OK, out))
+        }
+        None => Err(ApiError::not_found(format!("no active key {id}")).with_code("not_found")),
+    }
+}
+
+/// Parses a limits body: `budget` (dollars), `period`, `requestsPerMinute`,
+/// `tokensPerMinute`; every field optional, `null` meaning no limit.
+pub fn parse_limits_body(body: &[u8]) -> Result<Limits, ApiError> {
+    let fields: BTreeMap<String, &RawValue> = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("body must be a JSON object: {e}")))?;
+    let mut l = Limits::default();
+    for (k, raw) in &fields {
+        let v = raw.get().trim();
+        if v == "null" {
+            continue;
+        }
+        match k.as_str() {
+            "budget" => {
+                l.budget =
+                    Some(pricing::parse_scaled(v, 12).map_err(|e| {
+                        ApiError::bad_param("budget", format!("budget (dollars) {e}"))
+                    })?)
+            }
+            "period" => {
+                let s: String = serde_json::from_str(v).unwrap_or_default();
+                l.period = Period::parse(&s).ok_or_else(|| {
+                    ApiError::bad_param("period", "period must be day, week, month or total")
+                })?;
+            }
+            "requestsPerMinute" | "tokensPerMinute" => {
+                let n: u64 = v.parse().map_err(|_| {
+                    ApiError::bad_param(k, format!("{k} must be a non-negative integer"))
+                })?;
+                if k == "requestsPerMinute" {
+                    l.rpm = Some(n);
+                } else {
+                    l.tpm = Some(n);
+                }
+            }
+            other => {
+                return Err(ApiError::bad_param(other, format!("unknown field {other}")));
+            }
+        }
+    }
+    Ok(l)
+}
+
+fn limits_json(state: &Arc<State>, user: Option<&str>) -> String {
+    let now = crate::timestamp::now_ms();
+    let (limits, is_default) = match user {
+        Some(u) => match state.budgets.limits_of(u) {
+            Some((l, d)) => (Some(l), d),
+            None => (None, false),
+        },
+        None => (state.budgets.default_limits(), true),
+    };
+    let mut out = String::from("{\"user\":");
+    match user {
+        Some(u) => push_json_str(&mut out, u),
+        None => out.push_str("null"),
+    }
+    let num = |v: Option<String>| v.unwrap_or_else(|| "null".into());
+    let l = limits.unwrap_or_default();
+    out.push_str(&format!(
+        ",\"default\":{is_default},\"budget\":{},\"period\":\"{}\",\"requestsPerMinute\":{},\"tokensPerMinute\":{}",
+        num(l.budget.map(|b| pricing::format_dollars(b.into()))),
+        l.period.as_str(),
+        num(l.rpm.map(|v| v.to_string())),
+        num(l.tpm.map(|v| v.to_string())),
+    ));
+    if let (Some(u), Some(l)) = (user, limits) {
+        let (spent, reserved) = state.budgets.spent(u, now);
+        out.push_str(&format!(
+            ",\"spent\":{},\"reserved\":{}",
+            pricing::format_dollars(spent),
+            pricing::format_dollars(reserved)
+        ));
+        let remaining = l
+            .budget
+            .map(|b| pricing::format_dollars((i128::from(b) - spent - reserved).max(0)));
+        out.push_str(&format!(",\"remaining\":{}", num(remaining)));
+        let start = (l.period != Period::Total).then(|| l.period.start(now));
+        opt_time(&mut out, "periodStart", start);
+        opt_time(&mut out, "periodEnd", l.period.end(now));
+    }
+    out.push('}');
+    out
+}
+
+fn limits_response(state: &Arc<State>, user: Option<&str>) -> Response<Body> {
+    json_response(StatusCode::OK, limits_json(state, user))
+}
+
+async fn put_limits(
+    state: &Arc<State>,
+    user: Option<String>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body = http_body_util::Limited::new(req.into_body(), MAX_ADMIN_BODY)
+        .collect()
+        .await
+        .map_err(|_| ApiError::bad_request("could not read the body (at most 64 KiB)"))?
+        .to_bytes();
+    let l = parse_limits_body(&body)?;
+    save_limits(state, user.as_deref(), Some(l)).await?;
+    Ok(limits_response(state, user.as_deref()))
+}
+
+async fn delete_limits(
+    state: &Arc<State>,
+    user: Option<String>,
+) -> Result<Response<Body>, ApiError> {
+    save_limits(state, user.as_deref(), None).await?;
+    Ok(limits_response(state, user.as_deref()))
+}
+
+async fn save_limits(
+    state: &Arc<State>,
+    user: Option<&str>,
+    l: Option<Limits>,
+) -> Result<(), ApiError> {
+    state
+        .store
+        .reports()
+        .accounts()
+        .save_limits(user, l.as_ref())
+        .map_err(internal)?;
+    match user {
+        Some(u) => state.budgets.set_limits(u, l),
+        None => state.budgets.set_default(l),
+    }
+    // Spend so far in the (new) period counts from now on.
+    settle(state).await;
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || crate::server::rebuild_spend(&st.store, &st.budgets))
+        .await
+        .map_err(internal)?
+        .map_err(internal)
+}
+
+async fn me_usage(state: &Arc<State>, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let key = crate::access::user_from_key(&state.keys, req.headers(), crate::timestamp::now_ms())?;
+    let user = key.user.clone();
+    settle(state).await;
+    let reports = state.store.reports();
+    let f = Filter {
+        user: Some(user.clone()),
+        ..Filter::default()
+    };
+    let rows = tokio::task::spawn_blocking(move || reports.usage(&f, &[]))
+        .await
+        .map_err(internal)?
+        .map_err(internal)?;
+    let t = rows.into_iter().next().map(|r| r.1).unwrap_or_default();
+    let mut out = String::from("{\"user\":");
+    push_json_str(&mut out, &user);
+    out.push_str(",\"usage\":");
+    out.push_str(&usage_json(&t));
+    out.push_str(",\"limits\":");
+    out.push_str(&limits_json(state, Some(&user)));
+    out.push('}');
+    Ok(json_response(StatusCode::OK, out))
 }
 
 #[cfg(test)]

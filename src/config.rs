@@ -37,6 +37,14 @@ pub struct Config {
     pub retain_days: Option<u32>,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Admin key: when set, admin endpoints require it; when not, they answer
+    /// only to loopback clients.
+    pub admin_token: Option<String>,
+    /// How clients name their user.
+    pub auth: crate::access::AuthMode,
+    /// Completion tokens reserved against a budget when a request sets no
+    /// `max_tokens`.
+    pub reserve_answer_tokens: u64,
 }
 
 /// How log lines are written.
@@ -114,6 +122,9 @@ impl Default for Config {
             default_prices: true,
             retain_days: None,
             log_format: LogFormat::Text,
+            admin_token: None,
+            auth: crate::access::AuthMode::Header,
+            reserve_answer_tokens: 4096,
         }
     }
 }
@@ -172,19 +183,28 @@ Options (flag / environment variable / TOML key; flags win, then env, then file)
   --header-timeout DUR            TOLLGATE_HEADER_TIMEOUT           header_timeout [10s]
   --retain-days N                  TOLLGATE_RETAIN_DAYS              retain_days  [keep forever]
   --log-format text|json          TOLLGATE_LOG_FORMAT               log_format   [text]
+  --auth header|keys              TOLLGATE_AUTH                     auth         [header]
+  --reserve-answer-tokens N       TOLLGATE_RESERVE_ANSWER_TOKENS    reserve_answer_tokens [4096]
   --no-default-prices             TOLLGATE_NO_DEFAULT_PRICES=1      default_prices = false
   --config FILE                   TOLLGATE_CONFIG                   TOML file with the keys above
   -h, --help                      this text
   -V, --version                   the version
 
 The upstream API key comes from TOLLGATE_UPSTREAM_TOKEN (or FORWARD_TOKEN) or the
-TOML key upstream_token, never from a flag. Without one, the client's own
+TOML key upstream_token, never from a flag; likewise the admin key
+(TOLLGATE_ADMIN_TOKEN or admin_token). Without one, the client's own
 Authorization header is passed through. Durations: 500ms, 2s, 10m, 1h.
 Sizes: bytes, or with KiB/MiB/GiB (KB/MB/GB are powers of 1000).
 ";
 
 /// (flag, env var, TOML key) of every valued setting.
-const SETTINGS: [(&str, &str, &str); 10] = [
+const SETTINGS: [(&str, &str, &str); 12] = [
+    ("--auth", "TOLLGATE_AUTH", "auth"),
+    (
+        "--reserve-answer-tokens",
+        "TOLLGATE_RESERVE_ANSWER_TOKENS",
+        "reserve_answer_tokens",
+    ),
     ("--retain-days", "TOLLGATE_RETAIN_DAYS", "retain_days"),
     ("--log-format", "TOLLGATE_LOG_FORMAT", "log_format"),
     ("--listen", "TOLLGATE_LISTEN", "listen"),
@@ -229,10 +249,10 @@ pub fn parse(
             "-V" | "--version" => return Ok(Command::Version),
             "check-config" if flags.is_empty() && !check => check = true,
             "--no-default-prices" => no_default_prices = true,
-            "--upstream-token" | "--forward-token" => {
+            "--upstream-token" | "--forward-token" | "--admin-token" => {
                 return Err(err(
                     &a,
-                    "the upstream key is never taken from a flag (flags show in ps): set TOLLGATE_UPSTREAM_TOKEN",
+                    "keys are never taken from a flag (flags show in ps): set TOLLGATE_UPSTREAM_TOKEN or TOLLGATE_ADMIN_TOKEN",
                 ))
             }
             _ => {
@@ -267,7 +287,7 @@ pub fn parse(
     let known: Vec<&str> = SETTINGS
         .iter()
         .map(|s| s.2)
-        .chain(["upstream_token", "default_prices"])
+        .chain(["upstream_token", "admin_token", "default_prices"])
         .collect();
     if let Some(k) = file.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(err("--config", format!("unknown key `{k}`")));
@@ -327,6 +347,29 @@ pub fn parse(
     dur("--upstream-idle-timeout", &mut c.upstream_idle_timeout)?;
     dur("--shutdown-grace", &mut c.shutdown_grace)?;
     dur("--header-timeout", &mut c.header_timeout)?;
+    if let Some(v) = raw("--auth")? {
+        c.auth = match v.as_str() {
+            "header" => crate::access::AuthMode::Header,
+            "keys" => crate::access::AuthMode::Keys,
+            _ => return Err(err("--auth", format!("`{v}` is not header or keys"))),
+        };
+    }
+    if let Some(v) = raw("--reserve-answer-tokens")? {
+        c.reserve_answer_tokens = v.parse().map_err(|_| {
+            err(
+                "--reserve-answer-tokens",
+                format!("`{v}` is not a whole number"),
+            )
+        })?;
+    }
+    c.admin_token = env("TOLLGATE_ADMIN_TOKEN").filter(|t| !t.is_empty());
+    if c.admin_token.is_none() {
+        match file.get("admin_token") {
+            Some(toml::Value::String(s)) if !s.is_empty() => c.admin_token = Some(s.clone()),
+            None => {}
+            Some(_) => return Err(err("admin_token", "must be a non-empty string")),
+        }
+    }
     if let Some(v) = raw("--retain-days")? {
         c.retain_days = Some(v.parse::<u32>().ok().filter(|&d| d > 0).ok_or_else(|| {
             err(

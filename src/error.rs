@@ -35,6 +35,8 @@ pub struct ApiError {
     pub param: Option<String>,
     /// Human-readable explanation.
     pub message: String,
+    /// Seconds for a `retry-after` header.
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -59,6 +61,7 @@ impl ApiError {
             code: None,
             param: None,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -151,6 +154,22 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
     }
 
+    /// 403: not allowed from here.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "invalid_request_error", message)
+    }
+
+    /// 429 from a budget or limit, freeing up after `retry_after` seconds.
+    pub fn too_many(
+        code: &'static str,
+        message: impl Into<String>,
+        retry_after: Option<u64>,
+    ) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "requests", message).with_code(code);
+        e.retry_after = retry_after;
+        e
+    }
+
     /// Where the error came from, derived from its status.
     pub fn source(&self) -> Source {
         match self.status {
@@ -181,6 +200,10 @@ impl ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Some(s) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
         resp
     }
 }

@@ -24,6 +24,9 @@
 //! - [`record`]: the usage record.
 //! - [`store`]: the writer and estimator threads and the storage traits; [`store::sqlite`]
 //!   implements them.
+//! - [`access`]: the admin key, user keys and client authentication modes.
+//! - [`budget`]: spending limits and request/token rates, reserved before
+//!   upstream and settled when the record is priced.
 //! - [`api`]: the REST endpoints (`/model`, `/models`, `/usage`, `/queries`, `/ratelimits`).
 //! - [`ratelimit`], [`timestamp`]: header and time formats.
 //! - [`metrics`]: Prometheus metrics.
@@ -32,8 +35,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod api;
 pub mod body;
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod metrics;

@@ -9,9 +9,11 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
+use crate::access::AuthMode;
 use crate::body::{Body, Meter, MeteredBody, Observer, SniffBody};
+use crate::budget::Refusal;
 use crate::error::ApiError;
-use crate::record::Record;
+use crate::record::{Record, Rejected};
 use crate::server::State;
 use crate::usage::{self, Endpoint, JsonScanner, SseScanner};
 
@@ -88,9 +90,15 @@ pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body
 async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let started_ms = crate::timestamp::now_ms();
-    let user = user_of(&req)?;
-    let endpoint = Endpoint::classify(req.method(), req.uri().path());
     let cfg = &state.config;
+    let (user, key_id) = match cfg.auth {
+        AuthMode::Header => (user_of(&req)?, None),
+        AuthMode::Keys => {
+            let k = crate::access::user_from_key(&state.keys, req.headers(), started_ms)?;
+            (k.user.clone(), Some(k.id.clone()))
+        }
+    };
+    let endpoint = Endpoint::classify(req.method(), req.uri().path());
     let (mut parts, body) = req.into_parts();
 
     let mut strip = false;
@@ -98,6 +106,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
     let mut requested_model = String::new();
     let mut sent_bytes = Bytes::new();
     let mut sniffed = None;
+    let mut max_tokens = None;
     let upstream_body = if endpoint.needs_model() {
         let declared = parts
             .headers
@@ -113,6 +122,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
             None => ApiError::bad_request(e.message()),
         })?;
         stream = info.stream;
+        max_tokens = info.max_tokens;
         requested_model = info.model;
         sent_bytes = bytes;
         if info.stream && !info.include_usage && endpoint.usage_on_request() {
@@ -146,6 +156,49 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
             .boxed_unsync()
     };
 
+    let hold = if state.budgets.active() {
+        let (cost, tokens) = reservation(
+            state,
+            endpoint,
+            &requested_model,
+            sent_bytes.len(),
+            max_tokens,
+            started_ms,
+        );
+        match state.budgets.check(&user, cost, tokens, started_ms) {
+            Ok(h) => h,
+            Err(refusal) => {
+                let (code, err) = match refusal {
+                    Refusal::Budget { retry_after } => (
+                        "budget_exceeded",
+                        ApiError::too_many(
+                            "budget_exceeded",
+                            format!("User {user} has used up their budget for this period."),
+                            retry_after,
+                        ),
+                    ),
+                    Refusal::Rate { what, retry_after } => (
+                        "rate_limit_exceeded",
+                        ApiError::too_many(
+                            "rate_limit_exceeded",
+                            format!("User {user} is over their {what}-per-minute limit."),
+                            Some(retry_after),
+                        ),
+                    ),
+                };
+                state.store.reject(Rejected {
+                    at_ms: started_ms,
+                    user,
+                    model: requested_model,
+                    reason: code,
+                });
+                return Err(err);
+            }
+        }
+    } else {
+        None
+    };
+
     let slot = state
         .store
         .reserve(QUEUE_WAIT)
@@ -166,8 +219,15 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     headers.remove("x-user");
-    if let Some(v) = &state.auth_header {
-        headers.insert(header::AUTHORIZATION, v.clone());
+    match &state.auth_header {
+        Some(v) => {
+            headers.insert(header::AUTHORIZATION, v.clone());
+        }
+        // A tollgate key is never sent upstream.
+        None if cfg.auth == AuthMode::Keys => {
+            headers.remove(header::AUTHORIZATION);
+        }
+        None => {}
     }
     let mut up = Request::new(upstream_body);
     *up.method_mut() = parts.method;
@@ -180,6 +240,8 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
         endpoint: endpoint_path,
         started_ms,
         stream,
+        key_id,
+        hold,
         ..Record::default()
     };
     let mut meter = Meter::new(
@@ -263,6 +325,36 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
     }
     let body = MeteredBody::new(body, meter, cfg.upstream_idle_timeout);
     Ok(Response::from_parts(parts, body.boxed_unsync()))
+}
+
+/// The worst-case cost (pico-dollars) and tokens a request may spend: a
+/// prompt of at most one token per 3 bytes of body plus the answer size it
+/// asks for (or the configured default), at the requested model's prices.
+fn reservation(
+    state: &State,
+    endpoint: Endpoint,
+    model: &str,
+    body_len: usize,
+    max_tokens: Option<u64>,
+    now_ms: i64,
+) -> (i128, u64) {
+    if !endpoint.needs_model() {
+        return (0, 0);
+    }
+    let prompt = (body_len as u64).div_ceil(3);
+    let answer = if endpoint == Endpoint::Embeddings {
+        0
+    } else {
+        max_tokens.unwrap_or(state.config.reserve_answer_tokens)
+    };
+    let cost = state
+        .store
+        .prices()
+        .lookup(model, model, now_ms)
+        .map_or(0, |(_, p)| {
+            i128::from(prompt) * i128::from(p.query) + i128::from(answer) * i128::from(p.answer)
+        });
+    (cost, prompt + answer)
 }
 
 /// An error and its causes on one line, for logs and 502 messages.

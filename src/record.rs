@@ -2,6 +2,7 @@
 
 use bytes::Bytes;
 
+use crate::budget::Hold;
 use crate::usage::{Capture, Endpoint, Usage};
 
 /// One metered request, as the proxy hands it to the store.
@@ -37,6 +38,23 @@ pub struct Record {
     pub overhead_us: u64,
     /// Work left for the estimator thread, when upstream reported no usage.
     pub estimate: Option<Box<Estimate>>,
+    /// The tollgate key the request came with (its last use is stored).
+    pub key_id: Option<String>,
+    /// The budget reservation to settle once the cost is known.
+    pub hold: Option<Hold>,
+}
+
+/// A request refused before upstream by a budget or limit.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    /// When, ms since the epoch.
+    pub at_ms: i64,
+    /// Who.
+    pub user: String,
+    /// Requested model.
+    pub model: String,
+    /// `budget_exceeded` or `rate_limit_exceeded`.
+    pub reason: &'static str,
 }
 
 /// What an estimate is computed from, off the request path.

@@ -32,6 +32,71 @@ pub struct State {
     pub store: Arc<Store>,
     /// `Bearer <upstream token>`, prepared once.
     pub auth_header: Option<HeaderValue>,
+    /// SHA-256 of the admin key, if one is set.
+    pub admin_digest: Option<crate::access::Digest>,
+    /// Active user keys.
+    pub keys: crate::access::Keys,
+    /// Limits and live spend.
+    pub budgets: Arc<crate::budget::Budgets>,
+}
+
+/// Loads users' keys and limits, and each limited user's spend in the
+/// current period (so a restart does not reset anyone's spend).
+fn load_accounts(
+    store: &Store,
+    keys: &crate::access::Keys,
+    budgets: &crate::budget::Budgets,
+) -> Result<(), crate::store::StoreError> {
+    let reports = store.reports();
+    let accounts = reports.accounts();
+    for (info, digest) in accounts.active_keys()? {
+        keys.insert(crate::access::KeyEntry {
+            id: info.id,
+            user: info.user,
+            digest,
+            last_used: std::sync::atomic::AtomicI64::new(info.last_used_ms.unwrap_or(0)),
+        });
+    }
+    for (user, l) in accounts.all_limits()? {
+        match user {
+            Some(u) => budgets.set_limits(&u, Some(l)),
+            None => budgets.set_default(Some(l)),
+        }
+    }
+    rebuild_spend(store, budgets)
+}
+
+/// Reads every limited user's spend in their current period from the database.
+pub fn rebuild_spend(
+    store: &Store,
+    budgets: &crate::budget::Budgets,
+) -> Result<(), crate::store::StoreError> {
+    use crate::budget::Period;
+    use crate::store::{Filter, GroupKey};
+    let now = crate::timestamp::now_ms();
+    let reports = store.reports();
+    for period in [Period::Day, Period::Week, Period::Month, Period::Total] {
+        let start = period.start(now);
+        let f = Filter {
+            after: (period != Period::Total).then(|| start - 1),
+            ..Filter::default()
+        };
+        let mut spent: std::collections::HashMap<String, i128> = reports
+            .usage(&f, &[GroupKey::User])?
+            .into_iter()
+            .filter_map(|(g, t)| Some((g.user?, t.cost)))
+            .collect();
+        let users: Vec<String> = spent.keys().cloned().collect();
+        for u in users {
+            if budgets
+                .limits_of(&u)
+                .is_some_and(|(l, _)| l.period == period)
+            {
+                budgets.set_spent(&u, start, spent.remove(&u).unwrap_or(0));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Why the server could not start.
@@ -84,6 +149,12 @@ pub fn state(config: Config) -> Result<Arc<State>, StartError> {
         setting: "--db",
         message: e.to_string(),
     })?;
+    let keys = crate::access::Keys::default();
+    let budgets = Arc::new(crate::budget::Budgets::default());
+    load_accounts(&store, &keys, &budgets).map_err(|e| StartError {
+        setting: "--db",
+        message: format!("cannot load keys and limits: {e}"),
+    })?;
     let auth_header = match &config.upstream_token {
         Some(t) => {
             let mut v = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| StartError {
@@ -97,9 +168,12 @@ pub fn state(config: Config) -> Result<Arc<State>, StartError> {
     };
     Ok(Arc::new(State {
         client: client(&config),
+        admin_digest: config.admin_token.as_deref().map(crate::access::digest),
         config,
         store,
         auth_header,
+        keys,
+        budgets,
     }))
 }
 
@@ -108,7 +182,11 @@ pub fn state(config: Config) -> Result<Arc<State>, StartError> {
 /// past hyper's limit get hyper's bare 431.
 const MAX_HEADER_BYTES: usize = 32 << 10;
 
-async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn route(
+    state: Arc<State>,
+    remote: std::net::SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let head: usize = req
         .headers()
         .iter()
@@ -121,7 +199,7 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bod
     if req.uri().path().starts_with("/v1/") {
         Ok(crate::proxy::handle(&state, req).await)
     } else {
-        Ok(crate::api::handle(&state, req).await)
+        Ok(crate::api::handle(&state, remote, req).await)
     }
 }
 
@@ -141,12 +219,23 @@ pub async fn run(
 pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Future<Output = ()>) {
     if let Ok(addr) = listener.local_addr() {
         if !addr.ip().is_loopback() {
-            tracing::warn!(
-                %addr,
-                "listening on a non-loopback address: the admin endpoints (/model, /usage, /queries, /ratelimits) are NOT authenticated; anyone who can reach this port can read usage and change prices"
-            );
+            if state.admin_digest.is_none() {
+                tracing::warn!(
+                    %addr,
+                    "listening on a non-loopback address without an admin key: the admin endpoints (/model, /usage, /queries, /ratelimits, /users, /metrics) answer only to loopback clients; set TOLLGATE_ADMIN_TOKEN to use them remotely"
+                );
+            }
+            if state.config.auth == crate::access::AuthMode::Header {
+                tracing::warn!(
+                    %addr,
+                    "listening on a non-loopback address with --auth header: the x-user header is trusted, so anyone who can reach this port can spend as any user; use --auth keys"
+                );
+            }
         }
         tracing::info!(%addr, upstream = %state.config.upstream, db = %state.config.db.display(), "tollgate listening");
+        if state.admin_digest.is_none() {
+            tracing::info!("no admin key (TOLLGATE_ADMIN_TOKEN): admin endpoints answer only to loopback clients");
+        }
     }
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -164,7 +253,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _) = match accepted {
+                let (stream, remote) = match accepted {
                     Ok(s) => s,
                     Err(e) => {
                         // Out of file descriptors and the like: back off, keep serving.
@@ -175,7 +264,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
                 };
                 let _ = stream.set_nodelay(true);
                 let st = state.clone();
-                let svc = service_fn(move |req| route(st.clone(), req));
+                let svc = service_fn(move |req| route(st.clone(), remote, req));
                 let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
                 let conn = graceful.watch(conn);
                 conns.spawn(async move {

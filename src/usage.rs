@@ -79,6 +79,8 @@ pub struct RequestInfo {
     pub stream: bool,
     /// `stream_options.include_usage: true`.
     pub include_usage: bool,
+    /// `max_completion_tokens`, `max_tokens` or `max_output_tokens`.
+    pub max_tokens: Option<u64>,
 }
 
 /// Why a request body was refused.
@@ -124,6 +126,7 @@ enum Loose<'a> {
         include_usage: Option<bool>,
     },
     Null,
+    Int(u64),
     Other,
     /// The member is absent.
     #[default]
@@ -153,8 +156,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for Loose<'a> {
             fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
                 Ok(Loose::Other)
             }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(Loose::Other)
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Loose::Int(v))
             }
             fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
                 Ok(Loose::Other)
@@ -196,6 +199,12 @@ struct Head<'a> {
     stream: Loose<'a>,
     #[serde(borrow, default)]
     stream_options: Loose<'a>,
+    #[serde(borrow, default)]
+    max_tokens: Loose<'a>,
+    #[serde(borrow, default)]
+    max_completion_tokens: Loose<'a>,
+    #[serde(borrow, default)]
+    max_output_tokens: Loose<'a>,
 }
 
 /// Validates a JSON request body and reads `model`, `stream` and
@@ -229,10 +238,21 @@ pub fn parse_request(body: &[u8]) -> Result<RequestInfo, RequestError> {
             include_usage: Some(true)
         }
     );
+    let max_tokens = [
+        head.max_completion_tokens,
+        head.max_tokens,
+        head.max_output_tokens,
+    ]
+    .into_iter()
+    .find_map(|l| match l {
+        Loose::Int(n) => Some(n),
+        _ => None,
+    });
     Ok(RequestInfo {
         model,
         stream,
         include_usage,
+        max_tokens,
     })
 }
 

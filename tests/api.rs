@@ -40,7 +40,7 @@ async fn empty_reports_are_zeros_never_nan() {
     let r = proxy.get("/usage").await;
     assert_eq!(
         r.text(),
-        r#"{"numQueries":0,"queryTokens":0,"answerTokens":0,"cost":0,"averageCostPerQuery":0,"cachedQueryTokens":0,"reasoningTokens":0,"unpricedQueries":0}"#
+        r#"{"numQueries":0,"queryTokens":0,"answerTokens":0,"cost":0,"averageCostPerQuery":0,"cachedQueryTokens":0,"reasoningTokens":0,"unpricedQueries":0,"rejectedQueries":0}"#
     );
     assert_eq!(proxy.get("/queries").await.text(), "[]");
     assert_eq!(proxy.get("/ratelimits").await.text(), "{}");

@@ -92,7 +92,7 @@ fn filters() {
 fn usage_of_nothing_is_zeros() {
     assert_eq!(
         usage_json(&UsageTotals::default()),
-        r#"{"numQueries":0,"queryTokens":0,"answerTokens":0,"cost":0,"averageCostPerQuery":0,"cachedQueryTokens":0,"reasoningTokens":0,"unpricedQueries":0}"#
+        r#"{"numQueries":0,"queryTokens":0,"answerTokens":0,"cost":0,"averageCostPerQuery":0,"cachedQueryTokens":0,"reasoningTokens":0,"unpricedQueries":0,"rejectedQueries":0}"#
     );
 }
 

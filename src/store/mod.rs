@@ -17,10 +17,11 @@ use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::budget::Limits;
 use crate::metrics::Metrics;
 use crate::pricing::{Price, PriceTable, Tokens};
 use crate::ratelimit::RateLimits;
-use crate::record::{Record, StoredRecord};
+use crate::record::{Record, Rejected, StoredRecord};
 
 /// A storage failure.
 #[derive(Debug)]
@@ -70,6 +71,39 @@ pub trait Backend: Send + 'static {
     /// Deletes at most `limit` records that started before `cutoff_ms`
     /// (rollups stay); returns how many went.
     fn delete_before(&mut self, cutoff_ms: i64, limit: usize) -> Result<usize, StoreError>;
+    /// Counts requests refused before upstream.
+    fn write_rejections(&mut self, rejections: &[Rejected]) -> Result<(), StoreError>;
+}
+
+/// A user key as listed (never the key itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// Key id.
+    pub id: String,
+    /// Owner.
+    pub user: String,
+    /// Creation, ms since the epoch.
+    pub created_ms: i64,
+    /// Last use, ms since the epoch.
+    pub last_used_ms: Option<i64>,
+    /// Revocation, ms since the epoch.
+    pub revoked_ms: Option<i64>,
+}
+
+/// Users' keys and limits.
+pub trait Accounts: Send + Sync + 'static {
+    /// Stores a new key's digest.
+    fn create_key(&self, info: &KeyInfo, digest: &[u8; 32]) -> Result<(), StoreError>;
+    /// A user's keys, oldest first.
+    fn list_keys(&self, user: &str) -> Result<Vec<KeyInfo>, StoreError>;
+    /// Revokes a key; its owner, or `None` if no such active key.
+    fn revoke_key(&self, id: &str, now_ms: i64) -> Result<Option<String>, StoreError>;
+    /// Every active key with its digest.
+    fn active_keys(&self) -> Result<Vec<(KeyInfo, [u8; 32])>, StoreError>;
+    /// Sets or (with `None`) removes a user's limits; user `None` is the default.
+    fn save_limits(&self, user: Option<&str>, l: Option<&Limits>) -> Result<(), StoreError>;
+    /// Every stored limit; user `None` is the default.
+    fn all_limits(&self) -> Result<Vec<(Option<String>, Limits)>, StoreError>;
 }
 
 /// Filters of `/usage` and `/queries`.
@@ -106,6 +140,8 @@ pub struct UsageTotals {
     pub cost: i128,
     /// Records with no price.
     pub unpriced: u64,
+    /// Requests refused before upstream (budgets, limits).
+    pub rejected: u64,
 }
 
 /// What `/usage` can group by.
@@ -154,6 +190,8 @@ pub trait Reports: Send + Sync + 'static {
     fn prices(&self) -> Result<PriceTable, StoreError>;
     /// The last stored rate limits.
     fn ratelimits(&self) -> Result<Option<RateLimits>, StoreError>;
+    /// Keys and limits.
+    fn accounts(&self) -> &dyn Accounts;
 }
 
 /// Records queued or in flight at most; past it new requests wait.
@@ -169,6 +207,7 @@ enum Msg {
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
     Flush(oneshot::Sender<()>),
+    Rejected(Rejected),
     Shutdown,
 }
 
@@ -293,6 +332,15 @@ impl Store {
         }
     }
 
+    /// Counts a request refused before upstream (best effort: dropped, and
+    /// logged, only when the queue is completely full).
+    pub fn reject(&self, r: Rejected) {
+        self.metrics.rejected(r.reason);
+        if self.writer_tx.try_send(Msg::Rejected(r)).is_err() {
+            tracing::warn!("usage queue full: a rejection was counted in metrics only");
+        }
+    }
+
     /// Records the latest upstream rate limits.
     pub fn set_ratelimits(&self, rl: RateLimits) {
         // Written with the next batch: every answer that carries them also
@@ -413,6 +461,7 @@ fn estimate(r: &mut Record) {
 }
 
 struct Pending {
+    rejections: Vec<Rejected>,
     batch: Vec<Priced>,
     permits: Vec<OwnedSemaphorePermit>,
     ratelimits: Option<RateLimits>,
@@ -457,6 +506,7 @@ impl Writer {
 
     fn run(self, mut backend: impl Backend, rx: Receiver<Msg>) {
         let mut p = Pending {
+            rejections: Vec::new(),
             batch: Vec::with_capacity(MAX_BATCH),
             permits: Vec::with_capacity(MAX_BATCH),
             ratelimits: None,
@@ -499,14 +549,19 @@ impl Writer {
                                 cached: r.usage.cached,
                             },
                         );
+                        let mut r = *r;
+                        if let Some(h) = r.hold.take() {
+                            h.settle(cost, r.usage.query + r.usage.answer);
+                        }
                         p.batch.push(Priced {
-                            record: *r,
+                            record: r,
                             cost,
                             priced,
                         });
                         p.permits.push(permit);
                     }
                     Msg::Flush(reply) => p.flushes.push(reply),
+                    Msg::Rejected(r) => p.rejections.push(r),
                     Msg::Price {
                         model,
                         price,
@@ -542,7 +597,11 @@ impl Writer {
         if self.latest.dirty.swap(false, Ordering::AcqRel) {
             p.ratelimits = self.latest.value.lock().clone();
         }
-        if p.batch.is_empty() && p.ratelimits.is_none() && p.flushes.is_empty() {
+        if p.batch.is_empty()
+            && p.ratelimits.is_none()
+            && p.flushes.is_empty()
+            && p.rejections.is_empty()
+        {
             return;
         }
         let mut delay = Duration::from_millis(50);
@@ -550,7 +609,15 @@ impl Writer {
         let started = Instant::now();
         loop {
             let t = Instant::now();
-            match backend.write(&p.batch, p.ratelimits.as_ref()) {
+            let written = if p.rejections.is_empty() {
+                Ok(())
+            } else {
+                backend.write_rejections(&p.rejections)
+            };
+            if written.is_ok() {
+                p.rejections.clear();
+            }
+            match written.and_then(|()| backend.write(&p.batch, p.ratelimits.as_ref())) {
                 Ok(()) => {
                     self.metrics.batch(p.batch.len(), t.elapsed().as_secs_f64());
                     self.health.failing.store(false, Ordering::Relaxed);

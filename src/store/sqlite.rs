@@ -10,13 +10,18 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use std::collections::BTreeMap;
 
-use super::{Backend, Filter, GroupKey, GroupValues, Priced, Reports, StoreError, UsageTotals};
+use super::{
+    Accounts, Backend, Filter, GroupKey, GroupValues, KeyInfo, Priced, Reports, StoreError,
+    UsageTotals,
+};
+use crate::budget::{Limits, Period};
 use crate::pricing::{self, Price, PriceTable};
 use crate::ratelimit::RateLimits;
+use crate::record::Rejected;
 use crate::record::StoredRecord;
 
 /// Current schema version (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Milliseconds in a day.
 const DAY: i64 = 86_400_000;
@@ -79,6 +84,38 @@ CREATE INDEX IF NOT EXISTS usage_daily_user ON usage_daily (user, day);
 CREATE INDEX IF NOT EXISTS usage_daily_model ON usage_daily (model, day);
 ";
 
+/// Users' keys (digests only), limits and refused requests.
+const SCHEMA_V3: &str = "
+CREATE TABLE IF NOT EXISTS api_keys (
+    id         TEXT PRIMARY KEY,
+    user       TEXT    NOT NULL,
+    digest     BLOB    NOT NULL UNIQUE,
+    created    INTEGER NOT NULL,
+    last_used  INTEGER,
+    revoked    INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS api_keys_user ON api_keys (user, created);
+CREATE TABLE IF NOT EXISTS limits (
+    user    TEXT PRIMARY KEY,
+    budget  INTEGER,
+    period  TEXT NOT NULL,
+    rpm     INTEGER,
+    tpm     INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rejections (
+    id      INTEGER PRIMARY KEY,
+    ts      INTEGER NOT NULL,
+    user    TEXT    NOT NULL,
+    model   TEXT    NOT NULL,
+    reason  TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rejections_ts ON rejections (ts);
+CREATE INDEX IF NOT EXISTS rejections_user_ts ON rejections (user, ts);
+";
+
+/// The `limits` row of the default limits (no user name is empty).
+const DEFAULT_LIMITS_USER: &str = "";
+
 /// Fills the rollups of records written before they existed (schema 1).
 const BACKFILL_V2: &str = "
 INSERT INTO usage_daily (day, user, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
@@ -118,6 +155,7 @@ pub fn open(
     let tx = c.transaction()?;
     tx.execute_batch(SCHEMA_V1)?;
     tx.execute_batch(SCHEMA_V2)?;
+    tx.execute_batch(SCHEMA_V3)?;
     if version == 1 {
         tx.execute_batch(BACKFILL_V2)?;
     }
@@ -230,6 +268,12 @@ impl Backend for SqliteBackend {
                     r.estimated,
                     r.request_id,
                 ])?;
+                if let Some(k) = &r.key_id {
+                    let mut st = tx.prepare_cached(
+                        "UPDATE api_keys SET last_used = MAX(COALESCE(last_used, 0), ?2) WHERE id = ?1",
+                    )?;
+                    st.execute(params![k, r.started_ms])?;
+                }
             }
             let mut up = tx.prepare_cached(UPSERT_DAILY)?;
             for ((day, user, model), d) in daily {
@@ -318,6 +362,20 @@ impl Backend for SqliteBackend {
         Ok(changed)
     }
 
+    fn write_rejections(&mut self, rejections: &[Rejected]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO rejections (ts, user, model, reason) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for r in rejections {
+                st.execute(params![r.at_ms, r.user, r.model, r.reason])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     fn delete_before(&mut self, cutoff_ms: i64, limit: usize) -> Result<usize, StoreError> {
         Ok(self.conn.execute(
             "DELETE FROM queries WHERE id IN (SELECT id FROM queries WHERE ts < ?1 ORDER BY ts LIMIT ?2)",
@@ -398,17 +456,17 @@ impl Reports for SqliteReports {
         f: &Filter,
         group: &[GroupKey],
     ) -> Result<Vec<(GroupValues, UsageTotals)>, StoreError> {
-        let mut acc: BTreeMap<GroupValues, [i128; 7]> = BTreeMap::new();
+        let mut acc: BTreeMap<GroupValues, [i128; 8]> = BTreeMap::new();
         self.with(|c| {
             for piece in pieces(f.after, f.before) {
                 piece_totals(c, &piece, f, group, &mut acc)?;
             }
-            Ok(())
+            rejection_counts(c, f, group, &mut acc)
         })?;
         let n = |v: i128| u64::try_from(v.max(0)).unwrap_or(u64::MAX);
         let mut rows: Vec<(GroupValues, UsageTotals)> = acc
             .into_iter()
-            .filter(|(_, t)| t[0] > 0)
+            .filter(|(_, t)| t[0] > 0 || t[7] > 0)
             .map(|(g, t)| {
                 (
                     g,
@@ -420,6 +478,7 @@ impl Reports for SqliteReports {
                         reasoning_tokens: n(t[4]),
                         cost: t[5],
                         unpriced: n(t[6]),
+                        rejected: n(t[7]),
                     },
                 )
             })
@@ -501,6 +560,10 @@ impl Reports for SqliteReports {
         })
     }
 
+    fn accounts(&self) -> &dyn super::Accounts {
+        self
+    }
+
     fn ratelimits(&self) -> Result<Option<RateLimits>, StoreError> {
         self.with(|c| {
             let v: Option<String> = c
@@ -571,7 +634,7 @@ fn piece_totals(
     piece: &Piece,
     f: &Filter,
     group: &[GroupKey],
-    acc: &mut BTreeMap<GroupValues, [i128; 7]>,
+    acc: &mut BTreeMap<GroupValues, [i128; 8]>,
 ) -> Result<(), StoreError> {
     use rusqlite::types::Value;
     let rollup = matches!(piece, Piece::Days(..));
@@ -672,6 +735,175 @@ fn piece_totals(
         }
     }
     Ok(())
+}
+
+/// Adds the refused requests matching the filter (grouped like the usage).
+fn rejection_counts(
+    c: &Connection,
+    f: &Filter,
+    group: &[GroupKey],
+    acc: &mut BTreeMap<GroupValues, [i128; 8]>,
+) -> Result<(), StoreError> {
+    use rusqlite::types::Value;
+    let mut conds: Vec<&str> = Vec::new();
+    let mut args: Vec<Value> = Vec::new();
+    for (cond, v) in [
+        ("user = ?", f.user.clone().map(Value::Text)),
+        ("model = ?", f.model.clone().map(Value::Text)),
+        ("ts > ?", f.after.map(Value::Integer)),
+        ("ts < ?", f.before.map(Value::Integer)),
+    ] {
+        if let Some(v) = v {
+            conds.push(cond);
+            args.push(v);
+        }
+    }
+    let keys: Vec<&str> = group
+        .iter()
+        .map(|g| match g {
+            GroupKey::User => "user",
+            GroupKey::Model => "model",
+            GroupKey::Day => "date(ts / 1000, 'unixepoch')",
+            GroupKey::Month => "strftime('%Y-%m', ts / 1000, 'unixepoch')",
+        })
+        .collect();
+    let mut sql = String::from("SELECT ");
+    for k in &keys {
+        sql.push_str(k);
+        sql.push_str(", ");
+    }
+    sql.push_str("COUNT(*) FROM rejections");
+    if !conds.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&conds.join(" AND "));
+    }
+    if !keys.is_empty() {
+        sql.push_str(" GROUP BY ");
+        sql.push_str(&keys.join(", "));
+    }
+    let mut st = c.prepare_cached(&sql)?;
+    let mut rows = st.query(rusqlite::params_from_iter(args))?;
+    while let Some(r) = rows.next()? {
+        let mut g = GroupValues::default();
+        for (i, k) in group.iter().enumerate() {
+            let v: Option<String> = r.get(i)?;
+            match k {
+                GroupKey::User => g.user = v,
+                GroupKey::Model => g.model = v,
+                GroupKey::Day => g.day = v,
+                GroupKey::Month => g.month = v,
+            }
+        }
+        let n: i64 = r.get(keys.len())?;
+        if n > 0 {
+            acc.entry(g).or_default()[7] += i128::from(n);
+        }
+    }
+    Ok(())
+}
+
+fn key_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
+    Ok(KeyInfo {
+        id: r.get(0)?,
+        user: r.get(1)?,
+        created_ms: r.get(2)?,
+        last_used_ms: r.get(3)?,
+        revoked_ms: r.get(4)?,
+    })
+}
+
+impl Accounts for SqliteReports {
+    fn create_key(&self, info: &KeyInfo, digest: &[u8; 32]) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO api_keys (id, user, digest, created) VALUES (?1, ?2, ?3, ?4)",
+                params![info.id, info.user, &digest[..], info.created_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_keys(&self, user: &str) -> Result<Vec<KeyInfo>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, user, created, last_used, revoked FROM api_keys WHERE user = ?1 ORDER BY created, id",
+            )?;
+            let rows = st.query_map([user], key_info)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn revoke_key(&self, id: &str, now_ms: i64) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            let user: Option<String> = c
+                .query_row(
+                    "UPDATE api_keys SET revoked = ?2 WHERE id = ?1 AND revoked IS NULL RETURNING user",
+                    params![id, now_ms],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(user)
+        })
+    }
+
+    fn active_keys(&self) -> Result<Vec<(KeyInfo, [u8; 32])>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, user, created, last_used, revoked, digest FROM api_keys WHERE revoked IS NULL",
+            )?;
+            let rows = st.query_map([], |r| {
+                let d: Vec<u8> = r.get(5)?;
+                let mut digest = [0u8; 32];
+                if d.len() == 32 {
+                    digest.copy_from_slice(&d);
+                }
+                Ok((key_info(r)?, digest))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn save_limits(&self, user: Option<&str>, l: Option<&Limits>) -> Result<(), StoreError> {
+        let user = user.unwrap_or(DEFAULT_LIMITS_USER);
+        self.with(|c| {
+            match l {
+                Some(l) => c.execute(
+                    "INSERT INTO limits (user, budget, period, rpm, tpm) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (user) DO UPDATE SET budget = excluded.budget, period = excluded.period, rpm = excluded.rpm, tpm = excluded.tpm",
+                    params![
+                        user,
+                        l.budget,
+                        l.period.as_str(),
+                        l.rpm.map(i),
+                        l.tpm.map(i)
+                    ],
+                )?,
+                None => c.execute("DELETE FROM limits WHERE user = ?1", [user])?,
+            };
+            Ok(())
+        })
+    }
+
+    fn all_limits(&self) -> Result<Vec<(Option<String>, Limits)>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT user, budget, period, rpm, tpm FROM limits")?;
+            let rows = st.query_map([], |r| {
+                let user: String = r.get(0)?;
+                let period: String = r.get(2)?;
+                let n = |v: Option<i64>| v.map(|v| v.max(0) as u64);
+                Ok((
+                    (user != DEFAULT_LIMITS_USER).then_some(user),
+                    Limits {
+                        budget: r.get(1)?,
+                        period: Period::parse(&period).unwrap_or_default(),
+                        rpm: n(r.get(3)?),
+                        tpm: n(r.get(4)?),
+                    },
+                ))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ fn naive(c: &Connection, f: &Filter) -> UsageTotals {
                 reasoning_tokens: r.get::<_, i64>(4)? as u64,
                 cost: r.get::<_, i64>(5)?.into(),
                 unpriced: r.get::<_, i64>(6)? as u64,
+                rejected: 0,
             })
         },
     )

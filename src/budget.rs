@@ -1,0 +1,342 @@
+//! Spending limits and request/token rates per user, enforced before a
+//! request goes upstream.
+//!
+//! A request reserves its worst-case cost (and tokens) under one lock before
+//! it is forwarded, and the reservation is settled to the real cost when its
+//! record is priced by the writer. Concurrent requests therefore see each
+//! other's reservations: a budget is never overrun by requests that all
+//! passed the check at once ("check first, charge later").
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use chrono::{Datelike, TimeZone, Utc};
+use parking_lot::{Mutex, RwLock};
+
+/// Budget period, calendar-aligned in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Period {
+    /// From 00:00 UTC.
+    Day,
+    /// From Monday 00:00 UTC.
+    Week,
+    /// From the 1st, 00:00 UTC.
+    #[default]
+    Month,
+    /// Forever.
+    Total,
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+impl Period {
+    /// Parses `day`, `week`, `month` or `total`.
+    pub fn parse(s: &str) -> Option<Period> {
+        Some(match s {
+            "day" => Period::Day,
+            "week" => Period::Week,
+            "month" => Period::Month,
+            "total" => Period::Total,
+            _ => return None,
+        })
+    }
+
+    /// The API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+            Period::Total => "total",
+        }
+    }
+
+    /// Start of the period containing `now_ms`.
+    pub fn start(self, now_ms: i64) -> i64 {
+        let day = now_ms.div_euclid(DAY_MS) * DAY_MS;
+        match self {
+            Period::Day => day,
+            // 1970-01-01 was a Thursday: Monday is 3 days before day 4.
+            Period::Week => day - ((now_ms.div_euclid(DAY_MS) + 3).rem_euclid(7)) * DAY_MS,
+            Period::Month => {
+                let t = Utc
+                    .timestamp_millis_opt(now_ms)
+                    .single()
+                    .unwrap_or_default();
+                Utc.with_ymd_and_hms(t.year(), t.month(), 1, 0, 0, 0)
+                    .single()
+                    .map_or(day, |d| d.timestamp_millis())
+            }
+            Period::Total => i64::MIN,
+        }
+    }
+
+    /// End (exclusive) of the period containing `now_ms`; `None` for total.
+    pub fn end(self, now_ms: i64) -> Option<i64> {
+        let start = self.start(now_ms);
+        match self {
+            Period::Day => Some(start + DAY_MS),
+            Period::Week => Some(start + 7 * DAY_MS),
+            Period::Month => {
+                let t = Utc.timestamp_millis_opt(start).single()?;
+                let (y, m) = if t.month() == 12 {
+                    (t.year() + 1, 1)
+                } else {
+                    (t.year(), t.month() + 1)
+                };
+                Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0)
+                    .single()
+                    .map(|d| d.timestamp_millis())
+            }
+            Period::Total => None,
+        }
+    }
+}
+
+/// A user's limits. Every part is optional.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    /// Spending limit per period, pico-dollars.
+    pub budget: Option<i64>,
+    /// The budget's period.
+    pub period: Period,
+    /// Requests per calendar minute.
+    pub rpm: Option<u64>,
+    /// Tokens (prompt + completion) per calendar minute.
+    pub tpm: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct UserState {
+    period_start: i64,
+    spent: i128,
+    reserved: i128,
+    minute: i64,
+    requests: u64,
+    tokens: u64,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The budget of the period is used up.
+    Budget {
+        /// Seconds until the period ends (`None` for a total budget).
+        retry_after: Option<u64>,
+    },
+    /// Too many requests or tokens this minute.
+    Rate {
+        /// `requests` or `tokens`.
+        what: &'static str,
+        /// Seconds until the next minute.
+        retry_after: u64,
+    },
+}
+
+/// Limits and live counters of every user.
+#[derive(Default)]
+pub struct Budgets {
+    /// Whether any limit exists; requests skip everything else when not.
+    active: AtomicBool,
+    limits: RwLock<HashMap<String, Limits>>,
+    default: RwLock<Option<Limits>>,
+    state: Mutex<HashMap<String, UserState>>,
+}
+
+/// A reservation held by a request until its record is priced.
+pub struct Hold {
+    budgets: Arc<Budgets>,
+    user: String,
+    cost: i128,
+    tokens: u64,
+    period_start: i64,
+    minute: i64,
+    done: bool,
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold")
+            .field("user", &self.user)
+            .field("cost", &self.cost)
+            .field("tokens", &self.tokens)
+            .finish()
+    }
+}
+
+impl Hold {
+    /// Replaces the reservation by what the request really cost.
+    pub fn settle(mut self, cost: i64, tokens: u64) {
+        self.budgets.release(&self, i128::from(cost), tokens);
+        self.done = true;
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        // Never reached upstream (or its record was lost): nothing spent.
+        if !self.done {
+            self.budgets.release(self, 0, 0);
+        }
+    }
+}
+
+impl Budgets {
+    /// Whether any limit is set.
+    pub fn active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    fn refresh_active(&self) {
+        let any = !self.limits.read().is_empty() || self.default.read().is_some();
+        self.active.store(any, Ordering::Relaxed);
+    }
+
+    /// Sets (or with `None` removes) a user's own limits.
+    pub fn set_limits(&self, user: &str, l: Option<Limits>) {
+        match l {
+            Some(l) => self.limits.write().insert(user.to_owned(), l),
+            None => self.limits.write().remove(user),
+        };
+        self.refresh_active();
+    }
+
+    /// Sets (or removes) the limits of users without their own.
+    pub fn set_default(&self, l: Option<Limits>) {
+        *self.default.write() = l;
+        self.refresh_active();
+    }
+
+    /// A user's own limits.
+    pub fn own_limits(&self, user: &str) -> Option<Limits> {
+        self.limits.read().get(user).copied()
+    }
+
+    /// The default limits.
+    pub fn default_limits(&self) -> Option<Limits> {
+        *self.default.read()
+    }
+
+    /// The limits that apply to a user, and whether they are the default.
+    pub fn limits_of(&self, user: &str) -> Option<(Limits, bool)> {
+        self.own_limits(user)
+            .map(|l| (l, false))
+            .or_else(|| self.default_limits().map(|l| (l, true)))
+    }
+
+    /// Sets a user's spend in the period starting at `period_start`, as read
+    /// from the database (at start-up, or when limits change).
+    pub fn set_spent(&self, user: &str, period_start: i64, spent: i128) {
+        let mut st = self.state.lock();
+        let s = st.entry(user.to_owned()).or_default();
+        if s.period_start != period_start {
+            s.period_start = period_start;
+            s.reserved = 0;
+        }
+        s.spent = spent;
+    }
+
+    /// Spent and reserved pico-dollars of a user in the current period.
+    pub fn spent(&self, user: &str, now_ms: i64) -> (i128, i128) {
+        let Some((l, _)) = self.limits_of(user) else {
+            return (0, 0);
+        };
+        let st = self.state.lock();
+        match st.get(user) {
+            Some(s) if s.period_start == l.period.start(now_ms) => (s.spent, s.reserved),
+            _ => (0, 0),
+        }
+    }
+
+    /// Checks a request and reserves its worst case. `Ok(None)`: the user
+    /// has no limits.
+    pub fn check(
+        self: &Arc<Self>,
+        user: &str,
+        cost: i128,
+        tokens: u64,
+        now_ms: i64,
+    ) -> Result<Option<Hold>, Refusal> {
+        let Some((l, _)) = self.limits_of(user) else {
+            return Ok(None);
+        };
+        let period_start = l.period.start(now_ms);
+        let minute = now_ms.div_euclid(60_000);
+        let next_minute = || (((minute + 1) * 60_000 - now_ms + 999) / 1000).max(1) as u64;
+        let mut st = self.state.lock();
+        let s = st.entry(user.to_owned()).or_default();
+        if s.period_start != period_start {
+            // A new period starts from zero.
+            *s = UserState {
+                period_start,
+                minute: s.minute,
+                requests: s.requests,
+                tokens: s.tokens,
+                ..UserState::default()
+            };
+        }
+        if s.minute != minute {
+            s.minute = minute;
+            s.requests = 0;
+            s.tokens = 0;
+        }
+        if let Some(b) = l.budget {
+            if s.spent + s.reserved + cost > i128::from(b)
+                || (cost == 0 && s.spent >= i128::from(b))
+            {
+                return Err(Refusal::Budget {
+                    retry_after: l
+                        .period
+                        .end(now_ms)
+                        .map(|e| ((e - now_ms + 999) / 1000).max(1) as u64),
+                });
+            }
+        }
+        if let Some(rpm) = l.rpm {
+            if s.requests + 1 > rpm {
+                return Err(Refusal::Rate {
+                    what: "requests",
+                    retry_after: next_minute(),
+                });
+            }
+        }
+        if let Some(tpm) = l.tpm {
+            if s.tokens + tokens > tpm {
+                return Err(Refusal::Rate {
+                    what: "tokens",
+                    retry_after: next_minute(),
+                });
+            }
+        }
+        s.reserved += cost;
+        s.requests += 1;
+        s.tokens += tokens;
+        Ok(Some(Hold {
+            budgets: self.clone(),
+            user: user.to_owned(),
+            cost,
+            tokens,
+            period_start,
+            minute,
+            done: false,
+        }))
+    }
+
+    fn release(&self, h: &Hold, cost: i128, tokens: u64) {
+        let mut st = self.state.lock();
+        let Some(s) = st.get_mut(&h.user) else {
+            return;
+        };
+        if s.period_start == h.period_start {
+            s.reserved -= h.cost;
+            s.spent += cost;
+        }
+        if s.minute == h.minute {
+            s.tokens = (s.tokens + tokens).saturating_sub(h.tokens);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
