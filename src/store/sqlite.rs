@@ -668,33 +668,69 @@ fn piece_totals(
         conds.push("model = ?");
         args.push(Value::Text(m.clone()));
     }
-    let keys: Vec<&str> = group
-        .iter()
-        .map(|g| match (g, rollup) {
-            (GroupKey::User, _) => "user",
-            (GroupKey::Model, _) => "model",
-            (GroupKey::Day, true) => "date(day * 86400, 'unixepoch')",
-            (GroupKey::Day, false) => "date(ts / 1000, 'unixepoch')",
-            (GroupKey::Month, true) => "strftime('%Y-%m', day * 86400, 'unixepoch')",
-            (GroupKey::Month, false) => "strftime('%Y-%m', ts / 1000, 'unixepoch')",
-        })
-        .collect();
+    let keys: Vec<&str> = group.iter().map(|g| key_expr(*g, rollup)).collect();
     let sums = if rollup {
         "SUM(queries), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost / 1000000000), SUM(cost % 1000000000), SUM(unpriced)"
     } else {
         "COUNT(*), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost / 1000000000), SUM(cost % 1000000000), SUM(1 - priced)"
     };
+    let table = if rollup { "usage_daily" } else { "queries" };
+    grouped(c, &keys, group, sums, table, &conds, args, |g, r| {
+        let n = keys.len();
+        let int = |i: usize| -> rusqlite::Result<i128> {
+            Ok(i128::from(r.get::<_, Option<i64>>(n + i)?.unwrap_or(0)))
+        };
+        let t = [
+            int(0)?,
+            int(1)?,
+            int(2)?,
+            int(3)?,
+            int(4)?,
+            int(5)? * 1_000_000_000 + int(6)?,
+            int(7)?,
+        ];
+        let e = acc.entry(g).or_default();
+        for (a, b) in e.iter_mut().zip(t) {
+            *a += i128::from(sign) * b;
+        }
+        Ok(())
+    })
+}
+
+/// The SQL expression of a group key, over the rollups or the records.
+fn key_expr(g: GroupKey, rollup: bool) -> &'static str {
+    match (g, rollup) {
+        (GroupKey::User, _) => "user",
+        (GroupKey::Model, _) => "model",
+        (GroupKey::Day, true) => "date(day * 86400, 'unixepoch')",
+        (GroupKey::Day, false) => "date(ts / 1000, 'unixepoch')",
+        (GroupKey::Month, true) => "strftime('%Y-%m', day * 86400, 'unixepoch')",
+        (GroupKey::Month, false) => "strftime('%Y-%m', ts / 1000, 'unixepoch')",
+    }
+}
+
+/// Runs `SELECT keys, aggregates FROM table WHERE conds GROUP BY keys` and
+/// hands each row, with its group values, to `each` (aggregates start at
+/// column `keys.len()`).
+#[allow(clippy::too_many_arguments)]
+fn grouped(
+    c: &Connection,
+    keys: &[&str],
+    group: &[GroupKey],
+    aggregates: &str,
+    table: &str,
+    conds: &[&str],
+    args: Vec<rusqlite::types::Value>,
+    mut each: impl FnMut(GroupValues, &rusqlite::Row<'_>) -> rusqlite::Result<()>,
+) -> Result<(), StoreError> {
     let mut sql = String::from("SELECT ");
-    for k in &keys {
+    for k in keys {
         sql.push_str(k);
         sql.push_str(", ");
     }
-    sql.push_str(sums);
-    sql.push_str(if rollup {
-        " FROM usage_daily"
-    } else {
-        " FROM queries"
-    });
+    sql.push_str(aggregates);
+    sql.push_str(" FROM ");
+    sql.push_str(table);
     if !conds.is_empty() {
         sql.push_str(" WHERE ");
         sql.push_str(&conds.join(" AND "));
@@ -716,23 +752,7 @@ fn piece_totals(
                 GroupKey::Month => g.month = v,
             }
         }
-        let n = keys.len();
-        let int = |i: usize| -> rusqlite::Result<i128> {
-            Ok(i128::from(r.get::<_, Option<i64>>(n + i)?.unwrap_or(0)))
-        };
-        let t = [
-            int(0)?,
-            int(1)?,
-            int(2)?,
-            int(3)?,
-            int(4)?,
-            int(5)? * 1_000_000_000 + int(6)?,
-            int(7)?,
-        ];
-        let e = acc.entry(g).or_default();
-        for (a, b) in e.iter_mut().zip(t) {
-            *a += i128::from(sign) * b;
-        }
+        each(g, r)?;
     }
     Ok(())
 }
@@ -758,48 +778,23 @@ fn rejection_counts(
             args.push(v);
         }
     }
-    let keys: Vec<&str> = group
-        .iter()
-        .map(|g| match g {
-            GroupKey::User => "user",
-            GroupKey::Model => "model",
-            GroupKey::Day => "date(ts / 1000, 'unixepoch')",
-            GroupKey::Month => "strftime('%Y-%m', ts / 1000, 'unixepoch')",
-        })
-        .collect();
-    let mut sql = String::from("SELECT ");
-    for k in &keys {
-        sql.push_str(k);
-        sql.push_str(", ");
-    }
-    sql.push_str("COUNT(*) FROM rejections");
-    if !conds.is_empty() {
-        sql.push_str(" WHERE ");
-        sql.push_str(&conds.join(" AND "));
-    }
-    if !keys.is_empty() {
-        sql.push_str(" GROUP BY ");
-        sql.push_str(&keys.join(", "));
-    }
-    let mut st = c.prepare_cached(&sql)?;
-    let mut rows = st.query(rusqlite::params_from_iter(args))?;
-    while let Some(r) = rows.next()? {
-        let mut g = GroupValues::default();
-        for (i, k) in group.iter().enumerate() {
-            let v: Option<String> = r.get(i)?;
-            match k {
-                GroupKey::User => g.user = v,
-                GroupKey::Model => g.model = v,
-                GroupKey::Day => g.day = v,
-                GroupKey::Month => g.month = v,
+    let keys: Vec<&str> = group.iter().map(|g| key_expr(*g, false)).collect();
+    grouped(
+        c,
+        &keys,
+        group,
+        "COUNT(*)",
+        "rejections",
+        &conds,
+        args,
+        |g, r| {
+            let n: i64 = r.get(keys.len())?;
+            if n > 0 {
+                acc.entry(g).or_default()[7] += i128::from(n);
             }
-        }
-        let n: i64 = r.get(keys.len())?;
-        if n > 0 {
-            acc.entry(g).or_default()[7] += i128::from(n);
-        }
-    }
-    Ok(())
+            Ok(())
+        },
+    )
 }
 
 fn key_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
