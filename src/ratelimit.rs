@@ -126,7 +126,7 @@ fn decimal_times(number: &str, unit: u128) -> Option<u128> {
             return None;
         }
         scale /= 10;
-        result += u128::from(c - b'0') * scale;
+        result = result.checked_add(u128::from(c - b'0') * scale)?;
     }
     Some(result)
 }

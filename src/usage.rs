@@ -269,7 +269,7 @@ pub fn splice_include_usage(body: &[u8]) -> Option<Vec<u8>> {
     let last = members
         .iter()
         .rev()
-        .find(|m| &body[m.key.0..m.key.1] == b"\"stream_options\"");
+        .find(|m| key_is(body, m, "stream_options"));
     let mut out = Vec::with_capacity(body.len() + 40);
     match last {
         None => {
@@ -293,7 +293,7 @@ pub fn splice_include_usage(body: &[u8]) -> Option<Vec<u8>> {
                     match inner
                         .iter()
                         .rev()
-                        .find(|m| &body[m.key.0..m.key.1] == b"\"include_usage\"")
+                        .find(|m| key_is(body, m, "include_usage"))
                     {
                         Some(iu) => {
                             out.extend_from_slice(&body[..iu.value.0]);
@@ -315,6 +315,15 @@ pub fn splice_include_usage(body: &[u8]) -> Option<Vec<u8>> {
         }
     }
     Some(out)
+}
+
+/// Whether a member's key is `name`, escapes (`\u005f`) decoded.
+fn key_is(body: &[u8], m: &Member, name: &str) -> bool {
+    let raw = &body[m.key.0..m.key.1];
+    if !raw.contains(&b'\\') {
+        return raw.len() == name.len() + 2 && &raw[1..raw.len() - 1] == name.as_bytes();
+    }
+    serde_json::from_slice::<String>(raw).is_ok_and(|k| k == name)
 }
 
 struct Member {
@@ -736,6 +745,10 @@ impl SseScanner {
 
     /// End (exclusive) of the next event terminator at or after `from`.
     fn next_end(&mut self, b: &[u8], from: usize) -> Option<usize> {
+        // An empty chunk must not lose a terminator split across chunks.
+        if from >= b.len() {
+            return None;
+        }
         let mut i = from;
         // Resume a terminator split across chunks.
         if from == 0 && self.nl != 0 {
