@@ -169,7 +169,7 @@ pub fn admin(
             )
             .with_code("invalid_api_key")),
         },
-        None if remote.ip().is_loopback() => Ok(()),
+        None if remote.ip().to_canonical().is_loopback() => Ok(()),
         None => Err(ApiError::forbidden(
             "Admin endpoints answer only to loopback clients while no admin key is set (TOLLGATE_ADMIN_TOKEN).",
         )),

@@ -181,7 +181,25 @@ impl Meter {
                     capture: capture.filter(|c: &Capture| !c.bytes.is_empty()),
                 }));
             }
+            // No tokens to count (an upstream error, a model list, ...).
             None => {}
+        }
+        // With the tokens known, the budget settles now rather than when the
+        // writer gets to the record, so a next request sees the real spend.
+        if rec.estimate.is_none() {
+            if let Some(h) = rec.hold.take() {
+                let (cost, _) = self.store.prices().cost(
+                    &rec.model,
+                    &rec.requested_model,
+                    rec.started_ms,
+                    crate::pricing::Tokens {
+                        query: rec.usage.query,
+                        answer: rec.usage.answer,
+                        cached: rec.usage.cached,
+                    },
+                );
+                h.settle(cost, rec.usage.query + rec.usage.answer);
+            }
         }
         self.store.submit(rec, slot);
     }

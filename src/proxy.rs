@@ -94,7 +94,8 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
     let (user, key_id) = match cfg.auth {
         AuthMode::Header => (user_of(&req)?, None),
         AuthMode::Keys => {
-            let k = crate::access::user_from_key(&state.keys, req.headers(), started_ms)?;
+            let k = crate::access::user_from_key(&state.keys, req.headers(), started_ms)
+                .inspect_err(|_| state.store.metrics().rejected("invalid_api_key"))?;
             (k.user.clone(), Some(k.id.clone()))
         }
     };
@@ -107,6 +108,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
     let mut sent_bytes = Bytes::new();
     let mut sniffed = None;
     let mut max_tokens = None;
+    let mut choices = 1;
     let upstream_body = if endpoint.needs_model() {
         let declared = parts
             .headers
@@ -123,6 +125,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
         })?;
         stream = info.stream;
         max_tokens = info.max_tokens;
+        choices = info.choices;
         requested_model = info.model;
         sent_bytes = bytes;
         if info.stream && !info.include_usage && endpoint.usage_on_request() {
@@ -163,6 +166,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
             &requested_model,
             sent_bytes.len(),
             max_tokens,
+            choices,
             started_ms,
         );
         match state.budgets.check(&user, cost, tokens, started_ms) {
@@ -329,13 +333,15 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
 
 /// The worst-case cost (pico-dollars) and tokens a request may spend: a
 /// prompt of at most one token per 3 bytes of body plus the answer size it
-/// asks for (or the configured default), at the requested model's prices.
+/// asks for times the answers it asks for (or the configured default), at
+/// the requested model's prices.
 fn reservation(
     state: &State,
     endpoint: Endpoint,
     model: &str,
     body_len: usize,
     max_tokens: Option<u64>,
+    choices: u64,
     now_ms: i64,
 ) -> (i128, u64) {
     if !endpoint.needs_model() {
@@ -345,7 +351,9 @@ fn reservation(
     let answer = if endpoint == Endpoint::Embeddings {
         0
     } else {
-        max_tokens.unwrap_or(state.config.reserve_answer_tokens)
+        max_tokens
+            .unwrap_or(state.config.reserve_answer_tokens)
+            .saturating_mul(choices)
     };
     let cost = state
         .store

@@ -81,6 +81,8 @@ pub struct RequestInfo {
     pub include_usage: bool,
     /// `max_completion_tokens`, `max_tokens` or `max_output_tokens`.
     pub max_tokens: Option<u64>,
+    /// How many answers the request asks for (`n`, `best_of`; 1 without).
+    pub choices: u64,
 }
 
 /// Why a request body was refused.
@@ -205,6 +207,10 @@ struct Head<'a> {
     max_completion_tokens: Loose<'a>,
     #[serde(borrow, default)]
     max_output_tokens: Loose<'a>,
+    #[serde(borrow, default)]
+    n: Loose<'a>,
+    #[serde(borrow, default)]
+    best_of: Loose<'a>,
 }
 
 /// Validates a JSON request body and reads `model`, `stream` and
@@ -248,11 +254,22 @@ pub fn parse_request(body: &[u8]) -> Result<RequestInfo, RequestError> {
         Loose::Int(n) => Some(n),
         _ => None,
     });
+    // Upstream may generate (and bill) every candidate of `best_of`.
+    let choices = [head.n, head.best_of]
+        .into_iter()
+        .filter_map(|l| match l {
+            Loose::Int(n) => Some(n),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(1)
+        .max(1);
     Ok(RequestInfo {
         model,
         stream,
         include_usage,
         max_tokens,
+        choices,
     })
 }
 

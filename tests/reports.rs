@@ -70,6 +70,8 @@ fn expected(rows: &[&Seed]) -> BTreeMap<String, String> {
             "unpricedQueries".into(),
             rows.iter().filter(|r| !r.priced).count().to_string(),
         ),
+        // Seeded records are all served requests: nothing was refused.
+        ("rejectedQueries".into(), "0".into()),
     ])
 }
 

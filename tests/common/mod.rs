@@ -578,6 +578,8 @@ pub struct Proxy {
     pub addr: SocketAddr,
     pub state: Arc<State>,
     pub db: PathBuf,
+    /// The admin key the helpers send, when the proxy was started with one.
+    pub admin: Option<String>,
     stop_tx: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     _dir: Option<TempDir>,
@@ -586,6 +588,7 @@ pub struct Proxy {
 pub struct ProxyBuilder {
     config: Config,
     dir: Option<TempDir>,
+    bind: std::net::IpAddr,
 }
 
 impl ProxyBuilder {
@@ -621,11 +624,41 @@ impl ProxyBuilder {
         self
     }
 
+    /// Sets the admin key; the `Proxy` helpers then send it.
+    pub fn admin(mut self, key: &str) -> Self {
+        self.config.admin_token = Some(key.into());
+        self
+    }
+
+    pub fn auth(mut self, mode: tollgate::access::AuthMode) -> Self {
+        self.config.auth = mode;
+        self
+    }
+
+    pub fn reserve_answer_tokens(mut self, n: u64) -> Self {
+        self.config.reserve_answer_tokens = n;
+        self
+    }
+
+    pub fn retain_days(mut self, days: u32) -> Self {
+        self.config.retain_days = Some(days);
+        self
+    }
+
+    /// Listens on this address (port chosen by the system) instead of 127.0.0.1.
+    pub fn bind(mut self, ip: std::net::IpAddr) -> Self {
+        self.bind = ip;
+        self
+    }
+
     pub async fn start(mut self) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let listener = TcpListener::bind(SocketAddr::new(self.bind, 0))
+            .await
+            .expect("bind proxy");
         let addr = listener.local_addr().unwrap();
         self.config.listen = addr;
         let db = self.config.db.clone();
+        let admin = self.config.admin_token.clone();
         let state = tollgate::server::state(self.config).expect("tollgate state");
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(tollgate::server::serve(
@@ -639,6 +672,7 @@ impl ProxyBuilder {
             addr,
             state,
             db,
+            admin,
             stop_tx: Some(stop_tx),
             task: Some(task),
             _dir: self.dir,
@@ -673,6 +707,7 @@ impl Proxy {
         ProxyBuilder {
             config,
             dir: Some(dir),
+            bind: std::net::Ipv4Addr::LOCALHOST.into(),
         }
     }
 
@@ -700,7 +735,27 @@ impl Proxy {
     }
 
     pub async fn get(&self, path: &str) -> Resp {
-        send(self.addr, get(path)).await
+        self.send_admin(get(path)).await
+    }
+
+    /// Sends a request with the admin key, if the proxy has one.
+    pub async fn send_admin(&self, mut req: Request<ReqBody>) -> Resp {
+        if let Some(k) = &self.admin {
+            req.headers_mut()
+                .insert("authorization", format!("Bearer {k}").parse().unwrap());
+        }
+        send(self.addr, req).await
+    }
+
+    /// An admin request with a JSON body (or none when `body` is empty).
+    pub async fn admin_call(&self, method: Method, path: &str, body: &str) -> Resp {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json")
+            .body(full(body.to_owned()))
+            .unwrap();
+        self.send_admin(req).await
     }
 
     /// GET returning JSON; asserts 200.
@@ -753,8 +808,7 @@ impl Proxy {
     }
 
     pub async fn set_price(&self, model: &str, body: &str) -> Resp {
-        send(
-            self.addr,
+        self.send_admin(
             Request::post(format!("/model/{model}"))
                 .header("content-type", "application/json")
                 .body(full(body.to_owned()))
@@ -1186,5 +1240,179 @@ impl KeepAlive {
             }
         })
         .await
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Prometheus / OpenMetrics text.
+// ---------------------------------------------------------------------------
+
+/// One sample of a metrics exposition.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses the samples of a Prometheus/OpenMetrics text exposition (comment
+/// lines skipped). Label values may hold escaped quotes and commas.
+pub fn parse_metrics(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, labels, rest) = match line.find('{') {
+            Some(open) if open < line.find(' ').unwrap_or(usize::MAX) => {
+                let mut labels = BTreeMap::new();
+                let b = line.as_bytes();
+                let mut i = open + 1;
+                while b[i] != b'}' {
+                    let eq = i + line[i..].find('=').expect("label =");
+                    let key = line[i..eq].trim_start_matches(',').to_owned();
+                    assert_eq!(b[eq + 1], b'"', "label value quoted: {line}");
+                    let mut j = eq + 2;
+                    let mut val = String::new();
+                    while b[j] != b'"' {
+                        if b[j] == b'\\' {
+                            j += 1;
+                            val.push(match b[j] {
+                                b'n' => '\n',
+                                c => c as char,
+                            });
+                        } else {
+                            let c = line[j..].chars().next().unwrap();
+                            val.push(c);
+                            j += c.len_utf8() - 1;
+                        }
+                        j += 1;
+                    }
+                    labels.insert(key, val);
+                    i = j + 1;
+                    if b[i] == b',' {
+                        i += 1;
+                    }
+                }
+                (&line[..open], labels, &line[i + 1..])
+            }
+            _ => {
+                let sp = line.find(' ').expect("sample value");
+                (&line[..sp], BTreeMap::new(), &line[sp..])
+            }
+        };
+        let value = rest
+            .split_whitespace()
+            .next()
+            .expect("sample value")
+            .parse::<f64>()
+            .unwrap_or_else(|e| panic!("bad sample value ({e}): {line}"));
+        out.push(Sample {
+            name: name.to_owned(),
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+/// The value of the sample with this name and exactly these labels.
+pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let want: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    samples
+        .iter()
+        .find(|s| s.name == name && s.labels == want)
+        .map(|s| s.value)
+}
+
+// ---------------------------------------------------------------------------
+// The binary, with its logs.
+// ---------------------------------------------------------------------------
+
+/// The tollgate binary, running, with its stderr collected line by line.
+pub struct LoggedBin {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for LoggedBin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary on an ephemeral loopback port without default prices
+/// and any key from the environment, plus `args` and `env`.
+pub fn spawn_logged(args: &[&str], env: &[(&str, &str)]) -> LoggedBin {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    cmd.args(["--listen", "127.0.0.1:0", "--no-default-prices"])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env_remove("TOLLGATE_UPSTREAM_TOKEN")
+        .env_remove("FORWARD_TOKEN")
+        .env_remove("TOLLGATE_ADMIN_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn tollgate");
+    let stderr = child.stderr.take().unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let l = lines.clone();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if line.contains("tollgate listening") {
+                // The listening address, not the upstream's on the same line.
+                let addr_at = line.find("addr").unwrap_or(0);
+                if let Some(at) = line[addr_at..].find("127.0.0.1:").map(|i| i + addr_at) {
+                    let port: String = line[at + 10..]
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect();
+                    if let (Some(tx), Ok(addr)) = (tx.take(), format!("127.0.0.1:{port}").parse()) {
+                        let _ = tx.send(addr);
+                    }
+                }
+            }
+            l.lock().unwrap().push(line);
+        }
+    });
+    let addr: SocketAddr = rx
+        .recv_timeout(STEP)
+        .expect("tollgate logs its listening address");
+    LoggedBin { child, addr, lines }
+}
+
+impl LoggedBin {
+    /// Every stderr line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, then waits for exit 0.
+    pub async fn stop(&mut self) {
+        let ok = std::process::Command::new("sh")
+            .args(["-c", &format!("kill -TERM {}", self.child.id())])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok);
+        let child = &mut self.child;
+        let st = eventually("tollgate exits", STEP, || {
+            let st = child.try_wait().expect("try_wait");
+            async move { st }
+        })
+        .await;
+        assert!(st.success(), "{st:?}");
     }
 }
