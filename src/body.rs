@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -61,7 +62,7 @@ pub struct Meter {
     endpoint: Endpoint,
     request_body: Bytes,
     observer: Observer,
-    sniffed: Option<Arc<OnceLock<String>>>,
+    upload: Option<Arc<Upload>>,
 }
 
 impl Meter {
@@ -86,13 +87,13 @@ impl Meter {
             endpoint,
             request_body,
             observer: Observer::Ignore,
-            sniffed: None,
+            upload: None,
         }
     }
 
-    /// The requested model will be read from the upload as it streams.
-    pub fn model_from(&mut self, sniffed: Arc<OnceLock<String>>) {
-        self.sniffed = Some(sniffed);
+    /// The request's body streams: its model may be read from it as it passes.
+    pub fn upload(&mut self, upload: Arc<Upload>) {
+        self.upload = Some(upload);
     }
 
     /// The answer head arrived.
@@ -169,7 +170,7 @@ impl Meter {
         if let Some(m) = found.model {
             rec.model = m;
         }
-        if let Some(m) = self.sniffed.as_ref().and_then(|s| s.get()) {
+        if let Some(m) = self.upload.as_ref().and_then(|u| u.model.get()) {
             rec.requested_model = m.clone();
         }
         match found.usage {
@@ -399,32 +400,88 @@ impl HttpBody for ChannelBody {
 /// Most bytes of an upload searched for its `model` field.
 const SNIFF_LIMIT: usize = 64 << 10;
 
-/// A streamed upload (multipart audio or image requests) that reads its
-/// `model` field from the first bytes as they pass, without buffering the body.
-pub struct SniffBody {
-    inner: Incoming,
-    seen: Vec<u8>,
-    multipart: bool,
-    found: Arc<OnceLock<String>>,
+/// What a streamed upload tells the proxy while it passes.
+#[derive(Debug)]
+pub struct Upload {
+    started: Instant,
+    /// Microseconds after `started` of the last upload progress (or its end).
+    active_at: AtomicU64,
+    /// The client's side of the upload broke (it left, or sent bad framing).
+    failed: AtomicBool,
+    /// The `model` form field (multipart) or JSON member, once seen.
+    pub model: OnceLock<String>,
 }
 
-impl SniffBody {
-    /// Wraps an upload; `multipart` selects form-field rather than JSON search.
-    pub fn new(inner: Incoming, multipart: bool) -> (SniffBody, Arc<OnceLock<String>>) {
-        let found = Arc::new(OnceLock::new());
-        (
-            SniffBody {
-                inner,
-                seen: Vec::new(),
-                multipart,
-                found: found.clone(),
-            },
-            found,
-        )
+impl Upload {
+    /// When the upload last moved.
+    pub fn last_activity(&self) -> Instant {
+        self.started + Duration::from_micros(self.active_at.load(Ordering::Relaxed))
+    }
+
+    /// Whether the client's upload broke.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    fn touch(&self) {
+        let us = self.started.elapsed().as_micros() as u64;
+        self.active_at.store(us, Ordering::Relaxed);
     }
 }
 
-impl HttpBody for SniffBody {
+/// A request body streamed upstream unbuffered, whatever its size. It
+/// reports progress (the answer-head timeout counts from the upload's last
+/// byte, not from its first), notices a client that breaks off, and for
+/// audio and image requests reads the `model` field from the first bytes.
+pub struct UploadBody {
+    inner: Incoming,
+    seen: Vec<u8>,
+    sniff: Option<bool>,
+    state: Arc<Upload>,
+}
+
+impl UploadBody {
+    /// Wraps an upload. `sniff`: `Some(multipart)` to look for the model.
+    pub fn new(inner: Incoming, sniff: Option<bool>) -> (UploadBody, Arc<Upload>) {
+        let state = Arc::new(Upload {
+            started: Instant::now(),
+            active_at: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            model: OnceLock::new(),
+        });
+        (
+            UploadBody {
+                inner,
+                seen: Vec::new(),
+                sniff,
+                state: state.clone(),
+            },
+            state,
+        )
+    }
+
+    fn look_for_model(&mut self, d: &[u8]) {
+        let Some(multipart) = self.sniff else {
+            return;
+        };
+        if self.state.model.get().is_some() || self.seen.len() >= SNIFF_LIMIT {
+            return;
+        }
+        let n = d.len().min(SNIFF_LIMIT - self.seen.len());
+        self.seen.extend_from_slice(&d[..n]);
+        let m = if multipart {
+            crate::usage::find_multipart_model(&self.seen)
+        } else {
+            crate::usage::find_model(&self.seen)
+        };
+        if let Some(m) = m {
+            let _ = self.state.model.set(m);
+            self.seen = Vec::new();
+        }
+    }
+}
+
+impl HttpBody for UploadBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -434,22 +491,16 @@ impl HttpBody for SniffBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(d) = frame.data_ref() {
-                if this.found.get().is_none() && this.seen.len() < SNIFF_LIMIT {
-                    let n = d.len().min(SNIFF_LIMIT - this.seen.len());
-                    this.seen.extend_from_slice(&d[..n]);
-                    let m = if this.multipart {
-                        crate::usage::find_multipart_model(&this.seen)
-                    } else {
-                        crate::usage::find_model(&this.seen)
-                    };
-                    if let Some(m) = m {
-                        let _ = this.found.set(m);
-                        this.seen = Vec::new();
-                    }
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.state.touch();
+                if let Some(d) = frame.data_ref() {
+                    this.look_for_model(d);
                 }
             }
+            Poll::Ready(Some(Err(_))) => this.state.failed.store(true, Ordering::Relaxed),
+            Poll::Ready(None) => this.state.touch(),
+            Poll::Pending => {}
         }
         polled.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
     }

@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::access::AuthMode;
-use crate::body::{Body, Meter, MeteredBody, Observer, SniffBody};
+use crate::body::{Body, Meter, MeteredBody, Observer, Upload, UploadBody};
 use crate::budget::Refusal;
 use crate::error::ApiError;
 use crate::record::{Record, Rejected};
@@ -106,7 +106,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
     let mut stream = false;
     let mut requested_model = String::new();
     let mut sent_bytes = Bytes::new();
-    let mut sniffed = None;
+    let mut upload = None;
     let mut max_tokens = None;
     let mut choices = 1;
     let upstream_body = if endpoint.needs_model() {
@@ -141,22 +141,20 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
             HeaderValue::from_static("identity"),
         );
         crate::body::full(sent_bytes.clone())
-    } else if endpoint == Endpoint::Media {
-        parts.headers.insert(
-            header::ACCEPT_ENCODING,
-            HeaderValue::from_static("identity"),
-        );
-        let multipart = parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"multipart/"));
-        let (b, found) = SniffBody::new(body, multipart);
-        sniffed = Some(found);
-        b.boxed_unsync()
     } else {
-        // Uploads stream through unbuffered, whatever their size.
-        body.map_err(|e| Box::new(e) as crate::body::BoxError)
-            .boxed_unsync()
+        let sniff = (endpoint == Endpoint::Media).then(|| {
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+            parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"multipart/"))
+        });
+        let (b, state) = UploadBody::new(body, sniff);
+        upload = Some(state);
+        b.boxed_unsync()
     };
 
     let hold = if state.budgets.active() {
@@ -256,14 +254,26 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
         endpoint,
         sent_bytes,
     );
-    if let Some(found) = sniffed {
-        meter.model_from(found);
+    if let Some(u) = &upload {
+        meter.upload(u.clone());
     }
 
     meter.overhead(started.elapsed());
-    let resp = match tokio::time::timeout(cfg.upstream_idle_timeout, state.client.request(up)).await
+    let resp = match answer_head(
+        state.client.request(up),
+        upload.as_deref(),
+        cfg.upstream_idle_timeout,
+    )
+    .await
     {
         Ok(Ok(r)) => r,
+        Ok(Err(_)) if upload.as_ref().is_some_and(|u| u.failed()) => {
+            // The client broke off its own upload (or framed it badly).
+            meter.failed(499);
+            return Err(ApiError::bad_request(
+                "the request body could not be read to its end",
+            ));
+        }
         Ok(Err(e)) => {
             if e.is_connect() {
                 // Never reached upstream: nothing was spent, nothing to record.
@@ -363,6 +373,29 @@ fn reservation(
             i128::from(prompt) * i128::from(p.query) + i128::from(answer) * i128::from(p.answer)
         });
     (cost, prompt + answer)
+}
+
+/// Waits for upstream's answer head. The idle timeout counts from the
+/// request's last byte: a streamed upload that keeps moving is never cut.
+async fn answer_head<F: std::future::Future>(
+    fut: F,
+    upload: Option<&Upload>,
+    idle: Duration,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    tokio::pin!(fut);
+    let mut deadline = Instant::now() + idle;
+    loop {
+        match tokio::time::timeout_at(deadline.into(), &mut fut).await {
+            Ok(out) => return Ok(out),
+            Err(elapsed) => {
+                let moved = upload.map(|u| u.last_activity() + idle);
+                match moved {
+                    Some(d) if d > Instant::now() => deadline = d,
+                    _ => return Err(elapsed),
+                }
+            }
+        }
+    }
 }
 
 /// An error and its causes on one line, for logs and 502 messages.

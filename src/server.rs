@@ -203,6 +203,34 @@ async fn route(
     }
 }
 
+/// Waits until a new connection has sent its first bytes: a request line, or
+/// the whole HTTP/2 preface. hyper's header timeout only starts once it knows
+/// the protocol, so a client that sends nothing (or trickles the preface)
+/// would otherwise hold its connection forever.
+async fn first_bytes(stream: &tokio::net::TcpStream, limit: std::time::Duration) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 24];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            _ => return false,
+        };
+        if n == 0 {
+            return false;
+        }
+        if n == PREFACE.len() || buf[..n] != PREFACE[..n] {
+            return true;
+        }
+        // Part of the preface: peek again once more has arrived (peek
+        // answers at once while bytes wait, so the deadline is checked here).
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// Serves until `shutdown` completes, then stops accepting, lets in-flight
 /// requests finish within the grace period, and writes every pending record.
 pub async fn run(
@@ -264,11 +292,15 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
                 };
                 let _ = stream.set_nodelay(true);
                 let st = state.clone();
-                let svc = service_fn(move |req| route(st.clone(), remote, req));
-                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
                 conns.spawn(async move {
-                    let _ = conn.await;
+                    if !first_bytes(&stream, st.config.header_timeout).await {
+                        return;
+                    }
+                    let svc = service_fn(move |req| route(st.clone(), remote, req));
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    let _ = watcher.watch(conn.into_owned()).await;
                 });
                 while conns.try_join_next().is_some() {}
             }
@@ -281,16 +313,16 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
         in_flight = conns.len(),
         "shutting down: no longer accepting"
     );
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let drained = tokio::time::timeout(grace, graceful.shutdown()).await;
+    // Whatever is left: connections that never sent a request, or (past the
+    // grace period) requests cut short, whose records are still written.
+    if drained.is_err() {
         tracing::warn!(
             remaining = conns.len(),
             "grace period over: cutting the remaining connections (their records are still written)"
         );
-        conns.abort_all();
     }
+    conns.abort_all();
     while conns.join_next().await.is_some() {}
     let store = state.store.clone();
     let _ = tokio::task::spawn_blocking(move || store.close()).await;
