@@ -423,25 +423,7 @@ impl SqliteReports {
 
 /// SQL conditions and parameters for a filter.
 fn where_clause(f: &Filter) -> (String, Vec<rusqlite::types::Value>) {
-    use rusqlite::types::Value;
-    let mut conds: Vec<&str> = Vec::new();
-    let mut args: Vec<Value> = Vec::new();
-    if let Some(u) = &f.user {
-        conds.push("user = ?");
-        args.push(Value::Text(u.clone()));
-    }
-    if let Some(m) = &f.model {
-        conds.push("model = ?");
-        args.push(Value::Text(m.clone()));
-    }
-    if let Some(a) = f.after {
-        conds.push("ts > ?");
-        args.push(Value::Integer(a));
-    }
-    if let Some(b) = f.before {
-        conds.push("ts < ?");
-        args.push(Value::Integer(b));
-    }
+    let (conds, args) = conditions(f, true);
     let sql = if conds.is_empty() {
         String::new()
     } else {
@@ -576,6 +558,24 @@ impl Reports for SqliteReports {
     }
 }
 
+/// SQL conditions and parameters of a filter's user and model, and (with
+/// `times`) its exclusive time bounds.
+fn conditions(f: &Filter, times: bool) -> (Vec<&'static str>, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let bounds = [
+        ("ts > ?", f.after.filter(|_| times).map(Value::Integer)),
+        ("ts < ?", f.before.filter(|_| times).map(Value::Integer)),
+    ];
+    [
+        ("user = ?", f.user.clone().map(Value::Text)),
+        ("model = ?", f.model.clone().map(Value::Text)),
+    ]
+    .into_iter()
+    .chain(bounds)
+    .filter_map(|(c, v)| v.map(|v| (c, v)))
+    .unzip()
+}
+
 /// A part of a time range read either from the rollups or from the records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Piece {
@@ -660,14 +660,9 @@ fn piece_totals(
             sign
         }
     };
-    if let Some(u) = &f.user {
-        conds.push("user = ?");
-        args.push(Value::Text(u.clone()));
-    }
-    if let Some(m) = &f.model {
-        conds.push("model = ?");
-        args.push(Value::Text(m.clone()));
-    }
+    let (more, more_args) = conditions(f, false);
+    conds.extend(more);
+    args.extend(more_args);
     let keys: Vec<&str> = group.iter().map(|g| key_expr(*g, rollup)).collect();
     let sums = if rollup {
         "SUM(queries), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost / 1000000000), SUM(cost % 1000000000), SUM(unpriced)"
@@ -764,20 +759,7 @@ fn rejection_counts(
     group: &[GroupKey],
     acc: &mut BTreeMap<GroupValues, [i128; 8]>,
 ) -> Result<(), StoreError> {
-    use rusqlite::types::Value;
-    let mut conds: Vec<&str> = Vec::new();
-    let mut args: Vec<Value> = Vec::new();
-    for (cond, v) in [
-        ("user = ?", f.user.clone().map(Value::Text)),
-        ("model = ?", f.model.clone().map(Value::Text)),
-        ("ts > ?", f.after.map(Value::Integer)),
-        ("ts < ?", f.before.map(Value::Integer)),
-    ] {
-        if let Some(v) = v {
-            conds.push(cond);
-            args.push(v);
-        }
-    }
+    let (conds, args) = conditions(f, true);
     let keys: Vec<&str> = group.iter().map(|g| key_expr(*g, false)).collect();
     grouped(
         c,
