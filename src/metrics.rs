@@ -4,6 +4,7 @@
 //! thread once a record is priced, so the request path only touches the
 //! in-flight gauge.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -192,52 +193,75 @@ impl Metrics {
         self
     }
 
-    /// Counts one written record.
-    pub fn record(&self, p: &Priced) {
-        let r = &p.record;
-        let model = if r.model.is_empty() {
-            &r.requested_model
-        } else {
-            &r.model
-        };
-        self.requests
-            .get_or_create(&RequestLabels {
-                endpoint: r.endpoint.clone(),
-                model: model.clone(),
-                status: r.status,
-            })
-            .inc();
-        for (kind, n) in [
-            ("query", r.usage.query),
-            ("answer", r.usage.answer),
-            ("cached", r.usage.cached),
-            ("reasoning", r.usage.reasoning),
-        ] {
-            if n > 0 {
-                self.tokens
-                    .get_or_create(&TokenLabels {
-                        user: r.user.clone(),
-                        model: model.clone(),
-                        kind,
-                    })
-                    .inc_by(n);
+    /// Counts a written batch. Figures are summed per label set first, so
+    /// label strings are cloned and hashed once per batch, not per record.
+    pub fn records(&self, batch: &[Priced]) {
+        #[derive(Default)]
+        struct Sums {
+            requests: u64,
+            tokens: [u64; 4],
+            cost: i64,
+        }
+        let mut by: HashMap<(&str, &str, &str, u16), Sums> = HashMap::new();
+        for p in batch {
+            let r = &p.record;
+            let model = if r.model.is_empty() {
+                &r.requested_model
+            } else {
+                &r.model
+            };
+            let s = by
+                .entry((&r.endpoint, model, &r.user, r.status))
+                .or_default();
+            s.requests += 1;
+            for (t, n) in s.tokens.iter_mut().zip([
+                r.usage.query,
+                r.usage.answer,
+                r.usage.cached,
+                r.usage.reasoning,
+            ]) {
+                *t += n;
+            }
+            s.cost = s.cost.saturating_add(p.cost);
+            self.duration.observe(r.duration_us as f64 / 1e6);
+            if let Some(t) = r.ttfb_us {
+                self.ttfb.observe(t as f64 / 1e6);
+            }
+            self.overhead.observe(r.overhead_us as f64 / 1e6);
+            if r.estimated {
+                self.estimated.inc();
             }
         }
-        if p.cost > 0 {
-            self.cost
-                .get_or_create(&UserModel {
-                    user: r.user.clone(),
-                    model: model.clone(),
+        for ((endpoint, model, user, status), s) in by {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    endpoint: endpoint.to_owned(),
+                    model: model.to_owned(),
+                    status,
                 })
-                .inc_by(p.cost as f64 / 1e12);
-        }
-        self.duration.observe(r.duration_us as f64 / 1e6);
-        if let Some(t) = r.ttfb_us {
-            self.ttfb.observe(t as f64 / 1e6);
-        }
-        self.overhead.observe(r.overhead_us as f64 / 1e6);
-        if r.estimated {
-            self.estimated.inc();
+                .inc_by(s.requests);
+            for (kind, n) in ["query", "answer", "cached", "reasoning"]
+                .into_iter()
+                .zip(s.tokens)
+            {
+                if n > 0 {
+                    self.tokens
+                        .get_or_create(&TokenLabels {
+                            user: user.to_owned(),
+                            model: model.to_owned(),
+                            kind,
+                        })
+                        .inc_by(n);
+                }
+            }
+            if s.cost > 0 {
+                self.cost
+                    .get_or_create(&UserModel {
+                        user: user.to_owned(),
+                        model: model.to_owned(),
+                    })
+                    .inc_by(s.cost as f64 / 1e12);
+            }
         }
     }
 

@@ -623,8 +623,9 @@ pub struct Capture {
     pub overflow: u64,
 }
 
-/// Most answer bytes kept per request for estimation.
-pub const CAPTURE_CAP: usize = 1 << 20;
+/// Most answer bytes kept per request for estimation; past it, estimates
+/// extrapolate. Small, because every stream holds it until its usage arrives.
+pub const CAPTURE_CAP: usize = 256 << 10;
 
 impl Capture {
     fn push(&mut self, b: &[u8]) {

@@ -621,8 +621,8 @@ impl Writer {
                 Ok(()) => {
                     self.metrics.batch(p.batch.len(), t.elapsed().as_secs_f64());
                     self.health.failing.store(false, Ordering::Relaxed);
+                    self.metrics.records(&p.batch);
                     for r in &p.batch {
-                        self.metrics.record(r);
                         access_log(r);
                     }
                     if attempts > 0 {
