@@ -11,6 +11,10 @@
 //! - `TOLLGATE_BENCH_CLIENT_THREADS` / `TOLLGATE_BENCH_MOCK_THREADS` (default 2 each),
 //! - `TOLLGATE_BENCH_BIN` another tollgate binary to measure (default: the one cargo built),
 //! - `TOLLGATE_BENCH_BIG_MB` size of the big-stream RSS check (default 100, 0 skips it),
+//! - `TOLLGATE_BENCH_AUTH=keys` runs tollgate in `--auth keys` mode with an
+//!   admin key, one tollgate key per client user and a budget plus request and
+//!   token limits on every user (all far above what the run spends), so every
+//!   request pays for the key check and the budget reservation,
 //! - `TOLLGATE_BENCH_SCENARIOS` subset of `chat,stream,stream+usage`, and
 //!   `TOLLGATE_BENCH_TARGETS` subset of `direct,tollgate,nginx` (for profiling one cell).
 //!
@@ -265,7 +269,16 @@ fn start_tollgate(dir: &Path, upstream: SocketAddr) -> (Proc, SocketAddr, PathBu
     let bin = std::env::var_os("TOLLGATE_BENCH_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tollgate")));
-    let mut child = Command::new(bin)
+    let keys_mode = keys_mode();
+    let mut cmd = Command::new(bin);
+    if keys_mode {
+        cmd.args(["--auth", "keys"])
+            .env("TOLLGATE_ADMIN_TOKEN", ADMIN_KEY)
+            .env("TOLLGATE_UPSTREAM_TOKEN", "sk-bench-upstream");
+    } else {
+        cmd.env_remove("TOLLGATE_UPSTREAM_TOKEN");
+    }
+    let mut child = cmd
         .arg("--listen")
         .arg(addr.to_string())
         .arg("--upstream")
@@ -274,7 +287,6 @@ fn start_tollgate(dir: &Path, upstream: SocketAddr) -> (Proc, SocketAddr, PathBu
         .arg(&db)
         .args(["--shutdown-grace", "10s"])
         .env("RUST_LOG", "warn")
-        .env_remove("TOLLGATE_UPSTREAM_TOKEN")
         .env_remove("FORWARD_TOKEN")
         .env_remove("TOLLGATE_CONFIG")
         .stdin(Stdio::null())
@@ -283,6 +295,9 @@ fn start_tollgate(dir: &Path, upstream: SocketAddr) -> (Proc, SocketAddr, PathBu
         .spawn()
         .expect("spawn tollgate");
     wait_listening(addr, &mut child, "tollgate");
+    if keys_mode {
+        setup_keys(addr);
+    }
     (
         Proc {
             child,
@@ -291,6 +306,58 @@ fn start_tollgate(dir: &Path, upstream: SocketAddr) -> (Proc, SocketAddr, PathBu
         addr,
         db,
     )
+}
+
+const ADMIN_KEY: &str = "bench-admin-key";
+
+/// Client users; client `i` acts as user `i % USERS`.
+const USERS: usize = 16;
+
+/// One tollgate key per user, in keys mode.
+static USER_KEYS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+fn keys_mode() -> bool {
+    std::env::var("TOLLGATE_BENCH_AUTH").is_ok_and(|v| v == "keys")
+}
+
+/// A blocking admin call: method, path, JSON body; returns the answer body.
+fn admin_call(addr: SocketAddr, method: &str, path: &str, body: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).expect("admin connect");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: tollgate\r\nauthorization: Bearer {ADMIN_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("admin write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("admin read");
+    assert!(
+        out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.1 201"),
+        "admin {method} {path}: {out}"
+    );
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+/// Creates a key and generous limits (so the checks run but never refuse) per user.
+fn setup_keys(addr: SocketAddr) {
+    let keys = (0..USERS)
+        .map(|u| {
+            let user = format!("bench-user-{u}");
+            admin_call(
+                addr,
+                "PUT",
+                &format!("/users/{user}/limits"),
+                r#"{"budget": 100000, "period": "month", "requestsPerMinute": 1000000000, "tokensPerMinute": 1000000000000}"#,
+            );
+            let created = admin_call(addr, "POST", &format!("/users/{user}/keys"), "");
+            let v: serde_json::Value = serde_json::from_str(&created).expect("key json");
+            v["key"].as_str().expect("key").to_owned()
+        })
+        .collect();
+    let _ = USER_KEYS.set(keys);
 }
 
 fn start_nginx(nginx: &Path, dir: &Path, upstream: SocketAddr) -> (Proc, SocketAddr) {
@@ -487,7 +554,11 @@ async fn client(
     let mut t = Tally::default();
     let expected = scenario.expected_len();
     let host = addr.to_string();
-    let user = format!("bench-user-{}", id % 16);
+    let user = format!("bench-user-{}", id % USERS);
+    let auth = match USER_KEYS.get() {
+        Some(keys) => format!("Bearer {}", keys[id % USERS]),
+        None => "Bearer sk-bench-not-a-key".to_owned(),
+    };
     let mut sender: Option<Sender> = None;
     let fail = |t: &mut Tally, e: String| {
         t.errors += 1;
@@ -513,7 +584,7 @@ async fn client(
         let req = Request::post("/v1/chat/completions")
             .header(header::HOST, host.as_str())
             .header(header::CONTENT_TYPE, "application/json")
-            .header(header::AUTHORIZATION, "Bearer sk-bench-not-a-key")
+            .header(header::AUTHORIZATION, auth.as_str())
             .header("x-user", user.as_str())
             .body(Full::new(body.clone()))
             .expect("request");
@@ -597,6 +668,13 @@ fn big_stream(
             .header(header::HOST, addr.to_string())
             .header(header::CONTENT_TYPE, "application/json")
             .header("x-user", "bench-big-stream")
+            .header(
+                header::AUTHORIZATION,
+                match USER_KEYS.get() {
+                    Some(keys) => format!("Bearer {}", keys[0]),
+                    None => "Bearer sk-bench-not-a-key".to_owned(),
+                },
+            )
             .header(BIG_STREAM_HEADER, bytes.to_string())
             .body(Full::new(Scenario::Stream.body()))
             .map_err(|e| e.to_string())?;
@@ -769,7 +847,8 @@ fn main() {
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "load bench: {} s per cell after {} ms warm-up, concurrency {concs:?}, client threads {client_threads}, mock threads {mock_threads}, nginx {}; load average at start: {}",
+        "load bench: tollgate auth mode {}, {} s per cell after {} ms warm-up, concurrency {concs:?}, client threads {client_threads}, mock threads {mock_threads}, nginx {}; load average at start: {}",
+        if keys_mode() { "keys (a key per user, budgets and limits on)" } else { "header" },
         secs.as_secs_f64(),
         warm.as_millis(),
         if nginx.is_some() { nginx_path.display().to_string() } else { "not found (skipped)".into() },

@@ -236,7 +236,7 @@ pub fn parse_scaled(text: &str, scale: u32) -> Result<i64, DecimalError> {
         return Err(DecimalError::TooPrecise);
     }
     let digits = digits.trim_start_matches('0');
-    if digits.len() as i64 + shift > 18 {
+    if digits.len() as i64 + shift > 19 {
         return Err(DecimalError::TooLarge);
     }
     let v: i64 = digits.parse().map_err(|_| DecimalError::TooLarge)?;
