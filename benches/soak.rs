@@ -187,6 +187,10 @@ fn main() {
             .expect("re-exec with a raised fd limit");
         std::process::exit(status.code().unwrap_or(1));
     }
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    if let Some(l) = limits.lines().find(|l| l.starts_with("Max open files")) {
+        println!("{l}");
+    }
     let smoke = std::env::var_os("TOLLGATE_BENCH_SMOKE").is_some_and(|v| v != "0");
     let streams: u64 = if smoke {
         200
