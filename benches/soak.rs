@@ -2,8 +2,8 @@
 //! at once, then a long run at steady load. Both count errors, sample
 //! tollgate's memory and check that every request left exactly one record.
 //!
-//! `cargo bench --bench soak` (needs `cargo build --release` first; it runs
-//! `target/release/tollgate`). Environment: `TOLLGATE_SOAK_STREAMS` (default
+//! `cargo bench --bench soak` (runs the tollgate binary cargo builds for the
+//! bench). Environment: `TOLLGATE_SOAK_STREAMS` (default
 //! 10000), `TOLLGATE_SOAK_HOLD_SECS` (how long the mock holds each stream,
 //! default 20), `TOLLGATE_SOAK_SECS` (steady-load phase, default 600),
 //! `TOLLGATE_SOAK_CONCURRENCY` (default 32), `TOLLGATE_BENCH_SMOKE=1` (200
@@ -222,8 +222,7 @@ fn main() {
         .expect("port")
         .port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/tollgate");
-    assert!(bin.exists(), "build tollgate first: cargo build --release");
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_tollgate"));
     let mut child = Command::new(&bin)
         .args([
             "--listen",
