@@ -40,9 +40,16 @@ pub fn from_headers(headers: &HeaderMap, now_ms: i64) -> Option<RateLimits> {
         };
         let maximum = get("limit").and_then(|v| v.parse().ok());
         let remaining = get("remaining").and_then(|v| v.parse().ok());
-        let reset = get("reset")
-            .and_then(parse_go_duration_ns)
-            .map(|ns| crate::timestamp::format_ms(now_ms + (ns / 1_000_000) as i64));
+        let reset = get("reset").and_then(parse_go_duration_ns).map(|ns| {
+            // Absurd resets end at the last representable instant, never
+            // wrap around to before the answer.
+            let at = i64::try_from(ns / 1_000_000)
+                .ok()
+                .and_then(|d| now_ms.checked_add(d))
+                .unwrap_or(i64::MAX)
+                .min(crate::timestamp::MAX_MS);
+            crate::timestamp::format_ms(at)
+        });
         if maximum.is_none() && remaining.is_none() && reset.is_none() {
             None
         } else {

@@ -24,6 +24,16 @@ pub fn format_ms(ms: i64) -> String {
 /// `±HH:MM`; a space instead of `T`; a space instead of `+` before the offset
 /// (what an unencoded `+` becomes in a query string); a bare date (midnight UTC).
 pub fn parse(s: &str) -> Option<i64> {
+    // Only instants that format back to four-digit years (0000-9999).
+    parse_any(s).filter(|ms| (MIN_MS..=MAX_MS).contains(ms))
+}
+
+/// 0000-01-01T00:00:00.000Z.
+pub const MIN_MS: i64 = -62_167_219_200_000;
+/// 9999-12-31T23:59:59.999Z.
+pub const MAX_MS: i64 = 253_402_300_799_999;
+
+fn parse_any(s: &str) -> Option<i64> {
     let s = s.trim_matches(|c: char| c == ' ');
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Some(t.timestamp_millis());
