@@ -221,7 +221,7 @@ impl Drop for Meter {
 
 /// Upstream's answer body on its way to the client, metered.
 pub struct MeteredBody {
-    inner: Incoming,
+    inner: crate::upstream::UpstreamBody,
     meter: Meter,
     idle: Duration,
     timer: Option<Pin<Box<Sleep>>>,
@@ -246,7 +246,7 @@ impl std::error::Error for IdleTimeout {}
 
 impl MeteredBody {
     /// Wraps `inner`; silence longer than `idle` ends the stream with an error.
-    pub fn new(inner: Incoming, meter: Meter, idle: Duration) -> MeteredBody {
+    pub fn new(inner: crate::upstream::UpstreamBody, meter: Meter, idle: Duration) -> MeteredBody {
         let strips = matches!(&meter.observer, Observer::Sse(s) if s.strips());
         MeteredBody {
             inner,

@@ -86,18 +86,15 @@ impl Upstream {
         })
     }
 
-    /// The upstream URI for an incoming path and query.
+    /// The upstream request target (origin form) for an incoming path and
+    /// query.
     pub fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
         let pq = if self.base_path.is_empty() {
             path_and_query.to_owned()
         } else {
             format!("{}{}", self.base_path, path_and_query)
         };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
+        Uri::builder().path_and_query(pq).build()
     }
 }
 

@@ -15,6 +15,8 @@
 //!   seam the binary and the tests start it through.
 //! - [`proxy`]: the `/v1/` handler: request checks, header rules, the
 //!   `include_usage` splice, upstream call and timeouts.
+//! - [`upstream`]: keep-alive connections to the upstream, driven inside the
+//!   request's own task so a burst of events reaches the client in one write.
 //! - [`body`]: [`body::MeteredBody`], which observes answer frames and settles the
 //!   record at the end, on error or when the client leaves.
 //! - [`usage`]: reading model, stream flags and usage from request bodies,
@@ -50,4 +52,5 @@ pub mod server;
 pub mod store;
 pub mod timestamp;
 pub mod tokens;
+pub mod upstream;
 pub mod usage;

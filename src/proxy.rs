@@ -260,7 +260,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
 
     meter.overhead(started.elapsed());
     let resp = match answer_head(
-        state.client.request(up),
+        state.upstream.send(up),
         upload.as_deref(),
         cfg.upstream_idle_timeout,
     )
@@ -275,7 +275,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
             ));
         }
         Ok(Err(e)) => {
-            if e.is_connect() {
+            if matches!(e, crate::upstream::UpstreamError::Connect(_)) {
                 // Never reached upstream: nothing was spent, nothing to record.
                 meter.cancel();
                 return Err(ApiError::bad_gateway(format!(

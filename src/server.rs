@@ -7,9 +7,6 @@ use std::sync::Arc;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -19,15 +16,12 @@ use crate::body::Body;
 use crate::config::Config;
 use crate::store::{sqlite, Store};
 
-/// The upstream HTTP client type.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
-
 /// Everything a request handler needs.
 pub struct State {
     /// The validated settings.
     pub config: Config,
-    /// One pooled client for every upstream call.
-    pub client: UpstreamClient,
+    /// The upstream and its idle connections.
+    pub upstream: crate::upstream::Upstream,
     /// Where records go and reports come from.
     pub store: Arc<Store>,
     /// `Bearer <upstream token>`, prepared once.
@@ -116,24 +110,6 @@ impl std::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
-fn client(config: &Config) -> UpstreamClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(config.upstream_connect_timeout));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(90))
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(https)
-}
-
 /// Opens the store and builds the shared state.
 pub fn state(config: Config) -> Result<Arc<State>, StartError> {
     let (backend, reports) =
@@ -167,7 +143,7 @@ pub fn state(config: Config) -> Result<Arc<State>, StartError> {
         None => None,
     };
     Ok(Arc::new(State {
-        client: client(&config),
+        upstream: crate::upstream::Upstream::new(&config),
         admin_digest: config.admin_token.as_deref().map(crate::access::digest),
         config,
         store,
@@ -265,6 +241,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
             tracing::info!("no admin key (TOLLGATE_ADMIN_TOKEN): admin endpoints answer only to loopback clients");
         }
     }
+    state.upstream.spawn_reaper();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -199,6 +199,11 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 /// Most records in one transaction.
 const MAX_BATCH: usize = 8192;
 
+/// How long the writer gathers records before a commit. Records are in memory
+/// (and counted in budgets) from the moment they are queued; this only delays
+/// when they reach the database, by at most this much.
+const COMMIT_WINDOW: Duration = Duration::from_millis(10);
+
 enum Msg {
     Record(Box<Record>, OwnedSemaphorePermit),
     Price {
@@ -536,6 +541,7 @@ impl Writer {
                 }
             };
             let mut next = Some(first);
+            let window_end = Instant::now() + COMMIT_WINDOW;
             while let Some(msg) = next.take() {
                 match msg {
                     Msg::Record(r, permit) => {
@@ -582,6 +588,22 @@ impl Writer {
                 }
                 if p.batch.len() < MAX_BATCH {
                     next = rx.try_recv().ok();
+                    // Group commit: a commit costs about as much for one record as
+                    // for hundreds, so a trickle waits briefly for company. It
+                    // sleeps rather than blocks on the channel, so that senders
+                    // meanwhile do not wake this thread once per record. A flush
+                    // (a report about to read) or shutdown does not wait.
+                    if next.is_none()
+                        && !shutting_down
+                        && p.flushes.is_empty()
+                        && !p.batch.is_empty()
+                    {
+                        let now = Instant::now();
+                        if now < window_end {
+                            std::thread::sleep(window_end - now);
+                            next = rx.try_recv().ok();
+                        }
+                    }
                 }
             }
             self.commit(&mut backend, &mut p, shutting_down);
