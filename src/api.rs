@@ -613,6 +613,11 @@ pub fn record_csv(out: &mut String, r: &StoredRecord) {
 }
 
 fn metrics(state: &Arc<State>) -> Response<Body> {
+    // The writer updates these gauges with its next batch; a scrape must not
+    // see older values than /ratelimits does.
+    if let Some(rl) = state.store.ratelimits() {
+        state.store.metrics().ratelimits(&rl);
+    }
     let text = state.store.metrics().encode(state.store.queue_depth());
     let mut r = Response::new(crate::body::full(text));
     r.headers_mut().insert(

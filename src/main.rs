@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use tollgate::config::{self, Command, LogFormat};
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let config = match config::parse(std::env::args().skip(1), &|k| std::env::var(k).ok()) {
         Ok(Command::Run(c)) => c,

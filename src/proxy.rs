@@ -300,11 +300,8 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
     };
 
     let (mut parts, body) = resp.into_parts();
-    if crate::ratelimit::has_headers(&parts.headers) {
-        if let Some(rl) = crate::ratelimit::from_headers(&parts.headers, crate::timestamp::now_ms())
-        {
-            state.store.set_ratelimits(rl);
-        }
+    if let Some(raw) = crate::ratelimit::Raw::capture(&parts.headers, crate::timestamp::now_ms()) {
+        state.store.set_ratelimits(raw);
     }
     let request_id = parts
         .headers

@@ -1,6 +1,6 @@
 //! Upstream rate-limit headers (`x-ratelimit-*`) and Go-style durations.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 /// One limit (requests or tokens) as the API reports it.
@@ -28,19 +28,54 @@ pub struct RateLimits {
     pub requests: Option<Limit>,
 }
 
+/// The headers read, in the order [`parse`] expects them.
+const NAMES: [&str; 6] = [
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+];
+
+/// An answer's `x-ratelimit-*` headers as they came, with their arrival
+/// time. Copying them is a few reference counts; parsing (and formatting the
+/// reset times) waits until someone reads them, off the request path.
+#[derive(Debug, Clone)]
+pub struct Raw {
+    values: [Option<HeaderValue>; 6],
+    at_ms: i64,
+}
+
+impl Raw {
+    /// The rate-limit headers of an answer that arrived at `at_ms`; `None`
+    /// when it has none.
+    pub fn capture(headers: &HeaderMap, at_ms: i64) -> Option<Raw> {
+        let values = NAMES.map(|n| headers.get(n).cloned());
+        values
+            .iter()
+            .any(Option::is_some)
+            .then_some(Raw { values, at_ms })
+    }
+
+    /// What the headers say; `None` when none of them parses.
+    pub fn parse(&self) -> Option<RateLimits> {
+        parse(|i| self.values[i].as_ref(), self.at_ms)
+    }
+}
+
 /// Reads the `x-ratelimit-*` headers of an answer that arrived at `now_ms`.
 /// `None` when the answer carries none of them.
 pub fn from_headers(headers: &HeaderMap, now_ms: i64) -> Option<RateLimits> {
-    let limit = |kind: &str| -> Option<Limit> {
-        let get = |what: &str| {
-            headers
-                .get(format!("x-ratelimit-{what}-{kind}"))
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-        };
-        let maximum = get("limit").and_then(|v| v.parse().ok());
-        let remaining = get("remaining").and_then(|v| v.parse().ok());
-        let reset = get("reset").and_then(parse_go_duration_ns).map(|ns| {
+    parse(|i| headers.get(NAMES[i]), now_ms)
+}
+
+fn parse<'a>(get: impl Fn(usize) -> Option<&'a HeaderValue>, now_ms: i64) -> Option<RateLimits> {
+    let limit = |first: usize| -> Option<Limit> {
+        let get = |i: usize| get(first + i).and_then(|v| v.to_str().ok()).map(str::trim);
+        let maximum = get(0).and_then(|v| v.parse().ok());
+        let remaining = get(1).and_then(|v| v.parse().ok());
+        let reset = get(2).and_then(parse_go_duration_ns).map(|ns| {
             // Absurd resets end at the last representable instant, never
             // wrap around to before the answer.
             let at = i64::try_from(ns / 1_000_000)
@@ -61,8 +96,8 @@ pub fn from_headers(headers: &HeaderMap, now_ms: i64) -> Option<RateLimits> {
         }
     };
     let rl = RateLimits {
-        tokens: limit("tokens"),
-        requests: limit("requests"),
+        tokens: limit(0),
+        requests: limit(3),
     };
     (rl.tokens.is_some() || rl.requests.is_some()).then_some(rl)
 }

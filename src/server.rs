@@ -2,6 +2,8 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response};
@@ -22,6 +24,8 @@ pub struct State {
     pub config: Config,
     /// The upstream and its idle connections.
     pub upstream: crate::upstream::Upstream,
+    /// Server worker threads (one per available core).
+    pub workers: usize,
     /// Where records go and reports come from.
     pub store: Arc<Store>,
     /// `Bearer <upstream token>`, prepared once.
@@ -142,8 +146,10 @@ pub fn state(config: Config) -> Result<Arc<State>, StartError> {
         }
         None => None,
     };
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     Ok(Arc::new(State {
-        upstream: crate::upstream::Upstream::new(&config),
+        upstream: crate::upstream::Upstream::new(&config, workers),
+        workers,
         admin_digest: config.admin_token.as_deref().map(crate::access::digest),
         config,
         store,
@@ -241,6 +247,111 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
             tracing::info!("no admin key (TOLLGATE_ADMIN_TOKEN): admin endpoints answer only to loopback clients");
         }
     }
+    // One single-threaded runtime per core, each accepting from the same
+    // socket: a connection, its upstream connection and its body all live on
+    // one thread, as in nginx's workers. A multi-threaded runtime woke a second
+    // thread (futex) for most events only to find nothing to steal.
+    let listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot hand the listening socket to the workers");
+            return;
+        }
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut inboxes = Vec::new();
+    let mut handoff = Vec::new();
+    for _ in 0..state.workers {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        handoff.push(tx);
+        inboxes.push(rx);
+    }
+    let shared = Arc::new(Workers {
+        loads: (0..state.workers).map(|_| AtomicUsize::new(0)).collect(),
+        handoff,
+    });
+    let mut finished = Vec::new();
+    for (n, inbox) in inboxes.into_iter().enumerate() {
+        let l = match listener.try_clone() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot share the listening socket");
+                break;
+            }
+        };
+        let (st, stop, shared) = (state.clone(), stop_rx.clone(), shared.clone());
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let spawned = std::thread::Builder::new()
+            .name(format!("tollgate-w{n}"))
+            .spawn(move || {
+                crate::upstream::set_worker(n);
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(worker(n, l, inbox, shared, st, stop)),
+                    Err(e) => tracing::error!(error = %e, "cannot start a worker runtime"),
+                }
+                drop(done_tx);
+            });
+        match spawned {
+            Ok(_) => finished.push(done_rx),
+            Err(e) => tracing::error!(error = %e, "cannot start a worker thread"),
+        }
+    }
+    drop(listener);
+    if finished.is_empty() {
+        tracing::error!("no worker could start; shutting down");
+    } else {
+        shutdown.await;
+    }
+    let _ = stop_tx.send(true);
+    for done in finished {
+        let _ = done.await;
+    }
+    let store = state.store.clone();
+    let _ = tokio::task::spawn_blocking(move || store.close()).await;
+    tracing::info!("all usage records written; bye");
+}
+
+/// What the workers share: how many connections each serves, and a way to
+/// hand a connection to another.
+struct Workers {
+    loads: Vec<AtomicUsize>,
+    handoff: Vec<tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
+}
+
+/// Counts a connection against its worker while it lives.
+struct Load<'a>(&'a AtomicUsize);
+
+impl Drop for Load<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One worker: accepts and serves connections on its own thread until told
+/// to stop, then drains them within the grace period.
+///
+/// Every worker wakes for a new connection and whichever accepts first gets
+/// it, which can leave one thread with most of a fixed set of keep-alive
+/// connections (there is no work stealing between threads). So a worker that
+/// serves more connections than another passes a new one to the least loaded.
+async fn worker(
+    n: usize,
+    listener: std::net::TcpListener,
+    mut inbox: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+    shared: Arc<Workers>,
+    state: Arc<State>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "worker cannot listen");
+            return;
+        }
+    };
     state.upstream.spawn_reaper();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -254,35 +365,52 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
         .max_header_list_size((MAX_HEADER_BYTES * 4) as u32);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut conns = JoinSet::new();
-    tokio::pin!(shutdown);
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, remote) = match accepted {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, remote)) => {
+                    let least = (0..shared.loads.len())
+                        .min_by_key(|&i| shared.loads[i].load(Ordering::Relaxed))
+                        .unwrap_or(n);
+                    if shared.loads[least].load(Ordering::Relaxed)
+                        < shared.loads[n].load(Ordering::Relaxed)
+                    {
+                        if let Ok(std) = stream.into_std() {
+                            let _ = shared.handoff[least].send((std, remote));
+                        }
                         continue;
                     }
-                };
-                let _ = stream.set_nodelay(true);
-                let st = state.clone();
-                let builder = builder.clone();
-                let watcher = graceful.watcher();
-                conns.spawn(async move {
-                    if !first_bytes(&stream, st.config.header_timeout).await {
-                        return;
-                    }
-                    let svc = service_fn(move |req| route(st.clone(), remote, req));
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    let _ = watcher.watch(conn.into_owned()).await;
-                });
-                while conns.try_join_next().is_some() {}
+                    (stream, remote)
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            Some((std, remote)) = inbox.recv() => match tokio::net::TcpStream::from_std(std) {
+                Ok(stream) => (stream, remote),
+                Err(_) => continue,
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        shared.loads[n].fetch_add(1, Ordering::Relaxed);
+        let st = state.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let shared = shared.clone();
+        conns.spawn(async move {
+            let _load = Load(&shared.loads[n]);
+            if !first_bytes(&stream, st.config.header_timeout).await {
+                return;
             }
-            _ = &mut shutdown => break,
-        }
+            let svc = service_fn(move |req| route(st.clone(), remote, req));
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            let _ = watcher.watch(conn.into_owned()).await;
+        });
+        while conns.try_join_next().is_some() {}
     }
     drop(listener);
     let grace = state.config.shutdown_grace;
@@ -301,7 +429,4 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
     }
     conns.abort_all();
     while conns.join_next().await.is_some() {}
-    let store = state.store.clone();
-    let _ = tokio::task::spawn_blocking(move || store.close()).await;
-    tracing::info!("all usage records written; bye");
 }

@@ -47,9 +47,22 @@ const MAX_IDLE: usize = 1024;
 /// How often idle connections are checked for closure and age.
 const REAP_EVERY: Duration = Duration::from_secs(5);
 
-/// The upstream: where requests go and the idle connections to it.
+/// The upstream: where requests go and the idle connections to it, one
+/// idle list per server worker thread (a connection belongs to the reactor
+/// of the thread that opened it; used from another thread, every event
+/// would cross threads).
 pub struct Upstream {
-    pool: Arc<Pool>,
+    pools: Vec<Arc<Pool>>,
+}
+
+thread_local! {
+    /// The server worker this thread is (0 outside the workers).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as server worker `n`.
+pub fn set_worker(n: usize) {
+    WORKER.with(|w| w.set(n));
 }
 
 struct Pool {
@@ -102,8 +115,9 @@ impl std::error::Error for UpstreamError {
 }
 
 impl Upstream {
-    /// The upstream of `config`, with no connection open yet.
-    pub fn new(config: &Config) -> Upstream {
+    /// The upstream of `config` for `workers` server threads, with no
+    /// connection open yet.
+    pub fn new(config: &Config, workers: usize) -> Upstream {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -122,15 +136,22 @@ impl Upstream {
             .expect("scheme and authority were validated");
         let host =
             HeaderValue::from_str(up.authority.as_str()).expect("an authority is a header value");
-        Upstream {
-            pool: Arc::new(Pool {
-                connector,
-                origin,
-                host,
-                idle: Mutex::new(Vec::new()),
-                idle_timeout: Duration::from_secs(90),
-            }),
-        }
+        let pools = (0..workers.max(1))
+            .map(|_| {
+                Arc::new(Pool {
+                    connector: connector.clone(),
+                    origin: origin.clone(),
+                    host: host.clone(),
+                    idle: Mutex::new(Vec::new()),
+                    idle_timeout: Duration::from_secs(90),
+                })
+            })
+            .collect();
+        Upstream { pools }
+    }
+
+    fn pool(&self) -> &Arc<Pool> {
+        &self.pools[WORKER.with(|w| w.get()) % self.pools.len()]
     }
 
     /// Sends `req` (origin-form URI) and waits for the answer head. The
@@ -139,13 +160,13 @@ impl Upstream {
         &self,
         mut req: Request<Body>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        req.headers_mut()
-            .insert(header::HOST, self.pool.host.clone());
+        let pool = self.pool();
+        req.headers_mut().insert(header::HOST, pool.host.clone());
         loop {
-            let (mut send, mut conn, reused) = match self.pool.checkout() {
+            let (mut send, mut conn, reused) = match pool.checkout() {
                 Some(i) => (i.send, i.conn, true),
                 None => {
-                    let (s, c) = self.pool.connect().await?;
+                    let (s, c) = pool.connect().await?;
                     (s, c, false)
                 }
             };
@@ -180,7 +201,7 @@ impl Upstream {
                     let lease = live.then(|| Lease {
                         send,
                         conn,
-                        pool: Arc::downgrade(&self.pool),
+                        pool: Arc::downgrade(pool),
                     });
                     return Ok(resp.map(|incoming| UpstreamBody {
                         incoming,
@@ -198,10 +219,10 @@ impl Upstream {
         }
     }
 
-    /// Closes idle connections that the upstream closed or that are too old,
-    /// every few seconds, until the upstream is dropped.
+    /// Closes this worker's idle connections that the upstream closed or
+    /// that are too old, every few seconds, until the upstream is dropped.
     pub fn spawn_reaper(&self) {
-        let pool: Weak<Pool> = Arc::downgrade(&self.pool);
+        let pool: Weak<Pool> = Arc::downgrade(self.pool());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(REAP_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -213,9 +234,9 @@ impl Upstream {
         });
     }
 
-    /// Idle connections right now (for tests and metrics).
+    /// Idle connections right now, all workers together.
     pub fn idle_connections(&self) -> usize {
-        self.pool.idle.lock().len()
+        self.pools.iter().map(|p| p.idle.lock().len()).sum()
     }
 }
 

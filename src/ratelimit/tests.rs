@@ -42,13 +42,17 @@ fn headers_to_limits() {
     assert!(has_headers(&h));
     let now = 1_706_188_685_000;
     let rl = from_headers(&h, now).unwrap();
-    let req = rl.requests.unwrap();
+    let req = rl.requests.clone().unwrap();
     assert_eq!(req.maximum, Some(500));
     assert_eq!(req.remaining, Some(499));
     assert_eq!(req.reset.as_deref(), Some("2024-01-25T13:18:05.120Z"));
-    let tok = rl.tokens.unwrap();
+    let tok = rl.tokens.clone().unwrap();
     assert_eq!(tok.maximum, Some(500_000));
     assert_eq!(tok.reset.as_deref(), Some("2024-01-25T13:19:05.000Z"));
+    // Captured now, parsed later: the same answer, resets from arrival time.
+    let raw = Raw::capture(&h, now).unwrap();
+    h.clear();
+    assert_eq!(raw.parse(), Some(rl));
 }
 
 #[test]
@@ -56,4 +60,9 @@ fn no_headers_no_limits() {
     let h = HeaderMap::new();
     assert!(!has_headers(&h));
     assert_eq!(from_headers(&h, 0), None);
+    assert!(Raw::capture(&h, 0).is_none());
+    let mut h = HeaderMap::new();
+    h.insert("x-ratelimit-reset-tokens", "soon".parse().unwrap());
+    let raw = Raw::capture(&h, 0).expect("present, if unreadable");
+    assert_eq!(raw.parse(), None);
 }

@@ -256,7 +256,10 @@ impl Store {
         let (estimator_tx, estimator_rx) = crossbeam_channel::bounded(QUEUE_CAPACITY + 1024);
         let w_prices = prices.clone();
         let latest = Arc::new(Latest {
-            value: Mutex::new(ratelimits),
+            value: Mutex::new(LatestValue {
+                raw: None,
+                parsed: ratelimits,
+            }),
             dirty: AtomicBool::new(false),
         });
         let w_latest = latest.clone();
@@ -346,18 +349,17 @@ impl Store {
         }
     }
 
-    /// Records the latest upstream rate limits.
-    pub fn set_ratelimits(&self, rl: RateLimits) {
-        // Written with the next batch: every answer that carries them also
-        // leaves a record.
-        self.metrics.ratelimits(&rl);
-        *self.ratelimits.value.lock() = Some(rl);
+    /// Keeps the latest upstream rate-limit headers. They are parsed when
+    /// read, and written (and put in metrics) with the next batch: every
+    /// answer that carries them also leaves a record.
+    pub fn set_ratelimits(&self, raw: crate::ratelimit::Raw) {
+        self.ratelimits.value.lock().raw = Some(raw);
         self.ratelimits.dirty.store(true, Ordering::Release);
     }
 
     /// The latest upstream rate limits.
     pub fn ratelimits(&self) -> Option<RateLimits> {
-        self.ratelimits.value.lock().clone()
+        self.ratelimits.get()
     }
 
     /// Adds or replaces a price row and re-prices the records it covers.
@@ -475,8 +477,25 @@ struct Pending {
 
 /// The latest rate limits, and whether they changed since last written.
 struct Latest {
-    value: Mutex<Option<RateLimits>>,
+    value: Mutex<LatestValue>,
     dirty: AtomicBool,
+}
+
+struct LatestValue {
+    /// Headers not parsed yet, newer than `parsed`.
+    raw: Option<crate::ratelimit::Raw>,
+    /// The last limits that parsed.
+    parsed: Option<RateLimits>,
+}
+
+impl Latest {
+    fn get(&self) -> Option<RateLimits> {
+        let mut v = self.value.lock();
+        if let Some(rl) = v.raw.take().and_then(|r| r.parse()) {
+            v.parsed = Some(rl);
+        }
+        v.parsed.clone()
+    }
 }
 
 struct Writer {
@@ -617,7 +636,10 @@ impl Writer {
     /// bounded number of attempts and says how many records were lost.
     fn commit(&self, backend: &mut impl Backend, p: &mut Pending, shutting_down: bool) {
         if self.latest.dirty.swap(false, Ordering::AcqRel) {
-            p.ratelimits = self.latest.value.lock().clone();
+            p.ratelimits = self.latest.get();
+            if let Some(rl) = &p.ratelimits {
+                self.metrics.ratelimits(rl);
+            }
         }
         if p.batch.is_empty()
             && p.ratelimits.is_none()

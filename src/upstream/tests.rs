@@ -94,7 +94,7 @@ fn upstream_at(port: u16) -> Upstream {
         upstream: crate::config::Upstream::parse(&format!("http://127.0.0.1:{port}")).unwrap(),
         ..Config::default()
     };
-    Upstream::new(&config)
+    Upstream::new(&config, 1)
 }
 
 fn get() -> Request<Body> {
@@ -192,15 +192,15 @@ async fn the_reaper_drops_closed_and_old_connections() {
     read_all(up.send(get()).await.unwrap()).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     // Whether or not the close was seen when it came back, reaping finds it.
-    up.pool.reap(Instant::now());
+    up.pools[0].reap(Instant::now());
     assert_eq!(up.idle_connections(), 0);
 
     let srv = server(Answer::Length).await;
     let up = upstream_at(srv.port);
     read_all(up.send(get()).await.unwrap()).await;
-    up.pool.reap(Instant::now());
+    up.pools[0].reap(Instant::now());
     assert_eq!(up.idle_connections(), 1, "a live, fresh connection stays");
-    up.pool.reap(Instant::now() + Duration::from_secs(91));
+    up.pools[0].reap(Instant::now() + Duration::from_secs(91));
     assert_eq!(up.idle_connections(), 0, "past the idle timeout it goes");
 }
 
