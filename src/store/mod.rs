@@ -201,8 +201,10 @@ const MAX_BATCH: usize = 8192;
 
 /// How long the writer gathers records before a commit. Records are in memory
 /// (and counted in budgets) from the moment they are queued; this only delays
-/// when they reach the database, by at most this much.
-const COMMIT_WINDOW: Duration = Duration::from_millis(10);
+/// when they reach the database, by at most this much. Each commit briefly
+/// takes a core from the request path: at concurrency 1 on two cores, 10 ms
+/// windows doubled p99 latency against 50 ms (BENCHMARKS.md).
+const COMMIT_WINDOW: Duration = Duration::from_millis(50);
 
 enum Msg {
     Record(Box<Record>, OwnedSemaphorePermit),
