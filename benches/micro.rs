@@ -192,9 +192,13 @@ fn ratelimits(c: &mut Criterion) {
     g.bench_function("from_headers", |b| {
         b.iter(|| tollgate::ratelimit::from_headers(black_box(&with), black_box(1_764_196_867_000)))
     });
-    // The check every answer pays before any parsing.
-    g.bench_function("has_headers_absent", |b| {
-        b.iter(|| tollgate::ratelimit::has_headers(black_box(&without)))
+    // What every answer pays on the request path: the headers are copied
+    // (reference counts) and parsed only when read.
+    g.bench_function("capture", |b| {
+        b.iter(|| tollgate::ratelimit::Raw::capture(black_box(&with), black_box(1_764_196_867_000)))
+    });
+    g.bench_function("capture_absent", |b| {
+        b.iter(|| tollgate::ratelimit::Raw::capture(black_box(&without), black_box(0)))
     });
     g.finish();
 }

@@ -1,6 +1,6 @@
 //! Upstream rate-limit headers (`x-ratelimit-*`) and Go-style durations.
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 /// One limit (requests or tokens) as the API reports it.
@@ -28,14 +28,15 @@ pub struct RateLimits {
     pub requests: Option<Limit>,
 }
 
-/// The headers read, in the order [`parse`] expects them.
-const NAMES: [&str; 6] = [
-    "x-ratelimit-limit-tokens",
-    "x-ratelimit-remaining-tokens",
-    "x-ratelimit-reset-tokens",
-    "x-ratelimit-limit-requests",
-    "x-ratelimit-remaining-requests",
-    "x-ratelimit-reset-requests",
+/// The headers read, in the order [`parse`] expects them (prepared names:
+/// looking up a `&str` parses and lowercases it first).
+const NAMES: [HeaderName; 6] = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
 ];
 
 /// An answer's `x-ratelimit-*` headers as they came, with their arrival
@@ -51,7 +52,7 @@ impl Raw {
     /// The rate-limit headers of an answer that arrived at `at_ms`; `None`
     /// when it has none.
     pub fn capture(headers: &HeaderMap, at_ms: i64) -> Option<Raw> {
-        let values = NAMES.map(|n| headers.get(n).cloned());
+        let values = NAMES.map(|n| headers.get(&n).cloned());
         values
             .iter()
             .any(Option::is_some)
@@ -67,7 +68,7 @@ impl Raw {
 /// Reads the `x-ratelimit-*` headers of an answer that arrived at `now_ms`.
 /// `None` when the answer carries none of them.
 pub fn from_headers(headers: &HeaderMap, now_ms: i64) -> Option<RateLimits> {
-    parse(|i| headers.get(NAMES[i]), now_ms)
+    parse(|i| headers.get(&NAMES[i]), now_ms)
 }
 
 fn parse<'a>(get: impl Fn(usize) -> Option<&'a HeaderValue>, now_ms: i64) -> Option<RateLimits> {
@@ -100,14 +101,6 @@ fn parse<'a>(get: impl Fn(usize) -> Option<&'a HeaderValue>, now_ms: i64) -> Opt
         requests: limit(3),
     };
     (rl.tokens.is_some() || rl.requests.is_some()).then_some(rl)
-}
-
-/// Cheap test run on every answer before any parsing.
-pub fn has_headers(headers: &HeaderMap) -> bool {
-    headers.contains_key("x-ratelimit-remaining-requests")
-        || headers.contains_key("x-ratelimit-remaining-tokens")
-        || headers.contains_key("x-ratelimit-limit-requests")
-        || headers.contains_key("x-ratelimit-limit-tokens")
 }
 
 /// Parses Go's duration format (`1h2m3.5s`, `6m0s`, `20ms`, `1.5us`, `0`) into

@@ -39,7 +39,6 @@ fn headers_to_limits() {
     h.insert("x-ratelimit-limit-tokens", "500000".parse().unwrap());
     h.insert("x-ratelimit-remaining-tokens", "486895".parse().unwrap());
     h.insert("x-ratelimit-reset-tokens", "1m0s".parse().unwrap());
-    assert!(has_headers(&h));
     let now = 1_706_188_685_000;
     let rl = from_headers(&h, now).unwrap();
     let req = rl.requests.clone().unwrap();
@@ -58,7 +57,6 @@ fn headers_to_limits() {
 #[test]
 fn no_headers_no_limits() {
     let h = HeaderMap::new();
-    assert!(!has_headers(&h));
     assert_eq!(from_headers(&h, 0), None);
     assert!(Raw::capture(&h, 0).is_none());
     let mut h = HeaderMap::new();
