@@ -62,6 +62,13 @@ pub struct RejectLabels {
     pub reason: &'static str,
 }
 
+/// Labels of per-worker gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    /// Server worker thread, from 0.
+    pub worker: u32,
+}
+
 /// Every metric tollgate exports.
 pub struct Metrics {
     registry: Registry,
@@ -81,6 +88,7 @@ pub struct Metrics {
     ratelimit_remaining: Family<LimitLabels, Gauge<i64, AtomicI64>>,
     ratelimit_limit: Family<LimitLabels, Gauge<i64, AtomicI64>>,
     rejected: Family<RejectLabels, Counter>,
+    connections: Family<WorkerLabels, Gauge>,
 }
 
 fn seconds_buckets() -> Histogram {
@@ -107,6 +115,7 @@ impl Default for Metrics {
             ratelimit_remaining: Family::default(),
             ratelimit_limit: Family::default(),
             rejected: Family::default(),
+            connections: Family::default(),
         };
         m.register()
     }
@@ -189,6 +198,11 @@ impl Metrics {
             "rejected_requests",
             "Requests refused before upstream by access control, budgets or limits",
             self.rejected.clone(),
+        );
+        r.register(
+            "connections",
+            "Open client connections by server worker",
+            self.connections.clone(),
         );
         self
     }
@@ -297,6 +311,16 @@ impl Metrics {
     /// Counts a request refused before upstream.
     pub fn rejected(&self, reason: &'static str) {
         self.rejected.get_or_create(&RejectLabels { reason }).inc();
+    }
+
+    /// The open-connections gauge of one server worker (the workers also
+    /// balance new connections by it).
+    pub fn worker_connections(&self, worker: usize) -> Gauge {
+        self.connections
+            .get_or_create(&WorkerLabels {
+                worker: u32::try_from(worker).unwrap_or(u32::MAX),
+            })
+            .clone()
     }
 
     /// The text exposition, with the queue depth read now.

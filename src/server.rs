@@ -1,9 +1,9 @@
 //! The HTTP server: accept loop, routing, graceful shutdown.
 
+use prometheus_client::metrics::gauge::Gauge;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response};
@@ -267,7 +267,9 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
         inboxes.push(rx);
     }
     let shared = Arc::new(Workers {
-        loads: (0..state.workers).map(|_| AtomicUsize::new(0)).collect(),
+        loads: (0..state.workers)
+            .map(|n| state.store.metrics().worker_connections(n))
+            .collect(),
         handoff,
     });
     let mut finished = Vec::new();
@@ -314,19 +316,19 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
     tracing::info!("all usage records written; bye");
 }
 
-/// What the workers share: how many connections each serves, and a way to
-/// hand a connection to another.
+/// What the workers share: how many connections each serves (the
+/// `tollgate_connections` gauges), and a way to hand a connection to another.
 struct Workers {
-    loads: Vec<AtomicUsize>,
+    loads: Vec<Gauge>,
     handoff: Vec<tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
 }
 
 /// Counts a connection against its worker while it lives.
-struct Load<'a>(&'a AtomicUsize);
+struct Load<'a>(&'a Gauge);
 
 impl Drop for Load<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 }
 
@@ -370,13 +372,23 @@ async fn worker(
             accepted = listener.accept() => match accepted {
                 Ok((stream, remote)) => {
                     let least = (0..shared.loads.len())
-                        .min_by_key(|&i| shared.loads[i].load(Ordering::Relaxed))
+                        .min_by_key(|&i| shared.loads[i].get())
                         .unwrap_or(n);
-                    if shared.loads[least].load(Ordering::Relaxed)
-                        < shared.loads[n].load(Ordering::Relaxed)
-                    {
-                        if let Ok(std) = stream.into_std() {
-                            let _ = shared.handoff[least].send((std, remote));
+                    let to = if shared.loads[least].get() < shared.loads[n].get() {
+                        least
+                    } else {
+                        n
+                    };
+                    // Counted where it goes at once, so that decisions made
+                    // before the other worker picks it up already see it.
+                    shared.loads[to].inc();
+                    if to != n {
+                        let sent = stream
+                            .into_std()
+                            .ok()
+                            .is_some_and(|std| shared.handoff[to].send((std, remote)).is_ok());
+                        if !sent {
+                            shared.loads[to].dec();
                         }
                         continue;
                     }
@@ -391,12 +403,14 @@ async fn worker(
             },
             Some((std, remote)) = inbox.recv() => match tokio::net::TcpStream::from_std(std) {
                 Ok(stream) => (stream, remote),
-                Err(_) => continue,
+                Err(_) => {
+                    shared.loads[n].dec();
+                    continue;
+                }
             },
             _ = stop.wait_for(|s| *s) => break,
         };
         let _ = stream.set_nodelay(true);
-        shared.loads[n].fetch_add(1, Ordering::Relaxed);
         let st = state.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();

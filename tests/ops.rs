@@ -964,3 +964,55 @@ async fn metrics_need_the_admin_key_when_one_is_set() {
     let r = p.admin_call(Method::GET, "/metrics", "").await;
     assert_eq!(r.status, 200);
 }
+
+/// Keep-alive connections are spread over the server workers (each worker
+/// is a thread of its own with no work stealing, so an uneven split would
+/// leave one core idle): opened one after another, no worker holds more than
+/// one connection above another. `tollgate_connections` follows them open and
+/// closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_spread_over_the_workers() {
+    use http_body_util::BodyExt;
+    let mock = ops_mock(Tok::new(3, 2)).await;
+    let p = Proxy::start(&mock.url()).await;
+    let mut held = Vec::new();
+    for _ in 0..29 {
+        let stream = tokio::net::TcpStream::connect(p.addr).await.unwrap();
+        let (mut tx, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        let task = tokio::spawn(conn);
+        let mut req = chat_req("alice", &chat_body("gpt-m", false));
+        req.headers_mut()
+            .insert("host", p.addr.to_string().parse().unwrap());
+        let resp = within("answer", tx.send_request(req)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+        held.push((tx, task));
+    }
+    let per_worker = |s: &[Sample]| -> Vec<f64> {
+        s.iter()
+            .filter(|x| x.name == "tollgate_connections")
+            .map(|x| x.value)
+            .collect()
+    };
+    let (_, s) = metrics_of(&p).await;
+    let counts = per_worker(&s);
+    assert!(!counts.is_empty(), "one gauge per worker");
+    // The 29 held connections and the one asking for /metrics.
+    assert_eq!(counts.iter().sum::<f64>(), 30.0, "{counts:?}");
+    let max = counts.iter().cloned().fold(f64::MIN, f64::max);
+    let min = counts.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(max - min <= 1.0, "uneven: {counts:?}");
+
+    for (tx, task) in held {
+        drop(tx);
+        let _ = task.await;
+    }
+    eventually("connections closed", Duration::from_secs(5), || async {
+        let (_, s) = metrics_of(&p).await;
+        (per_worker(&s).iter().sum::<f64>() == 1.0).then_some(())
+    })
+    .await;
+}
