@@ -13,7 +13,9 @@
 //! A connection goes back to the idle list only once its answer was read to
 //! the end; one dropped mid-answer (client gone, error) is closed. A request
 //! that an idle connection could not take (closed by the upstream while idle)
-//! is retried once on a fresh connection: hyper hands it back unsent.
+//! goes to the next idle connection or a fresh one: hyper hands it back
+//! unsent. One that was sent when the connection failed is not repeated (it
+//! may have been billed).
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
