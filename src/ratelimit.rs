@@ -1,6 +1,6 @@
 //! Upstream rate-limit headers (`x-ratelimit-*`) and Go-style durations.
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName};
 use serde::{Deserialize, Serialize};
 
 /// One limit (requests or tokens) as the API reports it.
@@ -40,19 +40,50 @@ const NAMES: [HeaderName; 6] = [
 ];
 
 /// An answer's `x-ratelimit-*` headers as they came, with their arrival
-/// time. Copying them is a few reference counts; parsing (and formatting the
-/// reset times) waits until someone reads them, off the request path.
+/// time. The values are copied out (hyper's header values share the whole
+/// read buffer, which it could then not reuse for the next answer); parsing
+/// and formatting the reset times waits until someone reads them, off the
+/// request path.
 #[derive(Debug, Clone)]
 pub struct Raw {
-    values: [Option<HeaderValue>; 6],
+    values: [Option<Short>; 6],
     at_ms: i64,
+}
+
+/// A short header value kept inline. Real values are a few characters
+/// (`9999`, `1m2.172s`); longer ones are not kept and read as absent.
+#[derive(Debug, Clone, Copy)]
+struct Short {
+    len: u8,
+    buf: [u8; 24],
+}
+
+impl Short {
+    fn new(s: &str) -> Option<Short> {
+        let mut buf = [0u8; 24];
+        buf.get_mut(..s.len())?.copy_from_slice(s.as_bytes());
+        Some(Short {
+            len: s.len() as u8,
+            buf,
+        })
+    }
+
+    fn as_str(&self) -> &str {
+        // Copied from a `&str` by `new`.
+        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or("")
+    }
 }
 
 impl Raw {
     /// The rate-limit headers of an answer that arrived at `at_ms`; `None`
     /// when it has none.
     pub fn capture(headers: &HeaderMap, at_ms: i64) -> Option<Raw> {
-        let values = NAMES.map(|n| headers.get(&n).cloned());
+        let values = NAMES.map(|n| {
+            headers
+                .get(&n)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| Short::new(v.trim()))
+        });
         values
             .iter()
             .any(Option::is_some)
@@ -61,19 +92,27 @@ impl Raw {
 
     /// What the headers say; `None` when none of them parses.
     pub fn parse(&self) -> Option<RateLimits> {
-        parse(|i| self.values[i].as_ref(), self.at_ms)
+        parse(|i| self.values[i].as_ref().map(Short::as_str), self.at_ms)
     }
 }
 
 /// Reads the `x-ratelimit-*` headers of an answer that arrived at `now_ms`.
 /// `None` when the answer carries none of them.
 pub fn from_headers(headers: &HeaderMap, now_ms: i64) -> Option<RateLimits> {
-    parse(|i| headers.get(&NAMES[i]), now_ms)
+    parse(
+        |i| {
+            headers
+                .get(&NAMES[i])
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        },
+        now_ms,
+    )
 }
 
-fn parse<'a>(get: impl Fn(usize) -> Option<&'a HeaderValue>, now_ms: i64) -> Option<RateLimits> {
+fn parse<'a>(get: impl Fn(usize) -> Option<&'a str>, now_ms: i64) -> Option<RateLimits> {
     let limit = |first: usize| -> Option<Limit> {
-        let get = |i: usize| get(first + i).and_then(|v| v.to_str().ok()).map(str::trim);
+        let get = |i: usize| get(first + i);
         let maximum = get(0).and_then(|v| v.parse().ok());
         let remaining = get(1).and_then(|v| v.parse().ok());
         let reset = get(2).and_then(parse_go_duration_ns).map(|ns| {

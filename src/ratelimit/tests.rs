@@ -64,3 +64,36 @@ fn no_headers_no_limits() {
     let raw = Raw::capture(&h, 0).expect("present, if unreadable");
     assert_eq!(raw.parse(), None);
 }
+
+#[test]
+fn captured_later_reads_like_now() {
+    let now = 1_706_188_685_000;
+    let cases: [&[(&str, &str)]; 4] = [
+        &[("x-ratelimit-remaining-requests", " 12 ")],
+        &[
+            ("x-ratelimit-limit-tokens", "30000000"),
+            ("x-ratelimit-reset-tokens", "1h2m3.456789s"),
+        ],
+        &[("x-ratelimit-reset-requests", "not a duration")],
+        &[("x-ratelimit-limit-requests", "18446744073709551615")],
+    ];
+    for headers in cases {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(*k, v.parse().unwrap());
+        }
+        let raw = Raw::capture(&h, now).expect("present");
+        assert_eq!(raw.parse(), from_headers(&h, now), "{headers:?}");
+    }
+    // Values too long to be real are not kept.
+    let mut h = HeaderMap::new();
+    h.insert(
+        "x-ratelimit-remaining-tokens",
+        "9".repeat(41).parse().unwrap(),
+    );
+    assert!(Raw::capture(&h, now).is_none());
+    h.insert("x-ratelimit-remaining-requests", "7".parse().unwrap());
+    let rl = Raw::capture(&h, now).unwrap().parse().unwrap();
+    assert_eq!(rl.requests.unwrap().remaining, Some(7));
+    assert_eq!(rl.tokens, None);
+}
