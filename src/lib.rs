@@ -11,7 +11,8 @@
 //! # Layout
 //!
 //! - [`config`]: flags, environment and TOML parsed into one validated [`config::Config`].
-//! - [`server`]: accept loop, routing, graceful shutdown; [`server::run`] is the
+//! - [`server`]: one worker thread (single-threaded runtime) per core accepting
+//!   from the shared socket, routing, graceful shutdown; [`server::run`] is the
 //!   seam the binary and the tests start it through.
 //! - [`proxy`]: the `/v1/` handler: request checks, header rules, the
 //!   `include_usage` splice, upstream call and timeouts.

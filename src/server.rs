@@ -1,6 +1,5 @@
-//! The HTTP server: accept loop, routing, graceful shutdown.
+//! The HTTP server: worker threads, routing, graceful shutdown.
 
-use prometheus_client::metrics::gauge::Gauge;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,6 +10,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
