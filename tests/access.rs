@@ -31,16 +31,6 @@ const PRICE: &str =
 // Helpers.
 // ---------------------------------------------------------------------------
 
-/// Pico-dollars as a plain decimal, written independently of tollgate's formatter.
-fn dollars(pico: i128) -> String {
-    let s = format!(
-        "{}.{:012}",
-        pico / 1_000_000_000_000,
-        pico % 1_000_000_000_000
-    );
-    s.trim_end_matches('0').trim_end_matches('.').to_owned()
-}
-
 /// A chat body for [`MODEL`] asking for at most `max_tokens` completion tokens.
 fn body(max_tokens: u64) -> String {
     format!(

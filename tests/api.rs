@@ -459,16 +459,6 @@ async fn a_read_right_after_start_sees_an_estimated_record() {
     assert_eq!(recs[0]["estimated"], true);
 }
 
-/// Pico-dollars as a plain decimal, written independently of tollgate's formatter.
-fn dollars(pico: i128) -> String {
-    let s = format!(
-        "{}.{:012}",
-        pico / 1_000_000_000_000,
-        pico % 1_000_000_000_000
-    );
-    s.trim_end_matches('0').trim_end_matches('.').to_owned()
-}
-
 /// Thousands of records (written straight into the database, out of time
 /// order) come back from `/queries` whole and oldest first, though the
 /// answer is written out in pieces; `/usage` sums them exactly.

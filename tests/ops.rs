@@ -13,19 +13,6 @@ use serde_json::Value;
 
 const DAY: i64 = 86_400_000;
 
-/// Pico-dollars as a plain decimal, written independently of tollgate's formatter.
-fn dollars(pico: i128) -> String {
-    let neg = pico < 0;
-    let p = pico.unsigned_abs();
-    let s = format!("{}.{:012}", p / 1_000_000_000_000, p % 1_000_000_000_000);
-    let s = s.trim_end_matches('0').trim_end_matches('.').to_owned();
-    if neg {
-        format!("-{s}")
-    } else {
-        s
-    }
-}
-
 /// Dollars (as JSON text) to pico-dollars.
 fn pico(s: &str) -> i128 {
     tollgate::pricing::parse_scaled(s, 12)

@@ -75,16 +75,6 @@ fn expected(rows: &[&Seed]) -> BTreeMap<String, String> {
     ])
 }
 
-/// Pico-dollars as a plain decimal, written independently of tollgate's formatter.
-fn dollars(pico: i128) -> String {
-    let s = format!(
-        "{}.{:012}",
-        pico / 1_000_000_000_000,
-        pico % 1_000_000_000_000
-    );
-    s.trim_end_matches('0').trim_end_matches('.').to_owned()
-}
-
 /// Filter bounds on and around the edges of days 1 to 3, and beyond the data.
 fn bounds() -> Vec<Option<i64>> {
     let mut b = vec![None, Some(D0 - DAY), Some(D0 + 7 * DAY)];

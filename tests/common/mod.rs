@@ -1416,3 +1416,16 @@ impl LoggedBin {
         assert!(st.success(), "{st:?}");
     }
 }
+
+/// Pico-dollars as a plain decimal, written independently of tollgate's formatter.
+pub fn dollars(pico: i128) -> String {
+    let neg = pico < 0;
+    let p = pico.unsigned_abs();
+    let s = format!("{}.{:012}", p / 1_000_000_000_000, p % 1_000_000_000_000);
+    let s = s.trim_end_matches('0').trim_end_matches('.').to_owned();
+    if neg {
+        format!("-{s}")
+    } else {
+        s
+    }
+}
