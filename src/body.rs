@@ -189,16 +189,9 @@ impl Meter {
         // writer gets to the record, so a next request sees the real spend.
         if rec.estimate.is_none() {
             if let Some(h) = rec.hold.take() {
-                let (cost, _) = self.store.prices().cost(
-                    &rec.model,
-                    &rec.requested_model,
-                    rec.started_ms,
-                    crate::pricing::Tokens {
-                        query: rec.usage.query,
-                        answer: rec.usage.answer,
-                        cached: rec.usage.cached,
-                    },
-                );
+                // The writer prices the record again, under the prices of
+                // when it is written (a price change may come in between).
+                let (cost, _) = rec.cost(&self.store.prices());
                 h.settle(cost, rec.usage.query + rec.usage.answer);
             }
         }

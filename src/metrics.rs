@@ -219,11 +219,7 @@ impl Metrics {
         let mut by: HashMap<(&str, &str, &str, u16), Sums> = HashMap::new();
         for p in batch {
             let r = &p.record;
-            let model = if r.model.is_empty() {
-                &r.requested_model
-            } else {
-                &r.model
-            };
+            let model = r.model_or_requested();
             let s = by
                 .entry((&r.endpoint, model, &r.user, r.status))
                 .or_default();

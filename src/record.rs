@@ -44,6 +44,33 @@ pub struct Record {
     pub hold: Option<Hold>,
 }
 
+impl Record {
+    /// The answered model, or the requested one when upstream did not say:
+    /// the model the record is stored, priced and reported under.
+    pub fn model_or_requested(&self) -> &str {
+        if self.model.is_empty() {
+            &self.requested_model
+        } else {
+            &self.model
+        }
+    }
+
+    /// The record's cost in pico-dollars under `prices`, and whether a
+    /// price was found.
+    pub fn cost(&self, prices: &crate::pricing::PriceTable) -> (i64, bool) {
+        prices.cost(
+            &self.model,
+            &self.requested_model,
+            self.started_ms,
+            crate::pricing::Tokens {
+                query: self.usage.query,
+                answer: self.usage.answer,
+                cached: self.usage.cached,
+            },
+        )
+    }
+}
+
 /// A request refused before upstream by a budget or limit.
 #[derive(Debug, Clone)]
 pub struct Rejected {

@@ -19,7 +19,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::budget::Limits;
 use crate::metrics::Metrics;
-use crate::pricing::{Price, PriceTable, Tokens};
+use crate::pricing::{Price, PriceTable};
 use crate::ratelimit::RateLimits;
 use crate::record::{Record, Rejected, StoredRecord};
 
@@ -453,18 +453,19 @@ fn estimate(r: &mut Record) {
     let Some(e) = r.estimate.take() else {
         return;
     };
-    let model = if r.model.is_empty() {
-        &r.requested_model
-    } else {
-        &r.model
-    };
-    if r.usage.query == 0 && e.endpoint.needs_model() {
-        r.usage.query = crate::tokens::prompt_tokens(e.endpoint, model, &e.request_body);
+    let model = r.model_or_requested();
+    let query = (r.usage.query == 0 && e.endpoint.needs_model())
+        .then(|| crate::tokens::prompt_tokens(e.endpoint, model, &e.request_body));
+    let answer = e
+        .capture
+        .as_ref()
+        .filter(|_| r.usage.answer == 0)
+        .map(|c| crate::tokens::answer_tokens(model, c));
+    if let Some(q) = query {
+        r.usage.query = q;
     }
-    if let Some(c) = &e.capture {
-        if r.usage.answer == 0 {
-            r.usage.answer = crate::tokens::answer_tokens(model, c);
-        }
+    if let Some(a) = answer {
+        r.usage.answer = a;
     }
     r.estimated = true;
 }
@@ -566,16 +567,7 @@ impl Writer {
             while let Some(msg) = next.take() {
                 match msg {
                     Msg::Record(r, permit) => {
-                        let (cost, priced) = self.prices.read().cost(
-                            &r.model,
-                            &r.requested_model,
-                            r.started_ms,
-                            Tokens {
-                                query: r.usage.query,
-                                answer: r.usage.answer,
-                                cached: r.usage.cached,
-                            },
-                        );
+                        let (cost, priced) = r.cost(&self.prices.read());
                         let mut r = *r;
                         if let Some(h) = r.hold.take() {
                             h.settle(cost, r.usage.query + r.usage.answer);
@@ -722,7 +714,7 @@ fn access_log(p: &Priced) {
         target: "tollgate::access",
         user = %r.user,
         endpoint = %r.endpoint,
-        model = %if r.model.is_empty() { &r.requested_model } else { &r.model },
+        model = %r.model_or_requested(),
         status = r.status,
         stream = r.stream,
         query_tokens = r.usage.query,

@@ -241,11 +241,7 @@ impl Backend for SqliteBackend {
                 std::collections::HashMap::new();
             for p in batch {
                 let r = &p.record;
-                let model = if r.model.is_empty() {
-                    &r.requested_model
-                } else {
-                    &r.model
-                };
+                let model = r.model_or_requested();
                 let d = daily
                     .entry((r.started_ms.div_euclid(DAY), &r.user, model))
                     .or_default();
