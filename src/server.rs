@@ -323,6 +323,46 @@ struct Workers {
     handoff: Vec<tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
 }
 
+impl Workers {
+    /// Counts a connection that worker `n` accepted against the least loaded
+    /// worker, at once, so that decisions made before that worker picks it
+    /// up already see it. Returns it when `n` keeps it; a connection that
+    /// cannot be handed over (that worker is gone) is kept too.
+    fn place(
+        &self,
+        n: usize,
+        stream: tokio::net::TcpStream,
+        remote: SocketAddr,
+    ) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+        let least = (0..self.loads.len())
+            .min_by_key(|&i| self.loads[i].get())
+            .unwrap_or(n);
+        if self.loads[least].get() >= self.loads[n].get() {
+            self.loads[n].inc();
+            return Some((stream, remote));
+        }
+        self.loads[least].inc();
+        let std = match stream.into_std() {
+            Ok(std) => std,
+            Err(_) => {
+                // The socket is already closed.
+                self.loads[least].dec();
+                return None;
+            }
+        };
+        match self.handoff[least].send((std, remote)) {
+            Ok(()) => None,
+            Err(back) => {
+                self.loads[least].dec();
+                let (std, remote) = back.0;
+                let stream = tokio::net::TcpStream::from_std(std).ok()?;
+                self.loads[n].inc();
+                Some((stream, remote))
+            }
+        }
+    }
+}
+
 /// Counts a connection against its worker while it lives.
 struct Load<'a>(&'a Gauge);
 
@@ -370,30 +410,10 @@ async fn worker(
     loop {
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, remote)) => {
-                    let least = (0..shared.loads.len())
-                        .min_by_key(|&i| shared.loads[i].get())
-                        .unwrap_or(n);
-                    let to = if shared.loads[least].get() < shared.loads[n].get() {
-                        least
-                    } else {
-                        n
-                    };
-                    // Counted where it goes at once, so that decisions made
-                    // before the other worker picks it up already see it.
-                    shared.loads[to].inc();
-                    if to != n {
-                        let sent = stream
-                            .into_std()
-                            .ok()
-                            .is_some_and(|std| shared.handoff[to].send((std, remote)).is_ok());
-                        if !sent {
-                            shared.loads[to].dec();
-                        }
-                        continue;
-                    }
-                    (stream, remote)
-                }
+                Ok((stream, remote)) => match shared.place(n, stream, remote) {
+                    Some(kept) => kept,
+                    None => continue,
+                },
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
                     tracing::warn!(error = %e, "accept failed");
