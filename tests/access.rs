@@ -165,6 +165,19 @@ fn sorted_keys(v: &Value) -> Vec<String> {
 }
 
 /// Start of the UTC month containing `ms`, and of the next one.
+/// `periodStart` and `periodEnd` of a limits answer are the bounds of the
+/// period around the call (made between `t0` and `t1`), unless a period
+/// boundary fell in between.
+fn assert_period(l: &BTreeMap<String, String>, t0: i64, t1: i64, bounds: fn(i64) -> (i64, i64)) {
+    let (start, end) = bounds(t0);
+    if bounds(t1).0 == start {
+        let v: Value = serde_json::from_str(&l["periodStart"]).unwrap();
+        assert_eq!(ts_ms(&v), start);
+        let v: Value = serde_json::from_str(&l["periodEnd"]).unwrap();
+        assert_eq!(ts_ms(&v), end);
+    }
+}
+
 fn month_bounds(ms: i64) -> (i64, i64) {
     let t = Utc.timestamp_millis_opt(ms).unwrap();
     let start = Utc
@@ -1426,13 +1439,7 @@ async fn limits_bodies_are_validated_and_replace() {
     assert_eq!(l["spent"], "0");
     assert_eq!(l["reserved"], "0");
     assert_eq!(l["remaining"], "5.5");
-    let (ws, we) = week_bounds(t0);
-    if week_bounds(t1).0 == ws {
-        let v: Value = serde_json::from_str(&l["periodStart"]).unwrap();
-        assert_eq!(ts_ms(&v), ws);
-        let v: Value = serde_json::from_str(&l["periodEnd"]).unwrap();
-        assert_eq!(ts_ms(&v), we);
-    }
+    assert_period(&l, t0, t1, week_bounds);
     let bad: [(&str, &str); 12] = [
         (r#"{"budget":"ten"}"#, "budget"),
         (r#"{"budget":-1}"#, "budget"),
@@ -1465,13 +1472,7 @@ async fn limits_bodies_are_validated_and_replace() {
     assert_eq!(l["requestsPerMinute"], "null");
     assert_eq!(l["tokensPerMinute"], "9");
     assert_eq!(l["remaining"], "null");
-    let (ms, me) = month_bounds(t0);
-    if month_bounds(t1).0 == ms {
-        let v: Value = serde_json::from_str(&l["periodStart"]).unwrap();
-        assert_eq!(ts_ms(&v), ms);
-        let v: Value = serde_json::from_str(&l["periodEnd"]).unwrap();
-        assert_eq!(ts_ms(&v), me);
-    }
+    assert_period(&l, t0, t1, month_bounds);
     let l = put_limits(&p, Some("hank"), r#"{"budget":0,"period":"day"}"#).await;
     assert_eq!(l["budget"], "0");
     assert_eq!(l["period"], quoted("day"));
