@@ -613,8 +613,8 @@ pub fn record_csv(out: &mut String, r: &StoredRecord) {
 }
 
 fn metrics(state: &Arc<State>) -> Response<Body> {
-    // The writer updates these gauges with its next batch; a scrape must not
-    // see older values than /ratelimits does.
+    // The rate-limit gauges are set here, from the latest headers, rather
+    // than on every answer.
     if let Some(rl) = state.store.ratelimits() {
         state.store.metrics().ratelimits(&rl);
     }

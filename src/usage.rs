@@ -135,6 +135,15 @@ enum Loose<'a> {
     Missing,
 }
 
+impl Loose<'_> {
+    fn int(self) -> Option<u64> {
+        match self {
+            Loose::Int(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
 impl<'de: 'a, 'a> Deserialize<'de> for Loose<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V<'a>(std::marker::PhantomData<&'a ()>);
@@ -250,17 +259,11 @@ pub fn parse_request(body: &[u8]) -> Result<RequestInfo, RequestError> {
         head.max_output_tokens,
     ]
     .into_iter()
-    .find_map(|l| match l {
-        Loose::Int(n) => Some(n),
-        _ => None,
-    });
+    .find_map(Loose::int);
     // Upstream may generate (and bill) every candidate of `best_of`.
     let choices = [head.n, head.best_of]
         .into_iter()
-        .filter_map(|l| match l {
-            Loose::Int(n) => Some(n),
-            _ => None,
-        })
+        .filter_map(Loose::int)
         .max()
         .unwrap_or(1)
         .max(1);

@@ -352,8 +352,8 @@ impl Store {
     }
 
     /// Keeps the latest upstream rate-limit headers. They are parsed when
-    /// read, and written (and put in metrics) with the next batch: every
-    /// answer that carries them also leaves a record.
+    /// read (`/ratelimits`, a `/metrics` scrape) and written with the next
+    /// batch: every answer that carries them also leaves a record.
     pub fn set_ratelimits(&self, raw: crate::ratelimit::Raw) {
         self.ratelimits.value.lock().raw = Some(raw);
         self.ratelimits.dirty.store(true, Ordering::Release);
@@ -631,9 +631,6 @@ impl Writer {
     fn commit(&self, backend: &mut impl Backend, p: &mut Pending, shutting_down: bool) {
         if self.latest.dirty.swap(false, Ordering::AcqRel) {
             p.ratelimits = self.latest.get();
-            if let Some(rl) = &p.ratelimits {
-                self.metrics.ratelimits(rl);
-            }
         }
         if p.batch.is_empty()
             && p.ratelimits.is_none()
