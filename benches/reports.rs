@@ -185,11 +185,11 @@ fn main() {
             default_prices: false,
             ..tollgate::config::Config::default()
         };
-        let state = tollgate::server::state(config).expect("state");
+        let state = tollgate::app::App::build(config).expect("state");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(tollgate::server::serve(listener, state, async {
+        let server = tokio::spawn(tollgate::server::run(listener, state, async {
             let _ = stopped.await;
         }));
         let client = hyper_util::client::legacy::Client::builder(

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tollgate::metrics::Metrics;
+use tollgate::record::Priced;
 use tollgate::record::Record;
 use tollgate::store::sqlite;
-use tollgate::store::{Backend, Priced, Store};
+use tollgate::store::{Backend, Store};
 use tollgate::usage::Usage;
 
 /// 2026-11-26T00:00:00Z: records look recent.

@@ -11,12 +11,13 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::value::RawValue;
 
-use crate::body::{Body, ChannelBody};
+use crate::app::App;
+use crate::body::ChannelBody;
 use crate::budget::{Limits, Period};
 use crate::error::ApiError;
+use crate::http::Body;
 use crate::pricing::{self, Price, PriceTable, SCALE_PER_1K, SCALE_PER_1M};
 use crate::record::StoredRecord;
-use crate::server::State;
 use crate::store::{Filter, GroupKey, UsageTotals};
 
 /// Largest admin request body.
@@ -26,11 +27,11 @@ const CHUNK: usize = 64 << 10;
 
 /// Answers a request outside `/v1/`.
 pub async fn handle(
-    state: &Arc<State>,
+    app: &Arc<App>,
     remote: std::net::SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    match route(state, remote, req).await {
+    match route(app, remote, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -83,7 +84,7 @@ fn classify(path: &str) -> Result<Option<Route>, ApiError> {
 }
 
 async fn route(
-    state: &Arc<State>,
+    app: &Arc<App>,
     remote: std::net::SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
@@ -95,38 +96,38 @@ async fn route(
     // Health and self-service need no admin key.
     match path.as_str() {
         "/healthz" if get => return Ok(json_response(StatusCode::OK, r#"{"status":"ok"}"#)),
-        "/readyz" if get => return Ok(readyz(state)),
-        "/me/usage" if get => return me_usage(state, &req).await,
+        "/readyz" if get => return Ok(readyz(app)),
+        "/me/usage" if get => return me_usage(app, &req).await,
         "/healthz" | "/readyz" | "/me/usage" => return not_allowed(),
         _ => {}
     }
     let Some(r) = classify(&path)? else {
         return Err(ApiError::not_found(format!("unknown path {path}")).with_code("not_found"));
     };
-    crate::access::admin(state.admin_digest.as_ref(), req.headers(), remote)?;
+    crate::access::admin(app.admin_digest.as_ref(), req.headers(), remote)?;
     match (r, method.clone()) {
-        (Route::Model(name), _) if get => get_model(state, &name),
-        (Route::Model(name), Method::POST | Method::PUT) => set_price(state, &name, req).await,
-        (Route::Models, _) if get => models(state),
-        (Route::Usage, _) if get => usage(state, &query).await,
-        (Route::Queries, _) if get => queries(state, &query).await,
-        (Route::RateLimits, _) if get => ratelimits(state),
-        (Route::Metrics, _) if get => Ok(metrics(state)),
-        (Route::UserKeys(user), Method::POST) => create_key(state, &user),
-        (Route::UserKeys(user), _) if get => list_keys(state, &user),
-        (Route::Key(id), Method::DELETE) => revoke_key(state, &id),
-        (Route::UserLimits(user), _) if get => Ok(limits_response(state, Some(&user))),
-        (Route::DefaultLimits, _) if get => Ok(limits_response(state, None)),
-        (Route::UserLimits(user), Method::PUT) => put_limits(state, Some(user), req).await,
-        (Route::DefaultLimits, Method::PUT) => put_limits(state, None, req).await,
-        (Route::UserLimits(user), Method::DELETE) => delete_limits(state, Some(user)).await,
-        (Route::DefaultLimits, Method::DELETE) => delete_limits(state, None).await,
+        (Route::Model(name), _) if get => get_model(app, &name),
+        (Route::Model(name), Method::POST | Method::PUT) => set_price(app, &name, req).await,
+        (Route::Models, _) if get => models(app),
+        (Route::Usage, _) if get => usage(app, &query).await,
+        (Route::Queries, _) if get => queries(app, &query).await,
+        (Route::RateLimits, _) if get => ratelimits(app),
+        (Route::Metrics, _) if get => Ok(metrics(app)),
+        (Route::UserKeys(user), Method::POST) => create_key(app, &user),
+        (Route::UserKeys(user), _) if get => list_keys(app, &user),
+        (Route::Key(id), Method::DELETE) => revoke_key(app, &id),
+        (Route::UserLimits(user), _) if get => Ok(limits_response(app, Some(&user))),
+        (Route::DefaultLimits, _) if get => Ok(limits_response(app, None)),
+        (Route::UserLimits(user), Method::PUT) => put_limits(app, Some(user), req).await,
+        (Route::DefaultLimits, Method::PUT) => put_limits(app, None, req).await,
+        (Route::UserLimits(user), Method::DELETE) => delete_limits(app, Some(user)).await,
+        (Route::DefaultLimits, Method::DELETE) => delete_limits(app, None).await,
         _ => not_allowed(),
     }
 }
 
 fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(crate::body::full(body));
+    let mut r = Response::new(crate::http::full(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -183,8 +184,8 @@ fn model_json(out: &mut String, name: &str, rows: &[Price]) {
     out.push_str("]}");
 }
 
-fn get_model(state: &Arc<State>, name: &str) -> Result<Response<Body>, ApiError> {
-    let table = state.store.prices();
+fn get_model(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
+    let table = app.store.prices();
     let rows = table.rows(name).ok_or_else(|| {
         ApiError::not_found(format!("no prices for model {name}")).with_code("model_not_found")
     })?;
@@ -193,8 +194,8 @@ fn get_model(state: &Arc<State>, name: &str) -> Result<Response<Body>, ApiError>
     Ok(json_response(StatusCode::OK, out))
 }
 
-fn models(state: &Arc<State>) -> Result<Response<Body>, ApiError> {
-    let table: PriceTable = state.store.prices().clone();
+fn models(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
+    let table: PriceTable = app.store.prices().clone();
     let mut out = String::from("[");
     for (i, name) in table.names().into_iter().enumerate() {
         if i > 0 {
@@ -270,7 +271,7 @@ pub fn parse_price_body(body: &[u8]) -> Result<Price, ApiError> {
 }
 
 async fn set_price(
-    state: &Arc<State>,
+    app: &Arc<App>,
     name: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
@@ -280,12 +281,12 @@ async fn set_price(
         .map_err(|_| ApiError::bad_request("could not read the body (at most 64 KiB)"))?
         .to_bytes();
     let price = parse_price_body(&body)?;
-    let repriced = state
+    let repriced = app
         .store
         .set_price(name.to_owned(), price)
         .await
         .map_err(|e| ApiError::internal(format!("could not store the price: {e}")))?;
-    let table = state.store.prices();
+    let table = app.store.prices();
     let mut out = String::new();
     model_json(&mut out, name, table.rows(name).unwrap_or_default());
     // Keep the old shape and add what changed.
@@ -404,14 +405,14 @@ pub fn parse_params(query: &str, allowed: &[&str]) -> Result<Params, ApiError> {
 /// Waits (at most 5 s, e.g. while the vocabulary for an estimate loads at
 /// start-up) until records of requests that already ended are written,
 /// so a report read right after a request sees it.
-async fn settle(state: &Arc<State>) {
-    let _ = tokio::time::timeout(Duration::from_secs(5), state.store.flush()).await;
+async fn settle(app: &Arc<App>) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), app.store.flush()).await;
 }
 
-async fn usage(state: &Arc<State>, query: &str) -> Result<Response<Body>, ApiError> {
+async fn usage(app: &Arc<App>, query: &str) -> Result<Response<Body>, ApiError> {
     let p = parse_params(query, &["user", "model", "after", "before", "group_by"])?;
-    settle(state).await;
-    let reports = state.store.reports();
+    settle(app).await;
+    let reports = app.store.reports();
     let group = p.group.clone();
     let rows = tokio::task::spawn_blocking(move || reports.usage(&p.filter, &p.group))
         .await
@@ -509,15 +510,15 @@ pub fn record_json(out: &mut String, r: &StoredRecord) {
     out.push('}');
 }
 
-async fn queries(state: &Arc<State>, query: &str) -> Result<Response<Body>, ApiError> {
+async fn queries(app: &Arc<App>, query: &str) -> Result<Response<Body>, ApiError> {
     let p = parse_params(
         query,
         &[
             "user", "model", "after", "before", "limit", "offset", "format",
         ],
     )?;
-    settle(state).await;
-    let reports = state.store.reports();
+    settle(app).await;
+    let reports = app.store.reports();
     let (tx, body) = ChannelBody::new(4);
     let csv = p.csv;
     let f = p.filter;
@@ -612,14 +613,14 @@ pub fn record_csv(out: &mut String, r: &StoredRecord) {
     out.push_str("\r\n");
 }
 
-fn metrics(state: &Arc<State>) -> Response<Body> {
+fn metrics(app: &Arc<App>) -> Response<Body> {
     // The rate-limit gauges are set here, from the latest headers, rather
     // than on every answer.
-    if let Some(rl) = state.store.ratelimits() {
-        state.store.metrics().ratelimits(&rl);
+    if let Some(rl) = app.store.ratelimits() {
+        app.metrics.ratelimits(&rl);
     }
-    let text = state.store.metrics().encode(state.store.queue_depth());
-    let mut r = Response::new(crate::body::full(text));
+    let text = app.metrics.encode(app.store.queue_depth());
+    let mut r = Response::new(crate::http::full(text));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
@@ -627,8 +628,8 @@ fn metrics(state: &Arc<State>) -> Response<Body> {
     r
 }
 
-fn readyz(state: &Arc<State>) -> Response<Body> {
-    match state.store.unready() {
+fn readyz(app: &Arc<App>) -> Response<Body> {
+    match app.store.unready() {
         None => json_response(StatusCode::OK, r#"{"status":"ready"}"#),
         Some(why) => {
             let mut out = String::from(r#"{"status":"unready","reason":"#);
@@ -639,8 +640,8 @@ fn readyz(state: &Arc<State>) -> Response<Body> {
     }
 }
 
-fn ratelimits(state: &Arc<State>) -> Result<Response<Body>, ApiError> {
-    let body = match state.store.ratelimits() {
+fn ratelimits(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
+    let body = match app.store.ratelimits() {
         Some(rl) => serde_json::to_vec(&rl).map_err(|e| ApiError::internal(e.to_string()))?,
         None => b"{}".to_vec(),
     };
@@ -663,7 +664,7 @@ fn opt_time(out: &mut String, key: &str, ms: Option<i64>) {
     }
 }
 
-fn create_key(state: &Arc<State>, user: &str) -> Result<Response<Body>, ApiError> {
+fn create_key(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError> {
     let key = crate::access::new_key();
     let digest = crate::access::digest(&key);
     let info = crate::store::KeyInfo {
@@ -673,13 +674,12 @@ fn create_key(state: &Arc<State>, user: &str) -> Result<Response<Body>, ApiError
         last_used_ms: None,
         revoked_ms: None,
     };
-    state
-        .store
+    app.store
         .reports()
         .accounts()
         .create_key(&info, &digest)
         .map_err(internal)?;
-    state.keys.insert(crate::access::KeyEntry {
+    app.keys.insert(crate::access::KeyEntry {
         id: info.id.clone(),
         user: info.user.clone(),
         digest,
@@ -696,8 +696,8 @@ fn create_key(state: &Arc<State>, user: &str) -> Result<Response<Body>, ApiError
     Ok(created(out))
 }
 
-fn list_keys(state: &Arc<State>, user: &str) -> Result<Response<Body>, ApiError> {
-    let keys = state
+fn list_keys(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError> {
+    let keys = app
         .store
         .reports()
         .accounts()
@@ -713,7 +713,7 @@ fn list_keys(state: &Arc<State>, user: &str) -> Result<Response<Body>, ApiError>
         out.push_str(",\"user\":");
         push_json_str(&mut out, &k.user);
         opt_time(&mut out, "createdAt", Some(k.created_ms));
-        let last = k.last_used_ms.max(state.keys.last_used(&k.id));
+        let last = k.last_used_ms.max(app.keys.last_used(&k.id));
         opt_time(&mut out, "lastUsedAt", last);
         opt_time(&mut out, "revokedAt", k.revoked_ms);
         out.push('}');
@@ -722,10 +722,10 @@ fn list_keys(state: &Arc<State>, user: &str) -> Result<Response<Body>, ApiError>
     Ok(json_response(StatusCode::OK, out))
 }
 
-fn revoke_key(state: &Arc<State>, id: &str) -> Result<Response<Body>, ApiError> {
+fn revoke_key(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
     // Out of memory first: the key stops working before the answer.
-    state.keys.remove(id);
-    match state
+    app.keys.remove(id);
+    match app
         .store
         .reports()
         .accounts()
@@ -786,14 +786,14 @@ pub fn parse_limits_body(body: &[u8]) -> Result<Limits, ApiError> {
     Ok(l)
 }
 
-fn limits_json(state: &Arc<State>, user: Option<&str>) -> String {
+fn limits_json(app: &Arc<App>, user: Option<&str>) -> String {
     let now = crate::timestamp::now_ms();
     let (limits, is_default) = match user {
-        Some(u) => match state.budgets.limits_of(u) {
+        Some(u) => match app.budgets.limits_of(u) {
             Some((l, d)) => (Some(l), d),
             None => (None, false),
         },
-        None => (state.budgets.default_limits(), true),
+        None => (app.budgets.default_limits(), true),
     };
     let mut out = String::from("{\"user\":");
     match user {
@@ -810,7 +810,7 @@ fn limits_json(state: &Arc<State>, user: Option<&str>) -> String {
         num(l.tpm.map(|v| v.to_string())),
     ));
     if let (Some(u), Some(l)) = (user, limits) {
-        let (spent, reserved) = state.budgets.spent(u, now);
+        let (spent, reserved) = app.budgets.spent(u, now);
         out.push_str(&format!(
             ",\"spent\":{},\"reserved\":{}",
             pricing::format_dollars(spent),
@@ -828,12 +828,12 @@ fn limits_json(state: &Arc<State>, user: Option<&str>) -> String {
     out
 }
 
-fn limits_response(state: &Arc<State>, user: Option<&str>) -> Response<Body> {
-    json_response(StatusCode::OK, limits_json(state, user))
+fn limits_response(app: &Arc<App>, user: Option<&str>) -> Response<Body> {
+    json_response(StatusCode::OK, limits_json(app, user))
 }
 
 async fn put_limits(
-    state: &Arc<State>,
+    app: &Arc<App>,
     user: Option<String>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
@@ -843,47 +843,43 @@ async fn put_limits(
         .map_err(|_| ApiError::bad_request("could not read the body (at most 64 KiB)"))?
         .to_bytes();
     let l = parse_limits_body(&body)?;
-    save_limits(state, user.as_deref(), Some(l)).await?;
-    Ok(limits_response(state, user.as_deref()))
+    save_limits(app, user.as_deref(), Some(l)).await?;
+    Ok(limits_response(app, user.as_deref()))
 }
 
-async fn delete_limits(
-    state: &Arc<State>,
-    user: Option<String>,
-) -> Result<Response<Body>, ApiError> {
-    save_limits(state, user.as_deref(), None).await?;
-    Ok(limits_response(state, user.as_deref()))
+async fn delete_limits(app: &Arc<App>, user: Option<String>) -> Result<Response<Body>, ApiError> {
+    save_limits(app, user.as_deref(), None).await?;
+    Ok(limits_response(app, user.as_deref()))
 }
 
 async fn save_limits(
-    state: &Arc<State>,
+    app: &Arc<App>,
     user: Option<&str>,
     l: Option<Limits>,
 ) -> Result<(), ApiError> {
-    state
-        .store
+    app.store
         .reports()
         .accounts()
         .save_limits(user, l.as_ref())
         .map_err(internal)?;
     match user {
-        Some(u) => state.budgets.set_limits(u, l),
-        None => state.budgets.set_default(l),
+        Some(u) => app.budgets.set_limits(u, l),
+        None => app.budgets.set_default(l),
     }
     // Spend so far in the (new) period counts from now on.
-    settle(state).await;
-    let st = state.clone();
-    tokio::task::spawn_blocking(move || crate::server::rebuild_spend(&st.store, &st.budgets))
+    settle(app).await;
+    let st = app.clone();
+    tokio::task::spawn_blocking(move || st.rebuild_spend())
         .await
         .map_err(internal)?
         .map_err(internal)
 }
 
-async fn me_usage(state: &Arc<State>, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    let key = crate::access::user_from_key(&state.keys, req.headers(), crate::timestamp::now_ms())?;
+async fn me_usage(app: &Arc<App>, req: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let key = crate::access::user_from_key(&app.keys, req.headers(), crate::timestamp::now_ms())?;
     let user = key.user.clone();
-    settle(state).await;
-    let reports = state.store.reports();
+    settle(app).await;
+    let reports = app.store.reports();
     let f = Filter {
         user: Some(user.clone()),
         ..Filter::default()
@@ -898,7 +894,7 @@ async fn me_usage(state: &Arc<State>, req: &Request<Incoming>) -> Result<Respons
     out.push_str(",\"usage\":");
     out.push_str(&usage_json(&t));
     out.push_str(",\"limits\":");
-    out.push_str(&limits_json(state, Some(&user)));
+    out.push_str(&limits_json(app, Some(&user)));
     out.push('}');
     Ok(json_response(StatusCode::OK, out))
 }

@@ -14,32 +14,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Sleep;
 
+use crate::http::BoxError;
 use crate::record::{Estimate, Record};
 use crate::store::{Slot, Store};
 use crate::usage::{Capture, Endpoint, Found, JsonScanner, SseScanner};
-
-/// Error type of every body tollgate produces.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The body type of every request and answer tollgate sends.
-pub type Body = UnsyncBoxBody<Bytes, BoxError>;
-
-/// A body of known bytes.
-pub fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-/// An empty body.
-pub fn empty() -> Body {
-    Empty::new().map_err(|never| match never {}).boxed_unsync()
-}
 
 /// How the answer body is read.
 #[derive(Debug)]
@@ -56,6 +38,7 @@ pub enum Observer {
 /// when the exchange ends in whatever way.
 pub struct Meter {
     store: Arc<Store>,
+    in_flight: Gauge,
     slot: Option<Slot>,
     record: Record,
     started: Instant,
@@ -71,6 +54,7 @@ impl Meter {
     /// still leaves a record.
     pub fn new(
         store: Arc<Store>,
+        in_flight: Gauge,
         slot: Slot,
         mut record: Record,
         started: Instant,
@@ -78,9 +62,10 @@ impl Meter {
         request_body: Bytes,
     ) -> Meter {
         record.status = 499;
-        store.metrics().in_flight.inc();
+        in_flight.inc();
         Meter {
             store,
+            in_flight,
             slot: Some(slot),
             record,
             started,
@@ -111,7 +96,7 @@ impl Meter {
     /// The request never reached upstream: no record.
     pub fn cancel(mut self) {
         if self.slot.take().is_some() {
-            self.store.metrics().in_flight.dec();
+            self.in_flight.dec();
         }
     }
 
@@ -150,7 +135,7 @@ impl Meter {
         let Some(slot) = self.slot.take() else {
             return;
         };
-        self.store.metrics().in_flight.dec();
+        self.in_flight.dec();
         let mut rec = std::mem::take(&mut self.record);
         rec.duration_us = self.started.elapsed().as_micros() as u64;
         let (found, capture) = match std::mem::replace(&mut self.observer, Observer::Ignore) {

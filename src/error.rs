@@ -9,18 +9,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
-use crate::body::Body;
-
-/// Who caused an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// The request was bad: 4xx.
-    Client,
-    /// The upstream failed or was too slow: 502/504.
-    Upstream,
-    /// Tollgate itself failed: 500/503.
-    Internal,
-}
+use crate::http::Body;
 
 /// An error answered to the client in OpenAI's shape.
 #[derive(Debug, Clone)]
@@ -170,15 +159,6 @@ impl ApiError {
         e
     }
 
-    /// Where the error came from, derived from its status.
-    pub fn source(&self) -> Source {
-        match self.status {
-            StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT => Source::Upstream,
-            s if s.is_client_error() => Source::Client,
-            _ => Source::Internal,
-        }
-    }
-
     /// The JSON body in OpenAI's error shape.
     pub fn body_bytes(&self) -> Bytes {
         let env = Envelope {
@@ -194,7 +174,7 @@ impl ApiError {
 
     /// The full HTTP answer.
     pub fn into_response(self) -> Response<Body> {
-        let mut resp = Response::new(crate::body::full(self.body_bytes()));
+        let mut resp = Response::new(crate::http::full(self.body_bytes()));
         *resp.status_mut() = self.status;
         resp.headers_mut().insert(
             header::CONTENT_TYPE,

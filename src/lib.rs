@@ -40,10 +40,12 @@
 
 pub mod access;
 pub mod api;
+pub mod app;
 pub mod body;
 pub mod budget;
 pub mod config;
 pub mod error;
+pub mod http;
 pub mod metrics;
 pub mod pricing;
 pub mod proxy;

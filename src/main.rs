@@ -52,10 +52,12 @@ async fn main() -> ExitCode {
             ))
         }
     };
-    match tollgate::server::run(listener, config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e),
-    }
+    let app = match tollgate::app::App::build(config) {
+        Ok(app) => app,
+        Err(e) => return fail(&e),
+    };
+    tollgate::server::run(listener, app, shutdown).await;
+    ExitCode::SUCCESS
 }
 
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {

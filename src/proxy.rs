@@ -10,11 +10,12 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::access::AuthMode;
-use crate::body::{Body, Meter, MeteredBody, Observer, Upload, UploadBody};
+use crate::app::App;
+use crate::body::{Meter, MeteredBody, Observer, Upload, UploadBody};
 use crate::budget::Refusal;
 use crate::error::ApiError;
+use crate::http::Body;
 use crate::record::{Record, Rejected};
-use crate::server::State;
 use crate::usage::{self, Endpoint, JsonScanner, SseScanner};
 
 /// Longest a request waits for room in the usage queue before a 503.
@@ -80,22 +81,22 @@ async fn read_body(body: Incoming, limit: u64) -> Result<Bytes, ApiError> {
 }
 
 /// Forwards one API request upstream and meters it.
-pub async fn handle(state: &Arc<State>, req: Request<Incoming>) -> Response<Body> {
-    match forward(state, req).await {
+pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    match forward(app, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn forward(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let started_ms = crate::timestamp::now_ms();
-    let cfg = &state.config;
+    let cfg = &app.config;
     let (user, key_id) = match cfg.auth {
         AuthMode::Header => (user_of(&req)?, None),
         AuthMode::Keys => {
-            let k = crate::access::user_from_key(&state.keys, req.headers(), started_ms)
-                .inspect_err(|_| state.store.metrics().rejected("invalid_api_key"))?;
+            let k = crate::access::user_from_key(&app.keys, req.headers(), started_ms)
+                .inspect_err(|_| app.metrics.rejected("invalid_api_key"))?;
             (k.user.clone(), Some(k.id.clone()))
         }
     };
@@ -140,7 +141,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
             header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),
         );
-        crate::body::full(sent_bytes.clone())
+        crate::http::full(sent_bytes.clone())
     } else {
         let sniff = (endpoint == Endpoint::Media).then(|| {
             parts.headers.insert(
@@ -152,14 +153,14 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
                 .get(header::CONTENT_TYPE)
                 .is_some_and(|v| v.as_bytes().starts_with(b"multipart/"))
         });
-        let (b, state) = UploadBody::new(body, sniff);
-        upload = Some(state);
+        let (b, progress) = UploadBody::new(body, sniff);
+        upload = Some(progress);
         b.boxed_unsync()
     };
 
-    let hold = if state.budgets.active() {
+    let hold = if app.budgets.active() {
         let (cost, tokens) = reservation(
-            state,
+            app,
             endpoint,
             &requested_model,
             sent_bytes.len(),
@@ -167,7 +168,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
             choices,
             started_ms,
         );
-        match state.budgets.check(&user, cost, tokens, started_ms) {
+        match app.budgets.check(&user, cost, tokens, started_ms) {
             Ok(h) => h,
             Err(refusal) => {
                 let (code, err) = match refusal {
@@ -188,7 +189,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
                         ),
                     ),
                 };
-                state.store.reject(Rejected {
+                app.store.reject(Rejected {
                     at_ms: started_ms,
                     user,
                     model: requested_model,
@@ -201,7 +202,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
         None
     };
 
-    let slot = state
+    let slot = app
         .store
         .reserve(QUEUE_WAIT)
         .await
@@ -221,7 +222,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     headers.remove("x-user");
-    match &state.auth_header {
+    match &app.auth_header {
         Some(v) => {
             headers.insert(header::AUTHORIZATION, v.clone());
         }
@@ -247,7 +248,8 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
         ..Record::default()
     };
     let mut meter = Meter::new(
-        state.store.clone(),
+        app.store.clone(),
+        app.metrics.in_flight.clone(),
         slot,
         record,
         started,
@@ -260,7 +262,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
 
     meter.overhead(started.elapsed());
     let resp = match answer_head(
-        state.upstream.send(up),
+        app.upstream.send(up),
         upload.as_deref(),
         cfg.upstream_idle_timeout,
     )
@@ -301,7 +303,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
 
     let (mut parts, body) = resp.into_parts();
     if let Some(raw) = crate::ratelimit::Raw::capture(&parts.headers, crate::timestamp::now_ms()) {
-        state.store.set_ratelimits(raw);
+        app.store.set_ratelimits(raw);
     }
     let request_id = parts
         .headers
@@ -343,7 +345,7 @@ async fn forward(state: &Arc<State>, req: Request<Incoming>) -> Result<Response<
 /// asks for times the answers it asks for (or the configured default), at
 /// the requested model's prices.
 fn reservation(
-    state: &State,
+    app: &App,
     endpoint: Endpoint,
     model: &str,
     body_len: usize,
@@ -359,10 +361,10 @@ fn reservation(
         0
     } else {
         max_tokens
-            .unwrap_or(state.config.reserve_answer_tokens)
+            .unwrap_or(app.config.reserve_answer_tokens)
             .saturating_mul(choices)
     };
-    let cost = state
+    let cost = app
         .store
         .prices()
         .lookup(model, model, now_ms)

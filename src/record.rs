@@ -71,6 +71,17 @@ impl Record {
     }
 }
 
+/// A record with its cost, ready to be written.
+#[derive(Debug)]
+pub struct Priced {
+    /// The record.
+    pub record: Record,
+    /// Cost in pico-dollars.
+    pub cost: i64,
+    /// Whether a price was found.
+    pub priced: bool,
+}
+
 /// A request refused before upstream by a budget or limit.
 #[derive(Debug, Clone)]
 pub struct Rejected {

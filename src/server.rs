@@ -5,7 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -14,150 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
-use crate::body::Body;
-use crate::config::Config;
-use crate::store::{sqlite, Store};
-
-/// Everything a request handler needs.
-pub struct State {
-    /// The validated settings.
-    pub config: Config,
-    /// The upstream and its idle connections.
-    pub upstream: crate::upstream::Upstream,
-    /// Server worker threads (one per available core).
-    pub workers: usize,
-    /// Where records go and reports come from.
-    pub store: Arc<Store>,
-    /// `Bearer <upstream token>`, prepared once.
-    pub auth_header: Option<HeaderValue>,
-    /// SHA-256 of the admin key, if one is set.
-    pub admin_digest: Option<crate::access::Digest>,
-    /// Active user keys.
-    pub keys: crate::access::Keys,
-    /// Limits and live spend.
-    pub budgets: Arc<crate::budget::Budgets>,
-}
-
-/// Loads users' keys and limits, and each limited user's spend in the
-/// current period (so a restart does not reset anyone's spend).
-fn load_accounts(
-    store: &Store,
-    keys: &crate::access::Keys,
-    budgets: &crate::budget::Budgets,
-) -> Result<(), crate::store::StoreError> {
-    let reports = store.reports();
-    let accounts = reports.accounts();
-    for (info, digest) in accounts.active_keys()? {
-        keys.insert(crate::access::KeyEntry {
-            id: info.id,
-            user: info.user,
-            digest,
-            last_used: std::sync::atomic::AtomicI64::new(info.last_used_ms.unwrap_or(0)),
-        });
-    }
-    for (user, l) in accounts.all_limits()? {
-        match user {
-            Some(u) => budgets.set_limits(&u, Some(l)),
-            None => budgets.set_default(Some(l)),
-        }
-    }
-    rebuild_spend(store, budgets)
-}
-
-/// Reads every limited user's spend in their current period from the database.
-pub fn rebuild_spend(
-    store: &Store,
-    budgets: &crate::budget::Budgets,
-) -> Result<(), crate::store::StoreError> {
-    use crate::budget::Period;
-    use crate::store::{Filter, GroupKey};
-    let now = crate::timestamp::now_ms();
-    let reports = store.reports();
-    for period in [Period::Day, Period::Week, Period::Month, Period::Total] {
-        let start = period.start(now);
-        let f = Filter {
-            after: (period != Period::Total).then(|| start - 1),
-            ..Filter::default()
-        };
-        let mut spent: std::collections::HashMap<String, i128> = reports
-            .usage(&f, &[GroupKey::User])?
-            .into_iter()
-            .filter_map(|(g, t)| Some((g.user?, t.cost)))
-            .collect();
-        let users: Vec<String> = spent.keys().cloned().collect();
-        for u in users {
-            if budgets
-                .limits_of(&u)
-                .is_some_and(|(l, _)| l.period == period)
-            {
-                budgets.set_spent(&u, start, spent.remove(&u).unwrap_or(0));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Why the server could not start.
-#[derive(Debug)]
-pub struct StartError {
-    /// The setting at fault.
-    pub setting: &'static str,
-    /// What went wrong.
-    pub message: String,
-}
-
-impl std::fmt::Display for StartError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invalid {}: {}", self.setting, self.message)
-    }
-}
-
-impl std::error::Error for StartError {}
-
-/// Opens the store and builds the shared state.
-pub fn state(config: Config) -> Result<Arc<State>, StartError> {
-    let (backend, reports) =
-        sqlite::open(&config.db, config.default_prices).map_err(|e| StartError {
-            setting: "--db",
-            message: format!("{}: {e}", config.db.display()),
-        })?;
-    let metrics = Arc::new(crate::metrics::Metrics::default());
-    let retain = config
-        .retain_days
-        .map(|d| std::time::Duration::from_secs(u64::from(d) * 86_400));
-    let store = Store::start(backend, reports, metrics, retain).map_err(|e| StartError {
-        setting: "--db",
-        message: e.to_string(),
-    })?;
-    let keys = crate::access::Keys::default();
-    let budgets = Arc::new(crate::budget::Budgets::default());
-    load_accounts(&store, &keys, &budgets).map_err(|e| StartError {
-        setting: "--db",
-        message: format!("cannot load keys and limits: {e}"),
-    })?;
-    let auth_header = match &config.upstream_token {
-        Some(t) => {
-            let mut v = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| StartError {
-                setting: "TOLLGATE_UPSTREAM_TOKEN",
-                message: "not a valid header value".into(),
-            })?;
-            v.set_sensitive(true);
-            Some(v)
-        }
-        None => None,
-    };
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    Ok(Arc::new(State {
-        upstream: crate::upstream::Upstream::new(&config, workers),
-        workers,
-        admin_digest: config.admin_token.as_deref().map(crate::access::digest),
-        config,
-        store,
-        auth_header,
-        keys,
-        budgets,
-    }))
-}
+use crate::app::App;
+use crate::http::Body;
 
 /// Largest request head answered normally. hyper's own limit is set above it
 /// so that oversized heads get tollgate's 431 in OpenAI's shape; only heads
@@ -165,7 +23,7 @@ pub fn state(config: Config) -> Result<Arc<State>, StartError> {
 const MAX_HEADER_BYTES: usize = 32 << 10;
 
 async fn route(
-    state: Arc<State>,
+    app: Arc<App>,
     remote: std::net::SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
@@ -179,9 +37,9 @@ async fn route(
         return Ok(crate::error::ApiError::headers_too_large(MAX_HEADER_BYTES).into_response());
     }
     if req.uri().path().starts_with("/v1/") {
-        Ok(crate::proxy::handle(&state, req).await)
+        Ok(crate::proxy::handle(&app, req).await)
     } else {
-        Ok(crate::api::handle(&state, remote, req).await)
+        Ok(crate::api::handle(&app, remote, req).await)
     }
 }
 
@@ -213,37 +71,27 @@ async fn first_bytes(stream: &tokio::net::TcpStream, limit: std::time::Duration)
     }
 }
 
-/// Serves until `shutdown` completes, then stops accepting, lets in-flight
-/// requests finish within the grace period, and writes every pending record.
-pub async fn run(
-    listener: TcpListener,
-    config: Config,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), StartError> {
-    let state = state(config)?;
-    serve(listener, state, shutdown).await;
-    Ok(())
-}
-
-/// [`run`] with a state built by [`state`].
-pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Future<Output = ()>) {
+/// Serves `app` until `shutdown` completes, then stops accepting, lets
+/// in-flight requests finish within the grace period, and writes every
+/// pending record.
+pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
     if let Ok(addr) = listener.local_addr() {
         if !addr.ip().is_loopback() {
-            if state.admin_digest.is_none() {
+            if app.admin_digest.is_none() {
                 tracing::warn!(
                     %addr,
                     "listening on a non-loopback address without an admin key: the admin endpoints (/model, /usage, /queries, /ratelimits, /users, /metrics) answer only to loopback clients; set TOLLGATE_ADMIN_TOKEN to use them remotely"
                 );
             }
-            if state.config.auth == crate::access::AuthMode::Header {
+            if app.config.auth == crate::access::AuthMode::Header {
                 tracing::warn!(
                     %addr,
                     "listening on a non-loopback address with --auth header: the x-user header is trusted, so anyone who can reach this port can spend as any user; use --auth keys"
                 );
             }
         }
-        tracing::info!(%addr, upstream = %state.config.upstream, db = %state.config.db.display(), "tollgate listening");
-        if state.admin_digest.is_none() {
+        tracing::info!(%addr, upstream = %app.config.upstream, db = %app.config.db.display(), "tollgate listening");
+        if app.admin_digest.is_none() {
             tracing::info!("no admin key (TOLLGATE_ADMIN_TOKEN): admin endpoints answer only to loopback clients");
         }
     }
@@ -261,14 +109,14 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut inboxes = Vec::new();
     let mut handoff = Vec::new();
-    for _ in 0..state.workers {
+    for _ in 0..app.workers {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         handoff.push(tx);
         inboxes.push(rx);
     }
     let shared = Arc::new(Workers {
-        loads: (0..state.workers)
-            .map(|n| state.store.metrics().worker_connections(n))
+        loads: (0..app.workers)
+            .map(|n| app.metrics.worker_connections(n))
             .collect(),
         handoff,
     });
@@ -281,7 +129,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
                 break;
             }
         };
-        let (st, stop, shared) = (state.clone(), stop_rx.clone(), shared.clone());
+        let (app, stop, shared) = (app.clone(), stop_rx.clone(), shared.clone());
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let spawned = std::thread::Builder::new()
             .name(format!("tollgate-w{n}"))
@@ -291,7 +139,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(worker(n, l, inbox, shared, st, stop)),
+                    Ok(rt) => rt.block_on(worker(n, l, inbox, shared, app, stop)),
                     Err(e) => tracing::error!(error = %e, "cannot start a worker runtime"),
                 }
                 drop(done_tx);
@@ -311,7 +159,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl Futu
     for done in finished {
         let _ = done.await;
     }
-    let store = state.store.clone();
+    let store = app.store.clone();
     let _ = tokio::task::spawn_blocking(move || store.close()).await;
     tracing::info!("all usage records written; bye");
 }
@@ -384,7 +232,7 @@ async fn worker(
     listener: std::net::TcpListener,
     mut inbox: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
     shared: Arc<Workers>,
-    state: Arc<State>,
+    app: Arc<App>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let listener = match TcpListener::from_std(listener) {
@@ -394,12 +242,12 @@ async fn worker(
             return;
         }
     };
-    state.upstream.spawn_reaper();
+    app.upstream.spawn_reaper();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(state.config.header_timeout)
+        .header_read_timeout(app.config.header_timeout)
         .max_buf_size(MAX_HEADER_BYTES * 4);
     builder
         .http2()
@@ -431,23 +279,23 @@ async fn worker(
             _ = stop.wait_for(|s| *s) => break,
         };
         let _ = stream.set_nodelay(true);
-        let st = state.clone();
+        let app = app.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let shared = shared.clone();
         conns.spawn(async move {
             let _load = Load(&shared.loads[n]);
-            if !first_bytes(&stream, st.config.header_timeout).await {
+            if !first_bytes(&stream, app.config.header_timeout).await {
                 return;
             }
-            let svc = service_fn(move |req| route(st.clone(), remote, req));
+            let svc = service_fn(move |req| route(app.clone(), remote, req));
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             let _ = watcher.watch(conn.into_owned()).await;
         });
         while conns.try_join_next().is_some() {}
     }
     drop(listener);
-    let grace = state.config.shutdown_grace;
+    let grace = app.config.shutdown_grace;
     tracing::info!(
         in_flight = conns.len(),
         "shutting down: no longer accepting"

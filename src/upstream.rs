@@ -34,10 +34,9 @@ use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tower_service::Service;
 
-use crate::body::Body;
 use crate::config::Config;
+use crate::http::{Body, BoxError};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Io = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
 /// Boxed: the connection state is large (1.7 KB) and changes hands several
 /// times per request.

@@ -21,7 +21,7 @@ use crate::budget::Limits;
 use crate::metrics::Metrics;
 use crate::pricing::{Price, PriceTable};
 use crate::ratelimit::RateLimits;
-use crate::record::{Record, Rejected, StoredRecord};
+use crate::record::{Priced, Record, Rejected, StoredRecord};
 
 /// A storage failure.
 #[derive(Debug)]
@@ -39,17 +39,6 @@ impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         StoreError(e.to_string())
     }
-}
-
-/// A record with its cost, ready to be written.
-#[derive(Debug)]
-pub struct Priced {
-    /// The record.
-    pub record: Record,
-    /// Cost in pico-dollars.
-    pub cost: i64,
-    /// Whether a price was found.
-    pub priced: bool,
 }
 
 /// The write side, owned by the writer thread.
@@ -389,11 +378,6 @@ impl Store {
     /// The in-memory price table.
     pub fn prices(&self) -> parking_lot::RwLockReadGuard<'_, PriceTable> {
         self.prices.read()
-    }
-
-    /// The metrics the writer keeps.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
     }
 
     /// Records queued or in flight, not yet written.

@@ -31,8 +31,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use tollgate::app::App;
 use tollgate::config::{Config, Upstream};
-use tollgate::server::State;
 
 /// Upper bound for any single step of a test; a hang fails the test instead of the CI job.
 pub const STEP: Duration = Duration::from_secs(20);
@@ -576,7 +576,7 @@ pub fn chat_body(model: &str, stream: bool) -> String {
 /// A running tollgate server with its own temporary database.
 pub struct Proxy {
     pub addr: SocketAddr,
-    pub state: Arc<State>,
+    pub state: Arc<App>,
     pub db: PathBuf,
     /// The admin key the helpers send, when the proxy was started with one.
     pub admin: Option<String>,
@@ -659,15 +659,11 @@ impl ProxyBuilder {
         self.config.listen = addr;
         let db = self.config.db.clone();
         let admin = self.config.admin_token.clone();
-        let state = tollgate::server::state(self.config).expect("tollgate state");
+        let state = tollgate::app::App::build(self.config).expect("tollgate state");
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(tollgate::server::serve(
-            listener,
-            state.clone(),
-            async move {
-                let _ = stop_rx.await;
-            },
-        ));
+        let task = tokio::spawn(tollgate::server::run(listener, state.clone(), async move {
+            let _ = stop_rx.await;
+        }));
         Proxy {
             addr,
             state,
