@@ -134,6 +134,16 @@ pub enum Refusal {
     },
 }
 
+impl Refusal {
+    /// The error code answered and counted.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::Budget { .. } => "budget_exceeded",
+            Refusal::Rate { .. } => "rate_limit_exceeded",
+        }
+    }
+}
+
 /// Limits and live counters of every user.
 #[derive(Default)]
 pub struct Budgets {

@@ -1,0 +1,383 @@
+//! The metered proxy for everything under `/v1/`.
+//!
+//! A request's life is a sequence of phases over one per-request [`Ctx`]
+//! (as pingora's `ProxyHttp` phases over its `CTX`), in the order they
+//! happen: authenticate, read and check the body, admit (budget, rates, a
+//! queue slot), build the upstream request, send it, and wrap the answer in a
+//! [`MeteredBody`] that settles the record. Each phase either moves the
+//! request on or returns an [`ApiError`].
+
+mod admit;
+mod headers;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap};
+use http::request::Parts;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use crate::access::AuthMode;
+use crate::app::App;
+use crate::body::{Meter, MeteredBody, Observer, Upload, UploadBody};
+use crate::error::ApiError;
+use crate::http::Body;
+use crate::record::Record;
+use crate::upstream::{UpstreamBody, UpstreamError};
+use crate::usage::{self, Endpoint, JsonScanner, RequestError, SseScanner};
+
+/// Forwards one API request upstream and meters it.
+pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    match forward(app, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn forward(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let mut ctx = Ctx::authenticate(app, &req)?;
+    let (mut parts, body) = req.into_parts();
+    let body = ctx.read_body(app, &mut parts.headers, body).await?;
+    let admission = admit::admit(app, &ctx).await?;
+    let up = ctx.upstream_request(app, parts, body)?;
+    let mut meter = ctx.meter(app, admission);
+    meter.overhead(ctx.started.elapsed());
+    let answer = match send(app, up, ctx.upload.as_deref()).await {
+        Ok(a) => a,
+        Err(e) => {
+            match e.status() {
+                // Never reached upstream: nothing was spent, nothing to record.
+                None => meter.cancel(),
+                Some(status) => meter.failed(status),
+            }
+            return Err(e.into());
+        }
+    };
+    Ok(ctx.wrap_answer(app, meter, answer))
+}
+
+/// What the proxy knows of one request, gathered phase by phase.
+struct Ctx {
+    started: Instant,
+    started_ms: i64,
+    user: String,
+    key_id: Option<String>,
+    endpoint: Endpoint,
+    /// The request path, without the query string.
+    path: String,
+    request: RequestFacts,
+    /// Progress of a streamed (unbuffered) upload.
+    upload: Option<Arc<Upload>>,
+}
+
+/// What the request body said (JSON APIs; empty for streamed uploads).
+#[derive(Default)]
+struct RequestFacts {
+    model: String,
+    stream: bool,
+    max_tokens: Option<u64>,
+    choices: u64,
+    /// `include_usage` was spliced in: the usage-only chunk is not the client's.
+    spliced: bool,
+    /// The body as forwarded.
+    body: Bytes,
+}
+
+impl Ctx {
+    /// Phase 1: who the request is charged to.
+    fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Ctx, ApiError> {
+        let started_ms = crate::timestamp::now_ms();
+        let (user, key_id) = match app.config.auth {
+            AuthMode::Header => (user_of(req.headers())?, None),
+            AuthMode::Keys => {
+                let k = crate::access::user_from_key(&app.keys, req.headers(), started_ms)
+                    .inspect_err(|_| app.metrics.rejected("invalid_api_key"))?;
+                (k.user.clone(), Some(k.id.clone()))
+            }
+        };
+        Ok(Ctx {
+            started: Instant::now(),
+            started_ms,
+            user,
+            key_id,
+            endpoint: Endpoint::classify(req.method(), req.uri().path()),
+            path: req.uri().path().to_owned(),
+            request: RequestFacts {
+                choices: 1,
+                ..RequestFacts::default()
+            },
+            upload: None,
+        })
+    }
+
+    /// Phase 2: JSON APIs are read whole (within `--max-body`), checked and
+    /// perhaps spliced; every other body streams through as it comes.
+    async fn read_body(
+        &mut self,
+        app: &App,
+        headers: &mut HeaderMap,
+        body: Incoming,
+    ) -> Result<Body, ApiError> {
+        if !self.endpoint.needs_model() {
+            let sniff = (self.endpoint == Endpoint::Media).then(|| {
+                headers::ask_identity(headers);
+                headers
+                    .get(header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"multipart/"))
+            });
+            let (body, progress) = UploadBody::new(body, sniff);
+            self.upload = Some(progress);
+            return Ok(body.boxed_unsync());
+        }
+        let limit = app.config.max_body;
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ApiError::too_large(limit));
+        }
+        let bytes = read_limited(body, limit).await?;
+        let info = usage::parse_request(&bytes)?;
+        let r = &mut self.request;
+        r.body = bytes;
+        if info.stream && !info.include_usage && self.endpoint.usage_on_request() {
+            if let Some(spliced) = usage::splice_include_usage(&r.body) {
+                r.body = Bytes::from(spliced);
+                r.spliced = true;
+            }
+        }
+        r.model = info.model;
+        r.stream = info.stream;
+        r.max_tokens = info.max_tokens;
+        r.choices = info.choices;
+        headers.remove(header::CONTENT_LENGTH);
+        headers::ask_identity(headers);
+        Ok(crate::http::full(r.body.clone()))
+    }
+
+    /// Phase 4: the request as upstream gets it.
+    fn upstream_request(
+        &self,
+        app: &App,
+        parts: Parts,
+        body: Body,
+    ) -> Result<Request<Body>, ApiError> {
+        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let uri = app
+            .config
+            .upstream
+            .uri_for(path_and_query)
+            .map_err(|e| ApiError::bad_request(format!("bad request path: {e}")))?;
+        let mut up = Request::new(body);
+        *up.method_mut() = parts.method;
+        *up.uri_mut() = uri;
+        *up.headers_mut() = parts.headers;
+        headers::to_upstream(up.headers_mut(), app.config.auth, app.auth_header.as_ref());
+        Ok(up)
+    }
+
+    /// Opens the request's record: from here on, whatever happens leaves one.
+    fn meter(&mut self, app: &App, admission: admit::Admission) -> Meter {
+        let r = &mut self.request;
+        let record = Record {
+            user: std::mem::take(&mut self.user),
+            requested_model: std::mem::take(&mut r.model),
+            endpoint: std::mem::take(&mut self.path),
+            started_ms: self.started_ms,
+            stream: r.stream,
+            key_id: self.key_id.take(),
+            hold: admission.hold,
+            ..Record::default()
+        };
+        let mut meter = Meter::new(
+            app.store.clone(),
+            app.metrics.in_flight.clone(),
+            admission.slot,
+            record,
+            self.started,
+            self.endpoint,
+            std::mem::take(&mut r.body),
+        );
+        if let Some(u) = &self.upload {
+            meter.upload(u.clone());
+        }
+        meter
+    }
+
+    /// Phase 6: the answer goes back to the client through the scanner that
+    /// reads its usage.
+    fn wrap_answer(
+        self,
+        app: &App,
+        mut meter: Meter,
+        answer: Response<UpstreamBody>,
+    ) -> Response<Body> {
+        let (mut parts, body) = answer.into_parts();
+        if let Some(raw) =
+            crate::ratelimit::Raw::capture(&parts.headers, crate::timestamp::now_ms())
+        {
+            app.store.set_ratelimits(raw);
+        }
+        let request_id = parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let strip = self.request.spliced && parts.status.is_success();
+        let observer = observer_for(self.endpoint, &parts.headers, strip);
+        let rewritten = strip && matches!(observer, Observer::Sse(_));
+        meter.answered(parts.status.as_u16(), request_id, observer);
+        headers::to_client(&mut parts.headers, rewritten);
+        let body = MeteredBody::new(body, meter, app.config.upstream_idle_timeout);
+        Response::from_parts(parts, body.boxed_unsync())
+    }
+}
+
+/// How an answer is read for usage: by its endpoint and content type, and
+/// not at all when it is compressed.
+fn observer_for(endpoint: Endpoint, h: &HeaderMap, strip: bool) -> Observer {
+    let encoded = h
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| v.as_bytes() != b"identity");
+    if endpoint == Endpoint::Other || encoded {
+        return Observer::Ignore;
+    }
+    let content_type = h
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if content_type.starts_with("text/event-stream") {
+        Observer::Sse(SseScanner::new(endpoint.stream_kind(), strip))
+    } else if content_type.contains("json") {
+        Observer::Json(JsonScanner::default())
+    } else {
+        Observer::Ignore
+    }
+}
+
+/// The user a request is charged to, in header mode.
+fn user_of(h: &HeaderMap) -> Result<String, ApiError> {
+    match h.get("x-user").map(|v| v.to_str()) {
+        Some(Ok(u)) if !u.trim().is_empty() => Ok(u.trim().to_owned()),
+        Some(Err(_)) => Err(ApiError::unauthorized(
+            "The x-user header must be visible ASCII text.",
+        )),
+        _ => Err(ApiError::unauthorized(
+            "Missing x-user header: tollgate charges every request to a user.",
+        )
+        .with_code("missing_user")),
+    }
+}
+
+/// Reads a request body up to `limit` bytes.
+async fn read_limited(body: Incoming, limit: u64) -> Result<Bytes, ApiError> {
+    match Limited::new(body, limit as usize).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}
+
+/// Why no answer head came back.
+enum SendError {
+    /// The client broke off its own upload (or framed it badly).
+    ClientUpload,
+    /// No connection to upstream could be opened.
+    Unreachable,
+    /// The connection failed while sending or waiting for the head.
+    Upstream(UpstreamError),
+    /// No head within the idle timeout.
+    Timeout(Duration),
+}
+
+impl SendError {
+    /// The status the record gets; `None`: the request never reached
+    /// upstream, so it leaves no record.
+    fn status(&self) -> Option<u16> {
+        match self {
+            SendError::ClientUpload => Some(499),
+            SendError::Unreachable => None,
+            SendError::Upstream(_) => Some(502),
+            SendError::Timeout(_) => Some(504),
+        }
+    }
+}
+
+impl From<SendError> for ApiError {
+    fn from(e: SendError) -> ApiError {
+        match e {
+            SendError::ClientUpload => {
+                ApiError::bad_request("the request body could not be read to its end")
+            }
+            SendError::Unreachable => {
+                ApiError::bad_gateway("upstream is unreachable").with_code("upstream_unreachable")
+            }
+            SendError::Upstream(e) => ApiError::bad_gateway(format!(
+                "upstream failed before answering: {}",
+                error_chain(&e)
+            )),
+            SendError::Timeout(d) => {
+                ApiError::gateway_timeout(format!("upstream sent no answer within {d:?}"))
+            }
+        }
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> ApiError {
+        match e.param() {
+            Some(p) => ApiError::bad_param(p, e.message()),
+            None => ApiError::bad_request(e.message()),
+        }
+    }
+}
+
+/// Phase 5: sends the request and waits for upstream's answer head. The idle
+/// timeout counts from the request's last byte: a streamed upload that keeps
+/// moving is never cut.
+async fn send(
+    app: &App,
+    up: Request<Body>,
+    upload: Option<&Upload>,
+) -> Result<Response<UpstreamBody>, SendError> {
+    let idle = app.config.upstream_idle_timeout;
+    let fut = app.upstream.send(up);
+    tokio::pin!(fut);
+    let mut deadline = Instant::now() + idle;
+    let sent = loop {
+        match tokio::time::timeout_at(deadline.into(), &mut fut).await {
+            Ok(out) => break out,
+            Err(_) => match upload.map(|u| u.last_activity() + idle) {
+                Some(d) if d > Instant::now() => deadline = d,
+                _ => return Err(SendError::Timeout(idle)),
+            },
+        }
+    };
+    sent.map_err(|e| {
+        if upload.is_some_and(|u| u.failed()) {
+            SendError::ClientUpload
+        } else if matches!(e, UpstreamError::Connect(_)) {
+            SendError::Unreachable
+        } else {
+            SendError::Upstream(e)
+        }
+    })
+}
+
+/// An error and its causes on one line, for logs and 502 messages.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
