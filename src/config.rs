@@ -9,12 +9,12 @@ use std::time::Duration;
 use http::Uri;
 
 /// Validated settings of a tollgate process.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// Address the proxy listens on.
     pub listen: SocketAddr,
     /// Upstream base URL; the incoming path and query are appended to it.
-    pub upstream: Upstream,
+    pub upstream: UpstreamUrl,
     /// SQLite database file.
     pub db: PathBuf,
     /// Key injected as `Authorization: Bearer` upstream; `None` passes the
@@ -25,6 +25,8 @@ pub struct Config {
     /// Longest silence from upstream: before the answer head, and between
     /// streamed bytes.
     pub upstream_idle_timeout: Duration,
+    /// How long an idle upstream connection is kept for reuse.
+    pub upstream_keepalive: Duration,
     /// Largest request body read for metering (JSON APIs); larger gets 413.
     pub max_body: u64,
     /// How long in-flight requests may run on after a shutdown signal.
@@ -47,6 +49,31 @@ pub struct Config {
     pub reserve_answer_tokens: u64,
 }
 
+/// Shows every setting but the two keys, which print as `<redacted>`.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |k: &Option<String>| k.as_ref().map(|_| "<redacted>");
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("upstream", &self.upstream)
+            .field("db", &self.db)
+            .field("upstream_token", &redacted(&self.upstream_token))
+            .field("upstream_connect_timeout", &self.upstream_connect_timeout)
+            .field("upstream_idle_timeout", &self.upstream_idle_timeout)
+            .field("upstream_keepalive", &self.upstream_keepalive)
+            .field("max_body", &self.max_body)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("header_timeout", &self.header_timeout)
+            .field("default_prices", &self.default_prices)
+            .field("retain_days", &self.retain_days)
+            .field("log_format", &self.log_format)
+            .field("admin_token", &redacted(&self.admin_token))
+            .field("auth", &self.auth)
+            .field("reserve_answer_tokens", &self.reserve_answer_tokens)
+            .finish()
+    }
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -58,7 +85,7 @@ pub enum LogFormat {
 
 /// An upstream base URL, split for fast per-request URI building.
 #[derive(Debug, Clone)]
-pub struct Upstream {
+pub struct UpstreamUrl {
     /// `http` or `https`.
     pub scheme: http::uri::Scheme,
     /// Host and port.
@@ -67,9 +94,9 @@ pub struct Upstream {
     pub base_path: String,
 }
 
-impl Upstream {
+impl UpstreamUrl {
     /// Parses `http(s)://host[:port][/prefix]`.
-    pub fn parse(s: &str) -> Result<Upstream, String> {
+    pub fn parse(s: &str) -> Result<UpstreamUrl, String> {
         let uri: Uri = s.parse().map_err(|e| format!("not a URL ({e})"))?;
         let scheme = uri.scheme().cloned().ok_or("missing http:// or https://")?;
         if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
@@ -79,7 +106,7 @@ impl Upstream {
         if uri.query().is_some() {
             return Err("must not have a query string".into());
         }
-        Ok(Upstream {
+        Ok(UpstreamUrl {
             scheme,
             authority,
             base_path: uri.path().trim_end_matches('/').to_owned(),
@@ -98,7 +125,7 @@ impl Upstream {
     }
 }
 
-impl std::fmt::Display for Upstream {
+impl std::fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
     }
@@ -108,11 +135,12 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:8080".parse().expect("valid default"),
-            upstream: Upstream::parse("https://api.openai.com").expect("valid default"),
+            upstream: UpstreamUrl::parse("https://api.openai.com").expect("valid default"),
             db: PathBuf::from("openai-queries.db"),
             upstream_token: None,
             upstream_connect_timeout: Duration::from_secs(10),
             upstream_idle_timeout: Duration::from_secs(600),
+            upstream_keepalive: Duration::from_secs(90),
             max_body: 32 << 20,
             shutdown_grace: Duration::from_secs(30),
             header_timeout: Duration::from_secs(10),
@@ -163,72 +191,193 @@ pub enum Command {
     Version,
 }
 
-/// Usage text for `--help`.
-pub const HELP: &str = "\
-tollgate: a metering proxy for the OpenAI API (tokens and cost per user)
+/// One setting: where it can be given and what `--help` says of it.
+struct Setting {
+    flag: &'static str,
+    /// Placeholder for the value in `--help` (empty for a switch).
+    value: &'static str,
+    env: &'static str,
+    /// TOML key, or the TOML form for switches.
+    key: &'static str,
+    default: &'static str,
+    help: &'static str,
+}
 
-Usage: tollgate [check-config] [OPTIONS]
-
-Options (flag / environment variable / TOML key; flags win, then env, then file):
-  --listen ADDR                   TOLLGATE_LISTEN                   listen       [127.0.0.1:8080]
-  --upstream URL                  TOLLGATE_UPSTREAM                 upstream     [https://api.openai.com]
-  --db FILE                       TOLLGATE_DB                       db           [openai-queries.db]
-  --upstream-connect-timeout DUR  TOLLGATE_UPSTREAM_CONNECT_TIMEOUT upstream_connect_timeout [10s]
-  --upstream-idle-timeout DUR     TOLLGATE_UPSTREAM_IDLE_TIMEOUT    upstream_idle_timeout    [600s]
-  --max-body SIZE                 TOLLGATE_MAX_BODY                 max_body     [32MiB]
-  --shutdown-grace DUR            TOLLGATE_SHUTDOWN_GRACE           shutdown_grace [30s]
-  --header-timeout DUR            TOLLGATE_HEADER_TIMEOUT           header_timeout [10s]
-  --retain-days N                  TOLLGATE_RETAIN_DAYS              retain_days  [keep forever]
-  --log-format text|json          TOLLGATE_LOG_FORMAT               log_format   [text]
-  --auth header|keys              TOLLGATE_AUTH                     auth         [header]
-  --reserve-answer-tokens N       TOLLGATE_RESERVE_ANSWER_TOKENS    reserve_answer_tokens [4096]
-  --no-default-prices             TOLLGATE_NO_DEFAULT_PRICES=1      default_prices = false
-  --config FILE                   TOLLGATE_CONFIG                   TOML file with the keys above
-  -h, --help                      this text
-  -V, --version                   the version
-
-The upstream API key comes from TOLLGATE_UPSTREAM_TOKEN (or FORWARD_TOKEN) or the
-TOML key upstream_token, never from a flag; likewise the admin key
-(TOLLGATE_ADMIN_TOKEN or admin_token). Without one, the client's own
-Authorization header is passed through. Durations: 500ms, 2s, 10m, 1h.
-Sizes: bytes, or with KiB/MiB/GiB (KB/MB/GB are powers of 1000).
-";
-
-/// (flag, env var, TOML key) of every valued setting.
-const SETTINGS: [(&str, &str, &str); 12] = [
-    ("--auth", "TOLLGATE_AUTH", "auth"),
-    (
-        "--reserve-answer-tokens",
-        "TOLLGATE_RESERVE_ANSWER_TOKENS",
-        "reserve_answer_tokens",
-    ),
-    ("--retain-days", "TOLLGATE_RETAIN_DAYS", "retain_days"),
-    ("--log-format", "TOLLGATE_LOG_FORMAT", "log_format"),
-    ("--listen", "TOLLGATE_LISTEN", "listen"),
-    ("--upstream", "TOLLGATE_UPSTREAM", "upstream"),
-    ("--db", "TOLLGATE_DB", "db"),
-    (
-        "--upstream-connect-timeout",
-        "TOLLGATE_UPSTREAM_CONNECT_TIMEOUT",
-        "upstream_connect_timeout",
-    ),
-    (
-        "--upstream-idle-timeout",
-        "TOLLGATE_UPSTREAM_IDLE_TIMEOUT",
-        "upstream_idle_timeout",
-    ),
-    ("--max-body", "TOLLGATE_MAX_BODY", "max_body"),
-    (
-        "--shutdown-grace",
-        "TOLLGATE_SHUTDOWN_GRACE",
-        "shutdown_grace",
-    ),
-    (
-        "--header-timeout",
-        "TOLLGATE_HEADER_TIMEOUT",
-        "header_timeout",
-    ),
+/// Every setting, in the order `--help` lists them. The parser accepts
+/// exactly these flags and TOML keys, and the help text is generated from
+/// them, so the two cannot drift.
+const SETTINGS: &[Setting] = &[
+    Setting {
+        flag: "--listen",
+        value: "ADDR",
+        env: "TOLLGATE_LISTEN",
+        key: "listen",
+        default: "127.0.0.1:8080",
+        help: "address to listen on",
+    },
+    Setting {
+        flag: "--upstream",
+        value: "URL",
+        env: "TOLLGATE_UPSTREAM",
+        key: "upstream",
+        default: "https://api.openai.com",
+        help: "upstream base URL; the request's path and query are appended",
+    },
+    Setting {
+        flag: "--db",
+        value: "FILE",
+        env: "TOLLGATE_DB",
+        key: "db",
+        default: "openai-queries.db",
+        help: "SQLite database file",
+    },
+    Setting {
+        flag: "--upstream-connect-timeout",
+        value: "DUR",
+        env: "TOLLGATE_UPSTREAM_CONNECT_TIMEOUT",
+        key: "upstream_connect_timeout",
+        default: "10s",
+        help: "TCP/TLS connect limit",
+    },
+    Setting {
+        flag: "--upstream-idle-timeout",
+        value: "DUR",
+        env: "TOLLGATE_UPSTREAM_IDLE_TIMEOUT",
+        key: "upstream_idle_timeout",
+        default: "600s",
+        help: "longest upstream silence: before the answer head and between streamed bytes",
+    },
+    Setting {
+        flag: "--upstream-keepalive",
+        value: "DUR",
+        env: "TOLLGATE_UPSTREAM_KEEPALIVE",
+        key: "upstream_keepalive",
+        default: "90s",
+        help: "how long an idle upstream connection is kept for reuse",
+    },
+    Setting {
+        flag: "--max-body",
+        value: "SIZE",
+        env: "TOLLGATE_MAX_BODY",
+        key: "max_body",
+        default: "32MiB",
+        help: "largest JSON request body (streamed uploads are not limited)",
+    },
+    Setting {
+        flag: "--shutdown-grace",
+        value: "DUR",
+        env: "TOLLGATE_SHUTDOWN_GRACE",
+        key: "shutdown_grace",
+        default: "30s",
+        help: "how long in-flight requests may finish after SIGTERM",
+    },
+    Setting {
+        flag: "--header-timeout",
+        value: "DUR",
+        env: "TOLLGATE_HEADER_TIMEOUT",
+        key: "header_timeout",
+        default: "10s",
+        help: "longest time a client may take to send its request head",
+    },
+    Setting {
+        flag: "--retain-days",
+        value: "N",
+        env: "TOLLGATE_RETAIN_DAYS",
+        key: "retain_days",
+        default: "keep all",
+        help: "delete per-query records older than N days (rollups stay)",
+    },
+    Setting {
+        flag: "--log-format",
+        value: "text|json",
+        env: "TOLLGATE_LOG_FORMAT",
+        key: "log_format",
+        default: "text",
+        help: "log line format",
+    },
+    Setting {
+        flag: "--auth",
+        value: "header|keys",
+        env: "TOLLGATE_AUTH",
+        key: "auth",
+        default: "header",
+        help: "trust the x-user header, or require tollgate keys",
+    },
+    Setting {
+        flag: "--reserve-answer-tokens",
+        value: "N",
+        env: "TOLLGATE_RESERVE_ANSWER_TOKENS",
+        key: "reserve_answer_tokens",
+        default: "4096",
+        help: "answer tokens reserved against a budget when a request sets no max_tokens",
+    },
+    Setting {
+        flag: "--no-default-prices",
+        value: "",
+        env: "TOLLGATE_NO_DEFAULT_PRICES=1",
+        key: "default_prices = false",
+        default: "prices loaded",
+        help: "skip loading the built-in price list into a new database",
+    },
+    Setting {
+        flag: "--config",
+        value: "FILE",
+        env: "TOLLGATE_CONFIG",
+        key: "",
+        default: "none",
+        help: "TOML file with the keys above",
+    },
 ];
+
+/// Secrets: never a flag (flags show in `ps`), only the environment or TOML.
+const SECRETS: [(&str, &str); 2] = [
+    (
+        "TOLLGATE_UPSTREAM_TOKEN (or FORWARD_TOKEN)",
+        "upstream_token",
+    ),
+    ("TOLLGATE_ADMIN_TOKEN", "admin_token"),
+];
+
+/// The `--help` text, generated from [`SETTINGS`].
+pub fn help() -> String {
+    use std::fmt::Write;
+    let mut out = String::from(
+        "tollgate: a metering proxy for the OpenAI API (tokens and cost per user)\n\n\
+         Usage: tollgate [check-config] [OPTIONS]\n\n\
+         Options (flag / environment variable / TOML key [default]; flags win, then env, then file):\n",
+    );
+    for s in SETTINGS {
+        let flag = format!("{} {}", s.flag, s.value);
+        let _ = writeln!(
+            out,
+            "  {:<32} {:<34} {} [{}]",
+            flag.trim_end(),
+            s.env,
+            s.key,
+            s.default
+        );
+        let _ = writeln!(out, "      {}", s.help);
+    }
+    let _ = writeln!(out, "  {:<32} this text", "-h, --help");
+    let _ = writeln!(out, "  {:<32} the version", "-V, --version");
+    out.push_str("\nKeys are never taken from a flag:\n");
+    for (env, key) in SECRETS {
+        let _ = writeln!(out, "  {env} / TOML {key}");
+    }
+    out.push_str(
+        "Without an upstream key, the client's own Authorization header is passed through.\n\
+         Without an admin key, admin endpoints answer only to loopback clients.\n\
+         Durations: 500ms, 2s, 10m, 1h30m. Sizes: bytes, or with KiB/MiB/GiB (KB/MB/GB are powers of 1000).\n",
+    );
+    out
+}
+
+/// The settings that take a value, found by flag.
+fn valued(flag: &str) -> Option<&'static Setting> {
+    SETTINGS
+        .iter()
+        .find(|s| s.flag == flag && !s.value.is_empty() && !s.key.is_empty())
+}
 
 /// Parses the command line (without the program name) and environment.
 pub fn parse(
@@ -257,7 +406,7 @@ pub fn parse(
                     Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(v.to_owned())),
                     _ => (a.clone(), None),
                 };
-                if name != "--config" && !SETTINGS.iter().any(|s| s.0 == name) {
+                if name != "--config" && valued(&name).is_none() {
                     return Err(err(&name, "unknown option (see --help)"));
                 }
                 let value = match inline {
@@ -283,22 +432,24 @@ pub fn parse(
     };
     let known: Vec<&str> = SETTINGS
         .iter()
-        .map(|s| s.2)
-        .chain(["upstream_token", "admin_token", "default_prices"])
+        .filter(|s| !s.value.is_empty())
+        .map(|s| s.key)
+        .chain(SECRETS.iter().map(|s| s.1))
+        .chain(["default_prices"])
         .collect();
     if let Some(k) = file.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(err("--config", format!("unknown key `{k}`")));
     }
     // The raw value of a setting, by precedence.
     let raw = |flag: &str| -> Result<Option<String>, ConfigError> {
-        let (_, env_name, key) = SETTINGS.iter().find(|s| s.0 == flag).expect("known");
+        let setting = valued(flag).expect("a known setting");
         if let Some((_, v)) = flags.iter().rev().find(|(n, _)| n == flag) {
             return Ok(Some(v.clone()));
         }
-        if let Some(v) = env(env_name).filter(|v| !v.is_empty()) {
+        if let Some(v) = env(setting.env).filter(|v| !v.is_empty()) {
             return Ok(Some(v));
         }
-        match file.get(*key) {
+        match file.get(setting.key) {
             None => Ok(None),
             Some(toml::Value::String(s)) => Ok(Some(s.clone())),
             Some(toml::Value::Integer(i)) => Ok(Some(i.to_string())),
@@ -315,7 +466,8 @@ pub fn parse(
         })?;
     }
     if let Some(v) = raw("--upstream")? {
-        c.upstream = Upstream::parse(&v).map_err(|m| err("--upstream", format!("`{v}`: {m}")))?;
+        c.upstream =
+            UpstreamUrl::parse(&v).map_err(|m| err("--upstream", format!("`{v}`: {m}")))?;
     }
     if let Some(v) = raw("--db")? {
         if v.is_empty() {
@@ -342,6 +494,7 @@ pub fn parse(
         &mut c.upstream_connect_timeout,
     )?;
     dur("--upstream-idle-timeout", &mut c.upstream_idle_timeout)?;
+    dur("--upstream-keepalive", &mut c.upstream_keepalive)?;
     dur("--shutdown-grace", &mut c.shutdown_grace)?;
     dur("--header-timeout", &mut c.header_timeout)?;
     if let Some(v) = raw("--auth")? {
@@ -416,7 +569,7 @@ pub fn parse(
 
 /// `500ms`, `2s`, `10m`, `1h30m`, or plain seconds.
 pub fn parse_duration(s: &str) -> Option<Duration> {
-    let ns = crate::ratelimit::parse_go_duration_ns(s)?;
+    let ns = crate::duration::parse_go_duration_ns(s)?;
     Some(Duration::from_nanos(u64::try_from(ns).ok()?))
 }
 

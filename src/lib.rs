@@ -44,6 +44,7 @@ pub mod app;
 pub mod body;
 pub mod budget;
 pub mod config;
+pub mod duration;
 pub mod error;
 pub mod http;
 pub mod metrics;

@@ -144,7 +144,7 @@ impl Upstream {
                     origin: origin.clone(),
                     host: host.clone(),
                     idle: Mutex::new(Vec::new()),
-                    idle_timeout: Duration::from_secs(90),
+                    idle_timeout: config.upstream_keepalive,
                 })
             })
             .collect();

@@ -92,7 +92,7 @@ fn durations_and_sizes() {
 
 #[test]
 fn upstream_uri_keeps_prefix() {
-    let u = Upstream::parse("http://127.0.0.1:9000/openai/").unwrap();
+    let u = UpstreamUrl::parse("http://127.0.0.1:9000/openai/").unwrap();
     assert_eq!(
         u.uri_for("/v1/chat/completions?x=1").unwrap().to_string(),
         "/openai/v1/chat/completions?x=1"
@@ -114,4 +114,49 @@ fn help_version_check() {
         parse(["check-config".to_string()], &env),
         Ok(Command::CheckConfig(_))
     ));
+}
+
+#[test]
+fn debug_never_shows_keys() {
+    let c = Config {
+        upstream_token: Some("sk-upstream-secret".into()),
+        admin_token: Some("admin-secret".into()),
+        ..Config::default()
+    };
+    let shown = format!("{c:?}");
+    assert!(!shown.contains("sk-upstream-secret"), "{shown}");
+    assert!(!shown.contains("admin-secret"), "{shown}");
+    assert!(shown.contains("<redacted>"), "{shown}");
+}
+
+#[test]
+fn help_lists_every_setting_and_every_listed_flag_parses() {
+    let text = help();
+    for s in SETTINGS {
+        assert!(text.contains(s.flag), "--help misses {}", s.flag);
+        assert!(text.contains(s.env), "--help misses {}", s.env);
+    }
+    let env = |_: &str| None;
+    for s in SETTINGS
+        .iter()
+        .filter(|s| !s.value.is_empty() && !s.key.is_empty())
+    {
+        // An unknown flag is refused as such; a known one fails, if at all,
+        // on its value.
+        if let Err(e) = parse([s.flag.to_string(), "bogus-value".into()], &env) {
+            assert!(!e.message.contains("unknown option"), "{}: {e}", s.flag);
+        }
+    }
+}
+
+#[test]
+fn readme_documents_every_setting() {
+    let readme = include_str!("../../README.md");
+    for s in SETTINGS {
+        assert!(
+            readme.contains(&format!("`{}`", s.flag)),
+            "README's settings table misses {}",
+            s.flag
+        );
+    }
 }

@@ -91,7 +91,7 @@ async fn server(answer: Answer) -> Server {
 
 fn upstream_at(port: u16) -> Upstream {
     let config = Config {
-        upstream: crate::config::Upstream::parse(&format!("http://127.0.0.1:{port}")).unwrap(),
+        upstream: crate::config::UpstreamUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap(),
         ..Config::default()
     };
     Upstream::new(&config, 1)

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use tollgate::app::App;
-use tollgate::config::{Config, Upstream};
+use tollgate::config::{Config, UpstreamUrl};
 
 /// Upper bound for any single step of a test; a hang fails the test instead of the CI job.
 pub const STEP: Duration = Duration::from_secs(20);
@@ -690,7 +690,7 @@ impl Proxy {
     pub fn builder(upstream: &str) -> ProxyBuilder {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = Config {
-            upstream: Upstream::parse(upstream).expect("upstream URL"),
+            upstream: UpstreamUrl::parse(upstream).expect("upstream URL"),
             db: dir.path().join("tollgate.db"),
             upstream_token: None,
             upstream_connect_timeout: Duration::from_secs(2),

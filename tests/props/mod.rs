@@ -964,7 +964,7 @@ pub fn go_duration(data: &[u8]) {
     {
         return;
     }
-    let ns = tollgate::ratelimit::parse_go_duration_ns(&text);
+    let ns = tollgate::duration::parse_go_duration_ns(&text);
     if let Some(ns) = ns {
         // Whatever parses has a digit; a duration is never negative text.
         assert!(text.bytes().any(|c| c.is_ascii_digit()), "{text:?} -> {ns}");
@@ -993,7 +993,7 @@ pub fn reset_header_check(value: &[u8]) {
     let parsed = hv
         .to_str()
         .ok()
-        .and_then(|s| tollgate::ratelimit::parse_go_duration_ns(s.trim()));
+        .and_then(|s| tollgate::duration::parse_go_duration_ns(s.trim()));
     let in_range = |ns: u128| ns / 1_000_000 <= (RFC3339_MAX_MS - NOW_MS) as u128;
     if tolerate("reset-overflow") && parsed.is_some_and(|ns| !in_range(ns)) {
         return;
@@ -1036,7 +1036,7 @@ pub fn go_duration_check(terms: &[Term]) {
     let exact = terms
         .iter()
         .try_fold(0u128, |acc, t| acc.checked_add(t.exact_ns()?));
-    let got = tollgate::ratelimit::parse_go_duration_ns(&text);
+    let got = tollgate::duration::parse_go_duration_ns(&text);
     if terms.iter().all(Term::exact_in_tollgate) {
         assert_eq!(got, exact, "{text:?}");
     } else if let Some(e) = exact {
