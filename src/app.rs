@@ -62,7 +62,7 @@ impl App {
         };
         let (backend, reports) = sqlite::open(&config.db, config.default_prices)
             .map_err(|e| db_error(format!("{}: {e}", config.db.display())))?;
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(config.metrics_max_users));
         let retain = config
             .retain_days
             .map(|d| std::time::Duration::from_secs(u64::from(d) * 86_400));

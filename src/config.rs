@@ -39,6 +39,8 @@ pub struct Config {
     pub retain_days: Option<u32>,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Distinct users with metrics series of their own; the rest count as `other`.
+    pub metrics_max_users: usize,
     /// Admin key: when set, admin endpoints require it; when not, they answer
     /// only to loopback clients.
     pub admin_token: Option<String>,
@@ -67,6 +69,7 @@ impl std::fmt::Debug for Config {
             .field("default_prices", &self.default_prices)
             .field("retain_days", &self.retain_days)
             .field("log_format", &self.log_format)
+            .field("metrics_max_users", &self.metrics_max_users)
             .field("admin_token", &redacted(&self.admin_token))
             .field("auth", &self.auth)
             .field("reserve_answer_tokens", &self.reserve_answer_tokens)
@@ -103,6 +106,11 @@ impl UpstreamUrl {
             return Err("scheme must be http or https".into());
         }
         let authority = uri.authority().cloned().ok_or("missing host")?;
+        // A password here would reach logs, error bodies and upstream's
+        // `Host` header; keys have their own setting.
+        if authority.as_str().contains('@') {
+            return Err("must not carry a user name or password (user:password@host); give the upstream key in TOLLGATE_UPSTREAM_TOKEN".into());
+        }
         if uri.query().is_some() {
             return Err("must not have a query string".into());
         }
@@ -147,6 +155,7 @@ impl Default for Config {
             default_prices: true,
             retain_days: None,
             log_format: LogFormat::Text,
+            metrics_max_users: crate::metrics::DEFAULT_MAX_USERS,
             admin_token: None,
             auth: crate::access::AuthMode::Header,
             reserve_answer_tokens: 4096,
@@ -466,8 +475,11 @@ pub fn parse(
         })?;
     }
     if let Some(v) = raw("--upstream")? {
-        c.upstream =
-            UpstreamUrl::parse(&v).map_err(|m| err("--upstream", format!("`{v}`: {m}")))?;
+        c.upstream = UpstreamUrl::parse(&v).map_err(|m| {
+            // Never echo credentials back.
+            let shown = if v.contains('@') { "the URL" } else { &v };
+            err("--upstream", format!("`{shown}`: {m}"))
+        })?;
     }
     if let Some(v) = raw("--db")? {
         if v.is_empty() {
@@ -527,6 +539,14 @@ pub fn parse(
                 format!("`{v}` is not a whole number of days above 0"),
             )
         })?);
+    }
+    if let Some(v) = raw("--metrics-max-users")? {
+        c.metrics_max_users = v.parse().map_err(|_| {
+            err(
+                "--metrics-max-users",
+                format!("`{v}` is not a whole number"),
+            )
+        })?;
     }
     if let Some(v) = raw("--log-format")? {
         c.log_format = match v.as_str() {

@@ -3,8 +3,14 @@
 //! Per-record figures (tokens, cost, latencies) are counted by the writer
 //! thread once a record is priced, so the request path only touches the
 //! in-flight gauge.
+//!
+//! Label values that clients choose (user, model, path) are bounded: each
+//! label keeps at most a fixed number of distinct values (users: a setting),
+//! and a value past the cap, or one longer than [`MAX_LABEL_LEN`] or holding
+//! a control character, is counted as `other`. Every series a scrape shows
+//! was therefore admitted once, and `/metrics` cannot be grown without bound.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -12,6 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use parking_lot::Mutex;
 use prometheus_client::registry::Registry;
 
 use crate::ratelimit::RateLimits;
@@ -89,6 +96,51 @@ pub struct Metrics {
     ratelimit_limit: Family<LimitLabels, Gauge<i64, AtomicI64>>,
     rejected: Family<RejectLabels, Counter>,
     connections: Family<WorkerLabels, Gauge>,
+    users: LabelCap,
+    models: LabelCap,
+    endpoints: LabelCap,
+}
+
+/// Distinct users with series of their own, unless configured.
+pub const DEFAULT_MAX_USERS: usize = 1000;
+/// Longest label value kept as it is.
+pub const MAX_LABEL_LEN: usize = 128;
+/// Distinct models and endpoints with series of their own.
+const MAX_MODELS: usize = 256;
+/// Distinct endpoint paths with series of their own (paths carry ids).
+const MAX_ENDPOINTS: usize = 64;
+/// What a value past its label's cap is counted as.
+const OTHER: &str = "other";
+
+/// The distinct values one label has taken, up to a cap.
+struct LabelCap {
+    seen: Mutex<HashSet<String>>,
+    cap: usize,
+}
+
+impl LabelCap {
+    fn new(cap: usize) -> LabelCap {
+        LabelCap {
+            seen: Mutex::new(HashSet::new()),
+            cap,
+        }
+    }
+
+    /// The label value to count `v` under.
+    fn label<'a>(&self, v: &'a str) -> &'a str {
+        if v.len() > MAX_LABEL_LEN || v.chars().any(char::is_control) {
+            return OTHER;
+        }
+        let mut seen = self.seen.lock();
+        if seen.contains(v) {
+            return v;
+        }
+        if seen.len() < self.cap {
+            seen.insert(v.to_owned());
+            return v;
+        }
+        OTHER
+    }
 }
 
 fn seconds_buckets() -> Histogram {
@@ -98,6 +150,13 @@ fn seconds_buckets() -> Histogram {
 
 impl Default for Metrics {
     fn default() -> Self {
+        Metrics::new(DEFAULT_MAX_USERS)
+    }
+}
+
+impl Metrics {
+    /// Metrics whose `user` label takes at most `max_users` distinct values.
+    pub fn new(max_users: usize) -> Metrics {
         let m = Metrics {
             registry: Registry::with_prefix("tollgate"),
             requests: Family::default(),
@@ -116,12 +175,13 @@ impl Default for Metrics {
             ratelimit_limit: Family::default(),
             rejected: Family::default(),
             connections: Family::default(),
+            users: LabelCap::new(max_users),
+            models: LabelCap::new(MAX_MODELS),
+            endpoints: LabelCap::new(MAX_ENDPOINTS),
         };
         m.register()
     }
-}
 
-impl Metrics {
     fn register(mut self) -> Self {
         let r = &mut self.registry;
         r.register(
@@ -243,6 +303,11 @@ impl Metrics {
             }
         }
         for ((endpoint, model, user, status), s) in by {
+            let (endpoint, model, user) = (
+                self.endpoints.label(endpoint),
+                self.models.label(model),
+                self.users.label(user),
+            );
             self.requests
                 .get_or_create(&RequestLabels {
                     endpoint: endpoint.to_owned(),

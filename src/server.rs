@@ -37,10 +37,17 @@ async fn route(
         return Ok(crate::error::ApiError::headers_too_large(MAX_HEADER_BYTES).into_response());
     }
     if req.uri().path().starts_with("/v1/") {
-        Ok(crate::proxy::handle(&app, req).await)
-    } else {
-        Ok(crate::api::handle(&app, remote, req).await)
+        return Ok(crate::proxy::handle(&app, req).await);
     }
+    let head = req.method() == http::Method::HEAD;
+    let resp = crate::api::handle(&app, remote, req).await;
+    if !head {
+        return Ok(resp);
+    }
+    // HTTP/1 connections drop a HEAD answer's body themselves; HTTP/2 would
+    // send it, and clients reject a body there.
+    let (parts, _) = resp.into_parts();
+    Ok(Response::from_parts(parts, crate::http::full(bytes::Bytes::new())))
 }
 
 /// Waits until a new connection has sent its first bytes: a request line, or
