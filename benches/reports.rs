@@ -41,7 +41,7 @@ fn vm(field: &str) -> u64 {
 /// Fills the database with `n` records spread over one year, in SQL: about
 /// a million rows a second, rollups built the way a migration builds them.
 fn fill(path: &std::path::Path, n: u64) {
-    let (backend, _) = sqlite::open(path, false).expect("open");
+    let (backend, _, _) = sqlite::open(path, false).expect("open");
     let step = 365 * DAY / n as i64;
     let models = MODELS
         .iter()
@@ -93,7 +93,7 @@ fn main() {
     if !path.exists() {
         fill(&path, n);
     }
-    let (_backend, reports) = sqlite::open(&path, false).expect("open");
+    let (_backend, reports, _) = sqlite::open(&path, false).expect("open");
     let size_mb = std::fs::metadata(&path).map(|m| m.len() >> 20).unwrap_or(0);
     println!(
         "database: {} ({size_mb} MiB, {n} records over 365 days)",

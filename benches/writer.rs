@@ -84,7 +84,7 @@ fn main() {
 
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("writer-bench.db");
-    let (mut backend, reports) = sqlite::open(&path, true).expect("open database");
+    let (mut backend, reports, accounts) = sqlite::open(&path, true).expect("open database");
 
     // Prefill straight through the backend in big transactions.
     let t = Instant::now();
@@ -140,8 +140,14 @@ fn main() {
     );
     let prefill = prefill + probe;
 
-    let store: Arc<Store> =
-        Store::start(backend, reports, Arc::new(Metrics::default()), None).expect("start store");
+    let store: Arc<Store> = Store::start(
+        backend,
+        reports,
+        accounts,
+        Arc::new(Metrics::default()),
+        None,
+    )
+    .expect("start store");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -675,7 +675,6 @@ fn create_key(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError> {
         revoked_ms: None,
     };
     app.store
-        .reports()
         .accounts()
         .create_key(&info, &digest)
         .map_err(internal)?;
@@ -697,12 +696,7 @@ fn create_key(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError> {
 }
 
 fn list_keys(app: &Arc<App>, user: &str) -> Result<Response<Body>, ApiError> {
-    let keys = app
-        .store
-        .reports()
-        .accounts()
-        .list_keys(user)
-        .map_err(internal)?;
+    let keys = app.store.accounts().list_keys(user).map_err(internal)?;
     let mut out = String::from("[");
     for (i, k) in keys.iter().enumerate() {
         if i > 0 {
@@ -727,7 +721,6 @@ fn revoke_key(app: &Arc<App>, id: &str) -> Result<Response<Body>, ApiError> {
     app.keys.remove(id);
     match app
         .store
-        .reports()
         .accounts()
         .revoke_key(id, crate::timestamp::now_ms())
         .map_err(internal)?
@@ -858,7 +851,6 @@ async fn save_limits(
     l: Option<Limits>,
 ) -> Result<(), ApiError> {
     app.store
-        .reports()
         .accounts()
         .save_limits(user, l.as_ref())
         .map_err(internal)?;

@@ -60,13 +60,13 @@ impl App {
             setting: "--db",
             message,
         };
-        let (backend, reports) = sqlite::open(&config.db, config.default_prices)
+        let (backend, reports, accounts) = sqlite::open(&config.db, config.default_prices)
             .map_err(|e| db_error(format!("{}: {e}", config.db.display())))?;
         let metrics = Arc::new(Metrics::new(config.metrics_max_users));
         let retain = config
             .retain_days
             .map(|d| std::time::Duration::from_secs(u64::from(d) * 86_400));
-        let store = Store::start(backend, reports, metrics.clone(), retain)
+        let store = Store::start(backend, reports, accounts, metrics.clone(), retain)
             .map_err(|e| db_error(e.to_string()))?;
         let auth_header = match &config.upstream_token {
             Some(t) => {
@@ -100,8 +100,7 @@ impl App {
     /// Loads users' keys and limits, and each limited user's spend in the
     /// current period (so a restart does not reset anyone's spend).
     fn load_accounts(&self) -> Result<(), StoreError> {
-        let reports = self.store.reports();
-        let accounts = reports.accounts();
+        let accounts = self.store.accounts();
         for (info, digest) in accounts.active_keys()? {
             self.keys.insert(access::KeyEntry {
                 id: info.id,

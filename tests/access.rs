@@ -483,7 +483,6 @@ async fn without_admin_key_remote_clients_get_403() {
     assert!(p
         .state
         .store
-        .reports()
         .accounts()
         .list_keys("alice")
         .unwrap()

@@ -1,5 +1,9 @@
+use super::reports::where_clause;
+use super::schema::SCHEMA_V1;
 use super::*;
-use crate::record::Record;
+use crate::pricing::{Price, PriceTable};
+use crate::record::{Priced, Record};
+use crate::store::{Backend, Filter, GroupKey, Reports, UsageTotals};
 use crate::usage::Usage;
 
 fn rec(user: &str, model: &str, ts: i64, q: u64, a: u64) -> Priced {
@@ -61,7 +65,7 @@ impl Lcg {
 #[test]
 fn rollups_agree_with_records_for_any_range() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut backend, reports) = open(&dir.path().join("t.db"), false).unwrap();
+    let (mut backend, reports, _) = open(&dir.path().join("t.db"), false).unwrap();
     let mut g = Lcg(7);
     let base = 1_700_000_000_000i64;
     let users = ["ann", "bob", "cy"];
@@ -116,7 +120,7 @@ fn rollups_agree_with_records_for_any_range() {
 #[test]
 fn grouped_rows_sum_to_the_total() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut backend, reports) = open(&dir.path().join("t.db"), false).unwrap();
+    let (mut backend, reports, _) = open(&dir.path().join("t.db"), false).unwrap();
     let base = 1_700_000_000_000i64;
     let recs = vec![
         rec("ann", "gpt-4o", base, 10, 5),
@@ -164,7 +168,7 @@ fn grouped_rows_sum_to_the_total() {
 #[test]
 fn repricing_updates_rollups() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut backend, reports) = open(&dir.path().join("t.db"), false).unwrap();
+    let (mut backend, reports, _) = open(&dir.path().join("t.db"), false).unwrap();
     let base = 1_700_000_000_000i64;
     let mut r = rec("ann", "gpt-4o-2024-08-06", base, 1000, 100);
     r.cost = 0;
@@ -206,7 +210,7 @@ fn migrates_schema_1_with_backfill() {
         .unwrap();
         c.pragma_update(None, "user_version", 1).unwrap();
     }
-    let (_b, reports) = open(&path, false).unwrap();
+    let (_b, reports, _) = open(&path, false).unwrap();
     let t = reports.usage(&Filter::default(), &[]).unwrap()[0].1.clone();
     assert_eq!((t.queries, t.query_tokens, t.cost), (1, 5, 42));
 }

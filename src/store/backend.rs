@@ -1,0 +1,162 @@
+//! What a storage backend implements, and the values that cross the
+//! boundary: [`Backend`] (the writer thread's side: records, prices,
+//! retention, rejections), [`Reports`] (reads for the API and start-up) and
+//! [`Accounts`] (users' keys and limits). Nothing here knows a database:
+//! SQLite is one implementation ([`super::sqlite`]), PostgreSQL can be another.
+
+use crate::budget::Limits;
+use crate::pricing::{Price, PriceTable};
+use crate::ratelimit::RateLimits;
+use crate::record::{Priced, Rejected, StoredRecord};
+
+/// A storage failure.
+#[derive(Debug)]
+pub struct StoreError(pub String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// The write side, owned by the writer thread.
+pub trait Backend: Send + 'static {
+    /// Writes a batch (and the latest rate limits, if any) in one transaction.
+    fn write(
+        &mut self,
+        batch: &[Priced],
+        ratelimits: Option<&RateLimits>,
+    ) -> Result<(), StoreError>;
+    /// Stores a price row and re-prices the records it now covers with `table`
+    /// (which already holds the row). Returns how many records changed cost.
+    fn set_price(
+        &mut self,
+        model: &str,
+        price: &Price,
+        table: &PriceTable,
+    ) -> Result<u64, StoreError>;
+    /// Deletes at most `limit` records that started before `cutoff_ms`
+    /// (rollups stay); returns how many went.
+    fn delete_before(&mut self, cutoff_ms: i64, limit: usize) -> Result<usize, StoreError>;
+    /// Counts requests refused before upstream.
+    fn write_rejections(&mut self, rejections: &[Rejected]) -> Result<(), StoreError>;
+}
+
+/// A user key as listed (never the key itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// Key id.
+    pub id: String,
+    /// Owner.
+    pub user: String,
+    /// Creation, ms since the epoch.
+    pub created_ms: i64,
+    /// Last use, ms since the epoch.
+    pub last_used_ms: Option<i64>,
+    /// Revocation, ms since the epoch.
+    pub revoked_ms: Option<i64>,
+}
+
+/// Users' keys and limits.
+pub trait Accounts: Send + Sync + 'static {
+    /// Stores a new key's digest.
+    fn create_key(&self, info: &KeyInfo, digest: &[u8; 32]) -> Result<(), StoreError>;
+    /// A user's keys, oldest first.
+    fn list_keys(&self, user: &str) -> Result<Vec<KeyInfo>, StoreError>;
+    /// Revokes a key; its owner, or `None` if no such active key.
+    fn revoke_key(&self, id: &str, now_ms: i64) -> Result<Option<String>, StoreError>;
+    /// Every active key with its digest.
+    fn active_keys(&self) -> Result<Vec<(KeyInfo, [u8; 32])>, StoreError>;
+    /// Sets or (with `None`) removes a user's limits; user `None` is the default.
+    fn save_limits(&self, user: Option<&str>, l: Option<&Limits>) -> Result<(), StoreError>;
+    /// Every stored limit; user `None` is the default.
+    fn all_limits(&self) -> Result<Vec<(Option<String>, Limits)>, StoreError>;
+}
+
+/// Filters of `/usage` and `/queries`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only this user.
+    pub user: Option<String>,
+    /// Only this model (answered, or requested when none was answered).
+    pub model: Option<String>,
+    /// Start strictly after, ms since the epoch.
+    pub after: Option<i64>,
+    /// Start strictly before, ms since the epoch.
+    pub before: Option<i64>,
+    /// At most this many rows (`/queries`).
+    pub limit: Option<u64>,
+    /// Skip this many rows (`/queries`).
+    pub offset: u64,
+}
+
+/// Totals of `/usage`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageTotals {
+    /// Matching records.
+    pub queries: u64,
+    /// Sum of prompt tokens.
+    pub query_tokens: u64,
+    /// Sum of completion tokens.
+    pub answer_tokens: u64,
+    /// Sum of cached prompt tokens.
+    pub cached_tokens: u64,
+    /// Sum of reasoning tokens.
+    pub reasoning_tokens: u64,
+    /// Sum of cost, pico-dollars.
+    pub cost: i128,
+    /// Records with no price.
+    pub unpriced: u64,
+    /// Requests refused before upstream (budgets, limits).
+    pub rejected: u64,
+}
+
+/// What `/usage` can group by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum GroupKey {
+    /// Per user.
+    User,
+    /// Per model.
+    Model,
+    /// Per UTC day.
+    Day,
+    /// Per UTC month.
+    Month,
+}
+
+/// The values of the group keys of one `/usage` row (`None` where not grouped).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GroupValues {
+    /// User.
+    pub user: Option<String>,
+    /// Model.
+    pub model: Option<String>,
+    /// `YYYY-MM-DD`.
+    pub day: Option<String>,
+    /// `YYYY-MM`.
+    pub month: Option<String>,
+}
+
+/// The read side, shared by API handlers (called on blocking threads).
+pub trait Reports: Send + Sync + 'static {
+    /// Totals over the filter, one row per combination of the group keys
+    /// (a single row without keys), sorted by key.
+    fn usage(
+        &self,
+        f: &Filter,
+        group: &[GroupKey],
+    ) -> Result<Vec<(GroupValues, UsageTotals)>, StoreError>;
+    /// Records over the filter, oldest first, handed one by one to `sink`
+    /// until it returns false.
+    fn queries(
+        &self,
+        f: &Filter,
+        sink: &mut dyn FnMut(StoredRecord) -> bool,
+    ) -> Result<(), StoreError>;
+    /// Every price row.
+    fn prices(&self) -> Result<PriceTable, StoreError>;
+    /// The last stored rate limits.
+    fn ratelimits(&self) -> Result<Option<RateLimits>, StoreError>;
+}

@@ -1,0 +1,136 @@
+//! Users' keys (digests only) and limits, on a connection of their own:
+//! they are written by the API and read at start, never on the report path.
+
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::i;
+use crate::budget::{Limits, Period};
+use crate::store::{Accounts, KeyInfo, StoreError};
+
+/// The `limits` row of the default limits (no user name is empty).
+const DEFAULT_LIMITS_USER: &str = "";
+
+/// Keys and limits over one connection.
+pub struct SqliteAccounts {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteAccounts {
+    pub(super) fn new(conn: Connection) -> SqliteAccounts {
+        SqliteAccounts {
+            conn: Mutex::new(conn),
+        }
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        f(&self.conn.lock())
+    }
+}
+
+fn key_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
+    Ok(KeyInfo {
+        id: r.get(0)?,
+        user: r.get(1)?,
+        created_ms: r.get(2)?,
+        last_used_ms: r.get(3)?,
+        revoked_ms: r.get(4)?,
+    })
+}
+
+impl Accounts for SqliteAccounts {
+    fn create_key(&self, info: &KeyInfo, digest: &[u8; 32]) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO api_keys (id, user, digest, created) VALUES (?1, ?2, ?3, ?4)",
+                params![info.id, info.user, &digest[..], info.created_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_keys(&self, user: &str) -> Result<Vec<KeyInfo>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, user, created, last_used, revoked FROM api_keys WHERE user = ?1 ORDER BY created, id",
+            )?;
+            let rows = st.query_map([user], key_info)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn revoke_key(&self, id: &str, now_ms: i64) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            let user: Option<String> = c
+                .query_row(
+                    "UPDATE api_keys SET revoked = ?2 WHERE id = ?1 AND revoked IS NULL RETURNING user",
+                    params![id, now_ms],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(user)
+        })
+    }
+
+    fn active_keys(&self) -> Result<Vec<(KeyInfo, [u8; 32])>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, user, created, last_used, revoked, digest FROM api_keys WHERE revoked IS NULL",
+            )?;
+            let rows = st.query_map([], |r| {
+                let d: Vec<u8> = r.get(5)?;
+                let mut digest = [0u8; 32];
+                if d.len() == 32 {
+                    digest.copy_from_slice(&d);
+                }
+                Ok((key_info(r)?, digest))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn save_limits(&self, user: Option<&str>, l: Option<&Limits>) -> Result<(), StoreError> {
+        let user = user.unwrap_or(DEFAULT_LIMITS_USER);
+        self.with(|c| {
+            match l {
+                Some(l) => c.execute(
+                    "INSERT INTO limits (user, budget, period, rpm, tpm) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (user) DO UPDATE SET budget = excluded.budget, period = excluded.period, rpm = excluded.rpm, tpm = excluded.tpm",
+                    params![
+                        user,
+                        l.budget,
+                        l.period.as_str(),
+                        l.rpm.map(i),
+                        l.tpm.map(i)
+                    ],
+                )?,
+                None => c.execute("DELETE FROM limits WHERE user = ?1", [user])?,
+            };
+            Ok(())
+        })
+    }
+
+    fn all_limits(&self) -> Result<Vec<(Option<String>, Limits)>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT user, budget, period, rpm, tpm FROM limits")?;
+            let rows = st.query_map([], |r| {
+                let user: String = r.get(0)?;
+                let period: String = r.get(2)?;
+                let n = |v: Option<i64>| v.map(|v| v.max(0) as u64);
+                Ok((
+                    (user != DEFAULT_LIMITS_USER).then_some(user),
+                    Limits {
+                        budget: r.get(1)?,
+                        period: Period::parse(&period).unwrap_or_default(),
+                        rpm: n(r.get(3)?),
+                        tpm: n(r.get(4)?),
+                    },
+                ))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+}

@@ -1,0 +1,400 @@
+//! The read side over a small pool of read connections: `/usage` totals
+//! (whole days from the rollups, the partial days at the edges from the
+//! records), `/queries`, prices and the stored rate limits.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+use rusqlite::{Connection, OptionalExtension};
+
+use super::{connect, DAY};
+use crate::pricing::{Price, PriceTable};
+use crate::ratelimit::RateLimits;
+use crate::record::StoredRecord;
+use crate::store::{Filter, GroupKey, GroupValues, Reports, StoreError, UsageTotals};
+
+/// Read connections for the reports.
+pub struct SqliteReports {
+    path: PathBuf,
+    pool: Mutex<Vec<Connection>>,
+}
+
+impl SqliteReports {
+    pub(super) fn new(path: &Path) -> SqliteReports {
+        SqliteReports {
+            path: path.to_owned(),
+            pool: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let c = match self.pool.lock().pop() {
+            Some(c) => c,
+            None => connect(&self.path)?,
+        };
+        let out = f(&c);
+        let mut pool = self.pool.lock();
+        if pool.len() < 8 {
+            pool.push(c);
+        }
+        out
+    }
+}
+
+/// SQL conditions and parameters for a filter.
+pub(super) fn where_clause(f: &Filter) -> (String, Vec<rusqlite::types::Value>) {
+    let (conds, args) = conditions(f, true);
+    let sql = if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conds.join(" AND "))
+    };
+    (sql, args)
+}
+
+impl Reports for SqliteReports {
+    fn usage(
+        &self,
+        f: &Filter,
+        group: &[GroupKey],
+    ) -> Result<Vec<(GroupValues, UsageTotals)>, StoreError> {
+        let mut acc: BTreeMap<GroupValues, [i128; 8]> = BTreeMap::new();
+        self.with(|c| {
+            for piece in pieces(f.after, f.before) {
+                piece_totals(c, &piece, f, group, &mut acc)?;
+            }
+            rejection_counts(c, f, group, &mut acc)
+        })?;
+        let n = |v: i128| u64::try_from(v.max(0)).unwrap_or(u64::MAX);
+        let mut rows: Vec<(GroupValues, UsageTotals)> = acc
+            .into_iter()
+            .filter(|(_, t)| t[0] > 0 || t[7] > 0)
+            .map(|(g, t)| {
+                (
+                    g,
+                    UsageTotals {
+                        queries: n(t[0]),
+                        query_tokens: n(t[1]),
+                        answer_tokens: n(t[2]),
+                        cached_tokens: n(t[3]),
+                        reasoning_tokens: n(t[4]),
+                        cost: t[5],
+                        unpriced: n(t[6]),
+                        rejected: n(t[7]),
+                    },
+                )
+            })
+            .collect();
+        if group.is_empty() && rows.is_empty() {
+            rows.push((GroupValues::default(), UsageTotals::default()));
+        }
+        Ok(rows)
+    }
+
+    fn queries(
+        &self,
+        f: &Filter,
+        sink: &mut dyn FnMut(StoredRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        let (w, mut args) = where_clause(f);
+        let sql = format!(
+            "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
+                    query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id
+             FROM queries{w} ORDER BY ts, id LIMIT ? OFFSET ?"
+        );
+        args.push(rusqlite::types::Value::Integer(
+            f.limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX)),
+        ));
+        args.push(rusqlite::types::Value::Integer(
+            i64::try_from(f.offset).unwrap_or(i64::MAX),
+        ));
+        self.with(|c| {
+            let mut st = c.prepare_cached(&sql)?;
+            let mut rows = st.query(rusqlite::params_from_iter(args))?;
+            while let Some(r) = rows.next()? {
+                let rec = StoredRecord {
+                    id: r.get(0)?,
+                    user: r.get(1)?,
+                    model: r.get(2)?,
+                    requested_model: r.get(3)?,
+                    endpoint: r.get(4)?,
+                    started_ms: r.get(5)?,
+                    duration_us: r.get(6)?,
+                    ttfb_us: r.get(7)?,
+                    status: r.get(8)?,
+                    stream: r.get(9)?,
+                    query_tokens: r.get(10)?,
+                    answer_tokens: r.get(11)?,
+                    cached_tokens: r.get(12)?,
+                    reasoning_tokens: r.get(13)?,
+                    cost: r.get(14)?,
+                    priced: r.get(15)?,
+                    estimated: r.get(16)?,
+                    request_id: r.get(17)?,
+                };
+                if !sink(rec) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn prices(&self) -> Result<PriceTable, StoreError> {
+        self.with(|c| {
+            let mut st =
+                c.prepare("SELECT model, valid_from, query, cached, answer FROM prices")?;
+            let mut rows = st.query([])?;
+            let mut t = PriceTable::default();
+            while let Some(r) = rows.next()? {
+                let model: String = r.get(0)?;
+                t.insert(
+                    &model,
+                    Price {
+                        valid_from: r.get(1)?,
+                        query: r.get(2)?,
+                        cached: r.get(3)?,
+                        answer: r.get(4)?,
+                    },
+                );
+            }
+            Ok(t)
+        })
+    }
+
+    fn ratelimits(&self) -> Result<Option<RateLimits>, StoreError> {
+        self.with(|c| {
+            let v: Option<String> = c
+                .query_row("SELECT value FROM meta WHERE key = 'ratelimits'", [], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            Ok(v.and_then(|s| serde_json::from_str(&s).ok()))
+        })
+    }
+}
+
+/// SQL conditions and parameters of a filter's user and model, and (with
+/// `times`) its exclusive time bounds.
+fn conditions(f: &Filter, times: bool) -> (Vec<&'static str>, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let bounds = [
+        ("ts > ?", f.after.filter(|_| times).map(Value::Integer)),
+        ("ts < ?", f.before.filter(|_| times).map(Value::Integer)),
+    ];
+    [
+        ("user = ?", f.user.clone().map(Value::Text)),
+        ("model = ?", f.model.clone().map(Value::Text)),
+    ]
+    .into_iter()
+    .chain(bounds)
+    .filter_map(|(c, v)| v.map(|v| (c, v)))
+    .unzip()
+}
+
+/// A part of a time range read either from the rollups or from the records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    /// Whole days `[from, to)` (day numbers; `None` is unbounded), from the rollups.
+    Days(Option<i64>, Option<i64>, i64),
+    /// Records with `from <= ts < to` (ms), added (1) or removed (-1).
+    Records(i64, i64, i64),
+}
+
+/// Splits the exclusive range (`after`, `before`) into whole days read from
+/// the rollups and partial days read from the records. A partial day more
+/// than half covered is read as its whole day minus the uncovered records, so
+/// at most half a day of records is ever scanned per edge.
+fn pieces(after: Option<i64>, before: Option<i64>) -> Vec<Piece> {
+    let lo = after.map(|a| a.saturating_add(1));
+    let hi = before;
+    if let (Some(l), Some(h)) = (lo, hi) {
+        if l >= h {
+            return Vec::new();
+        }
+    }
+    let first = lo.map(|l| l.div_euclid(DAY) + i64::from(l.rem_euclid(DAY) != 0));
+    let last = hi.map(|h| h.div_euclid(DAY));
+    if let (Some(f), Some(t), Some(l), Some(h)) = (first, last, lo, hi) {
+        if f >= t {
+            return vec![Piece::Records(l, h, 1)];
+        }
+    }
+    let mut out = vec![Piece::Days(first, last, 1)];
+    if let (Some(l), Some(f)) = (lo, first) {
+        if l.rem_euclid(DAY) != 0 {
+            let day = f - 1;
+            if l - day * DAY < DAY / 2 {
+                out.push(Piece::Days(Some(day), Some(f), 1));
+                out.push(Piece::Records(day * DAY, l, -1));
+            } else {
+                out.push(Piece::Records(l, f * DAY, 1));
+            }
+        }
+    }
+    if let (Some(h), Some(t)) = (hi, last) {
+        if h.rem_euclid(DAY) != 0 {
+            if h - t * DAY > DAY / 2 {
+                out.push(Piece::Days(Some(t), Some(t + 1), 1));
+                out.push(Piece::Records(h, (t + 1) * DAY, -1));
+            } else {
+                out.push(Piece::Records(t * DAY, h, 1));
+            }
+        }
+    }
+    out
+}
+
+fn piece_totals(
+    c: &Connection,
+    piece: &Piece,
+    f: &Filter,
+    group: &[GroupKey],
+    acc: &mut BTreeMap<GroupValues, [i128; 8]>,
+) -> Result<(), StoreError> {
+    use rusqlite::types::Value;
+    let rollup = matches!(piece, Piece::Days(..));
+    let mut conds: Vec<&str> = Vec::new();
+    let mut args: Vec<Value> = Vec::new();
+    let sign = match *piece {
+        Piece::Days(from, to, sign) => {
+            if let Some(d) = from {
+                conds.push("day >= ?");
+                args.push(Value::Integer(d));
+            }
+            if let Some(d) = to {
+                conds.push("day < ?");
+                args.push(Value::Integer(d));
+            }
+            sign
+        }
+        Piece::Records(from, to, sign) => {
+            conds.push("ts >= ?");
+            args.push(Value::Integer(from));
+            conds.push("ts < ?");
+            args.push(Value::Integer(to));
+            sign
+        }
+    };
+    let (more, more_args) = conditions(f, false);
+    conds.extend(more);
+    args.extend(more_args);
+    let keys: Vec<&str> = group.iter().map(|g| key_expr(*g, rollup)).collect();
+    let sums = if rollup {
+        "SUM(queries), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost / 1000000000), SUM(cost % 1000000000), SUM(unpriced)"
+    } else {
+        "COUNT(*), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost / 1000000000), SUM(cost % 1000000000), SUM(1 - priced)"
+    };
+    let table = if rollup { "usage_daily" } else { "queries" };
+    grouped(c, &keys, group, sums, table, &conds, args, |g, r| {
+        let n = keys.len();
+        let int = |i: usize| -> rusqlite::Result<i128> {
+            Ok(i128::from(r.get::<_, Option<i64>>(n + i)?.unwrap_or(0)))
+        };
+        let t = [
+            int(0)?,
+            int(1)?,
+            int(2)?,
+            int(3)?,
+            int(4)?,
+            int(5)? * 1_000_000_000 + int(6)?,
+            int(7)?,
+        ];
+        let e = acc.entry(g).or_default();
+        for (a, b) in e.iter_mut().zip(t) {
+            *a += i128::from(sign) * b;
+        }
+        Ok(())
+    })
+}
+
+/// The SQL expression of a group key, over the rollups or the records.
+fn key_expr(g: GroupKey, rollup: bool) -> &'static str {
+    match (g, rollup) {
+        (GroupKey::User, _) => "user",
+        (GroupKey::Model, _) => "model",
+        (GroupKey::Day, true) => "date(day * 86400, 'unixepoch')",
+        (GroupKey::Day, false) => "date(ts / 1000, 'unixepoch')",
+        (GroupKey::Month, true) => "strftime('%Y-%m', day * 86400, 'unixepoch')",
+        (GroupKey::Month, false) => "strftime('%Y-%m', ts / 1000, 'unixepoch')",
+    }
+}
+
+/// Runs `SELECT keys, aggregates FROM table WHERE conds GROUP BY keys` and
+/// hands each row, with its group values, to `each` (aggregates start at
+/// column `keys.len()`).
+#[allow(clippy::too_many_arguments)]
+fn grouped(
+    c: &Connection,
+    keys: &[&str],
+    group: &[GroupKey],
+    aggregates: &str,
+    table: &str,
+    conds: &[&str],
+    args: Vec<rusqlite::types::Value>,
+    mut each: impl FnMut(GroupValues, &rusqlite::Row<'_>) -> rusqlite::Result<()>,
+) -> Result<(), StoreError> {
+    let mut sql = String::from("SELECT ");
+    for k in keys {
+        sql.push_str(k);
+        sql.push_str(", ");
+    }
+    sql.push_str(aggregates);
+    sql.push_str(" FROM ");
+    sql.push_str(table);
+    if !conds.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&conds.join(" AND "));
+    }
+    if !keys.is_empty() {
+        sql.push_str(" GROUP BY ");
+        sql.push_str(&keys.join(", "));
+    }
+    let mut st = c.prepare_cached(&sql)?;
+    let mut rows = st.query(rusqlite::params_from_iter(args))?;
+    while let Some(r) = rows.next()? {
+        let mut g = GroupValues::default();
+        for (i, k) in group.iter().enumerate() {
+            let v: Option<String> = r.get(i)?;
+            match k {
+                GroupKey::User => g.user = v,
+                GroupKey::Model => g.model = v,
+                GroupKey::Day => g.day = v,
+                GroupKey::Month => g.month = v,
+            }
+        }
+        each(g, r)?;
+    }
+    Ok(())
+}
+
+/// Adds the refused requests matching the filter (grouped like the usage).
+fn rejection_counts(
+    c: &Connection,
+    f: &Filter,
+    group: &[GroupKey],
+    acc: &mut BTreeMap<GroupValues, [i128; 8]>,
+) -> Result<(), StoreError> {
+    let (conds, args) = conditions(f, true);
+    let keys: Vec<&str> = group.iter().map(|g| key_expr(*g, false)).collect();
+    grouped(
+        c,
+        &keys,
+        group,
+        "COUNT(*)",
+        "rejections",
+        &conds,
+        args,
+        |g, r| {
+            let n: i64 = r.get(keys.len())?;
+            if n > 0 {
+                acc.entry(g).or_default()[7] += i128::from(n);
+            }
+            Ok(())
+        },
+    )
+}

@@ -1,0 +1,219 @@
+//! The writer thread's connection: record batches with their daily
+//! rollups and the keys' last use, rate limits, price changes (re-pricing
+//! the records they cover), retention and rejections.
+
+use std::collections::HashMap;
+
+use rusqlite::{params, Connection};
+
+use super::{i, DAY};
+use crate::pricing::{self, Price, PriceTable};
+use crate::ratelimit::RateLimits;
+use crate::record::{Priced, Rejected};
+use crate::store::{Backend, StoreError};
+
+/// The writer thread's connection.
+pub struct SqliteBackend {
+    conn: Connection,
+}
+
+impl SqliteBackend {
+    pub(super) fn new(conn: Connection) -> SqliteBackend {
+        SqliteBackend { conn }
+    }
+}
+
+const INSERT: &str = "INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
+
+const UPSERT_DAILY: &str = "INSERT INTO usage_daily (day, user, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+ON CONFLICT (day, user, model) DO UPDATE SET
+    queries = queries + excluded.queries,
+    query_tokens = query_tokens + excluded.query_tokens,
+    answer_tokens = answer_tokens + excluded.answer_tokens,
+    cached_tokens = cached_tokens + excluded.cached_tokens,
+    reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens,
+    cost = cost + excluded.cost,
+    unpriced = unpriced + excluded.unpriced";
+
+/// One rollup row's increments.
+#[derive(Default)]
+struct Daily {
+    queries: i64,
+    query_tokens: i64,
+    answer_tokens: i64,
+    cached_tokens: i64,
+    reasoning_tokens: i64,
+    cost: i64,
+    unpriced: i64,
+}
+
+impl Backend for SqliteBackend {
+    fn write(
+        &mut self,
+        batch: &[Priced],
+        ratelimits: Option<&RateLimits>,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(INSERT)?;
+            let mut daily: HashMap<(i64, &str, &str), Daily> = HashMap::new();
+            for p in batch {
+                let r = &p.record;
+                let model = r.model_or_requested();
+                let d = daily
+                    .entry((r.started_ms.div_euclid(DAY), &r.user, model))
+                    .or_default();
+                d.queries += 1;
+                d.query_tokens += i(r.usage.query);
+                d.answer_tokens += i(r.usage.answer);
+                d.cached_tokens += i(r.usage.cached);
+                d.reasoning_tokens += i(r.usage.reasoning);
+                d.cost = d.cost.saturating_add(p.cost);
+                d.unpriced += i64::from(!p.priced);
+                st.execute(params![
+                    r.user,
+                    model,
+                    r.requested_model,
+                    r.endpoint,
+                    r.started_ms,
+                    i(r.duration_us),
+                    r.ttfb_us.map(i),
+                    r.status,
+                    r.stream,
+                    i(r.usage.query),
+                    i(r.usage.answer),
+                    i(r.usage.cached),
+                    i(r.usage.reasoning),
+                    p.cost,
+                    p.priced,
+                    r.estimated,
+                    r.request_id,
+                ])?;
+                if let Some(k) = &r.key_id {
+                    let mut st = tx.prepare_cached(
+                        "UPDATE api_keys SET last_used = MAX(COALESCE(last_used, 0), ?2) WHERE id = ?1",
+                    )?;
+                    st.execute(params![k, r.started_ms])?;
+                }
+            }
+            let mut up = tx.prepare_cached(UPSERT_DAILY)?;
+            for ((day, user, model), d) in daily {
+                up.execute(params![
+                    day,
+                    user,
+                    model,
+                    d.queries,
+                    d.query_tokens,
+                    d.answer_tokens,
+                    d.cached_tokens,
+                    d.reasoning_tokens,
+                    d.cost,
+                    d.unpriced
+                ])?;
+            }
+        }
+        if let Some(rl) = ratelimits {
+            let json = serde_json::to_string(rl).map_err(|e| StoreError(e.to_string()))?;
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('ratelimits', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [json],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn set_price(
+        &mut self,
+        model: &str,
+        price: &Price,
+        table: &PriceTable,
+    ) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO prices (model, valid_from, query, cached, answer) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (model, valid_from) DO UPDATE SET query = excluded.query, cached = excluded.cached, answer = excluded.answer",
+            params![model, price.valid_from, price.query, price.cached, price.answer],
+        )?;
+        // Records that may be priced under this name: the name itself, its
+        // dated snapshots and fine-tuned models; the lookup chain decides.
+        let mut changed = 0u64;
+        {
+            let like_dated = format!("{}-%", escape_like(model));
+            let mut sel = tx.prepare(
+                "SELECT id, model, requested_model, ts, query_tokens, cached_tokens, answer_tokens, cost, priced, user FROM queries
+                 WHERE ts >= ?1 AND (model = ?2 OR requested_model = ?2
+                    OR model LIKE ?3 ESCAPE '\\' OR requested_model LIKE ?3 ESCAPE '\\'
+                    OR model LIKE 'ft:%' OR requested_model LIKE 'ft:%')",
+            )?;
+            let mut upd = tx.prepare("UPDATE queries SET cost = ?2, priced = ?3 WHERE id = ?1")?;
+            let mut deltas: HashMap<(i64, String, String), (i64, i64)> = HashMap::new();
+            let mut rows = sel.query(params![price.valid_from, model, like_dated])?;
+            while let Some(row) = rows.next()? {
+                let id: i64 = row.get(0)?;
+                let m: String = row.get(1)?;
+                let req: String = row.get(2)?;
+                let ts: i64 = row.get(3)?;
+                let user: String = row.get(9)?;
+                let tokens = pricing::Tokens {
+                    query: row.get::<_, i64>(4)?.max(0) as u64,
+                    cached: row.get::<_, i64>(5)?.max(0) as u64,
+                    answer: row.get::<_, i64>(6)?.max(0) as u64,
+                };
+                let old: (i64, bool) = (row.get(7)?, row.get(8)?);
+                let new = table.cost(&m, &req, ts, tokens);
+                if new != old {
+                    upd.execute(params![id, new.0, new.1])?;
+                    changed += 1;
+                    let d = deltas.entry((ts.div_euclid(DAY), user, m)).or_default();
+                    d.0 += new.0 - old.0;
+                    d.1 += i64::from(old.1) - i64::from(new.1);
+                }
+            }
+            drop(rows);
+            let mut roll = tx.prepare(
+                "UPDATE usage_daily SET cost = cost + ?4, unpriced = unpriced + ?5 WHERE day = ?1 AND user = ?2 AND model = ?3",
+            )?;
+            for ((day, user, m), (cost, unpriced)) in deltas {
+                roll.execute(params![day, user, m, cost, unpriced])?;
+            }
+        }
+        tx.commit()?;
+        Ok(changed)
+    }
+
+    fn write_rejections(&mut self, rejections: &[Rejected]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut st = tx.prepare_cached(
+                "INSERT INTO rejections (ts, user, model, reason) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for r in rejections {
+                st.execute(params![r.at_ms, r.user, r.model, r.reason])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn delete_before(&mut self, cutoff_ms: i64, limit: usize) -> Result<usize, StoreError> {
+        Ok(self.conn.execute(
+            "DELETE FROM queries WHERE id IN (SELECT id FROM queries WHERE ts < ?1 ORDER BY ts LIMIT ?2)",
+            params![cutoff_ms, limit as i64],
+        )?)
+    }
+}
+
+impl SqliteBackend {
+    /// Runs arbitrary SQL on the write connection (benchmarks fill databases with it).
+    pub fn execute_batch(&self, sql: &str) -> Result<(), StoreError> {
+        Ok(self.conn.execute_batch(sql)?)
+    }
+}
+
+fn escape_like(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
+}
