@@ -39,6 +39,9 @@ pub struct Config {
     pub retain_days: Option<u32>,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Endpoint families forwarded although tollgate cannot meter them
+    /// (`None`: the auth mode's default, all in header mode, none in keys mode).
+    pub allow_unmetered: Option<Vec<String>>,
     /// Distinct users with metrics series of their own; the rest count as `other`.
     pub metrics_max_users: usize,
     /// Admin key: when set, admin endpoints require it; when not, they answer
@@ -69,6 +72,7 @@ impl std::fmt::Debug for Config {
             .field("default_prices", &self.default_prices)
             .field("retain_days", &self.retain_days)
             .field("log_format", &self.log_format)
+            .field("allow_unmetered", &self.allow_unmetered)
             .field("metrics_max_users", &self.metrics_max_users)
             .field("admin_token", &redacted(&self.admin_token))
             .field("auth", &self.auth)
@@ -139,6 +143,17 @@ impl std::fmt::Display for UpstreamUrl {
     }
 }
 
+impl Config {
+    /// Whether requests to an endpoint family tollgate cannot meter are
+    /// forwarded.
+    pub fn allows_unmetered(&self, family: &str) -> bool {
+        match &self.allow_unmetered {
+            None => self.auth == crate::access::AuthMode::Header,
+            Some(list) => list.iter().any(|f| f == "all" || f == family),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -155,6 +170,7 @@ impl Default for Config {
             default_prices: true,
             retain_days: None,
             log_format: LogFormat::Text,
+            allow_unmetered: None,
             metrics_max_users: crate::metrics::DEFAULT_MAX_USERS,
             admin_token: None,
             auth: crate::access::AuthMode::Header,
@@ -547,6 +563,26 @@ pub fn parse(
                 format!("`{v}` is not a whole number"),
             )
         })?;
+    }
+    if let Some(v) = raw("--allow-unmetered")? {
+        c.allow_unmetered = Some(match v.trim() {
+            "all" => vec!["all".to_owned()],
+            "none" | "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|f| {
+                    let f = f.trim();
+                    if f.is_empty() || !f.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                        Err(err(
+                            "--allow-unmetered",
+                            format!("`{f}` is not an endpoint family like batches or fine_tuning"),
+                        ))
+                    } else {
+                        Ok(f.to_owned())
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+        });
     }
     if let Some(v) = raw("--log-format")? {
         c.log_format = match v.as_str() {

@@ -47,7 +47,10 @@ async fn route(
     // HTTP/1 connections drop a HEAD answer's body themselves; HTTP/2 would
     // send it, and clients reject a body there.
     let (parts, _) = resp.into_parts();
-    Ok(Response::from_parts(parts, crate::http::full(bytes::Bytes::new())))
+    Ok(Response::from_parts(
+        parts,
+        crate::http::full(bytes::Bytes::new()),
+    ))
 }
 
 /// Waits until a new connection has sent its first bytes: a request line, or

@@ -768,3 +768,43 @@ proptest! {
         props::price_body(body.as_bytes());
     }
 }
+
+fn path_text() -> impl Strategy<Value = String> {
+    let seg = prop_oneof![
+        Just("chat".to_string()),
+        Just("completions".to_string()),
+        Just("Chat".to_string()),
+        Just("responses".to_string()),
+        Just("files".to_string()),
+        Just(".".to_string()),
+        Just("..".to_string()),
+        Just(String::new()),
+        Just("%2e".to_string()),
+        Just("%2E%2e".to_string()),
+        Just("%63hat".to_string()),
+        Just("%2F".to_string()),
+        Just("%5c".to_string()),
+        Just("%00".to_string()),
+        Just("%".to_string()),
+        Just("%4".to_string()),
+        Just("%zz".to_string()),
+        Just("a%20b".to_string()),
+        Just("%41".to_string()),
+        "[a-zA-Z0-9_~.-]{1,6}",
+    ];
+    prop::collection::vec(seg, 0..7).prop_map(|v| v.join("/"))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    #[test]
+    fn paths(t in path_text()) {
+        props::path(t.as_bytes());
+    }
+
+    #[test]
+    fn path_any_bytes(b in prop::collection::vec(any::<u8>(), 0..40)) {
+        props::path(&b);
+    }
+}

@@ -9,7 +9,11 @@
 
 mod admit;
 mod headers;
+mod path;
 
+pub use path::{normalize as normalize_path, PathError};
+
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,9 +91,20 @@ struct RequestFacts {
 }
 
 impl Ctx {
-    /// Phase 1: who the request is charged to.
+    /// Phase 1: the path as forwarded (normalised, within `/v1/`, of a
+    /// family that may be forwarded) and who the request is charged to.
     fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Ctx, ApiError> {
         let started_ms = crate::timestamp::now_ms();
+        let path = path::normalize(req.uri().path())
+            .map_err(|e| ApiError::bad_request(e.message()).with_code("invalid_path"))?;
+        let family = path::family(&path);
+        if !path::is_metered_family(family) && !app.config.allows_unmetered(family) {
+            app.metrics.rejected("unmetered_endpoint");
+            return Err(ApiError::forbidden(format!(
+                "tollgate cannot meter /v1/{family} requests, so it does not forward them; an admin can allow them with --allow-unmetered {family}"
+            ))
+            .with_code("unmetered_endpoint"));
+        }
         let (user, key_id) = match app.config.auth {
             AuthMode::Header => (user_of(req.headers())?, None),
             AuthMode::Keys => {
@@ -103,8 +118,8 @@ impl Ctx {
             started_ms,
             user,
             key_id,
-            endpoint: Endpoint::classify(req.method(), req.uri().path()),
-            path: req.uri().path().to_owned(),
+            endpoint: Endpoint::classify(req.method(), &path),
+            path: path.into_owned(),
             request: RequestFacts {
                 choices: 1,
                 ..RequestFacts::default()
@@ -166,11 +181,14 @@ impl Ctx {
         parts: Parts,
         body: Body,
     ) -> Result<Request<Body>, ApiError> {
-        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let path_and_query = match parts.uri.query() {
+            Some(q) => Cow::Owned(format!("{}?{q}", self.path)),
+            None => Cow::Borrowed(self.path.as_str()),
+        };
         let uri = app
             .config
             .upstream
-            .uri_for(path_and_query)
+            .uri_for(&path_and_query)
             .map_err(|e| ApiError::bad_request(format!("bad request path: {e}")))?;
         let mut up = Request::new(body);
         *up.method_mut() = parts.method;

@@ -36,6 +36,7 @@ pub const TARGETS: &[(&str, Property)] = &[
     ("go_duration", go_duration),
     ("timestamp", timestamp),
     ("price_body", price_body),
+    ("path", path),
 ];
 
 // ---------------------------------------------------------------------------
@@ -1158,4 +1159,121 @@ pub fn price_body(body: &[u8]) {
             "{key}: {x} read as {v} / 10^{scale}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// path
+// ---------------------------------------------------------------------------
+
+/// `proxy::normalize_path` over `/v1/` plus any text, against an oracle that
+/// decodes every escape first and then resolves segments (RFC 3986 5.2.4,
+/// empty segments dropped): a path is refused exactly when it hides a
+/// separator or control character or climbs out of `/v1/`; otherwise the
+/// result means the same path, is in normal form, and normalising it again
+/// changes nothing.
+pub fn path(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let input = format!("/v1/{text}");
+    let got = tollgate::proxy::normalize_path(&input);
+    let expected = path_oracle(input.as_bytes());
+    match (&got, &expected) {
+        (Err(e), Err(want)) => assert_eq!(
+            format!("{e:?}"),
+            *want,
+            "{input:?}: refused for the wrong reason"
+        ),
+        (Ok(n), Ok(want)) => {
+            let n: &str = n;
+            assert!(n.starts_with("/v1/"), "{input:?} -> {n:?}");
+            assert!(!n.contains("//"), "{input:?} -> {n:?}");
+            assert!(
+                n.split('/').all(|s| s != "." && s != ".."),
+                "{input:?} -> {n:?}"
+            );
+            let decoded = percent_decode_all(n.as_bytes()).expect("output escapes are well formed");
+            assert!(
+                decoded == *want || decoded.eq_ignore_ascii_case(want),
+                "{input:?} -> {n:?}, decodes to {:?}, expected {:?}",
+                String::from_utf8_lossy(&decoded),
+                String::from_utf8_lossy(want)
+            );
+            if decoded != *want {
+                // Only known endpoints are matched regardless of case.
+                assert!(!n.contains('%'), "{input:?} -> {n:?}");
+            }
+            let again = tollgate::proxy::normalize_path(n).expect("a normal path stays valid");
+            assert_eq!(&*again, n, "normalising twice changes {n:?}");
+        }
+        _ => panic!("{input:?}: got {got:?}, oracle says {expected:?}"),
+    }
+}
+
+fn percent_decode_all(b: &[u8]) -> Result<Vec<u8>, ()> {
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3).ok_or(())?;
+            let hex = std::str::from_utf8(hex).map_err(|_| ())?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| ())?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// The decoded path the input means, or the name of the refusal.
+fn path_oracle(input: &[u8]) -> Result<Vec<u8>, String> {
+    // Escapes that are refused, whatever else the path holds.
+    let mut i = 0;
+    while i < input.len() {
+        if input[i] == b'%' {
+            let Some(hex) = input.get(i + 1..i + 3) else {
+                return Err("BadEscape".into());
+            };
+            let Ok(c) = std::str::from_utf8(hex).map_err(|_| ()).and_then(|h| {
+                if h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    u8::from_str_radix(h, 16).map_err(|_| ())
+                } else {
+                    Err(())
+                }
+            }) else {
+                return Err("BadEscape".into());
+            };
+            if c == b'/' || c == b'\\' || c.is_ascii_control() {
+                return Err("BadEscape".into());
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    let decoded = percent_decode_all(input).map_err(|_| "BadEscape".to_string())?;
+    let mut segs: Vec<&[u8]> = Vec::new();
+    for seg in decoded.split(|&b| b == b'/') {
+        match seg {
+            b"" | b"." => {}
+            b".." => {
+                if segs.len() <= 1 {
+                    return Err("LeavesV1".into());
+                }
+                segs.pop();
+            }
+            s => segs.push(s),
+        }
+    }
+    if segs.first() != Some(&&b"v1"[..]) || segs.len() < 2 {
+        return Err("LeavesV1".into());
+    }
+    let mut out = Vec::new();
+    for s in segs {
+        out.push(b'/');
+        out.extend_from_slice(s);
+    }
+    Ok(out)
 }
