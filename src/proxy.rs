@@ -11,12 +11,13 @@ use hyper::body::Incoming;
 
 use crate::access::AuthMode;
 use crate::app::App;
-use crate::body::{Meter, MeteredBody, Observer, Upload, UploadBody};
+use crate::body::{MeteredBody, UploadBody};
 use crate::budget::Refusal;
+use crate::endpoint::Endpoint;
 use crate::error::ApiError;
 use crate::http::Body;
+use crate::meter::{self, JsonScanner, Meter, Observer, SseScanner, Upload};
 use crate::record::{Record, Rejected};
-use crate::usage::{self, Endpoint, JsonScanner, SseScanner};
 
 /// Longest a request waits for room in the usage queue before a 503.
 const QUEUE_WAIT: Duration = Duration::from_secs(10);
@@ -120,7 +121,7 @@ async fn forward(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body
             return Err(ApiError::too_large(cfg.max_body));
         }
         let bytes = read_body(body, cfg.max_body).await?;
-        let info = usage::parse_request(&bytes).map_err(|e| match e.param() {
+        let info = meter::parse_request(&bytes).map_err(|e| match e.param() {
             Some(p) => ApiError::bad_param(p, e.message()),
             None => ApiError::bad_request(e.message()),
         })?;
@@ -130,7 +131,7 @@ async fn forward(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body
         requested_model = info.model;
         sent_bytes = bytes;
         if info.stream && !info.include_usage && endpoint.usage_on_request() {
-            if let Some(spliced) = usage::splice_include_usage(&sent_bytes) {
+            if let Some(spliced) = meter::splice_include_usage(&sent_bytes) {
                 sent_bytes = Bytes::from(spliced);
                 strip = true;
             }

@@ -1,6 +1,6 @@
 use super::*;
 use crate::record::Record;
-use crate::usage::Usage;
+use crate::record::Usage;
 
 fn rec(user: &str, model: &str, ts: i64, q: u64, a: u64) -> Priced {
     Priced {
