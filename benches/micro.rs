@@ -11,8 +11,10 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+use tollgate::endpoint::{Endpoint, StreamKind};
+use tollgate::meter::{self, JsonScanner, SseScanner};
 use tollgate::pricing::{default_prices, PriceTable, Tokens};
-use tollgate::usage::{self, Capture, JsonScanner, SseScanner, StreamKind};
+use tollgate::record::Capture;
 
 #[allow(dead_code)]
 mod common;
@@ -38,10 +40,10 @@ fn parse_request(c: &mut Criterion) {
     let mut g = c.benchmark_group("parse_request");
     for (size, name) in SIZES {
         let body = chat_request(size, StreamMode::Stream);
-        assert!(usage::parse_request(&body).is_ok_and(|r| r.stream));
+        assert!(meter::parse_request(&body).is_ok_and(|r| r.stream));
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_with_input(BenchmarkId::from_parameter(name), &body, |b, body| {
-            b.iter(|| usage::parse_request(black_box(body)))
+            b.iter(|| meter::parse_request(black_box(body)))
         });
     }
     g.finish();
@@ -51,11 +53,11 @@ fn splice(c: &mut Criterion) {
     let mut g = c.benchmark_group("splice_include_usage");
     for (size, name) in SIZES {
         let body = chat_request(size, StreamMode::Stream);
-        let spliced = usage::splice_include_usage(&body).expect("splices");
-        assert!(usage::parse_request(&spliced).is_ok_and(|r| r.include_usage));
+        let spliced = meter::splice_include_usage(&body).expect("splices");
+        assert!(meter::parse_request(&spliced).is_ok_and(|r| r.include_usage));
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_with_input(BenchmarkId::from_parameter(name), &body, |b, body| {
-            b.iter(|| usage::splice_include_usage(black_box(body)))
+            b.iter(|| meter::splice_include_usage(black_box(body)))
         });
     }
     g.finish();
@@ -252,15 +254,11 @@ fn tiktoken(c: &mut Criterion) {
     }
     for (size, name) in SIZES {
         let body = chat_request(size, StreamMode::Off);
-        assert!(tollgate::tokens::prompt_tokens(usage::Endpoint::Chat, "gpt-4o-mini", &body) > 0);
+        assert!(tollgate::tokens::prompt_tokens(Endpoint::Chat, "gpt-4o-mini", &body) > 0);
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_with_input(BenchmarkId::new("prompt_tokens", name), &body, |b, body| {
             b.iter(|| {
-                tollgate::tokens::prompt_tokens(
-                    usage::Endpoint::Chat,
-                    "gpt-4o-mini",
-                    black_box(body),
-                )
+                tollgate::tokens::prompt_tokens(Endpoint::Chat, "gpt-4o-mini", black_box(body))
             })
         });
         let capture = Capture {

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use tollgate::metrics::Metrics;
 use tollgate::record::Priced;
 use tollgate::record::Record;
+use tollgate::record::Usage;
 use tollgate::store::sqlite;
 use tollgate::store::{Backend, Store};
-use tollgate::usage::Usage;
 
 /// 2026-11-26T00:00:00Z: records look recent.
 const BASE_MS: i64 = 1_764_115_200_000;

@@ -1,201 +1,25 @@
-//! Body types and the metered answer body.
+//! The HTTP bodies tollgate builds around others'.
 //!
-//! [`MeteredBody`] wraps upstream's answer, hands every frame to the usage
-//! scanners on its way to the client, and settles the request's record exactly
-//! once: at the end of the stream, on an upstream error, on idle timeout, or in
-//! `Drop` when the client goes away (as linkerd's body-eos wrappers do).
+//! [`MeteredBody`] wraps upstream's answer, hands every frame to its
+//! [`Meter`] on the way to the client, and has the record submitted exactly
+//! once: at the end of the stream, on an upstream error, on idle timeout, or
+//! in `Drop` when the client goes away (as linkerd's body-eos wrappers do).
+//! [`UploadBody`] streams a request body upstream and reports on it through
+//! an [`Upload`]; [`ChannelBody`] is fed piece by piece from another thread.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::time::Sleep;
 
 use crate::http::BoxError;
-use crate::record::{Estimate, Record};
-use crate::store::{Slot, Store};
-use crate::usage::{Capture, Endpoint, Found, JsonScanner, SseScanner};
-
-/// How the answer body is read.
-#[derive(Debug)]
-pub enum Observer {
-    /// Not read (bodies of endpoints without usage).
-    Ignore,
-    /// A plain JSON answer.
-    Json(JsonScanner),
-    /// An SSE stream.
-    Sse(SseScanner),
-}
-
-/// The record of one request under construction; submitted exactly once,
-/// when the exchange ends in whatever way.
-pub struct Meter {
-    store: Arc<Store>,
-    in_flight: Gauge,
-    slot: Option<Slot>,
-    record: Record,
-    started: Instant,
-    endpoint: Endpoint,
-    request_body: Bytes,
-    observer: Observer,
-    upload: Option<Arc<Upload>>,
-}
-
-impl Meter {
-    /// Starts metering a request about to go upstream. Until an answer head
-    /// arrives, the status is 499 (client gone): dropping the meter then
-    /// still leaves a record.
-    pub fn new(
-        store: Arc<Store>,
-        in_flight: Gauge,
-        slot: Slot,
-        mut record: Record,
-        started: Instant,
-        endpoint: Endpoint,
-        request_body: Bytes,
-    ) -> Meter {
-        record.status = 499;
-        in_flight.inc();
-        Meter {
-            store,
-            in_flight,
-            slot: Some(slot),
-            record,
-            started,
-            endpoint,
-            request_body,
-            observer: Observer::Ignore,
-            upload: None,
-        }
-    }
-
-    /// The request's body streams: its model may be read from it as it passes.
-    pub fn upload(&mut self, upload: Arc<Upload>) {
-        self.upload = Some(upload);
-    }
-
-    /// The answer head arrived.
-    pub fn answered(&mut self, status: u16, request_id: Option<String>, observer: Observer) {
-        self.record.status = status;
-        self.record.request_id = request_id;
-        self.observer = observer;
-    }
-
-    /// Tollgate answered for upstream (502/504).
-    pub fn failed(&mut self, status: u16) {
-        self.record.status = status;
-    }
-
-    /// The request never reached upstream: no record.
-    pub fn cancel(mut self) {
-        if self.slot.take().is_some() {
-            self.in_flight.dec();
-        }
-    }
-
-    /// Adds time tollgate spent on the request outside the upstream wait.
-    pub fn overhead(&mut self, d: Duration) {
-        self.record.overhead_us += d.as_micros() as u64;
-    }
-
-    /// Passes one chunk of the answer through the scanners.
-    fn observe(&mut self, data: Bytes, now: Instant) -> Bytes {
-        if self.record.ttfb_us.is_none() {
-            self.record.ttfb_us = Some(now.duration_since(self.started).as_micros() as u64);
-        }
-        let out = match &mut self.observer {
-            Observer::Ignore => data,
-            Observer::Json(j) => {
-                j.feed(&data);
-                data
-            }
-            Observer::Sse(s) => s.feed(&data),
-        };
-        self.overhead(now.elapsed());
-        out
-    }
-
-    /// Bytes the scanner still holds at the end of the stream.
-    fn flush(&mut self) -> Bytes {
-        match &mut self.observer {
-            Observer::Sse(s) => s.finish(),
-            _ => Bytes::new(),
-        }
-    }
-
-    /// Submits the record (once).
-    fn settle(&mut self) {
-        let Some(slot) = self.slot.take() else {
-            return;
-        };
-        self.in_flight.dec();
-        let mut rec = std::mem::take(&mut self.record);
-        rec.duration_us = self.started.elapsed().as_micros() as u64;
-        let (found, capture) = match std::mem::replace(&mut self.observer, Observer::Ignore) {
-            Observer::Ignore => (Found::default(), None),
-            Observer::Json(mut j) => {
-                let (f, c) = j.finish();
-                (f, Some(c))
-            }
-            Observer::Sse(mut s) => {
-                let _ = s.finish();
-                (
-                    std::mem::take(&mut s.found),
-                    Some(std::mem::take(&mut s.capture)),
-                )
-            }
-        };
-        if let Some(m) = found.model {
-            rec.model = m;
-        }
-        if let Some(m) = self.upload.as_ref().and_then(|u| u.model.get()) {
-            rec.requested_model = m.clone();
-        }
-        match found.usage {
-            Some(u) => rec.usage = u,
-            None if self.should_estimate(rec.status) => {
-                rec.estimate = Some(Box::new(Estimate {
-                    endpoint: self.endpoint,
-                    request_body: std::mem::take(&mut self.request_body),
-                    capture: capture.filter(|c: &Capture| !c.bytes.is_empty()),
-                }));
-            }
-            // No tokens to count (an upstream error, a model list, ...).
-            None => {}
-        }
-        // With the tokens known, the budget settles now rather than when the
-        // writer gets to the record, so a next request sees the real spend.
-        if rec.estimate.is_none() {
-            if let Some(h) = rec.hold.take() {
-                // The writer prices the record again, under the prices of
-                // when it is written (a price change may come in between).
-                let (cost, _) = rec.cost(&self.store.prices());
-                h.settle(cost, rec.usage.query + rec.usage.answer);
-            }
-        }
-        self.store.submit(rec, slot);
-    }
-
-    /// Tokens may have been spent without upstream saying how many: a
-    /// successful answer without usage, a cut stream, or no answer at all.
-    fn should_estimate(&self, status: u16) -> bool {
-        self.endpoint.needs_model()
-            && (matches!(status, 200..=299) || matches!(status, 499 | 502 | 504))
-    }
-}
-
-impl Drop for Meter {
-    fn drop(&mut self) {
-        self.settle();
-    }
-}
+use crate::meter::{Meter, Upload};
 
 /// Upstream's answer body on its way to the client, metered.
 pub struct MeteredBody {
@@ -225,7 +49,7 @@ impl std::error::Error for IdleTimeout {}
 impl MeteredBody {
     /// Wraps `inner`; silence longer than `idle` ends the stream with an error.
     pub fn new(inner: crate::upstream::UpstreamBody, meter: Meter, idle: Duration) -> MeteredBody {
-        let strips = matches!(&meter.observer, Observer::Sse(s) if s.strips());
+        let strips = meter.strips();
         MeteredBody {
             inner,
             meter,
@@ -239,8 +63,8 @@ impl MeteredBody {
     }
 
     fn end(&mut self) -> Option<Bytes> {
-        let tail = self.meter.flush();
-        self.meter.settle();
+        let tail = self.meter.take_tail();
+        self.meter.submit();
         self.done = true;
         (!tail.is_empty()).then_some(tail)
     }
@@ -272,7 +96,7 @@ impl HttpBody for MeteredBody {
                     };
                     let mut out = this.meter.observe(data, now);
                     if this.inner.is_end_stream() {
-                        // Settle before the client can see the end.
+                        // Submit before the client can see the end.
                         if let Some(t) = this.end() {
                             if out.is_empty() {
                                 out = t;
@@ -287,7 +111,7 @@ impl HttpBody for MeteredBody {
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    this.meter.settle();
+                    this.meter.submit();
                     this.done = true;
                     return Poll::Ready(Some(Err(Box::new(e))));
                 }
@@ -303,7 +127,7 @@ impl HttpBody for MeteredBody {
                         return Poll::Pending;
                     }
                     if Instant::now() >= deadline {
-                        this.meter.settle();
+                        this.meter.submit();
                         this.done = true;
                         return Poll::Ready(Some(Err(Box::new(IdleTimeout))));
                     }
@@ -337,7 +161,7 @@ impl Drop for MeteredBody {
         if !self.done && self.inner.is_end_stream() {
             let _ = self.end();
         }
-        // Otherwise the meter's own Drop settles it as it stands.
+        // Otherwise the meter's own Drop submits it as it stands.
     }
 }
 
@@ -378,35 +202,6 @@ impl HttpBody for ChannelBody {
 /// Most bytes of an upload searched for its `model` field.
 const SNIFF_LIMIT: usize = 64 << 10;
 
-/// What a streamed upload tells the proxy while it passes.
-#[derive(Debug)]
-pub struct Upload {
-    started: Instant,
-    /// Microseconds after `started` of the last upload progress (or its end).
-    active_at: AtomicU64,
-    /// The client's side of the upload broke (it left, or sent bad framing).
-    failed: AtomicBool,
-    /// The `model` form field (multipart) or JSON member, once seen.
-    pub model: OnceLock<String>,
-}
-
-impl Upload {
-    /// When the upload last moved.
-    pub fn last_activity(&self) -> Instant {
-        self.started + Duration::from_micros(self.active_at.load(Ordering::Relaxed))
-    }
-
-    /// Whether the client's upload broke.
-    pub fn failed(&self) -> bool {
-        self.failed.load(Ordering::Relaxed)
-    }
-
-    fn touch(&self) {
-        let us = self.started.elapsed().as_micros() as u64;
-        self.active_at.store(us, Ordering::Relaxed);
-    }
-}
-
 /// A request body streamed upstream unbuffered, whatever its size. It
 /// reports progress (the answer-head timeout counts from the upload's last
 /// byte, not from its first), notices a client that breaks off, and for
@@ -421,12 +216,7 @@ pub struct UploadBody {
 impl UploadBody {
     /// Wraps an upload. `sniff`: `Some(multipart)` to look for the model.
     pub fn new(inner: Incoming, sniff: Option<bool>) -> (UploadBody, Arc<Upload>) {
-        let state = Arc::new(Upload {
-            started: Instant::now(),
-            active_at: AtomicU64::new(0),
-            failed: AtomicBool::new(false),
-            model: OnceLock::new(),
-        });
+        let state = Arc::new(Upload::new());
         (
             UploadBody {
                 inner,
@@ -448,9 +238,9 @@ impl UploadBody {
         let n = d.len().min(SNIFF_LIMIT - self.seen.len());
         self.seen.extend_from_slice(&d[..n]);
         let m = if multipart {
-            crate::usage::find_multipart_model(&self.seen)
+            crate::meter::find_multipart_model(&self.seen)
         } else {
-            crate::usage::find_model(&self.seen)
+            crate::meter::find_model(&self.seen)
         };
         if let Some(m) = m {
             let _ = self.state.model.set(m);
@@ -476,7 +266,7 @@ impl HttpBody for UploadBody {
                     this.look_for_model(d);
                 }
             }
-            Poll::Ready(Some(Err(_))) => this.state.failed.store(true, Ordering::Relaxed),
+            Poll::Ready(Some(Err(_))) => this.state.fail(),
             Poll::Ready(None) => this.state.touch(),
             Poll::Pending => {}
         }

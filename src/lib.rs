@@ -18,13 +18,18 @@
 //!   `include_usage` splice, upstream call and timeouts.
 //! - [`upstream`]: keep-alive connections to the upstream, driven inside the
 //!   request's own task so a burst of events reaches the client in one write.
-//! - [`body`]: [`body::MeteredBody`], which observes answer frames and settles the
-//!   record at the end, on error or when the client leaves.
-//! - [`usage`]: reading model, stream flags and usage from request bodies,
-//!   JSON answers and SSE streams, chunk by chunk.
+//! - [`endpoint`]: which API a request belongs to, deciding how its bodies are read.
+//! - [`meter`]: reading model, stream flags and usage from request bodies,
+//!   JSON answers, SSE streams and uploads, chunk by chunk, and the
+//!   [`meter::Meter`] that turns what was read into the request's record and
+//!   submits it once.
+//! - [`body`]: the HTTP bodies tollgate wraps: [`body::MeteredBody`] feeds answer
+//!   frames to the meter and ends it at the end, on error or when the client
+//!   leaves; [`body::UploadBody`] streams uploads; [`body::ChannelBody`] streams
+//!   answers built on another thread.
 //! - [`tokens`]: tiktoken estimates for answers without usage, off the request path.
 //! - [`pricing`]: exact integer prices and costs, the model lookup chain, the built-in list.
-//! - [`record`]: the usage record.
+//! - [`record`]: the usage record, its token counts and what an estimate is made from.
 //! - [`store`]: the writer and estimator threads and the storage traits; [`store::sqlite`]
 //!   implements them.
 //! - [`access`]: the admin key, user keys and client authentication modes.
@@ -45,8 +50,10 @@ pub mod body;
 pub mod budget;
 pub mod config;
 pub mod duration;
+pub mod endpoint;
 pub mod error;
 pub mod http;
+pub mod meter;
 pub mod metrics;
 pub mod pricing;
 pub mod proxy;
@@ -57,4 +64,3 @@ pub mod store;
 pub mod timestamp;
 pub mod tokens;
 pub mod upstream;
-pub mod usage;

@@ -1,9 +1,24 @@
-//! The usage record: one per request that reached upstream.
+//! The usage record: one per request that reached upstream, with what it is
+//! made of: the token counts and, when upstream gave none, the request and
+//! answer bytes an estimate is computed from.
 
 use bytes::Bytes;
 
 use crate::budget::Hold;
-use crate::usage::{Capture, Endpoint, Usage};
+use crate::endpoint::Endpoint;
+
+/// Tokens reported by upstream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt / input tokens.
+    pub query: u64,
+    /// Completion / output tokens.
+    pub answer: u64,
+    /// Cached prompt tokens (a subset of `query`).
+    pub cached: u64,
+    /// Reasoning tokens (a subset of `answer`).
+    pub reasoning: u64,
+}
 
 /// One metered request, as the proxy hands it to the store.
 #[derive(Debug, Default)]
@@ -104,6 +119,31 @@ pub struct Estimate {
     pub request_body: Bytes,
     /// Answer bytes captured for counting completion tokens.
     pub capture: Option<Capture>,
+}
+
+/// Raw answer bytes kept for token estimation, bounded.
+#[derive(Debug, Default)]
+pub struct Capture {
+    /// Kept bytes (whole SSE events or the JSON body), up to [`CAPTURE_CAP`].
+    pub bytes: Vec<u8>,
+    /// Bytes seen past the cap; estimates extrapolate over them.
+    pub overflow: u64,
+}
+
+/// Most answer bytes kept per request for estimation; past it, estimates
+/// extrapolate. Small, because every stream holds it until its usage arrives.
+pub const CAPTURE_CAP: usize = 256 << 10;
+
+impl Capture {
+    pub(crate) fn push(&mut self, b: &[u8]) {
+        let room = CAPTURE_CAP - self.bytes.len();
+        if b.len() <= room {
+            self.bytes.extend_from_slice(b);
+        } else {
+            self.bytes.extend_from_slice(&b[..room]);
+            self.overflow += (b.len() - room) as u64;
+        }
+    }
 }
 
 /// A stored record, as the reports return it.

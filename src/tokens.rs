@@ -7,7 +7,8 @@ use std::sync::OnceLock;
 use serde_json::Value;
 use tiktoken_rs::CoreBPE;
 
-use crate::usage::{Capture, Endpoint};
+use crate::endpoint::Endpoint;
+use crate::record::Capture;
 
 static O200K: OnceLock<CoreBPE> = OnceLock::new();
 static CL100K: OnceLock<CoreBPE> = OnceLock::new();

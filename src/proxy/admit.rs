@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use crate::app::App;
 use crate::budget::{Hold, Refusal};
+use crate::endpoint::Endpoint;
 use crate::error::ApiError;
 use crate::record::Rejected;
 use crate::store::Slot;
-use crate::usage::Endpoint;
 
 use super::Ctx;
 

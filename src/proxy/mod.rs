@@ -26,12 +26,13 @@ use hyper::body::Incoming;
 
 use crate::access::AuthMode;
 use crate::app::App;
-use crate::body::{Meter, MeteredBody, Observer, Upload, UploadBody};
+use crate::body::{MeteredBody, UploadBody};
+use crate::endpoint::Endpoint;
 use crate::error::ApiError;
 use crate::http::Body;
+use crate::meter::{self, JsonScanner, Meter, Observer, RequestError, SseScanner, Upload};
 use crate::record::Record;
 use crate::upstream::{UpstreamBody, UpstreamError};
-use crate::usage::{self, Endpoint, JsonScanner, RequestError, SseScanner};
 
 /// Forwards one API request upstream and meters it.
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
@@ -156,11 +157,11 @@ impl Ctx {
             return Err(ApiError::too_large(limit));
         }
         let bytes = read_limited(body, limit).await?;
-        let info = usage::parse_request(&bytes)?;
+        let info = meter::parse_request(&bytes)?;
         let r = &mut self.request;
         r.body = bytes;
         if info.stream && !info.include_usage && self.endpoint.usage_on_request() {
-            if let Some(spliced) = usage::splice_include_usage(&r.body) {
+            if let Some(spliced) = meter::splice_include_usage(&r.body) {
                 r.body = Bytes::from(spliced);
                 r.spliced = true;
             }

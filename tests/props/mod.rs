@@ -19,10 +19,11 @@ use std::fmt;
 use bytes::Bytes;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
-use tollgate::usage::{
+use tollgate::endpoint::StreamKind;
+use tollgate::meter::{
     parse_request, parse_usage, splice_include_usage, Found, JsonScanner, RequestError, SseScanner,
-    StreamKind, Usage,
 };
+use tollgate::record::Usage;
 
 /// A whole property over raw fuzz input.
 pub type Property = fn(&[u8]);
@@ -582,7 +583,7 @@ fn expected_usage(m: &serde_json::Map<String, Value>) -> Verdict {
 // ---------------------------------------------------------------------------
 
 /// An event larger than this is read through a bounded window (`EVENT_HEAD`
-/// in src/usage.rs), so what is found in it may depend on chunking.
+/// in src/meter/sse.rs), so what is found in it may depend on chunking.
 const EVENT_WINDOW: usize = 64 << 10;
 
 /// Events of an SSE stream: each ends after the first `\n\n` or `\n\r\n`; the

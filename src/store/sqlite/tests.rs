@@ -2,9 +2,8 @@ use super::reports::where_clause;
 use super::schema::SCHEMA_V1;
 use super::*;
 use crate::pricing::{Price, PriceTable};
-use crate::record::{Priced, Record};
+use crate::record::{Priced, Record, Usage};
 use crate::store::{Backend, Filter, GroupKey, Reports, UsageTotals};
-use crate::usage::Usage;
 
 fn rec(user: &str, model: &str, ts: i64, q: u64, a: u64) -> Priced {
     Priced {

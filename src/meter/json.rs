@@ -1,0 +1,113 @@
+//! Usage from a plain (non-streamed) JSON answer, and the usage object of
+//! every OpenAI API read into [`Usage`].
+
+use serde::Deserialize;
+
+use super::scan::{find_model, find_usage_object};
+use super::window::Window;
+use super::Found;
+use crate::record::{Capture, Usage};
+
+#[derive(Deserialize, Default)]
+struct Details {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct UsageObject {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<Details>,
+    #[serde(default)]
+    completion_tokens_details: Option<Details>,
+    #[serde(default)]
+    input_tokens_details: Option<Details>,
+    #[serde(default)]
+    output_tokens_details: Option<Details>,
+}
+
+/// Parses a usage object of any OpenAI API (chat, completions, embeddings,
+/// responses, audio, images). `None` when it holds no token counts.
+pub fn parse_usage(obj: &[u8]) -> Option<Usage> {
+    let u: UsageObject = serde_json::from_slice(obj).ok()?;
+    let query = u.prompt_tokens.or(u.input_tokens);
+    let answer = u.completion_tokens.or(u.output_tokens);
+    if query.is_none() && answer.is_none() {
+        return None;
+    }
+    let cached = [u.prompt_tokens_details, u.input_tokens_details]
+        .into_iter()
+        .flatten()
+        .find_map(|d| d.cached_tokens)
+        .unwrap_or(0);
+    let reasoning = [u.completion_tokens_details, u.output_tokens_details]
+        .into_iter()
+        .flatten()
+        .find_map(|d| d.reasoning_tokens)
+        .unwrap_or(0);
+    Some(Usage {
+        query: query.unwrap_or(0),
+        answer: answer.unwrap_or(0),
+        cached,
+        reasoning,
+    })
+}
+
+/// Reader of a plain (non-streamed) JSON answer of any size.
+#[derive(Debug)]
+pub struct JsonScanner {
+    body: Window,
+}
+
+/// Whole JSON answers up to this size are kept (for estimation); past it only the ends.
+const JSON_HEAD: usize = 256 << 10;
+const JSON_TAIL: usize = 64 << 10;
+
+impl Default for JsonScanner {
+    fn default() -> Self {
+        JsonScanner {
+            body: Window::new(JSON_HEAD, JSON_TAIL),
+        }
+    }
+}
+
+impl JsonScanner {
+    /// Feeds one chunk of the body.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        self.body.push(chunk);
+    }
+
+    /// Usage and model of the whole body, plus the body when kept whole.
+    pub fn finish(&mut self) -> (Found, Capture) {
+        let w = std::mem::take(&mut self.body);
+        let (usage_in, model_in) = match w.whole() {
+            Some(all) => (all, all),
+            None => (&w.tail[..], &w.head[..]),
+        };
+        let found = Found {
+            usage: find_usage_object(usage_in).and_then(parse_usage),
+            model: find_model(model_in),
+            done: true,
+        };
+        let capture = match w.whole() {
+            Some(_) => Capture {
+                bytes: w.head,
+                overflow: 0,
+            },
+            None => Capture {
+                overflow: w.len - w.head.len() as u64,
+                bytes: w.head,
+            },
+        };
+        (found, capture)
+    }
+}
+
+#[cfg(test)]
+mod tests;

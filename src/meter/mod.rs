@@ -1,0 +1,226 @@
+//! Metering one exchange: what the request and answer bodies say (read
+//! without re-serializing them, chunk by chunk) turned into the request's
+//! [`Record`], submitted exactly once.
+//!
+//! - `request`: the request fields and the `include_usage` splice.
+//! - `sse`, `json`: usage and model of SSE and plain JSON answers.
+//! - `multipart`: the `model` of a multipart upload.
+//! - `upload`: what a streamed upload reports while it passes.
+//! - `scan`, `window`: the byte-level JSON scanning and the bounded
+//!   window the answer scanners share.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::endpoint::Endpoint;
+use crate::record::{Capture, Estimate, Record, Usage};
+use crate::store::{Slot, Store};
+
+mod json;
+mod multipart;
+mod request;
+mod scan;
+mod sse;
+mod upload;
+mod window;
+
+pub use json::{parse_usage, JsonScanner};
+pub(crate) use multipart::find_multipart_model;
+pub use request::{parse_request, splice_include_usage, RequestError, RequestInfo};
+pub(crate) use scan::find_model;
+pub use sse::SseScanner;
+pub use upload::Upload;
+
+/// What was learnt from an answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Found {
+    /// Usage reported by upstream.
+    pub usage: Option<Usage>,
+    /// The answered model.
+    pub model: Option<String>,
+    /// A stream ended properly (`[DONE]` or a terminal Responses event).
+    pub done: bool,
+}
+
+/// How the answer body is read.
+#[derive(Debug)]
+pub enum Observer {
+    /// Not read (bodies of endpoints without usage).
+    Ignore,
+    /// A plain JSON answer.
+    Json(JsonScanner),
+    /// An SSE stream.
+    Sse(SseScanner),
+}
+
+/// The record of one request under construction; submitted exactly once,
+/// when the exchange ends in whatever way.
+pub struct Meter {
+    store: Arc<Store>,
+    in_flight: Gauge,
+    slot: Option<Slot>,
+    record: Record,
+    started: Instant,
+    endpoint: Endpoint,
+    request_body: Bytes,
+    observer: Observer,
+    upload: Option<Arc<Upload>>,
+}
+
+impl Meter {
+    /// Starts metering a request about to go upstream. Until an answer head
+    /// arrives, the status is 499 (client gone): dropping the meter then
+    /// still leaves a record.
+    pub fn new(
+        store: Arc<Store>,
+        in_flight: Gauge,
+        slot: Slot,
+        mut record: Record,
+        started: Instant,
+        endpoint: Endpoint,
+        request_body: Bytes,
+    ) -> Meter {
+        record.status = 499;
+        in_flight.inc();
+        Meter {
+            store,
+            in_flight,
+            slot: Some(slot),
+            record,
+            started,
+            endpoint,
+            request_body,
+            observer: Observer::Ignore,
+            upload: None,
+        }
+    }
+
+    /// The request's body streams: its model may be read from it as it passes.
+    pub fn upload(&mut self, upload: Arc<Upload>) {
+        self.upload = Some(upload);
+    }
+
+    /// The answer head arrived.
+    pub fn answered(&mut self, status: u16, request_id: Option<String>, observer: Observer) {
+        self.record.status = status;
+        self.record.request_id = request_id;
+        self.observer = observer;
+    }
+
+    /// Tollgate answered for upstream (502/504).
+    pub fn failed(&mut self, status: u16) {
+        self.record.status = status;
+    }
+
+    /// The request never reached upstream: no record.
+    pub fn cancel(mut self) {
+        if self.slot.take().is_some() {
+            self.in_flight.dec();
+        }
+    }
+
+    /// Adds time tollgate spent on the request outside the upstream wait.
+    pub fn overhead(&mut self, d: Duration) {
+        self.record.overhead_us += d.as_micros() as u64;
+    }
+
+    /// Passes one chunk of the answer through the scanners.
+    pub(crate) fn observe(&mut self, data: Bytes, now: Instant) -> Bytes {
+        if self.record.ttfb_us.is_none() {
+            self.record.ttfb_us = Some(now.duration_since(self.started).as_micros() as u64);
+        }
+        let out = match &mut self.observer {
+            Observer::Ignore => data,
+            Observer::Json(j) => {
+                j.feed(&data);
+                data
+            }
+            Observer::Sse(s) => s.feed(&data),
+        };
+        self.overhead(now.elapsed());
+        out
+    }
+
+    /// Bytes the scanner still holds at the end of the stream.
+    pub(crate) fn take_tail(&mut self) -> Bytes {
+        match &mut self.observer {
+            Observer::Sse(s) => s.finish(),
+            _ => Bytes::new(),
+        }
+    }
+
+    /// Submits the record (once).
+    pub(crate) fn submit(&mut self) {
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
+        self.in_flight.dec();
+        let mut rec = std::mem::take(&mut self.record);
+        rec.duration_us = self.started.elapsed().as_micros() as u64;
+        let (found, capture) = match std::mem::replace(&mut self.observer, Observer::Ignore) {
+            Observer::Ignore => (Found::default(), None),
+            Observer::Json(mut j) => {
+                let (f, c) = j.finish();
+                (f, Some(c))
+            }
+            Observer::Sse(mut s) => {
+                let _ = s.finish();
+                (
+                    std::mem::take(&mut s.found),
+                    Some(std::mem::take(&mut s.capture)),
+                )
+            }
+        };
+        if let Some(m) = found.model {
+            rec.model = m;
+        }
+        if let Some(m) = self.upload.as_ref().and_then(|u| u.model.get()) {
+            rec.requested_model = m.clone();
+        }
+        match found.usage {
+            Some(u) => rec.usage = u,
+            None if self.should_estimate(rec.status) => {
+                rec.estimate = Some(Box::new(Estimate {
+                    endpoint: self.endpoint,
+                    request_body: std::mem::take(&mut self.request_body),
+                    capture: capture.filter(|c: &Capture| !c.bytes.is_empty()),
+                }));
+            }
+            // No tokens to count (an upstream error, a model list, ...).
+            None => {}
+        }
+        // With the tokens known, the budget settles now rather than when the
+        // writer gets to the record, so a next request sees the real spend.
+        if rec.estimate.is_none() {
+            if let Some(h) = rec.hold.take() {
+                // The writer prices the record again, under the prices of
+                // when it is written (a price change may come in between).
+                let (cost, _) = rec.cost(&self.store.prices());
+                h.settle(cost, rec.usage.query + rec.usage.answer);
+            }
+        }
+        self.store.submit(rec, slot);
+    }
+
+    /// Whether the answer's SSE scanner removes the usage-only chunk, so
+    /// the body's length differs from upstream's.
+    pub(crate) fn strips(&self) -> bool {
+        matches!(&self.observer, Observer::Sse(s) if s.strips())
+    }
+
+    /// Tokens may have been spent without upstream saying how many: a
+    /// successful answer without usage, a cut stream, or no answer at all.
+    fn should_estimate(&self, status: u16) -> bool {
+        self.endpoint.needs_model()
+            && (matches!(status, 200..=299) || matches!(status, 499 | 502 | 504))
+    }
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        self.submit();
+    }
+}

@@ -1,0 +1,53 @@
+//! What a streamed upload tells the proxy while it passes: its progress, a
+//! break on the client's side, and the `model` read from its first bytes.
+//! The upload body ([`crate::body::UploadBody`]) writes it; the proxy's
+//! timeouts and the [`Meter`](super::Meter) read it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// What a streamed upload tells the proxy while it passes.
+#[derive(Debug)]
+pub struct Upload {
+    started: Instant,
+    /// Microseconds after `started` of the last upload progress (or its end).
+    active_at: AtomicU64,
+    /// The client's side of the upload broke (it left, or sent bad framing).
+    failed: AtomicBool,
+    /// The `model` form field (multipart) or JSON member, once seen.
+    pub model: OnceLock<String>,
+}
+
+impl Upload {
+    /// An upload starting now.
+    pub(crate) fn new() -> Upload {
+        Upload {
+            started: Instant::now(),
+            active_at: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            model: OnceLock::new(),
+        }
+    }
+
+    /// When the upload last moved.
+    pub fn last_activity(&self) -> Instant {
+        self.started + Duration::from_micros(self.active_at.load(Ordering::Relaxed))
+    }
+
+    /// Whether the client's upload broke.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// The upload moved (or ended).
+    pub(crate) fn touch(&self) {
+        let us = self.started.elapsed().as_micros() as u64;
+        self.active_at.store(us, Ordering::Relaxed);
+    }
+
+    /// The client's side of the upload broke.
+    pub(crate) fn fail(&self) {
+        self.failed.store(true, Ordering::Relaxed);
+    }
+}
