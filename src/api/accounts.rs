@@ -1,0 +1,115 @@
+//! User keys: `POST`/`GET /users/{user}/keys` and `DELETE /keys/{id}`, and
+//! [`accounts`], the one way this module reaches stored keys and limits.
+
+use std::sync::Arc;
+
+use http::Response;
+use serde::Serialize;
+
+use super::{blocking, created, internal, ok, Time};
+use crate::app::App;
+use crate::error::ApiError;
+use crate::http::Body;
+use crate::store::{Accounts, KeyInfo, StoreError};
+
+/// Runs `f` on the stored keys and limits, on the blocking pool (SQLite may
+/// wait for a lock; the worker thread must not).
+pub(super) async fn accounts<T: Send + 'static>(
+    app: &App,
+    f: impl FnOnce(&dyn Accounts) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let reports = app.store.reports();
+    blocking(move || f(reports.accounts()))
+        .await?
+        .map_err(internal)
+}
+
+/// A key as listed (never the key itself).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Key<'a> {
+    id: &'a str,
+    user: &'a str,
+    created_at: Time,
+    last_used_at: Option<Time>,
+    revoked_at: Option<Time>,
+}
+
+/// A new key: the only answer that ever holds the key itself.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NewKey<'a> {
+    id: &'a str,
+    user: &'a str,
+    key: &'a str,
+    created_at: Time,
+}
+
+/// A revoked key.
+#[derive(Serialize)]
+struct Revoked<'a> {
+    id: &'a str,
+    user: &'a str,
+    revoked: bool,
+}
+
+/// `POST /users/{user}/keys`.
+pub(super) async fn create_key(app: &Arc<App>, user: String) -> Result<Response<Body>, ApiError> {
+    let key = crate::access::new_key();
+    let digest = crate::access::digest(&key);
+    let info = KeyInfo {
+        id: crate::access::new_key_id(),
+        user,
+        created_ms: crate::timestamp::now_ms(),
+        last_used_ms: None,
+        revoked_ms: None,
+    };
+    let info = accounts(app, move |a| a.create_key(&info, &digest).map(|()| info)).await?;
+    app.keys.insert(crate::access::KeyEntry {
+        id: info.id.clone(),
+        user: info.user.clone(),
+        digest,
+        last_used: std::sync::atomic::AtomicI64::new(0),
+    });
+    created(&NewKey {
+        id: &info.id,
+        user: &info.user,
+        key: &key,
+        created_at: Time(info.created_ms),
+    })
+}
+
+/// `GET /users/{user}/keys`, oldest first, with the latest use seen in memory.
+pub(super) async fn list_keys(app: &Arc<App>, user: String) -> Result<Response<Body>, ApiError> {
+    let keys = accounts(app, move |a| a.list_keys(&user)).await?;
+    let listed: Vec<Key> = keys
+        .iter()
+        .map(|k| Key {
+            id: &k.id,
+            user: &k.user,
+            created_at: Time(k.created_ms),
+            last_used_at: k.last_used_ms.max(app.keys.last_used(&k.id)).map(Time),
+            revoked_at: k.revoked_ms.map(Time),
+        })
+        .collect();
+    ok(&listed)
+}
+
+/// `DELETE /keys/{id}`.
+pub(super) async fn revoke_key(app: &Arc<App>, id: String) -> Result<Response<Body>, ApiError> {
+    // Out of memory first: the key stops working before the answer.
+    app.keys.remove(&id);
+    let now = crate::timestamp::now_ms();
+    let owner = {
+        let id = id.clone();
+        accounts(app, move |a| a.revoke_key(&id, now)).await?
+    };
+    match owner {
+        Some(user) => ok(&Revoked {
+            id: &id,
+            user: &user,
+            revoked: true,
+        }),
+        None => Err(ApiError::not_found(format!("no active key {id}")).with_code("not_found")),
+    }
+}

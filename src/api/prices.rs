@@ -1,0 +1,276 @@
+//! `/model/{name}` (read, set) and `/models`: price rows per model, per 1K
+//! and per 1M tokens, exact decimals.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use super::{ok, read_body, Scaled, Time};
+use crate::app::App;
+use crate::error::ApiError;
+use crate::http::Body;
+use crate::pricing::{self, Price, SCALE_PER_1K, SCALE_PER_1M};
+
+/// A model and its price rows.
+#[derive(Serialize)]
+struct Model<'a> {
+    name: &'a str,
+    costs: Vec<Cost>,
+    /// Records re-priced by a change (only in the answer to setting a price).
+    #[serde(rename = "repricedQueries", skip_serializing_if = "Option::is_none")]
+    repriced: Option<u64>,
+}
+
+/// One price row, in both units.
+#[derive(Serialize)]
+struct Cost {
+    #[serde(rename = "validFrom")]
+    valid_from: Time,
+    #[serde(rename = "per1KQueryTokens")]
+    query_1k: Scaled,
+    #[serde(rename = "per1KAnswerTokens")]
+    answer_1k: Scaled,
+    #[serde(
+        rename = "per1KCachedQueryTokens",
+        skip_serializing_if = "Option::is_none"
+    )]
+    cached_1k: Option<Scaled>,
+    #[serde(rename = "per1MQueryTokens")]
+    query_1m: Scaled,
+    #[serde(rename = "per1MAnswerTokens")]
+    answer_1m: Scaled,
+    #[serde(
+        rename = "per1MCachedQueryTokens",
+        skip_serializing_if = "Option::is_none"
+    )]
+    cached_1m: Option<Scaled>,
+}
+
+impl<'a> Model<'a> {
+    fn new(name: &'a str, rows: &[Price]) -> Model<'a> {
+        let costs = rows
+            .iter()
+            .map(|p| {
+                let at = |scale| move |v: i64| Scaled(v.into(), scale);
+                let (k, m) = (at(SCALE_PER_1K), at(SCALE_PER_1M));
+                Cost {
+                    valid_from: Time(p.valid_from),
+                    query_1k: k(p.query),
+                    answer_1k: k(p.answer),
+                    cached_1k: p.cached.map(k),
+                    query_1m: m(p.query),
+                    answer_1m: m(p.answer),
+                    cached_1m: p.cached.map(m),
+                }
+            })
+            .collect();
+        Model {
+            name,
+            costs,
+            repriced: None,
+        }
+    }
+}
+
+/// `GET /model/{name}`.
+pub(super) fn get_model(app: &Arc<App>, name: &str) -> Result<Response<Body>, ApiError> {
+    let model = {
+        let table = app.store.prices();
+        let rows = table.rows(name).ok_or_else(|| {
+            ApiError::not_found(format!("no prices for model {name}")).with_code("model_not_found")
+        })?;
+        Model::new(name, rows)
+    };
+    ok(&model)
+}
+
+/// `GET /models`.
+pub(super) fn models(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
+    // A copy, so the writer never waits for this answer to be written.
+    let table = app.store.prices().clone();
+    let all: Vec<Model> = table
+        .names()
+        .into_iter()
+        .map(|name| Model::new(name, table.rows(name).unwrap_or_default()))
+        .collect();
+    ok(&all)
+}
+
+/// Parses a price body: `validFrom` plus query/answer (and optionally cached)
+/// prices, per 1K or per 1M tokens, never both units.
+pub fn parse_price_body(body: &[u8]) -> Result<Price, ApiError> {
+    let fields: BTreeMap<String, &RawValue> = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("body must be a JSON object: {e}")))?;
+    const KNOWN: [&str; 7] = [
+        "validFrom",
+        "per1KQueryTokens",
+        "per1KAnswerTokens",
+        "per1KCachedQueryTokens",
+        "per1MQueryTokens",
+        "per1MAnswerTokens",
+        "per1MCachedQueryTokens",
+    ];
+    if let Some(k) = fields.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(ApiError::bad_param(k, format!("unknown field {k}")));
+    }
+    let valid_from = match fields.get("validFrom") {
+        None => return Err(ApiError::bad_param("validFrom", "validFrom is required")),
+        Some(raw) => {
+            let s: String = serde_json::from_str(raw.get()).map_err(|_| {
+                ApiError::bad_param("validFrom", "validFrom must be a timestamp string")
+            })?;
+            crate::timestamp::parse(&s).ok_or_else(|| {
+                ApiError::bad_param(
+                    "validFrom",
+                    format!("validFrom `{s}` is not a timestamp with an offset, like 2024-01-24T14:50:00Z"),
+                )
+            })?
+        }
+    };
+    let has_1k = fields.keys().any(|k| k.starts_with("per1K"));
+    let has_1m = fields.keys().any(|k| k.starts_with("per1M"));
+    let (unit, scale) = match (has_1k, has_1m) {
+        (true, true) => {
+            return Err(ApiError::bad_request(
+                "give prices either per 1K tokens or per 1M tokens, not both",
+            ))
+        }
+        (false, true) => ("per1M", SCALE_PER_1M),
+        _ => ("per1K", SCALE_PER_1K),
+    };
+    let price = |what: &str, required: bool| -> Result<Option<i64>, ApiError> {
+        let key = format!("{unit}{what}");
+        match fields.get(key.as_str()) {
+            None if required => Err(ApiError::bad_param(&key, format!("{key} is required"))),
+            None => Ok(None),
+            Some(raw) => pricing::parse_scaled(raw.get(), scale)
+                .map(Some)
+                .map_err(|e| ApiError::bad_param(&key, format!("{key} {e}"))),
+        }
+    };
+    let query = price("QueryTokens", true)?.unwrap_or(0);
+    let answer = price("AnswerTokens", true)?.unwrap_or(0);
+    let cached = price("CachedQueryTokens", false)?;
+    Ok(Price {
+        valid_from,
+        query,
+        cached,
+        answer,
+    })
+}
+
+/// `POST`/`PUT /model/{name}`: the writer thread stores the row and
+/// re-prices the records it covers; this only waits for its reply.
+pub(super) async fn set_price(
+    app: &Arc<App>,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body = read_body(req).await?;
+    let price = parse_price_body(&body)?;
+    let repriced = app
+        .store
+        .set_price(name.to_owned(), price)
+        .await
+        .map_err(|e| ApiError::internal(format!("could not store the price: {e}")))?;
+    let model = {
+        let table = app.store.prices();
+        Model {
+            // The old answer's shape, plus what changed.
+            repriced: Some(repriced),
+            ..Model::new(name, table.rows(name).unwrap_or_default())
+        }
+    };
+    ok(&model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    #[test]
+    fn price_bodies() {
+        let p = parse_price_body(
+            br#"{"validFrom":"2023-11-06T00:00:00Z","per1KQueryTokens":0.01,"per1KAnswerTokens":0.03}"#,
+        )
+        .unwrap();
+        assert_eq!(p.query, 10_000_000);
+        assert_eq!(p.answer, 30_000_000);
+        assert_eq!(p.cached, None);
+        let p = parse_price_body(
+            br#"{"validFrom":"2024-01-24T14:50+01","per1MQueryTokens":2.5,"per1MAnswerTokens":10,"per1MCachedQueryTokens":1.25}"#,
+        )
+        .unwrap();
+        assert_eq!(p.query, 2_500_000);
+        assert_eq!(p.cached, Some(1_250_000));
+        assert_eq!(
+            p.valid_from,
+            crate::timestamp::parse("2024-01-24T13:50:00Z").unwrap()
+        );
+    }
+
+    #[test]
+    fn bad_price_bodies_name_the_field() {
+        let cases: [(&[u8], Option<&str>); 8] = [
+            (
+                br#"{"per1KQueryTokens":1,"per1KAnswerTokens":1}"#,
+                Some("validFrom"),
+            ),
+            (
+                br#"{"validFrom":"x","per1KQueryTokens":1,"per1KAnswerTokens":1}"#,
+                Some("validFrom"),
+            ),
+            (
+                br#"{"validFrom":"2024-01-01T00:00:00Z","per1KQueryTokens":-1,"per1KAnswerTokens":1}"#,
+                Some("per1KQueryTokens"),
+            ),
+            (
+                br#"{"validFrom":"2024-01-01T00:00:00Z","per1KQueryTokens":"1","per1KAnswerTokens":1}"#,
+                Some("per1KQueryTokens"),
+            ),
+            (
+                br#"{"validFrom":"2024-01-01T00:00:00Z","per1KQueryTokens":1}"#,
+                Some("per1KAnswerTokens"),
+            ),
+            (
+                br#"{"validFrom":"2024-01-01T00:00:00Z","per1KQueryTokens":1,"per1MAnswerTokens":1}"#,
+                None,
+            ),
+            (
+                br#"{"validFrom":"2024-01-01T00:00:00Z","per1kQueryTokens":1}"#,
+                Some("per1kQueryTokens"),
+            ),
+            (br#"[1]"#, None),
+        ];
+        for (body, param) in cases {
+            let e = parse_price_body(body).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert_eq!(
+                e.param.as_deref(),
+                param,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn model_rows_in_both_units() {
+        let p = Price {
+            valid_from: 0,
+            query: 2_500_000,
+            cached: Some(1_250_000),
+            answer: 10_000_000,
+        };
+        let text = serde_json::to_string(&Model::new("m", &[p])).unwrap();
+        assert_eq!(
+            text,
+            r#"{"name":"m","costs":[{"validFrom":"1970-01-01T00:00:00.000Z","per1KQueryTokens":0.0025,"per1KAnswerTokens":0.01,"per1KCachedQueryTokens":0.00125,"per1MQueryTokens":2.5,"per1MAnswerTokens":10,"per1MCachedQueryTokens":1.25}]}"#
+        );
+    }
+}

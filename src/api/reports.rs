@@ -1,0 +1,339 @@
+//! The reports: `/usage` (totals, grouped), `/queries` (every record, as JSON
+//! or CSV, streamed) and `/me/usage` (a key holder's own totals and limits).
+//! They read SQLite, so every read runs on the blocking pool after
+//! [`catch_up`].
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde::Serialize;
+
+use super::{blocking, catch_up, internal, ok, query::parse_params, Scaled};
+use crate::app::App;
+use crate::body::ChannelBody;
+use crate::error::ApiError;
+use crate::http::Body;
+use crate::pricing;
+use crate::record::StoredRecord;
+use crate::store::{Filter, GroupValues, UsageTotals};
+
+/// Size of the pieces `/queries` is written out in.
+const CHUNK: usize = 64 << 10;
+
+/// One `/usage` object: the group's keys (only those grouped by), then the totals.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Usage<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    day: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    month: Option<&'a str>,
+    num_queries: u64,
+    query_tokens: u64,
+    answer_tokens: u64,
+    cost: Scaled,
+    average_cost_per_query: Scaled,
+    cached_query_tokens: u64,
+    reasoning_tokens: u64,
+    unpriced_queries: u64,
+    rejected_queries: u64,
+}
+
+impl<'a> Usage<'a> {
+    fn new(g: &'a GroupValues, t: &UsageTotals) -> Usage<'a> {
+        let avg = if t.queries == 0 {
+            0
+        } else {
+            // Rounded to the nearest pico-dollar.
+            (t.cost + i128::from(t.queries) / 2) / i128::from(t.queries)
+        };
+        Usage {
+            user: g.user.as_deref(),
+            model: g.model.as_deref(),
+            day: g.day.as_deref(),
+            month: g.month.as_deref(),
+            num_queries: t.queries,
+            query_tokens: t.query_tokens,
+            answer_tokens: t.answer_tokens,
+            cost: Scaled::dollars(t.cost),
+            average_cost_per_query: Scaled::dollars(avg),
+            cached_query_tokens: t.cached_tokens,
+            reasoning_tokens: t.reasoning_tokens,
+            unpriced_queries: t.unpriced,
+            rejected_queries: t.rejected,
+        }
+    }
+
+    /// Totals with no group keys.
+    fn totals(t: &UsageTotals) -> Usage<'static> {
+        static NONE: GroupValues = GroupValues {
+            user: None,
+            model: None,
+            day: None,
+            month: None,
+        };
+        Usage::new(&NONE, t)
+    }
+}
+
+/// The `/usage` object.
+pub fn usage_json(t: &UsageTotals) -> String {
+    serde_json::to_string(&Usage::totals(t)).unwrap_or_default()
+}
+
+/// `GET /usage`: one object, or an array of them with `group_by`.
+pub(super) async fn usage(app: &Arc<App>, query: &str) -> Result<Response<Body>, ApiError> {
+    let p = parse_params(query, &["user", "model", "after", "before", "group_by"])?;
+    catch_up(app).await;
+    let reports = app.store.reports();
+    let grouped = !p.group.is_empty();
+    let rows = blocking(move || reports.usage(&p.filter, &p.group))
+        .await?
+        .map_err(|e| ApiError::internal(format!("could not read usage: {e}")))?;
+    if !grouped {
+        let t = rows.into_iter().next().map(|r| r.1).unwrap_or_default();
+        return ok(&Usage::totals(&t));
+    }
+    let all: Vec<Usage> = rows.iter().map(|(g, t)| Usage::new(g, t)).collect();
+    ok(&all)
+}
+
+/// `GET /me/usage`: the caller's own totals and limits, by user key.
+pub(super) async fn me_usage(
+    app: &Arc<App>,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let key = crate::access::user_from_key(&app.keys, req.headers(), crate::timestamp::now_ms())?;
+    let user = key.user.clone();
+    catch_up(app).await;
+    let reports = app.store.reports();
+    let f = Filter {
+        user: Some(user.clone()),
+        ..Filter::default()
+    };
+    let rows = blocking(move || reports.usage(&f, &[]))
+        .await?
+        .map_err(internal)?;
+    let t = rows.into_iter().next().map(|r| r.1).unwrap_or_default();
+    #[derive(Serialize)]
+    struct Me<'a> {
+        user: &'a str,
+        usage: Usage<'static>,
+        limits: super::limits::View<'a>,
+    }
+    ok(&Me {
+        user: &user,
+        usage: Usage::totals(&t),
+        limits: super::limits::View::of(app, Some(&user)),
+    })
+}
+
+/// `GET /queries`: records written out in [`CHUNK`]-sized pieces as they
+/// are read, so a large page never sits whole in memory.
+pub(super) async fn queries(app: &Arc<App>, query: &str) -> Result<Response<Body>, ApiError> {
+    let p = parse_params(
+        query,
+        &[
+            "user", "model", "after", "before", "limit", "offset", "format",
+        ],
+    )?;
+    catch_up(app).await;
+    let reports = app.store.reports();
+    let (tx, body) = ChannelBody::new(4);
+    let csv = p.csv;
+    let f = p.filter;
+    tokio::task::spawn_blocking(move || {
+        let mut buf = String::with_capacity(CHUNK + 1024);
+        buf.push_str(if csv { CSV_HEADER } else { "[" });
+        let mut first = true;
+        let mut alive = true;
+        let res = reports.queries(&f, &mut |r| {
+            if csv {
+                record_csv(&mut buf, &r);
+            } else {
+                if !first {
+                    buf.push(',');
+                }
+                record_json(&mut buf, &r);
+            }
+            first = false;
+            if buf.len() >= CHUNK {
+                let piece = Bytes::from(std::mem::take(&mut buf));
+                alive = tx.blocking_send(Ok(piece)).is_ok();
+            }
+            alive
+        });
+        match res {
+            Ok(()) => {
+                if !csv {
+                    buf.push(']');
+                }
+                let _ = tx.blocking_send(Ok(Bytes::from(buf)));
+            }
+            Err(e) => {
+                // The status is already sent: end the body with an error.
+                tracing::error!(error = %e, "reading /queries failed");
+                let _ = tx.blocking_send(Err(Box::new(e)));
+            }
+        }
+    });
+    let mut r = Response::new(body.boxed_unsync());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(if csv {
+            "text/csv; charset=utf-8"
+        } else {
+            "application/json"
+        }),
+    );
+    Ok(r)
+}
+
+/// Appends `s` as a JSON string. Only for the `/queries` writer, which
+/// appends record after record to one buffer rather than allocating per record.
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// One `/queries` element.
+pub fn record_json(out: &mut String, r: &StoredRecord) {
+    out.push_str("{\"id\":");
+    out.push_str(&r.id.to_string());
+    out.push_str(",\"user\":");
+    push_json_str(out, &r.user);
+    out.push_str(",\"model\":");
+    push_json_str(out, &r.model);
+    out.push_str(",\"requestedModel\":");
+    push_json_str(out, &r.requested_model);
+    out.push_str(",\"endpoint\":");
+    push_json_str(out, &r.endpoint);
+    out.push_str(",\"timestamp\":");
+    push_json_str(out, &crate::timestamp::format_ms(r.started_ms));
+    out.push_str(&format!(
+        ",\"queryTokens\":{},\"answerTokens\":{},\"cachedQueryTokens\":{},\"reasoningTokens\":{},\"cost\":{},\"priced\":{},\"estimated\":{},\"status\":{},\"stream\":{},\"durationMs\":{}",
+        r.query_tokens,
+        r.answer_tokens,
+        r.cached_tokens,
+        r.reasoning_tokens,
+        pricing::format_dollars(r.cost.into()),
+        r.priced,
+        r.estimated,
+        r.status,
+        r.stream,
+        pricing::format_scaled(r.duration_us.into(), 3),
+    ));
+    out.push_str(",\"ttfbMs\":");
+    match r.ttfb_us {
+        Some(t) => out.push_str(&pricing::format_scaled(t.into(), 3)),
+        None => out.push_str("null"),
+    }
+    out.push_str(",\"requestId\":");
+    match &r.request_id {
+        Some(id) => push_json_str(out, id),
+        None => out.push_str("null"),
+    }
+    out.push('}');
+}
+
+const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId\r\n";
+
+/// Appends a CSV field, quoted when it needs to be (RFC 4180).
+fn push_csv(out: &mut String, s: &str) {
+    if s.contains([',', '"', '\n', '\r']) {
+        out.push('"');
+        out.push_str(&s.replace('"', "\"\""));
+        out.push('"');
+    } else {
+        out.push_str(s);
+    }
+}
+
+/// One `/queries?format=csv` row.
+pub fn record_csv(out: &mut String, r: &StoredRecord) {
+    out.push_str(&r.id.to_string());
+    for s in [&r.user, &r.model, &r.requested_model, &r.endpoint] {
+        out.push(',');
+        push_csv(out, s);
+    }
+    out.push_str(&format!(
+        ",{},{},{},{},{},{},{},{},{},{},{},",
+        crate::timestamp::format_ms(r.started_ms),
+        r.query_tokens,
+        r.answer_tokens,
+        r.cached_tokens,
+        r.reasoning_tokens,
+        pricing::format_dollars(r.cost.into()),
+        r.priced,
+        r.estimated,
+        r.status,
+        r.stream,
+        pricing::format_scaled(r.duration_us.into(), 3),
+    ));
+    if let Some(t) = r.ttfb_us {
+        out.push_str(&pricing::format_scaled(t.into(), 3));
+    }
+    out.push(',');
+    if let Some(id) = &r.request_id {
+        push_csv(out, id);
+    }
+    out.push_str("\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_of_nothing_is_zeros() {
+        assert_eq!(
+            usage_json(&UsageTotals::default()),
+            r#"{"numQueries":0,"queryTokens":0,"answerTokens":0,"cost":0,"averageCostPerQuery":0,"cachedQueryTokens":0,"reasoningTokens":0,"unpricedQueries":0,"rejectedQueries":0}"#
+        );
+    }
+
+    #[test]
+    fn grouped_usage_puts_the_keys_first() {
+        let g = GroupValues {
+            user: Some("a\"b".into()),
+            day: Some("2024-01-02".into()),
+            ..GroupValues::default()
+        };
+        let t = UsageTotals {
+            queries: 3,
+            cost: 10,
+            ..UsageTotals::default()
+        };
+        assert_eq!(
+            serde_json::to_string(&Usage::new(&g, &t)).unwrap(),
+            r#"{"user":"a\"b","day":"2024-01-02","numQueries":3,"queryTokens":0,"answerTokens":0,"cost":0.00000000001,"averageCostPerQuery":0.000000000003,"cachedQueryTokens":0,"reasoningTokens":0,"unpricedQueries":0,"rejectedQueries":0}"#
+        );
+    }
+
+    #[test]
+    fn json_strings_escape() {
+        let mut s = String::new();
+        push_json_str(&mut s, "a\"b\\c\nd\u{1}é");
+        assert_eq!(s, r#""a\"b\\c\nd\u0001é""#);
+        let v: String = serde_json::from_str(&s).unwrap();
+        assert_eq!(v, "a\"b\\c\nd\u{1}é");
+    }
+}
