@@ -313,6 +313,22 @@ const SETTINGS: &[Setting] = &[
         help: "delete per-query records older than N days (rollups stay)",
     },
     Setting {
+        flag: "--metrics-max-users",
+        value: "N",
+        env: "TOLLGATE_METRICS_MAX_USERS",
+        key: "metrics_max_users",
+        default: "1000",
+        help: "distinct users with metrics series of their own; the rest count as user=\"other\"",
+    },
+    Setting {
+        flag: "--allow-unmetered",
+        value: "LIST|all|none",
+        env: "TOLLGATE_ALLOW_UNMETERED",
+        key: "allow_unmetered",
+        default: "all with --auth header, none with keys",
+        help: "endpoint families forwarded although tollgate cannot meter them (batches, fine_tuning, realtime, threads, ...)",
+    },
+    Setting {
         flag: "--log-format",
         value: "text|json",
         env: "TOLLGATE_LOG_FORMAT",

@@ -18,10 +18,8 @@ pub(super) async fn accounts<T: Send + 'static>(
     app: &App,
     f: impl FnOnce(&dyn Accounts) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let reports = app.store.reports();
-    blocking(move || f(reports.accounts()))
-        .await?
-        .map_err(internal)
+    let accounts = app.store.accounts();
+    blocking(move || f(&*accounts)).await?.map_err(internal)
 }
 
 /// A key as listed (never the key itself).

@@ -645,6 +645,12 @@ impl ProxyBuilder {
         self
     }
 
+    /// Changes any other setting.
+    pub fn with(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(&mut self.config);
+        self
+    }
+
     /// Listens on this address (port chosen by the system) instead of 127.0.0.1.
     pub fn bind(mut self, ip: std::net::IpAddr) -> Self {
         self.bind = ip;
