@@ -19,7 +19,7 @@ use crate::error::ApiError;
 /// How clients name the user they act for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {
-    /// Trust the `x-user` header (the old proxy's behaviour).
+    /// Trust the `x-user` header (as the seed API, openai-api-proxy, does).
     Header,
     /// The client sends its tollgate key as `Authorization: Bearer tg-...`.
     Keys,

@@ -379,7 +379,7 @@ const SECRETS: [(&str, &str); 2] = [
     ("TOLLGATE_ADMIN_TOKEN", "admin_token"),
 ];
 
-/// The `--help` text, generated from [`SETTINGS`].
+/// The `--help` text, generated from `SETTINGS`.
 pub fn help() -> String {
     use std::fmt::Write;
     let mut out = String::from(

@@ -6,18 +6,30 @@
 //! (cached and reasoning included), cost, status and timings. Records go over
 //! a bounded channel to one writer thread that batches them into SQLite. A
 //! small REST API reports prices, usage, per-query records and upstream rate
-//! limits.
+//! limits. That API keeps the endpoints and field names of the Java proxy
+//! tollgate replaces, [openai-api-proxy](https://github.com/adam-sse/openai-api-proxy);
+//! the docs call it "the seed API".
 //!
 //! # Layout
 //!
-//! - [`config`]: flags, environment and TOML parsed into one validated [`config::Config`].
-//! - [`server`]: one worker thread (single-threaded runtime) per core accepting
-//!   from the shared socket, routing, graceful shutdown; [`server::run`] is the
-//!   seam the binary and the tests start it through.
-//! - [`proxy`]: the `/v1/` handler: request checks, header rules, the
-//!   `include_usage` splice, upstream call and timeouts.
-//! - [`upstream`]: keep-alive connections to the upstream, driven inside the
-//!   request's own task so a burst of events reaches the client in one write.
+//! In the order a request passes through; each module uses only modules
+//! below it in this list or leaves (no import cycles between them).
+//!
+//! - `main.rs`: flags -> [`config::Config`] -> [`app::App::build`] ->
+//!   [`server::run`].
+//! - [`config`]: flags, environment and TOML parsed into one validated
+//!   [`config::Config`]; `--help` is generated from its settings table.
+//! - [`app`]: the [`app::App`], built once: store handle, metrics, prices,
+//!   keys, budgets and the upstream pools.
+//! - [`server`]: sockets, one worker thread (single-threaded runtime) per
+//!   core, connection hand-off, header timeouts, routing (`/v1/` to
+//!   [`proxy`], the rest to [`api`]) and graceful shutdown.
+//! - [`proxy`]: the `/v1/` request's phases over one per-request context:
+//!   path and authentication, body, admission (budget, rates, queue slot),
+//!   upstream request, send, answer.
+//! - [`access`]: the admin key, user keys and client authentication modes.
+//! - [`budget`]: spending limits and request/token rates, reserved before
+//!   upstream and settled when the record is priced.
 //! - [`endpoint`]: which API a request belongs to, deciding how its bodies are read.
 //! - [`meter`]: reading model, stream flags and usage from request bodies,
 //!   JSON answers, SSE streams and uploads, chunk by chunk, and the
@@ -27,18 +39,19 @@
 //!   frames to the meter and ends it at the end, on error or when the client
 //!   leaves; [`body::UploadBody`] streams uploads; [`body::ChannelBody`] streams
 //!   answers built on another thread.
+//! - [`upstream`]: keep-alive connections to the upstream, driven inside the
+//!   request's own task so a burst of events reaches the client in one write.
+//! - [`record`]: the usage record, its token counts and what an estimate is made from.
+//! - [`store`]: the [`store::Store`] handle, the writer and estimator
+//!   threads, the backend-neutral traits; [`store::sqlite`] implements them.
 //! - [`tokens`]: tiktoken estimates for answers without usage, off the request path.
 //! - [`pricing`]: exact integer prices and costs, the model lookup chain, the built-in list.
-//! - [`record`]: the usage record, its token counts and what an estimate is made from.
-//! - [`store`]: the writer and estimator threads and the storage traits; [`store::sqlite`]
-//!   implements them.
-//! - [`access`]: the admin key, user keys and client authentication modes.
-//! - [`budget`]: spending limits and request/token rates, reserved before
-//!   upstream and settled when the record is priced.
-//! - [`api`]: the REST endpoints (`/model`, `/models`, `/usage`, `/queries`, `/ratelimits`).
-//! - [`ratelimit`], [`timestamp`]: header and time formats.
-//! - [`metrics`]: Prometheus metrics.
+//! - [`api`]: the REST API by resource (prices, reports, accounts, limits,
+//!   operations), JSON answers from serde structs.
+//! - [`metrics`]: Prometheus metrics with bounded labels.
 //! - [`error`]: errors answered in OpenAI's error shape.
+//! - Leaves: [`http`] (body and error types), [`ratelimit`] (upstream's
+//!   rate-limit headers), [`duration`] and [`timestamp`] (time formats).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -1,7 +1,7 @@
 //! Timestamps in and out of the REST API.
 //!
 //! Out: RFC 3339 UTC with milliseconds. In: RFC 3339 plus the short forms the
-//! old proxy's README used (`2024-01-24T14:50+01`: no seconds, hour-only offset).
+//! seed API's README used (`2024-01-24T14:50+01`: no seconds, hour-only offset).
 
 use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 

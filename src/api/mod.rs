@@ -1,11 +1,11 @@
-//! The REST API of the old proxy (prices, usage, queries, rate limits), with
+//! The REST API: the seed API's endpoints (prices, usage, queries, rate limits), with
 //! its camelCase field names, plus the fields tollgate adds (user keys,
 //! limits, health). This module owns the router, admin authentication and
 //! the helpers every resource answers with; each resource has its own file.
 //!
 //! Every handler runs on a worker's single-threaded runtime that also serves
 //! proxied connections, so nothing here touches SQLite on that thread:
-//! reads and account writes go through [`blocking`], prices through the
+//! reads and account writes go through `blocking`, prices through the
 //! store's writer thread.
 
 mod accounts;

@@ -6,7 +6,7 @@ fn per1k(s: &str) -> i64 {
 
 #[test]
 fn old_readme_cost_is_exact() {
-    // 3243 x 0.01/1K + 1399 x 0.03/1K = 0.0744 (the old proxy printed 0.07440000000000001).
+    // 3243 x 0.01/1K + 1399 x 0.03/1K = 0.0744 (openai-api-proxy printed 0.07440000000000001).
     let p = Price {
         valid_from: 0,
         query: per1k("0.01"),

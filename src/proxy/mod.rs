@@ -1,6 +1,6 @@
 //! The metered proxy for everything under `/v1/`.
 //!
-//! A request's life is a sequence of phases over one per-request [`Ctx`]
+//! A request's life is a sequence of phases over one per-request `Ctx`
 //! (as pingora's `ProxyHttp` phases over its `CTX`), in the order they
 //! happen: authenticate, read and check the body, admit (budget, rates, a
 //! queue slot), build the upstream request, send it, and wrap the answer in a
