@@ -28,6 +28,7 @@ async fn main() -> ExitCode {
     // Log lines are written by a background thread: a slow stderr never
     // stalls a request or the usage writer (lines are dropped instead).
     let (writer, _guard) = tracing_appender::non_blocking(std::io::stderr());
+    tollgate::store::access_log::install(config.log_format, writer.clone());
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let logs = tracing_subscriber::fmt()

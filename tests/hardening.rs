@@ -34,6 +34,65 @@ fn post(path: &str, user: &str, body: &str) -> Request<ReqBody> {
 }
 
 // ---------------------------------------------------------------------------
+// 2. The text access log
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_values_cannot_forge_access_lines() {
+    let mock = chat_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let mut bin = spawn_logged(
+        &["--upstream", &mock.url(), "--db", db.to_str().unwrap()],
+        &[],
+    );
+    // JSON escapes: the model holds a newline, quotes and a whole fake line.
+    let forged_model =
+        r#"m\n2026-11-27T00:00:00.000000Z  INFO tollgate::access: request user=\"mallory\" cost=0"#;
+    let sends = [
+        ("bob endpoint=/v1/free cost=0", "gpt-4o".to_string()),
+        ("carol", forged_model.to_string()),
+        ("dave\t", r"esc\u001b[31m\u0000\r".to_string()),
+    ];
+    for (user, model) in &sends {
+        let body =
+            format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+        let r = send(bin.addr, post("/v1/chat/completions", user, &body)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let lines = eventually("three access lines", STEP, || async {
+        let access: Vec<String> = bin
+            .lines()
+            .into_iter()
+            .filter(|l| l.contains("tollgate::access"))
+            .collect();
+        (access.len() >= 3).then_some(access)
+    })
+    .await;
+    bin.stop().await;
+    assert_eq!(lines.len(), 3, "a forged line: {lines:#?}");
+    for l in &lines {
+        assert!(
+            !l.chars().any(char::is_control),
+            "a raw control character: {l:?}"
+        );
+        assert_eq!(l.matches(" status=").count(), 1, "{l}");
+    }
+    assert!(
+        lines[0].contains(r#"user="bob endpoint=/v1/free cost=0""#),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[0].contains(r#"endpoint="/v1/chat/completions""#),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1].contains(r#"user="carol""#), "{}", lines[1]);
+    assert!(lines[1].contains(r#"\n2026-11-27"#), "{}", lines[1]);
+}
+
+// ---------------------------------------------------------------------------
 // 5. Credentials in --upstream
 // ---------------------------------------------------------------------------
 

@@ -919,9 +919,9 @@ async fn access_log_has_one_line_per_request_and_no_secrets() {
             assert!(f["ttfb_ms"].as_f64().is_some(), "{v}");
         } else {
             for part in [
-                "user=alice",
-                "endpoint=/v1/chat/completions",
-                "model=gpt-m",
+                "user=\"alice\"",
+                "endpoint=\"/v1/chat/completions\"",
+                "model=\"gpt-m\"",
                 "status=200",
                 "query_tokens=42",
                 "answer_tokens=7",

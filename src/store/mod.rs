@@ -8,6 +8,7 @@
 //! the writer, [`Reports`] and [`Accounts`] for the rest), so another
 //! database is an addition next to [`sqlite`], not a rewrite.
 
+pub mod access_log;
 mod backend;
 mod estimator;
 mod ratelimits;

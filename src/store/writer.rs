@@ -232,9 +232,7 @@ impl Writer {
                     self.metrics.batch(p.batch.len(), t.elapsed().as_secs_f64());
                     self.health.failing.store(false, Ordering::Relaxed);
                     self.metrics.records(&p.batch);
-                    for r in &p.batch {
-                        access_log(r);
-                    }
+                    super::access_log::write_batch(&p.batch, &mut Vec::new());
                     if attempts > 0 {
                         tracing::warn!(
                             records = p.batch.len(),
@@ -276,28 +274,4 @@ impl Writer {
             let _ = f.send(());
         }
     }
-}
-
-/// One line per request (target `tollgate::access`): never prompt or answer
-/// text, never keys.
-fn access_log(p: &Priced) {
-    let r = &p.record;
-    tracing::info!(
-        target: "tollgate::access",
-        user = %r.user,
-        endpoint = %r.endpoint,
-        model = %r.model_or_requested(),
-        status = r.status,
-        stream = r.stream,
-        query_tokens = r.usage.query,
-        answer_tokens = r.usage.answer,
-        cached_tokens = r.usage.cached,
-        reasoning_tokens = r.usage.reasoning,
-        estimated = r.estimated,
-        cost = %crate::pricing::format_dollars(p.cost.into()),
-        duration_ms = r.duration_us as f64 / 1000.0,
-        ttfb_ms = r.ttfb_us.map(|t| t as f64 / 1000.0),
-        request_id = r.request_id.as_deref(),
-        "request"
-    );
 }
