@@ -15,6 +15,14 @@
 //!   admin key, one tollgate key per client user and a budget plus request and
 //!   token limits on every user (all far above what the run spends), so every
 //!   request pays for the key check and the budget reservation,
+//! - `TOLLGATE_BENCH_PROXY_CPUS`, `TOLLGATE_BENCH_MOCK_CPUS`,
+//!   `TOLLGATE_BENCH_CLIENT_CPUS`: CPU lists (`taskset -c` syntax, e.g. `0-3`)
+//!   for the proxy under test (tollgate or nginx), the mock's threads and the
+//!   load generator's threads, so a many-core host can give each its own
+//!   cores (as the lab in `../shared/lab` does: 0-3, 4-9, 10-15 on 16
+//!   cores); unset, everything shares every core,
+//! - `TOLLGATE_BENCH_LOG` tollgate's `RUST_LOG` (default `info`: an access
+//!   line per request, as in production),
 //! - `TOLLGATE_BENCH_SCENARIOS` subset of `chat,stream,stream+usage`, and
 //!   `TOLLGATE_BENCH_TARGETS` subset of `direct,tollgate,nginx` (for profiling one cell).
 //!
@@ -166,6 +174,38 @@ async fn mock(req: Request<Incoming>) -> Result<Response<Frames>, Infallible> {
     Ok(resp.expect("valid response"))
 }
 
+/// Pins the calling thread to the CPUs named by `var`, if set (through
+/// `taskset` on the thread's id: the bench has no unsafe code).
+fn pin_thread(var: &str) {
+    let Ok(cpus) = std::env::var(var) else {
+        return;
+    };
+    let tid = std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let Some(tid) = tid else {
+        return;
+    };
+    let ok = Command::new("taskset")
+        .args(["-p", "-c", &cpus, &tid])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "taskset -p -c {cpus} {tid} failed ({var})");
+}
+
+/// `cmd` run under `taskset -c` with the proxy CPUs, when they are set.
+fn proxy_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match std::env::var("TOLLGATE_BENCH_PROXY_CPUS") {
+        Ok(cpus) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpus).arg(program);
+            c
+        }
+        Err(_) => Command::new(program),
+    }
+}
+
 /// Starts the mock on its own multi-threaded runtime in its own thread.
 fn start_mock(threads: usize) -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind mock");
@@ -178,6 +218,7 @@ fn start_mock(threads: usize) -> SocketAddr {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(threads)
                 .thread_name("mock-worker")
+                .on_thread_start(|| pin_thread("TOLLGATE_BENCH_MOCK_CPUS"))
                 .enable_all()
                 .build()
                 .expect("mock runtime");
@@ -270,7 +311,7 @@ fn start_tollgate(dir: &Path, upstream: SocketAddr) -> (Proc, SocketAddr, PathBu
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tollgate")));
     let keys_mode = keys_mode();
-    let mut cmd = Command::new(bin);
+    let mut cmd = proxy_command(bin);
     if keys_mode {
         cmd.args(["--auth", "keys"])
             .env("TOLLGATE_ADMIN_TOKEN", ADMIN_KEY)
@@ -286,7 +327,11 @@ fn start_tollgate(dir: &Path, upstream: SocketAddr) -> (Proc, SocketAddr, PathBu
         .arg("--db")
         .arg(&db)
         .args(["--shutdown-grace", "10s"])
-        .env("RUST_LOG", "warn")
+        // Access lines on, as in production (`TOLLGATE_BENCH_LOG=warn` turns them off).
+        .env(
+            "RUST_LOG",
+            std::env::var("TOLLGATE_BENCH_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .env_remove("FORWARD_TOKEN")
         .env_remove("TOLLGATE_CONFIG")
         .stdin(Stdio::null())
@@ -398,7 +443,7 @@ http {{
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf).expect("write nginx.conf");
-    let mut child = Command::new(nginx)
+    let mut child = proxy_command(nginx)
         .arg("-c")
         .arg(&path)
         .arg("-p")
@@ -834,6 +879,7 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(client_threads)
         .thread_name("load-client")
+        .on_thread_start(|| pin_thread("TOLLGATE_BENCH_CLIENT_CPUS"))
         .enable_all()
         .build()
         .expect("client runtime");
