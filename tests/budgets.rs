@@ -13,6 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use common::*;
 use http::{Method, Request};
+use http_body_util::BodyExt;
 
 /// The image model of these tests, priced per token like gpt-image-1.
 const IMAGE_MODEL: &str = "img-test";
@@ -162,6 +163,25 @@ async fn fifty_concurrent_image_generations_stay_within_the_budget() {
     let l = limits(&p, "ivy").await;
     assert_eq!(pico(&l["spent"]), spent);
     assert_eq!(l["reserved"], "0");
+
+    // An edit (a multipart upload, its model unread before it streams)
+    // reserves the largest image cost seen: $0.20 does not fit $0.15.
+    let edit = |user: &str| {
+        let b = format!(
+            "--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{IMAGE_MODEL}\r\n--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\nPNG\r\n--XyZ--\r\n"
+        );
+        Request::post("/v1/images/edits")
+            .header("content-type", "multipart/form-data; boundary=XyZ")
+            .header("x-user", user)
+            .body(full(b))
+            .unwrap()
+    };
+    put_limits(&p, "eve", r#"{"budget":0.15,"period":"total"}"#).await;
+    let r = send(p.addr, edit("eve")).await;
+    assert_openai_error(&r, 429, "requests", None, Some("budget_exceeded"));
+    put_limits(&p, "eve", r#"{"budget":0.25,"period":"total"}"#).await;
+    assert_eq!(send(p.addr, edit("eve")).await.status, 200);
+    assert_eq!(mock.seen().len(), fit + 1);
 }
 
 /// Without a size, quality or `n` the worst case is reserved (the largest
@@ -263,6 +283,22 @@ async fn concurrent_audio_uploads_stay_within_the_budget() {
     let spent = pico(&p.usage_raw("").await["cost"]);
     assert_eq!(spent, 5 * AUDIO_COST);
     assert!(spent <= DOLLAR / 2, "spent {spent} over the $0.50 budget");
+
+    // An upload that declares no size is taken as 25 MiB (OpenAI's audio
+    // limit): about $13 at the rate seen, over a $5 budget that the same
+    // upload with its content-length fits.
+    put_limits(&p, "abe", r#"{"budget":5,"period":"total"}"#).await;
+    let sized = audio_req("abe", 200_000);
+    let (parts, body) = sized.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    let chunks: Vec<Bytes> = bytes.chunks(4096).map(Bytes::copy_from_slice).collect();
+    let no_length = Request::from_parts(parts, chunked(chunks));
+    let r = send(p.addr, no_length).await;
+    assert_openai_error(&r, 429, "requests", None, Some("budget_exceeded"));
+    assert_eq!(mock.seen().len(), 5);
+    let r = send(p.addr, audio_req("abe", 200_000)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(mock.seen().len(), 6);
 }
 
 /// Endpoints tollgate cannot price (text to speech here) reserve the
