@@ -204,8 +204,9 @@ const SNIFF_LIMIT: usize = 64 << 10;
 
 /// A request body streamed upstream unbuffered, whatever its size. It
 /// reports progress (the answer-head timeout counts from the upload's last
-/// byte, not from its first), notices a client that breaks off, and for
-/// audio and image requests reads the `model` field from the first bytes.
+/// byte, not from its first), counts its bytes, notices a client that
+/// breaks off, and for audio and image uploads reads the `model` field from
+/// the first bytes.
 pub struct UploadBody {
     inner: Incoming,
     seen: Vec<u8>,
@@ -263,6 +264,7 @@ impl HttpBody for UploadBody {
             Poll::Ready(Some(Ok(frame))) => {
                 this.state.touch();
                 if let Some(d) = frame.data_ref() {
+                    this.state.add(d.len());
                     this.look_for_model(d);
                 }
             }

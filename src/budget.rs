@@ -14,6 +14,10 @@ use std::sync::Arc;
 use chrono::{Datelike, TimeZone, Utc};
 use parking_lot::{Mutex, RwLock};
 
+mod recent;
+
+pub use recent::RecentCosts;
+
 /// Budget period, calendar-aligned in UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Period {
@@ -152,6 +156,8 @@ pub struct Budgets {
     limits: RwLock<HashMap<String, Limits>>,
     default: RwLock<Option<Limits>>,
     state: Mutex<HashMap<String, UserState>>,
+    /// Costs seen on endpoints whose reservation is learnt from them.
+    pub recent: Arc<RecentCosts>,
 }
 
 /// A reservation held by a request until its record is priced.
@@ -292,7 +298,9 @@ impl Budgets {
             s.tokens = 0;
         }
         if let Some(b) = l.budget {
-            if s.spent + s.reserved + cost > i128::from(b)
+            // Saturating: a reservation may be as large as a request's
+            // fields make it.
+            if s.spent.saturating_add(s.reserved).saturating_add(cost) > i128::from(b)
                 || (cost == 0 && s.spent >= i128::from(b))
             {
                 return Err(Refusal::Budget {
@@ -312,16 +320,16 @@ impl Budgets {
             }
         }
         if let Some(tpm) = l.tpm {
-            if s.tokens + tokens > tpm {
+            if s.tokens.saturating_add(tokens) > tpm {
                 return Err(Refusal::Rate {
                     what: "tokens",
                     retry_after: next_minute(),
                 });
             }
         }
-        s.reserved += cost;
+        s.reserved = s.reserved.saturating_add(cost);
         s.requests += 1;
-        s.tokens += tokens;
+        s.tokens = s.tokens.saturating_add(tokens);
         Ok(Some(Hold {
             budgets: self.clone(),
             user: user.to_owned(),
@@ -339,11 +347,11 @@ impl Budgets {
             return;
         };
         if s.period_start == h.period_start {
-            s.reserved -= h.cost;
-            s.spent += cost;
+            s.reserved = s.reserved.saturating_sub(h.cost);
+            s.spent = s.spent.saturating_add(cost);
         }
         if s.minute == h.minute {
-            s.tokens = (s.tokens + tokens).saturating_sub(h.tokens);
+            s.tokens = s.tokens.saturating_add(tokens).saturating_sub(h.tokens);
         }
     }
 }

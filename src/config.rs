@@ -52,6 +52,10 @@ pub struct Config {
     /// Completion tokens reserved against a budget when a request sets no
     /// `max_tokens`.
     pub reserve_answer_tokens: u64,
+    /// Pico-dollars reserved against a budget by a request whose cost
+    /// cannot be bounded from its body (see the README's budget section);
+    /// 0 reserves nothing.
+    pub reserve_floor: i64,
 }
 
 /// Shows every setting but the two keys, which print as `<redacted>`.
@@ -77,6 +81,7 @@ impl std::fmt::Debug for Config {
             .field("admin_token", &redacted(&self.admin_token))
             .field("auth", &self.auth)
             .field("reserve_answer_tokens", &self.reserve_answer_tokens)
+            .field("reserve_floor", &self.reserve_floor)
             .finish()
     }
 }
@@ -175,9 +180,13 @@ impl Default for Config {
             admin_token: None,
             auth: crate::access::AuthMode::Header,
             reserve_answer_tokens: 4096,
+            reserve_floor: DEFAULT_RESERVE_FLOOR,
         }
     }
 }
+
+/// $0.01, in pico-dollars.
+const DEFAULT_RESERVE_FLOOR: i64 = 10_000_000_000;
 
 /// A setting that could not be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -353,6 +362,14 @@ const SETTINGS: &[Setting] = &[
         help: "answer tokens reserved against a budget when a request sets no max_tokens",
     },
     Setting {
+        flag: "--reserve-floor",
+        value: "DOLLARS",
+        env: "TOLLGATE_RESERVE_FLOOR",
+        key: "reserve_floor",
+        default: "0.01",
+        help: "dollars reserved against a budget by a request whose cost its body does not bound (audio, image edits, other paid endpoints); 0: none",
+    },
+    Setting {
         flag: "--no-default-prices",
         value: "",
         env: "TOLLGATE_NO_DEFAULT_PRICES=1",
@@ -494,6 +511,7 @@ pub fn parse(
             None => Ok(None),
             Some(toml::Value::String(s)) => Ok(Some(s.clone())),
             Some(toml::Value::Integer(i)) => Ok(Some(i.to_string())),
+            Some(toml::Value::Float(f)) => Ok(Some(f.to_string())),
             Some(other) => Err(err(flag, format!("unexpected TOML value {other}"))),
         }
     };
@@ -553,6 +571,14 @@ pub fn parse(
             err(
                 "--reserve-answer-tokens",
                 format!("`{v}` is not a whole number"),
+            )
+        })?;
+    }
+    if let Some(v) = raw("--reserve-floor")? {
+        c.reserve_floor = crate::pricing::parse_scaled(&v, 12).map_err(|_| {
+            err(
+                "--reserve-floor",
+                format!("`{v}` is not a dollar amount like 0.01 (0 or more, at most 12 decimals)"),
             )
         })?;
     }

@@ -12,8 +12,15 @@ pub enum Endpoint {
     Responses,
     /// `POST /v1/embeddings`.
     Embeddings,
-    /// Audio transcription/translation and image generation/edits: bodies streamed, answers may carry usage.
-    Media,
+    /// `POST /v1/images/generations`: a small JSON body, read whole before
+    /// admission (its `n`, `size` and `quality` set the reservation).
+    Images,
+    /// `POST /v1/images/edits` and `/v1/images/variations`: multipart
+    /// uploads, streamed; answers may carry usage.
+    ImageUpload,
+    /// `POST /v1/audio/transcriptions` and `/v1/audio/translations`:
+    /// multipart uploads, streamed; answers may carry usage.
+    Audio,
     /// Everything else under `/v1/`: streamed through, recorded with zero tokens.
     Other,
 }
@@ -29,11 +36,9 @@ impl Endpoint {
             "/v1/completions" => Endpoint::Completions,
             "/v1/responses" => Endpoint::Responses,
             "/v1/embeddings" => Endpoint::Embeddings,
-            "/v1/audio/transcriptions"
-            | "/v1/audio/translations"
-            | "/v1/images/generations"
-            | "/v1/images/edits"
-            | "/v1/images/variations" => Endpoint::Media,
+            "/v1/audio/transcriptions" | "/v1/audio/translations" => Endpoint::Audio,
+            "/v1/images/generations" => Endpoint::Images,
+            "/v1/images/edits" | "/v1/images/variations" => Endpoint::ImageUpload,
             _ => Endpoint::Other,
         }
     }
@@ -44,6 +49,18 @@ impl Endpoint {
             self,
             Endpoint::Chat | Endpoint::Completions | Endpoint::Responses | Endpoint::Embeddings
         )
+    }
+
+    /// Whether the request body is read whole (within `--max-body`) before
+    /// the request is admitted; every other body streams through.
+    pub fn reads_body(self) -> bool {
+        self.needs_model() || self == Endpoint::Images
+    }
+
+    /// Whether the request body is an upload streamed through unread, whose
+    /// `model` is sniffed from its first bytes.
+    pub fn is_upload(self) -> bool {
+        matches!(self, Endpoint::ImageUpload | Endpoint::Audio)
     }
 
     /// Whether upstream only reports streamed usage when asked (`include_usage`).

@@ -160,3 +160,21 @@ fn readme_documents_every_setting() {
         );
     }
 }
+
+#[test]
+fn reserve_floor_is_dollars() {
+    assert_eq!(run(&[], &[]).unwrap().reserve_floor, 10_000_000_000);
+    let c = run(&["--reserve-floor", "0.25"], &[]).unwrap();
+    assert_eq!(c.reserve_floor, 250_000_000_000);
+    let c = run(&[], &[("TOLLGATE_RESERVE_FLOOR", "0")]).unwrap();
+    assert_eq!(c.reserve_floor, 0, "0 disables the floor");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("t.toml");
+    std::fs::write(&file, "reserve_floor = 0.05\n").unwrap();
+    let c = run(&["--config", file.to_str().unwrap()], &[]).unwrap();
+    assert_eq!(c.reserve_floor, 50_000_000_000);
+    for bad in ["-1", "cheap", "0.0000000000001", "1e30"] {
+        let e = run(&["--reserve-floor", bad], &[]).unwrap_err();
+        assert_eq!(e.setting, "--reserve-floor", "{bad}");
+    }
+}

@@ -3,6 +3,7 @@
 //! [`Record`], submitted exactly once.
 //!
 //! - `request`: the request fields and the `include_usage` splice.
+//! - `image`: the fields of an image generation request.
 //! - `sse`, `json`: usage and model of SSE and plain JSON answers.
 //! - `multipart`: the `model` of a multipart upload.
 //! - `upload`: what a streamed upload reports while it passes.
@@ -15,10 +16,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use prometheus_client::metrics::gauge::Gauge;
 
+use crate::budget::RecentCosts;
 use crate::endpoint::Endpoint;
 use crate::record::{Capture, Estimate, Record, Usage};
 use crate::store::{Slot, Store};
 
+mod image;
 mod json;
 mod multipart;
 mod request;
@@ -27,6 +30,7 @@ mod sse;
 mod upload;
 mod window;
 
+pub use image::{parse_image_request, ImageRequest};
 pub use json::{parse_usage, JsonScanner};
 pub(crate) use multipart::find_multipart_model;
 pub use request::{parse_request, splice_include_usage, RequestError, RequestInfo};
@@ -68,6 +72,8 @@ pub struct Meter {
     request_body: Bytes,
     observer: Observer,
     upload: Option<Arc<Upload>>,
+    /// Where the costs of image and audio requests are learnt.
+    recent: Option<Arc<RecentCosts>>,
 }
 
 impl Meter {
@@ -95,12 +101,18 @@ impl Meter {
             request_body,
             observer: Observer::Ignore,
             upload: None,
+            recent: None,
         }
     }
 
     /// The request's body streams: its model may be read from it as it passes.
     pub fn upload(&mut self, upload: Arc<Upload>) {
         self.upload = Some(upload);
+    }
+
+    /// The request's cost teaches later reservations of its kind.
+    pub fn learn_into(&mut self, recent: Arc<RecentCosts>) {
+        self.recent = Some(recent);
     }
 
     /// The answer head arrived.
@@ -194,12 +206,16 @@ impl Meter {
         }
         // With the tokens known, the budget settles now rather than when the
         // writer gets to the record, so a next request sees the real spend.
-        if rec.estimate.is_none() {
+        if rec.estimate.is_none() && (rec.hold.is_some() || self.recent.is_some()) {
+            // The writer prices the record again, under the prices of
+            // when it is written (a price change may come in between).
+            let (cost, _) = rec.cost(&self.store.prices());
+            if let Some(r) = &self.recent {
+                let uploaded = self.upload.as_ref().map_or(0, |u| u.bytes());
+                r.learn(self.endpoint, &rec.requested_model, cost, uploaded);
+            }
             if let Some(h) = rec.hold.take() {
-                // The writer prices the record again, under the prices of
-                // when it is written (a price change may come in between).
-                let (cost, _) = rec.cost(&self.store.prices());
-                h.settle(cost, rec.usage.query + rec.usage.answer);
+                h.settle(cost, rec.usage.query.saturating_add(rec.usage.answer));
             }
         }
         self.store.submit(rec, slot);

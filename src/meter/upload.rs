@@ -15,6 +15,8 @@ pub struct Upload {
     active_at: AtomicU64,
     /// The client's side of the upload broke (it left, or sent bad framing).
     failed: AtomicBool,
+    /// Bytes passed on so far.
+    bytes: AtomicU64,
     /// The `model` form field (multipart) or JSON member, once seen.
     pub model: OnceLock<String>,
 }
@@ -26,6 +28,7 @@ impl Upload {
             started: Instant::now(),
             active_at: AtomicU64::new(0),
             failed: AtomicBool::new(false),
+            bytes: AtomicU64::new(0),
             model: OnceLock::new(),
         }
     }
@@ -44,6 +47,16 @@ impl Upload {
     pub(crate) fn touch(&self) {
         let us = self.started.elapsed().as_micros() as u64;
         self.active_at.store(us, Ordering::Relaxed);
+    }
+
+    /// Bytes uploaded so far (all of them once the upload ended).
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// `n` more bytes passed.
+    pub(crate) fn add(&self, n: usize) {
+        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// The client's side of the upload broke.

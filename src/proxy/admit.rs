@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use crate::app::App;
 use crate::budget::{Hold, Refusal};
-use crate::endpoint::Endpoint;
 use crate::error::ApiError;
 use crate::record::Rejected;
 use crate::store::Slot;
@@ -28,7 +27,7 @@ pub struct Admission {
 /// refusal is counted (metrics and `/usage`), never recorded as a query.
 pub async fn admit(app: &App, ctx: &Ctx) -> Result<Admission, ApiError> {
     let hold = if app.budgets.active() {
-        let (cost, tokens) = reservation(app, ctx);
+        let (cost, tokens) = super::reserve::reservation(app, ctx);
         match app.budgets.check(&ctx.user, cost, tokens, ctx.started_ms) {
             Ok(h) => h,
             Err(refusal) => {
@@ -50,33 +49,6 @@ pub async fn admit(app: &App, ctx: &Ctx) -> Result<Admission, ApiError> {
         .await
         .ok_or_else(|| ApiError::unavailable("usage store is far behind; try again shortly"))?;
     Ok(Admission { hold, slot })
-}
-
-/// The worst-case cost (pico-dollars) and tokens a request may spend: a
-/// prompt of at most one token per 3 bytes of body plus the answer size it
-/// asks for times the answers it asks for (or the configured default), at
-/// the requested model's prices.
-fn reservation(app: &App, ctx: &Ctx) -> (i128, u64) {
-    if !ctx.endpoint.needs_model() {
-        return (0, 0);
-    }
-    let r = &ctx.request;
-    let prompt = (r.body.len() as u64).div_ceil(3);
-    let answer = if ctx.endpoint == Endpoint::Embeddings {
-        0
-    } else {
-        r.max_tokens
-            .unwrap_or(app.config.reserve_answer_tokens)
-            .saturating_mul(r.choices)
-    };
-    let cost = app
-        .store
-        .prices()
-        .lookup(&r.model, &r.model, ctx.started_ms)
-        .map_or(0, |(_, p)| {
-            i128::from(prompt) * i128::from(p.query) + i128::from(answer) * i128::from(p.answer)
-        });
-    (cost, prompt + answer)
 }
 
 impl From<Refusal> for ApiError {

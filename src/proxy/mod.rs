@@ -10,6 +10,7 @@
 mod admit;
 mod headers;
 mod path;
+mod reserve;
 
 pub use path::{normalize as normalize_path, PathError};
 
@@ -71,6 +72,8 @@ struct Ctx {
     user: String,
     key_id: Option<String>,
     endpoint: Endpoint,
+    /// Whether the method is POST (the only one that spends).
+    post: bool,
     /// The request path, without the query string.
     path: String,
     request: RequestFacts,
@@ -81,6 +84,10 @@ struct Ctx {
 /// What the request body said (JSON APIs; empty for streamed uploads).
 #[derive(Default)]
 struct RequestFacts {
+    /// The declared `content-length`, if any.
+    declared: Option<u64>,
+    /// What an image generation asks for.
+    image: Option<meter::ImageRequest>,
     model: String,
     stream: bool,
     max_tokens: Option<u64>,
@@ -120,6 +127,7 @@ impl Ctx {
             user,
             key_id,
             endpoint: Endpoint::classify(req.method(), &path),
+            post: req.method() == http::Method::POST,
             path: path.into_owned(),
             request: RequestFacts {
                 choices: 1,
@@ -129,16 +137,22 @@ impl Ctx {
         })
     }
 
-    /// Phase 2: JSON APIs are read whole (within `--max-body`), checked and
-    /// perhaps spliced; every other body streams through as it comes.
+    /// Phase 2: JSON APIs and image generations are read whole (within
+    /// `--max-body`), checked and perhaps spliced; every other body streams
+    /// through as it comes.
     async fn read_body(
         &mut self,
         app: &App,
         headers: &mut HeaderMap,
         body: Incoming,
     ) -> Result<Body, ApiError> {
-        if !self.endpoint.needs_model() {
-            let sniff = (self.endpoint == Endpoint::Media).then(|| {
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        self.request.declared = declared;
+        if !self.endpoint.reads_body() {
+            let sniff = self.endpoint.is_upload().then(|| {
                 headers::ask_identity(headers);
                 headers
                     .get(header::CONTENT_TYPE)
@@ -149,16 +163,23 @@ impl Ctx {
             return Ok(body.boxed_unsync());
         }
         let limit = app.config.max_body;
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit) {
             return Err(ApiError::too_large(limit));
         }
         let bytes = read_limited(body, limit).await?;
-        let info = meter::parse_request(&bytes)?;
         let r = &mut self.request;
+        if self.endpoint == Endpoint::Images {
+            // Forwarded as it came: only read for its reservation.
+            let image = meter::parse_image_request(&bytes)?;
+            r.model.clone_from(&image.model);
+            r.stream = image.stream;
+            r.image = Some(image);
+            r.body = bytes;
+            headers.remove(header::CONTENT_LENGTH);
+            headers::ask_identity(headers);
+            return Ok(crate::http::full(r.body.clone()));
+        }
+        let info = meter::parse_request(&bytes)?;
         r.body = bytes;
         if info.stream && !info.include_usage && self.endpoint.usage_on_request() {
             if let Some(spliced) = meter::splice_include_usage(&r.body) {
@@ -223,6 +244,12 @@ impl Ctx {
         );
         if let Some(u) = &self.upload {
             meter.upload(u.clone());
+        }
+        if matches!(
+            self.endpoint,
+            Endpoint::Images | Endpoint::ImageUpload | Endpoint::Audio
+        ) {
+            meter.learn_into(app.budgets.recent.clone());
         }
         meter
     }

@@ -1,0 +1,144 @@
+//! The fields of an image generation request that its budget reservation
+//! depends on (`model`, `n`, `size`, `quality`, `partial_images`, `stream`),
+//! read from its JSON body without re-serializing it.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::RequestError;
+
+/// What an image generation request asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ImageRequest {
+    /// `model` (empty when absent: upstream picks its default).
+    pub model: String,
+    /// Images asked for (`n`, 1 when absent).
+    pub n: u64,
+    /// `size`, when a string.
+    pub size: Option<String>,
+    /// `quality`, when a string.
+    pub quality: Option<String>,
+    /// `partial_images` of a streamed request (0 when absent).
+    pub partial_images: u64,
+    /// `stream: true`.
+    pub stream: bool,
+}
+
+#[derive(Deserialize)]
+struct Fields {
+    #[serde(default)]
+    model: Option<Value>,
+    #[serde(default)]
+    n: Option<Value>,
+    #[serde(default)]
+    size: Option<Value>,
+    #[serde(default)]
+    quality: Option<Value>,
+    #[serde(default)]
+    partial_images: Option<Value>,
+    #[serde(default)]
+    stream: Option<Value>,
+}
+
+/// A count as upstream may read it: an integer, a number rounded up (a
+/// lenient server takes `2.5` or `"3"` as well), never below zero; `None`
+/// when it is no number at all.
+fn count(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => n
+            .as_u64()
+            .or_else(|| n.as_f64().map(|f| f.max(0.0).ceil() as u64)),
+        Value::String(s) => s.trim().parse::<f64>().ok().map(|f| {
+            if f.is_nan() {
+                0
+            } else {
+                f.max(0.0).ceil() as u64
+            }
+        }),
+        _ => None,
+    }
+}
+
+/// Reads an image generation body. Refuses what is not a JSON object, or
+/// has a `model` that is not a string (or duplicated members, which
+/// parsers disagree on).
+pub fn parse_image_request(body: &[u8]) -> Result<ImageRequest, RequestError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Ok(_) => RequestError::NotObject,
+                Err(_) => RequestError::NotJson,
+            },
+        );
+    }
+    let f: Fields = serde_json::from_slice(body).map_err(|_| RequestError::NotJson)?;
+    let model = match f.model {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s,
+        Some(_) => return Err(RequestError::ModelNotString),
+    };
+    let text = |v: Option<Value>| match v {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    };
+    Ok(ImageRequest {
+        model,
+        n: f.n.as_ref().and_then(count).unwrap_or(1),
+        size: text(f.size),
+        quality: text(f.quality),
+        partial_images: f.partial_images.as_ref().and_then(count).unwrap_or(0),
+        stream: f.stream == Some(Value::Bool(true)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_fields_that_set_the_reservation() {
+        let r = parse_image_request(
+            br#"{"prompt":"x","model":"gpt-image-1","n":3,"size":"1024x1536","quality":"low","stream":true,"partial_images":2}"#,
+        )
+        .unwrap();
+        assert_eq!(r.model, "gpt-image-1");
+        assert_eq!(r.n, 3);
+        assert_eq!(r.size.as_deref(), Some("1024x1536"));
+        assert_eq!(r.quality.as_deref(), Some("low"));
+        assert_eq!(r.partial_images, 2);
+        assert!(r.stream);
+        let d = parse_image_request(br#" {"prompt":"x"}"#).unwrap();
+        assert_eq!(
+            (d.model.as_str(), d.n, d.size, d.stream),
+            ("", 1, None, false)
+        );
+    }
+
+    #[test]
+    fn counts_are_read_leniently_and_never_wrap() {
+        let n = |body: &str| parse_image_request(body.as_bytes()).unwrap().n;
+        assert_eq!(n(r#"{"n":2.5}"#), 3);
+        assert_eq!(n(r#"{"n":"4"}"#), 4);
+        assert_eq!(n(r#"{"n":-3}"#), 0);
+        assert_eq!(n(r#"{"n":1e300}"#), u64::MAX);
+        assert_eq!(n(r#"{"n":18446744073709551615}"#), u64::MAX);
+        assert_eq!(n(r#"{"n":null}"#), 1);
+        assert_eq!(n(r#"{"n":"many"}"#), 1);
+    }
+
+    #[test]
+    fn refuses_what_is_not_an_object_with_a_string_model() {
+        assert_eq!(parse_image_request(b"[1]"), Err(RequestError::NotObject));
+        assert_eq!(parse_image_request(b"{x"), Err(RequestError::NotJson));
+        assert_eq!(parse_image_request(b""), Err(RequestError::NotJson));
+        assert_eq!(
+            parse_image_request(br#"{"model":1}"#),
+            Err(RequestError::ModelNotString)
+        );
+        assert_eq!(
+            parse_image_request(br#"{"n":1,"n":10}"#),
+            Err(RequestError::NotJson)
+        );
+    }
+}
