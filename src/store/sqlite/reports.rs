@@ -293,17 +293,13 @@ const RECORD_SUMS: [&str; 7] = [
 
 /// `SUM(x)` as two sums SQLite cannot overflow (it fails a whole query with
 /// `integer overflow` otherwise): of the high and of the low 32 bits of each
-/// value, recombined exactly in `i128` by [`unsplit`].
+/// value, recombined exactly in `i128` by [`Sums::decode`].
 fn split_sums(exprs: &[&str]) -> String {
     exprs
         .iter()
         .map(|e| format!("SUM(({e}) >> 32), SUM(({e}) & 4294967295)"))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn unsplit(hi: i64, lo: i64) -> i128 {
-    (i128::from(hi) << 32) + i128::from(lo)
 }
 
 fn piece_totals(
@@ -341,24 +337,92 @@ fn piece_totals(
     conds.extend(more);
     args.extend(more_args);
     let keys: Vec<&str> = group.iter().map(|g| key_expr(*g, rollup)).collect();
-    let sums = split_sums(if rollup { &ROLLUP_SUMS } else { &RECORD_SUMS });
     let table = if rollup { "usage_daily" } else { "queries" };
-    grouped(c, &keys, group, &sums, table, &conds, args, |g, r| {
-        let n = keys.len();
-        let int = |i: usize| -> rusqlite::Result<i64> {
-            Ok(r.get::<_, Option<i64>>(n + i)?.unwrap_or(0))
-        };
+    let read = |sums: Sums| {
+        let mut out: Vec<(GroupValues, [i128; 7])> = Vec::new();
+        grouped(
+            c,
+            &keys,
+            group,
+            &sums.sql(rollup),
+            table,
+            &conds,
+            args.clone(),
+            |g, r| {
+                out.push((g, sums.decode(r, keys.len())?));
+                Ok(())
+            },
+        )
+        .map(|()| out)
+    };
+    // The rollups are few rows: always read robustly. The records of a
+    // partial day may be many: plain sums first, and the robust ones only
+    // when stored values make those fail (`integer overflow`, a REAL).
+    let rows = if rollup {
+        read(Sums::Split)?
+    } else {
+        match read(Sums::Plain) {
+            Ok(rows) => rows,
+            Err(_) => read(Sums::Split)?,
+        }
+    };
+    for (g, t) in rows {
         let e = acc.entry(g).or_default();
-        for k in 0..7 {
-            let v = unsplit(int(2 * k)?, int(2 * k + 1)?);
+        for (k, v) in t.into_iter().enumerate() {
             // Cost totals may pass i64::MAX legitimately; counts may not.
             if k != 5 && v >= i128::from(i64::MAX) {
                 e.saturated[k] = true;
             }
             e.sum[k] += i128::from(sign) * v;
         }
-        Ok(())
-    })
+    }
+    Ok(())
+}
+
+/// How a piece's quantities are summed in SQL.
+#[derive(Clone, Copy)]
+enum Sums {
+    /// SQLite's `SUM` of the stored values: fails on a total past `i64`.
+    Plain,
+    /// [`split_sums`] of the clamped values: cannot fail.
+    Split,
+}
+
+impl Sums {
+    fn sql(self, rollup: bool) -> String {
+        match (self, rollup) {
+            (Sums::Split, true) => split_sums(&ROLLUP_SUMS),
+            (Sums::Split, false) => split_sums(&RECORD_SUMS),
+            (Sums::Plain, true) => "SUM(queries), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost / 1000000000), SUM(cost % 1000000000), SUM(unpriced)".into(),
+            (Sums::Plain, false) => "COUNT(*), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost / 1000000000), SUM(cost % 1000000000), SUM(1 - priced)".into(),
+        }
+    }
+
+    /// The seven quantities of a row whose aggregates start at column `at`.
+    fn decode(self, r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<[i128; 7]> {
+        let int = |i: usize| -> rusqlite::Result<i128> {
+            Ok(i128::from(r.get::<_, Option<i64>>(at + i)?.unwrap_or(0)))
+        };
+        let mut t = [0i128; 7];
+        match self {
+            Sums::Plain => {
+                for (k, v) in t.iter_mut().enumerate() {
+                    // Cost comes as billions and the rest (columns 5, 6).
+                    *v = match k {
+                        0..=4 => int(k)?,
+                        5 => int(5)? * 1_000_000_000 + int(6)?,
+                        _ => int(7)?,
+                    };
+                }
+            }
+            Sums::Split => {
+                for (k, v) in t.iter_mut().enumerate() {
+                    *v = (int(2 * k)? << 32) + int(2 * k + 1)?;
+                }
+            }
+        }
+        Ok(t)
+    }
 }
 
 /// The SQL expression of a group key, over the rollups or the records.
