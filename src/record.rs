@@ -20,6 +20,22 @@ pub struct Usage {
     pub reasoning: u64,
 }
 
+/// Most tokens one usage field may plausibly count: 10^12, a thousand times
+/// the largest context window and more than any single answer can hold. A
+/// count above it is a broken answer (a bug or a poisoned upstream), not a
+/// bill: such a usage is discarded and the record estimated instead, which
+/// also keeps sums of stored counts far from `i64` overflow.
+pub const MAX_PLAUSIBLE_TOKENS: u64 = 1_000_000_000_000;
+
+impl Usage {
+    /// Whether every count is within [`MAX_PLAUSIBLE_TOKENS`].
+    pub fn is_plausible(&self) -> bool {
+        [self.query, self.answer, self.cached, self.reasoning]
+            .iter()
+            .all(|&n| n <= MAX_PLAUSIBLE_TOKENS)
+    }
+}
+
 /// One metered request, as the proxy hands it to the store.
 #[derive(Debug, Default)]
 pub struct Record {
@@ -185,4 +201,26 @@ pub struct StoredRecord {
     pub estimated: bool,
     /// See [`Record::request_id`].
     pub request_id: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_past_the_bound_are_implausible() {
+        let at = |query, answer, cached, reasoning| Usage {
+            query,
+            answer,
+            cached,
+            reasoning,
+        };
+        let b = MAX_PLAUSIBLE_TOKENS;
+        assert!(at(0, 0, 0, 0).is_plausible());
+        assert!(at(b, b, b, b).is_plausible());
+        assert!(!at(b + 1, 0, 0, 0).is_plausible());
+        assert!(!at(0, b + 1, 0, 0).is_plausible());
+        assert!(!at(0, 0, u64::MAX, 0).is_plausible());
+        assert!(!at(0, 0, 0, i64::MAX as u64).is_plausible());
+    }
 }

@@ -2,6 +2,7 @@
 //! upstreams that ignore `include_usage`). Never runs on the request path: the
 //! store's estimator thread calls it.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use serde_json::Value;
@@ -118,23 +119,91 @@ const TEXT_KEYS: [&str; 7] = [
     "delta",
 ];
 
-fn answer_text(v: &Value, out: &mut String) {
+/// Fields that tell the pieces of distinct choices, output items, content
+/// parts and tool calls apart (`index` in chat choices and tool calls, the
+/// Responses API's indices and item ids on its delta events).
+const STREAM_IDS: [&str; 5] = [
+    "index",
+    "output_index",
+    "content_index",
+    "summary_index",
+    "item_id",
+];
+
+/// Generated text, one string per stream of pieces: the pieces of one choice
+/// (one tool call, one output item, ...) are concatenated as the model
+/// produced them, so a word split over chunks is counted once and no
+/// separator is invented between chunks.
+#[derive(Default)]
+struct Pieces {
+    streams: Vec<String>,
+    by_key: HashMap<String, usize>,
+}
+
+impl Pieces {
+    fn push(&mut self, key: &str, s: &str) {
+        let i = match self.by_key.get(key) {
+            Some(&i) => i,
+            None => {
+                self.streams.push(String::new());
+                self.by_key.insert(key.to_owned(), self.streams.len() - 1);
+                self.streams.len() - 1
+            }
+        };
+        self.streams[i].push_str(s);
+    }
+
+    /// Tokens of every stream, each counted on its own.
+    fn tokens(&self, bpe: &CoreBPE) -> u64 {
+        self.streams.iter().map(|s| count(bpe, s)).sum()
+    }
+}
+
+/// Collects the generated text under `v` into `out`, keyed by where it sits:
+/// the path of keys, with array elements named by their stream ids (else
+/// their position), so the same choice in successive chunks shares a key.
+fn answer_text(v: &Value, key: &mut String, out: &mut Pieces) {
+    let len = key.len();
     match v {
         Value::Object(o) => {
+            for id in STREAM_IDS {
+                if let Some(x) = o.get(id).filter(|x| x.is_number() || x.is_string()) {
+                    key.push_str(&format!("[{id}={x}]"));
+                }
+            }
+            let ids = key.len();
             for (k, x) in o {
                 match x {
                     Value::String(s) if TEXT_KEYS.contains(&k.as_str()) => {
-                        out.push_str(s);
-                        out.push(' ');
+                        key.push('.');
+                        key.push_str(k);
+                        out.push(key, s);
                     }
-                    Value::Object(_) | Value::Array(_) => answer_text(x, out),
+                    Value::Object(_) | Value::Array(_) => {
+                        key.push('.');
+                        key.push_str(k);
+                        answer_text(x, key, out);
+                    }
                     _ => {}
                 }
+                key.truncate(ids);
             }
         }
-        Value::Array(a) => a.iter().for_each(|x| answer_text(x, out)),
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                let named = x
+                    .as_object()
+                    .is_some_and(|o| STREAM_IDS.iter().any(|id| o.contains_key(*id)));
+                if !named {
+                    key.push_str(&format!("[{i}]"));
+                }
+                answer_text(x, key, out);
+                key.truncate(len);
+            }
+        }
         _ => {}
     }
+    key.truncate(len);
 }
 
 /// Estimated completion tokens of the answer bytes captured for a request:
@@ -142,17 +211,20 @@ fn answer_text(v: &Value, out: &mut String) {
 /// capture cap are extrapolated from the captured ones.
 pub fn answer_tokens(model: &str, capture: &Capture) -> u64 {
     let bytes = &capture.bytes;
-    let mut text = String::new();
+    let mut text = Pieces::default();
+    let mut key = String::new();
     let first = bytes.iter().find(|c| !c.is_ascii_whitespace());
     if first == Some(&b'{') {
         if let Ok(v) = serde_json::from_slice::<Value>(bytes) {
             // Only the generated parts of a whole answer.
             for k in ["choices", "output", "text"] {
                 if let Some(x) = v.get(k) {
+                    key.clear();
+                    key.push_str(k);
                     if let Value::String(s) = x {
-                        text.push_str(s);
+                        text.push(&key, s);
                     } else {
-                        answer_text(x, &mut text);
+                        answer_text(x, &mut key, &mut text);
                     }
                 }
             }
@@ -163,14 +235,15 @@ pub fn answer_tokens(model: &str, capture: &Capture) -> u64 {
                 continue;
             };
             if let Ok(v) = serde_json::from_slice::<Value>(data.trim_ascii()) {
+                key.clear();
                 match v.get("choices") {
-                    Some(c) => answer_text(c, &mut text),
-                    None => answer_text(&v, &mut text),
+                    Some(c) => answer_text(c, &mut key, &mut text),
+                    None => answer_text(&v, &mut key, &mut text),
                 }
             }
         }
     }
-    let n = count(encoding(model), &text);
+    let n = text.tokens(encoding(model));
     if capture.overflow > 0 && !bytes.is_empty() {
         let total = bytes.len() as u128 + u128::from(capture.overflow);
         (u128::from(n) * total / bytes.len() as u128) as u64

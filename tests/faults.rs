@@ -331,3 +331,81 @@ async fn exactly_one_record_per_request_under_concurrency() {
     proxy.stop().await;
     assert_eq!(db_rows(&proxy.db).len(), 60, "nothing more after the drain");
 }
+
+/// Estimates count streamed text once: a stream of one-token chunks
+/// (`" hello"`) without usage is estimated at one answer token per chunk
+/// that went through, whether it ends properly, upstream resets it after k
+/// chunks, or the client leaves after k chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_without_usage_are_estimated_one_token_per_one_token_chunk() {
+    let mock = Mock::start(|seen| {
+        // The user message says how many chunks to send and how to end.
+        let spec = seen.json()["messages"][0]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (k, how) = spec.split_once(' ').unwrap();
+        let mut steps = vec![Step::Send(chunk_with(
+            "gpt-4o",
+            r#"{"role":"assistant","content":""}"#,
+            None,
+            false,
+        ))];
+        for _ in 0..k.parse::<usize>().unwrap() {
+            steps.push(Step::Send(chunk("gpt-4o", " hello")));
+        }
+        match how {
+            "done" => {
+                steps.push(Step::Send(chunk_with("gpt-4o", "{}", Some("stop"), false)));
+                steps.push(Step::Send(done()));
+            }
+            "reset" => steps.push(Step::Reset),
+            _ => {
+                steps.push(Step::send(": sent\n\n"));
+                steps.push(Step::Hang);
+            }
+        }
+        Reply::sse(steps)
+    })
+    .await;
+    let proxy = Proxy::start(&mock.url()).await;
+    let cases = [
+        (10, "done"),
+        (1, "done"),
+        (5, "reset"),
+        (4, "reset"),
+        (10, "reset"),
+        (5, "leave"),
+        (8, "leave"),
+    ];
+    for (n, (k, how)) in cases.iter().enumerate() {
+        let body = serde_json::json!({
+            "model": "gpt-4o",
+            "stream": true,
+            "messages": [{"role": "user", "content": format!("{k} {how}")}],
+        })
+        .to_string();
+        let mut s = open(proxy.addr, chat_req("alice", &body)).await;
+        match *how {
+            "done" => {
+                s.finish().await.expect("complete stream");
+            }
+            "reset" => {
+                s.finish().await.expect_err("reset stream");
+            }
+            _ => {
+                s.read_until(": sent").await;
+                drop(s);
+                assert_eq!(mock.wait_outcome(n).await, Outcome::PeerGone);
+            }
+        }
+        let recs = proxy.wait_records(n + 1).await;
+        let rec = &recs[n];
+        assert_eq!(rec["estimated"], true, "{rec}");
+        let got = rec["answerTokens"].as_i64().unwrap();
+        assert!(
+            (k - 1..=k + 1).contains(&got),
+            "{k} one-token chunks then {how}: estimated {got} answer tokens"
+        );
+    }
+}

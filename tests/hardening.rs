@@ -359,3 +359,182 @@ async fn client_chosen_labels_cannot_grow_metrics_without_bound() {
         .sum();
     assert_eq!(total, 304.0);
 }
+
+// ---------------------------------------------------------------------------
+// 3. Huge token counts from an upstream
+// ---------------------------------------------------------------------------
+
+/// Upstream answers `"prompt_tokens": 9223372036854775807`, plain and
+/// streamed: counts past the plausibility bound (10^12) are a broken answer,
+/// so both records are estimated (flagged, with counted tokens, not the
+/// huge value), the usage chunk tollgate asked for is still stripped, and
+/// `/usage` answers 200 with sane totals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_upstream_token_counts_are_estimated_not_stored() {
+    let huge = Tok {
+        prompt: i64::MAX as u64,
+        completion: 5,
+        ..Tok::default()
+    };
+    let mock = Mock::start(move |seen| {
+        if seen.json()["stream"] == true {
+            Reply::sse_events(chat_stream(seen, "gpt-4o", &["Hello", " there"], huge))
+        } else {
+            Reply::json(completion("gpt-4o", "Hello there", huge))
+        }
+    })
+    .await;
+    let p = Proxy::start(&mock.url()).await;
+    let r = p.chat("alice", &chat_body("gpt-4o", false)).await;
+    assert_eq!(r.status, 200);
+    let s = open(p.addr, chat_req("alice", &chat_body("gpt-4o", true))).await;
+    let got = s.finish().await.expect("stream ends cleanly");
+    assert!(contains(&got, b"there"));
+    assert!(
+        !contains(&got, b"9223372036854775807"),
+        "the usage chunk tollgate asked for is still stripped"
+    );
+    let recs = p.wait_records(2).await;
+    let mut query_sum = 0;
+    for rec in &recs {
+        assert_eq!(rec["estimated"], true, "{rec}");
+        let q = rec["queryTokens"].as_i64().unwrap();
+        assert!(q > 0 && q < 1_000, "prompt estimated: {rec}");
+        let a = rec["answerTokens"].as_i64().unwrap();
+        assert!((1..=3).contains(&a), "answer counted from the text: {rec}");
+        query_sum += q;
+    }
+    let u = p.usage("").await;
+    assert_eq!(u["numQueries"], 2);
+    assert_eq!(u["queryTokens"], query_sum);
+    let g = p.usage("group_by=user,model,day").await;
+    assert_eq!(g[0]["queryTokens"], query_sum, "{g}");
+}
+
+/// A database that already holds huge counts (records of i64::MAX tokens
+/// and cost, a daily rollup that SQLite turned into a REAL past i64, one
+/// that wrapped negative): the start-up rebuild of the rollups, `/usage`
+/// flat and grouped over whole and partial days, and `/queries` all answer
+/// 200; token totals saturate at i64::MAX, never fail, never go negative.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_over_stored_huge_counts_saturates_instead_of_failing() {
+    const DAY: i64 = 86_400_000;
+    const HOUR: i64 = 3_600_000;
+    const D0: i64 = 19_000 * DAY;
+    let max = i64::MAX;
+    let mock = chat_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let seed = |ts: i64, user: &str, n: i64, cost: i64| Seed {
+        ts,
+        user: user.into(),
+        model: "gpt-4o".into(),
+        query: n,
+        answer: n,
+        cached: n,
+        reasoning: n,
+        cost,
+        priced: true,
+    };
+    let seeds = [
+        seed(D0 + HOUR, "poison", max, max),
+        seed(D0 + 2 * HOUR, "poison", max, max),
+        seed(D0 + 3 * HOUR, "alice", 10, 1_000),
+        seed(D0 + DAY + HOUR, "poison", max, max),
+    ];
+    // Marked as an old schema: the next start rebuilds the rollups by summing these.
+    seed_db(&mock.url(), &db, &seeds).await;
+    Proxy::builder(&mock.url())
+        .db(&db)
+        .start()
+        .await
+        .stop()
+        .await;
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch(
+            "INSERT INTO usage_daily (day, user, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
+             VALUES (19010, 'real', 'gpt-4o', 2, 1.8446744073709552e19, 1.8446744073709552e19, 0, 0, 1.8446744073709552e19, 0),
+                    (19010, 'wrapped', 'gpt-4o', 2, -2, -2, -2, -2, 5, 0);",
+        )
+        .unwrap();
+    }
+    let p = Proxy::builder(&mock.url()).db(&db).start().await;
+    let fmt = tollgate::timestamp::format_ms;
+    let cases = [
+        String::new(),
+        "group_by=user".into(),
+        "group_by=user,model,day".into(),
+        "group_by=month".into(),
+        "user=poison".into(),
+        // Partial days, read from the records.
+        format!("after={}&before={}", fmt(D0), fmt(D0 + 4 * HOUR)),
+        format!("after={}&before={}", fmt(D0 + 1), fmt(D0 + DAY + 2 * HOUR)),
+        format!("after={}&group_by=day", fmt(D0 + 90 * 60_000)),
+    ];
+    for q in &cases {
+        let r = p.get(&format!("/usage?{q}")).await;
+        assert_eq!(r.status, 200, "/usage?{q}: {}", r.text());
+        let rows = match r.json() {
+            Value::Array(a) => a,
+            one => vec![one],
+        };
+        for row in rows {
+            for k in [
+                "queryTokens",
+                "answerTokens",
+                "cachedQueryTokens",
+                "reasoningTokens",
+            ] {
+                let v = row[k].as_u64().unwrap_or_else(|| panic!("{q}: {row}"));
+                assert!(v <= max as u64, "{q}: {k} past i64::MAX: {row}");
+            }
+        }
+    }
+    let raw = p.usage_raw("").await;
+    assert_eq!(raw["queryTokens"], max.to_string(), "saturated");
+    assert_eq!(raw["numQueries"], "8");
+    let raw = p
+        .usage_raw(&format!("after={}&before={}", fmt(D0), fmt(D0 + 4 * HOUR)))
+        .await;
+    assert_eq!(
+        raw["queryTokens"],
+        max.to_string(),
+        "saturated over records"
+    );
+    assert_eq!(raw["numQueries"], "3");
+    let by_user = p.usage("group_by=user").await;
+    let of = |u: &str| {
+        by_user
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["user"] == u)
+            .unwrap_or_else(|| panic!("{u}: {by_user}"))
+            .clone()
+    };
+    assert_eq!(of("alice")["queryTokens"], 10, "sane rows stay exact");
+    assert_eq!(of("alice")["cachedQueryTokens"], 10);
+    assert_eq!(of("poison")["queryTokens"], max);
+    assert_eq!(of("real")["queryTokens"], max);
+    assert_eq!(of("wrapped")["queryTokens"], 0, "never negative");
+    // A whole saturated day minus the records before the range start stays
+    // saturated (one huge record is still in range), not max - max = 0.
+    let later = p
+        .usage(&format!("after={}&group_by=user", fmt(D0 + 90 * 60_000)))
+        .await;
+    let later_of = |u: &str| {
+        later
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["user"] == u)
+            .unwrap_or_else(|| panic!("{u}: {later}"))["queryTokens"]
+            .clone()
+    };
+    assert_eq!(later_of("poison"), max);
+    assert_eq!(later_of("alice"), 10);
+    let recs = p.queries("").await;
+    assert_eq!(recs.len(), 4);
+    assert_eq!(recs[0]["queryTokens"], max);
+}

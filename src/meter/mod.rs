@@ -192,7 +192,22 @@ impl Meter {
         if let Some(m) = self.upload.as_ref().and_then(|u| u.model.get()) {
             rec.requested_model = m.clone();
         }
-        match found.usage {
+        let broken = found.usage.filter(|u| !u.is_plausible());
+        if let Some(u) = broken {
+            // Only numbers and tollgate's own names: nothing the client chose.
+            tracing::warn!(
+                endpoint = ?self.endpoint,
+                status = rec.status,
+                query = u.query,
+                answer = u.answer,
+                cached = u.cached,
+                reasoning = u.reasoning,
+                bound = crate::record::MAX_PLAUSIBLE_TOKENS,
+                "upstream reported implausible token counts; the record is estimated instead"
+            );
+            rec.estimated = true;
+        }
+        match found.usage.filter(Usage::is_plausible) {
             Some(u) => rec.usage = u,
             None if self.should_estimate(rec.status) => {
                 rec.estimate = Some(Box::new(Estimate {

@@ -62,29 +62,28 @@ impl Reports for SqliteReports {
         f: &Filter,
         group: &[GroupKey],
     ) -> Result<Vec<(GroupValues, UsageTotals)>, StoreError> {
-        let mut acc: BTreeMap<GroupValues, [i128; 8]> = BTreeMap::new();
+        let mut acc: BTreeMap<GroupValues, Acc> = BTreeMap::new();
         self.with(|c| {
             for piece in pieces(f.after, f.before) {
                 piece_totals(c, &piece, f, group, &mut acc)?;
             }
             rejection_counts(c, f, group, &mut acc)
         })?;
-        let n = |v: i128| u64::try_from(v.max(0)).unwrap_or(u64::MAX);
         let mut rows: Vec<(GroupValues, UsageTotals)> = acc
             .into_iter()
-            .filter(|(_, t)| t[0] > 0 || t[7] > 0)
-            .map(|(g, t)| {
+            .filter(|(_, a)| a.sum[0] > 0 || a.sum[7] > 0)
+            .map(|(g, a)| {
                 (
                     g,
                     UsageTotals {
-                        queries: n(t[0]),
-                        query_tokens: n(t[1]),
-                        answer_tokens: n(t[2]),
-                        cached_tokens: n(t[3]),
-                        reasoning_tokens: n(t[4]),
-                        cost: t[5],
-                        unpriced: n(t[6]),
-                        rejected: n(t[7]),
+                        queries: a.count(0),
+                        query_tokens: a.count(1),
+                        answer_tokens: a.count(2),
+                        cached_tokens: a.count(3),
+                        reasoning_tokens: a.count(4),
+                        cost: a.sum[5],
+                        unpriced: a.count(6),
+                        rejected: a.count(7),
                     },
                 )
             })
@@ -103,7 +102,8 @@ impl Reports for SqliteReports {
         let (w, mut args) = where_clause(f);
         let sql = format!(
             "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
-                    query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id
+                    CAST(query_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cached_tokens AS INTEGER),
+                    CAST(reasoning_tokens AS INTEGER), CAST(cost AS INTEGER), priced, estimated, request_id
              FROM queries{w} ORDER BY ts, id LIMIT ? OFFSET ?"
         );
         args.push(rusqlite::types::Value::Integer(
@@ -249,12 +249,65 @@ fn pieces(after: Option<i64>, before: Option<i64>) -> Vec<Piece> {
     out
 }
 
+/// One group's totals: queries, four token counts, cost, unpriced, rejected.
+#[derive(Default)]
+struct Acc {
+    sum: [i128; 8],
+    /// A piece reached `i64::MAX` (a saturated rollup or huge stored
+    /// counts): the total is `i64::MAX`, whatever other pieces subtract.
+    saturated: [bool; 8],
+}
+
+impl Acc {
+    /// A count total, within `0..=i64::MAX`: counts are never negative, and
+    /// past what one stored value can hold they are saturated.
+    fn count(&self, i: usize) -> u64 {
+        if self.saturated[i] {
+            return i64::MAX as u64;
+        }
+        self.sum[i].clamp(0, i128::from(i64::MAX)) as u64
+    }
+}
+
+/// The quantities summed per group, over the rollups and over the records.
+/// Tokens are read as non-negative integers (a REAL or a wrapped negative
+/// value in an old database is clamped, never an error).
+const ROLLUP_SUMS: [&str; 7] = [
+    "CAST(queries AS INTEGER)",
+    "MAX(CAST(query_tokens AS INTEGER), 0)",
+    "MAX(CAST(answer_tokens AS INTEGER), 0)",
+    "MAX(CAST(cached_tokens AS INTEGER), 0)",
+    "MAX(CAST(reasoning_tokens AS INTEGER), 0)",
+    "CAST(cost AS INTEGER)",
+    "CAST(unpriced AS INTEGER)",
+];
+const RECORD_SUMS: [&str; 7] = [
+    "1",
+    "MAX(CAST(query_tokens AS INTEGER), 0)",
+    "MAX(CAST(answer_tokens AS INTEGER), 0)",
+    "MAX(CAST(cached_tokens AS INTEGER), 0)",
+    "MAX(CAST(reasoning_tokens AS INTEGER), 0)",
+    "CAST(cost AS INTEGER)",
+    "1 - priced",
+];
+
+/// `SUM(x)` as two sums SQLite cannot overflow (it fails a whole query with
+/// `integer overflow` otherwise): of the high and of the low 32 bits of each
+/// value, recombined exactly in `i128` by [`Sums::decode`].
+fn split_sums(exprs: &[&str]) -> String {
+    exprs
+        .iter()
+        .map(|e| format!("SUM(({e}) >> 32), SUM(({e}) & 4294967295)"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn piece_totals(
     c: &Connection,
     piece: &Piece,
     f: &Filter,
     group: &[GroupKey],
-    acc: &mut BTreeMap<GroupValues, [i128; 8]>,
+    acc: &mut BTreeMap<GroupValues, Acc>,
 ) -> Result<(), StoreError> {
     use rusqlite::types::Value;
     let rollup = matches!(piece, Piece::Days(..));
@@ -284,32 +337,92 @@ fn piece_totals(
     conds.extend(more);
     args.extend(more_args);
     let keys: Vec<&str> = group.iter().map(|g| key_expr(*g, rollup)).collect();
-    let sums = if rollup {
-        "SUM(queries), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost / 1000000000), SUM(cost % 1000000000), SUM(unpriced)"
-    } else {
-        "COUNT(*), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost / 1000000000), SUM(cost % 1000000000), SUM(1 - priced)"
-    };
     let table = if rollup { "usage_daily" } else { "queries" };
-    grouped(c, &keys, group, sums, table, &conds, args, |g, r| {
-        let n = keys.len();
-        let int = |i: usize| -> rusqlite::Result<i128> {
-            Ok(i128::from(r.get::<_, Option<i64>>(n + i)?.unwrap_or(0)))
-        };
-        let t = [
-            int(0)?,
-            int(1)?,
-            int(2)?,
-            int(3)?,
-            int(4)?,
-            int(5)? * 1_000_000_000 + int(6)?,
-            int(7)?,
-        ];
-        let e = acc.entry(g).or_default();
-        for (a, b) in e.iter_mut().zip(t) {
-            *a += i128::from(sign) * b;
+    let read = |sums: Sums| {
+        let mut out: Vec<(GroupValues, [i128; 7])> = Vec::new();
+        grouped(
+            c,
+            &keys,
+            group,
+            &sums.sql(rollup),
+            table,
+            &conds,
+            args.clone(),
+            |g, r| {
+                out.push((g, sums.decode(r, keys.len())?));
+                Ok(())
+            },
+        )
+        .map(|()| out)
+    };
+    // The rollups are few rows: always read robustly. The records of a
+    // partial day may be many: plain sums first, and the robust ones only
+    // when stored values make those fail (`integer overflow`, a REAL).
+    let rows = if rollup {
+        read(Sums::Split)?
+    } else {
+        match read(Sums::Plain) {
+            Ok(rows) => rows,
+            Err(_) => read(Sums::Split)?,
         }
-        Ok(())
-    })
+    };
+    for (g, t) in rows {
+        let e = acc.entry(g).or_default();
+        for (k, v) in t.into_iter().enumerate() {
+            // Cost totals may pass i64::MAX legitimately; counts may not.
+            if k != 5 && v >= i128::from(i64::MAX) {
+                e.saturated[k] = true;
+            }
+            e.sum[k] += i128::from(sign) * v;
+        }
+    }
+    Ok(())
+}
+
+/// How a piece's quantities are summed in SQL.
+#[derive(Clone, Copy)]
+enum Sums {
+    /// SQLite's `SUM` of the stored values: fails on a total past `i64`.
+    Plain,
+    /// [`split_sums`] of the clamped values: cannot fail.
+    Split,
+}
+
+impl Sums {
+    fn sql(self, rollup: bool) -> String {
+        match (self, rollup) {
+            (Sums::Split, true) => split_sums(&ROLLUP_SUMS),
+            (Sums::Split, false) => split_sums(&RECORD_SUMS),
+            (Sums::Plain, true) => "SUM(queries), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost / 1000000000), SUM(cost % 1000000000), SUM(unpriced)".into(),
+            (Sums::Plain, false) => "COUNT(*), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost / 1000000000), SUM(cost % 1000000000), SUM(1 - priced)".into(),
+        }
+    }
+
+    /// The seven quantities of a row whose aggregates start at column `at`.
+    fn decode(self, r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<[i128; 7]> {
+        let int = |i: usize| -> rusqlite::Result<i128> {
+            Ok(i128::from(r.get::<_, Option<i64>>(at + i)?.unwrap_or(0)))
+        };
+        let mut t = [0i128; 7];
+        match self {
+            Sums::Plain => {
+                for (k, v) in t.iter_mut().enumerate() {
+                    // Cost comes as billions and the rest (columns 5, 6).
+                    *v = match k {
+                        0..=4 => int(k)?,
+                        5 => int(5)? * 1_000_000_000 + int(6)?,
+                        _ => int(7)?,
+                    };
+                }
+            }
+            Sums::Split => {
+                for (k, v) in t.iter_mut().enumerate() {
+                    *v = (int(2 * k)? << 32) + int(2 * k + 1)?;
+                }
+            }
+        }
+        Ok(t)
+    }
 }
 
 /// The SQL expression of a group key, over the rollups or the records.
@@ -377,7 +490,7 @@ fn rejection_counts(
     c: &Connection,
     f: &Filter,
     group: &[GroupKey],
-    acc: &mut BTreeMap<GroupValues, [i128; 8]>,
+    acc: &mut BTreeMap<GroupValues, Acc>,
 ) -> Result<(), StoreError> {
     let (conds, args) = conditions(f, true);
     let keys: Vec<&str> = group.iter().map(|g| key_expr(*g, false)).collect();
@@ -392,7 +505,7 @@ fn rejection_counts(
         |g, r| {
             let n: i64 = r.get(keys.len())?;
             if n > 0 {
-                acc.entry(g).or_default()[7] += i128::from(n);
+                acc.entry(g).or_default().sum[7] += i128::from(n);
             }
             Ok(())
         },

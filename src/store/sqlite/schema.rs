@@ -91,7 +91,9 @@ CREATE TABLE IF NOT EXISTS meta (
 /// Per-day totals kept by the writer in the same transaction as the records,
 /// so reports over any span read a few rows per day instead of every record.
 /// Retention deletes records, never these. Records written before the
-/// rollups existed are summed into them once, here.
+/// rollups existed are summed into them once, here; the sums saturate at
+/// `i64::MAX` (summed by 32-bit halves, which SQLite's `SUM` cannot overflow
+/// on), so huge stored counts cannot stop a start with `integer overflow`.
 const SCHEMA_V2: &str = "
 CREATE TABLE IF NOT EXISTS usage_daily (
     day              INTEGER NOT NULL,
@@ -109,7 +111,13 @@ CREATE TABLE IF NOT EXISTS usage_daily (
 CREATE INDEX IF NOT EXISTS usage_daily_user ON usage_daily (user, day);
 CREATE INDEX IF NOT EXISTS usage_daily_model ON usage_daily (model, day);
 INSERT INTO usage_daily (day, user, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
-SELECT ts / 86400000, user, model, COUNT(*), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost), SUM(1 - priced)
+SELECT ts / 86400000, user, model, COUNT(*),
+    MIN(SUM(MAX(CAST(query_tokens AS INTEGER), 0) >> 32) * 4294967296 + SUM(MAX(CAST(query_tokens AS INTEGER), 0) & 4294967295), 9223372036854775807),
+    MIN(SUM(MAX(CAST(answer_tokens AS INTEGER), 0) >> 32) * 4294967296 + SUM(MAX(CAST(answer_tokens AS INTEGER), 0) & 4294967295), 9223372036854775807),
+    MIN(SUM(MAX(CAST(cached_tokens AS INTEGER), 0) >> 32) * 4294967296 + SUM(MAX(CAST(cached_tokens AS INTEGER), 0) & 4294967295), 9223372036854775807),
+    MIN(SUM(MAX(CAST(reasoning_tokens AS INTEGER), 0) >> 32) * 4294967296 + SUM(MAX(CAST(reasoning_tokens AS INTEGER), 0) & 4294967295), 9223372036854775807),
+    MIN(SUM(MAX(CAST(cost AS INTEGER), 0) >> 32) * 4294967296 + SUM(MAX(CAST(cost AS INTEGER), 0) & 4294967295), 9223372036854775807),
+    SUM(1 - priced)
 FROM queries GROUP BY 1, 2, 3;
 ";
 

@@ -213,3 +213,71 @@ fn migrates_schema_1_with_backfill() {
     let t = reports.usage(&Filter::default(), &[]).unwrap()[0].1.clone();
     assert_eq!((t.queries, t.query_tokens, t.cost), (1, 5, 42));
 }
+
+/// Huge counts (past the plausibility bound, as a database of an older
+/// tollgate may hold) never overflow: rollups written in one batch and in
+/// several saturate at `i64::MAX`, and every report over them answers,
+/// saturated, flat and grouped, whole days and partial ones.
+#[test]
+fn huge_counts_saturate_in_rollups_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut backend, reports, _) = open(&dir.path().join("t.db"), false).unwrap();
+    let day = 19_000 * DAY;
+    let huge = |ts: i64| {
+        let mut p = rec("eve", "gpt-4o", ts, 0, 0);
+        p.record.usage = Usage {
+            query: u64::MAX,
+            answer: u64::MAX,
+            cached: u64::MAX,
+            reasoning: u64::MAX,
+        };
+        p.cost = i64::MAX;
+        p
+    };
+    backend
+        .write(
+            &[
+                huge(day + 1),
+                huge(day + 2),
+                rec("ann", "gpt-4o", day + 3, 10, 4),
+            ],
+            None,
+        )
+        .unwrap();
+    backend.write(&[huge(day + 4)], None).unwrap();
+    let c = Connection::open(dir.path().join("t.db")).unwrap();
+    let (q, kind): (i64, String) = c
+        .query_row(
+            "SELECT query_tokens, typeof(query_tokens) FROM usage_daily WHERE user = 'eve'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((q, kind.as_str()), (i64::MAX, "integer"));
+    let max = i64::MAX as u64;
+    for (after, before) in [
+        (None, None),
+        (Some(day), Some(day + 10)),
+        (Some(day + 1), None),
+        (Some(day - 1), Some(day + DAY / 2 + 1)),
+    ] {
+        let f = Filter {
+            after,
+            before,
+            ..Filter::default()
+        };
+        let t = &reports.usage(&f, &[]).unwrap()[0].1;
+        assert_eq!(t.query_tokens, max, "{after:?}..{before:?}");
+        assert_eq!(t.reasoning_tokens, max);
+        let g = reports.usage(&f, &[GroupKey::User, GroupKey::Day]).unwrap();
+        let ann = g.iter().find(|(g, _)| g.user.as_deref() == Some("ann"));
+        if let Some((_, t)) = ann {
+            assert_eq!(t.query_tokens, 10, "sane rows stay exact");
+        }
+        let eve = g
+            .iter()
+            .find(|(g, _)| g.user.as_deref() == Some("eve"))
+            .unwrap();
+        assert_eq!(eve.1.answer_tokens, max);
+    }
+}

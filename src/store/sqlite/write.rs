@@ -25,16 +25,20 @@ impl SqliteBackend {
 
 const INSERT: &str = "INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)";
 
+/// Adds a batch's increments to the daily rollups. Sums saturate at
+/// `i64::MAX` instead of overflowing: SQLite would turn an overflowing `+`
+/// into a REAL that no report can read back as an integer. `MAX(x, 0)` drops
+/// a count a wrapped sum once left negative.
 const UPSERT_DAILY: &str = "INSERT INTO usage_daily (day, user, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
 ON CONFLICT (day, user, model) DO UPDATE SET
-    queries = queries + excluded.queries,
-    query_tokens = query_tokens + excluded.query_tokens,
-    answer_tokens = answer_tokens + excluded.answer_tokens,
-    cached_tokens = cached_tokens + excluded.cached_tokens,
-    reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens,
-    cost = cost + excluded.cost,
-    unpriced = unpriced + excluded.unpriced";
+    queries = MIN(MAX(queries, 0) + excluded.queries, 9223372036854775807),
+    query_tokens = MIN(MAX(query_tokens, 0) + excluded.query_tokens, 9223372036854775807),
+    answer_tokens = MIN(MAX(answer_tokens, 0) + excluded.answer_tokens, 9223372036854775807),
+    cached_tokens = MIN(MAX(cached_tokens, 0) + excluded.cached_tokens, 9223372036854775807),
+    reasoning_tokens = MIN(MAX(reasoning_tokens, 0) + excluded.reasoning_tokens, 9223372036854775807),
+    cost = MIN(MAX(cost, 0) + excluded.cost, 9223372036854775807),
+    unpriced = MIN(MAX(unpriced, 0) + excluded.unpriced, 9223372036854775807)";
 
 /// One rollup row's increments.
 #[derive(Default)]
@@ -65,10 +69,10 @@ impl Backend for SqliteBackend {
                     .entry((r.started_ms.div_euclid(DAY), &r.user, model))
                     .or_default();
                 d.queries += 1;
-                d.query_tokens += i(r.usage.query);
-                d.answer_tokens += i(r.usage.answer);
-                d.cached_tokens += i(r.usage.cached);
-                d.reasoning_tokens += i(r.usage.reasoning);
+                d.query_tokens = d.query_tokens.saturating_add(i(r.usage.query));
+                d.answer_tokens = d.answer_tokens.saturating_add(i(r.usage.answer));
+                d.cached_tokens = d.cached_tokens.saturating_add(i(r.usage.cached));
+                d.reasoning_tokens = d.reasoning_tokens.saturating_add(i(r.usage.reasoning));
                 d.cost = d.cost.saturating_add(p.cost);
                 d.unpriced += i64::from(!p.priced);
                 st.execute(params![
@@ -142,7 +146,7 @@ impl Backend for SqliteBackend {
         {
             let like_dated = format!("{}-%", escape_like(model));
             let mut sel = tx.prepare(
-                "SELECT id, model, requested_model, ts, query_tokens, cached_tokens, answer_tokens, cost, priced, user FROM queries
+                "SELECT id, model, requested_model, ts, CAST(query_tokens AS INTEGER), CAST(cached_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cost AS INTEGER), priced, user FROM queries
                  WHERE ts >= ?1 AND (model = ?2 OR requested_model = ?2
                     OR model LIKE ?3 ESCAPE '\\' OR requested_model LIKE ?3 ESCAPE '\\'
                     OR model LIKE 'ft:%' OR requested_model LIKE 'ft:%')",
@@ -167,13 +171,13 @@ impl Backend for SqliteBackend {
                     upd.execute(params![id, new.0, new.1])?;
                     changed += 1;
                     let d = deltas.entry((ts.div_euclid(DAY), user, m)).or_default();
-                    d.0 += new.0 - old.0;
+                    d.0 = d.0.saturating_add(new.0.saturating_sub(old.0));
                     d.1 += i64::from(old.1) - i64::from(new.1);
                 }
             }
             drop(rows);
             let mut roll = tx.prepare(
-                "UPDATE usage_daily SET cost = cost + ?4, unpriced = unpriced + ?5 WHERE day = ?1 AND user = ?2 AND model = ?3",
+                "UPDATE usage_daily SET cost = MAX(MIN(cost + ?4, 9223372036854775807), 0), unpriced = unpriced + ?5 WHERE day = ?1 AND user = ?2 AND model = ?3",
             )?;
             for ((day, user, m), (cost, unpriced)) in deltas {
                 roll.execute(params![day, user, m, cost, unpriced])?;
