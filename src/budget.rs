@@ -260,7 +260,8 @@ impl Budgets {
     }
 
     /// Checks a request and reserves its worst case. `Ok(None)`: the user
-    /// has no limits.
+    /// has no limits. Sums saturate: the amounts come from client numbers,
+    /// and a sum past every limit must refuse, never wrap around to pass.
     pub fn check(
         self: &Arc<Self>,
         user: &str,
@@ -292,7 +293,7 @@ impl Budgets {
             s.tokens = 0;
         }
         if let Some(b) = l.budget {
-            if s.spent + s.reserved + cost > i128::from(b)
+            if s.spent.saturating_add(s.reserved).saturating_add(cost) > i128::from(b)
                 || (cost == 0 && s.spent >= i128::from(b))
             {
                 return Err(Refusal::Budget {
@@ -304,7 +305,7 @@ impl Budgets {
             }
         }
         if let Some(rpm) = l.rpm {
-            if s.requests + 1 > rpm {
+            if s.requests.saturating_add(1) > rpm {
                 return Err(Refusal::Rate {
                     what: "requests",
                     retry_after: next_minute(),
@@ -312,16 +313,16 @@ impl Budgets {
             }
         }
         if let Some(tpm) = l.tpm {
-            if s.tokens + tokens > tpm {
+            if s.tokens.saturating_add(tokens) > tpm {
                 return Err(Refusal::Rate {
                     what: "tokens",
                     retry_after: next_minute(),
                 });
             }
         }
-        s.reserved += cost;
-        s.requests += 1;
-        s.tokens += tokens;
+        s.reserved = s.reserved.saturating_add(cost);
+        s.requests = s.requests.saturating_add(1);
+        s.tokens = s.tokens.saturating_add(tokens);
         Ok(Some(Hold {
             budgets: self.clone(),
             user: user.to_owned(),
@@ -339,11 +340,11 @@ impl Budgets {
             return;
         };
         if s.period_start == h.period_start {
-            s.reserved -= h.cost;
-            s.spent += cost;
+            s.reserved = s.reserved.saturating_sub(h.cost);
+            s.spent = s.spent.saturating_add(cost);
         }
         if s.minute == h.minute {
-            s.tokens = (s.tokens + tokens).saturating_sub(h.tokens);
+            s.tokens = s.tokens.saturating_add(tokens).saturating_sub(h.tokens);
         }
     }
 }

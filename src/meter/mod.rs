@@ -29,7 +29,9 @@ mod window;
 
 pub use json::{parse_usage, JsonScanner};
 pub(crate) use multipart::find_multipart_model;
-pub use request::{parse_request, splice_include_usage, RequestError, RequestInfo};
+pub use request::{
+    parse_request, splice_include_usage, RequestError, RequestInfo, MAX_ANSWER_TOKENS, MAX_CHOICES,
+};
 pub(crate) use scan::find_model;
 pub use sse::SseScanner;
 pub use upload::Upload;
@@ -199,7 +201,7 @@ impl Meter {
                 // The writer prices the record again, under the prices of
                 // when it is written (a price change may come in between).
                 let (cost, _) = rec.cost(&self.store.prices());
-                h.settle(cost, rec.usage.query + rec.usage.answer);
+                h.settle(cost, rec.usage.query.saturating_add(rec.usage.answer));
             }
         }
         self.store.submit(rec, slot);

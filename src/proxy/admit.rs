@@ -74,9 +74,12 @@ fn reservation(app: &App, ctx: &Ctx) -> (i128, u64) {
         .prices()
         .lookup(&r.model, &r.model, ctx.started_ms)
         .map_or(0, |(_, p)| {
-            i128::from(prompt) * i128::from(p.query) + i128::from(answer) * i128::from(p.answer)
+            // Saturating: a sum past any budget refuses, it never wraps.
+            i128::from(prompt)
+                .saturating_mul(i128::from(p.query))
+                .saturating_add(i128::from(answer).saturating_mul(i128::from(p.answer)))
         });
-    (cost, prompt + answer)
+    (cost, prompt.saturating_add(answer))
 }
 
 impl From<Refusal> for ApiError {
