@@ -204,18 +204,38 @@ const SNIFF_LIMIT: usize = 64 << 10;
 
 /// A request body streamed upstream unbuffered, whatever its size. It
 /// reports progress (the answer-head timeout counts from the upload's last
-/// byte, not from its first), notices a client that breaks off, and for
-/// audio and image requests reads the `model` field from the first bytes.
+/// byte, not from its first), notices a client that breaks off or stalls
+/// (no byte for the body timeout fails it), and for audio and image
+/// requests reads the `model` field from the first bytes.
 pub struct UploadBody {
     inner: Incoming,
     seen: Vec<u8>,
     sniff: Option<bool>,
     state: Arc<Upload>,
+    timeout: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
+/// The client sent no byte of its upload for longer than the body timeout.
+#[derive(Debug)]
+pub struct BodyTimeout;
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("request body timeout")
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
+
 impl UploadBody {
-    /// Wraps an upload. `sniff`: `Some(multipart)` to look for the model.
-    pub fn new(inner: Incoming, sniff: Option<bool>) -> (UploadBody, Arc<Upload>) {
+    /// Wraps an upload. `sniff`: `Some(multipart)` to look for the model;
+    /// `timeout`: the longest silence of the client.
+    pub fn new(
+        inner: Incoming,
+        sniff: Option<bool>,
+        timeout: Duration,
+    ) -> (UploadBody, Arc<Upload>) {
         let state = Arc::new(Upload::new());
         (
             UploadBody {
@@ -223,6 +243,8 @@ impl UploadBody {
                 seen: Vec::new(),
                 sniff,
                 state: state.clone(),
+                timeout,
+                timer: None,
             },
             state,
         )
@@ -268,7 +290,19 @@ impl HttpBody for UploadBody {
             }
             Poll::Ready(Some(Err(_))) => this.state.fail(),
             Poll::Ready(None) => this.state.touch(),
-            Poll::Pending => {}
+            Poll::Pending => {
+                let deadline = this.state.last_activity() + this.timeout;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+                if timer.deadline() != deadline.into() {
+                    timer.as_mut().reset(deadline.into());
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    this.state.time_out();
+                    return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
+                }
+            }
         }
         polled.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
     }

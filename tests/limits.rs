@@ -5,8 +5,12 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use http::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const ADMIN: &str = "adm-limits-3c1d-admin-key";
 const MODEL: &str = "gpt-4o-mini";
@@ -74,4 +78,102 @@ async fn answer_sizes_at_the_bound_are_refused_by_the_limit() {
     assert!(mock.seen().is_empty(), "nothing was forwarded");
     let r = p.chat("bound", &chat_with(r#""max_tokens":10"#)).await;
     assert_eq!(r.status, 200, "{}", r.text());
+}
+
+// ---------------------------------------------------------------------------
+// Slow and piled-up request bodies (defect 10).
+// ---------------------------------------------------------------------------
+
+/// Opens a raw connection and sends a request head and the first part of
+/// its body; the rest never comes while the stream is held.
+async fn stalled(
+    addr: std::net::SocketAddr,
+    path: &str,
+    declared: usize,
+    sent: usize,
+) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nx-user: slow\r\ncontent-type: application/json\r\ncontent-length: {declared}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&vec![b' '; sent]).await.unwrap();
+    s
+}
+
+/// Reads what the server answers on `s` until it closes the connection.
+async fn answer_of(mut s: TcpStream) -> String {
+    let mut got = Vec::new();
+    within("the server answers and closes", s.read_to_end(&mut got))
+        .await
+        .expect("read");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A JSON body that stops halfway is answered 408 (`body_timeout`) once
+/// `--body-timeout` passes without a byte, and nothing is forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_json_body_gets_408() {
+    let mock = chat_mock().await;
+    let p = Proxy::builder(&mock.url())
+        .with(|c| c.body_timeout = Duration::from_millis(300))
+        .start()
+        .await;
+    let s = stalled(p.addr, "/v1/chat/completions", 1000, 500).await;
+    let text = answer_of(s).await;
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains(r#""code":"body_timeout""#), "{text}");
+    assert!(mock.seen().is_empty());
+}
+
+/// A streamed upload that stalls fails after `--body-timeout`: the client
+/// gets a 408 and the record (the request reached upstream) says 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_upload_gets_408() {
+    let mock = Mock::start(|_| Reply::json(r#"{"text":"hi"}"#)).await;
+    let p = Proxy::builder(&mock.url())
+        .with(|c| c.body_timeout = Duration::from_millis(300))
+        .start()
+        .await;
+    let s = stalled(p.addr, "/v1/audio/transcriptions", 100_000, 1000).await;
+    let text = answer_of(s).await;
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains(r#""code":"body_timeout""#), "{text}");
+    let recs = p.wait_records(1).await;
+    assert_eq!(recs[0]["status"], 408, "{}", recs[0]);
+}
+
+/// With `--max-buffered` nearly taken by one slow body, a second body that
+/// does not fit waits, then gets a 503 with `retry-after`; once the first
+/// is gone its room is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_bodies_are_capped() {
+    let mock = chat_mock().await;
+    let p = Proxy::builder(&mock.url())
+        .max_body(64 << 10)
+        .with(|c| c.max_buffered = 64 << 10)
+        .start()
+        .await;
+    let total = p.state.buffered.available_permits();
+    let first = stalled(p.addr, "/v1/chat/completions", 60_000, 10).await;
+    eventually("the first body holds its room", STEP, || async {
+        (p.state.buffered.available_permits() < total).then_some(())
+    })
+    .await;
+    let big = chat_with(&format!(r#""user":"{}""#, "x".repeat(20_000)));
+    let r = p.chat("second", &big).await;
+    assert_openai_error(&r, 503, "server_error", None, Some("server_busy"));
+    assert_eq!(r.header("retry-after").as_deref(), Some("1"));
+    assert!(mock.seen().is_empty());
+    drop(first);
+    eventually("the room is given back", STEP, || async {
+        (p.state.buffered.available_permits() == total).then_some(())
+    })
+    .await;
+    let r = p.chat("second", &big).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    eventually("the forwarded body gives its room back", STEP, || async {
+        (p.state.buffered.available_permits() == total).then_some(())
+    })
+    .await;
 }
