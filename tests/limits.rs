@@ -177,3 +177,140 @@ async fn buffered_bodies_are_capped() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------
+// Clients leaving a non-streamed request early (defect 9).
+// ---------------------------------------------------------------------------
+
+/// Client connections tollgate serves right now.
+fn connections(p: &Proxy) -> i64 {
+    (0..p.state.workers)
+        .map(|n| p.state.metrics.worker_connections(n).get())
+        .sum()
+}
+
+/// Waits until tollgate has noticed every client connection closed (and so
+/// dropped the requests they carried).
+async fn clients_gone(p: &Proxy) {
+    eventually("tollgate noticed the client leave", STEP, || async {
+        (connections(p) == 0).then_some(())
+    })
+    .await;
+}
+
+/// A mock answering a non-streamed chat completion (61 + 7 tokens) whose
+/// head waits for `head` and whose body waits for `body` halfway.
+async fn held_answer(head: Gate, body: Gate) -> Mock {
+    Mock::start(move |_| {
+        let text = completion(MODEL, "all said", Tok::new(61, 7));
+        let (a, b) = text.split_at(text.len() / 2);
+        Reply {
+            headers: vec![("content-type".into(), "application/json".into())],
+            ..Reply::sse(vec![
+                Step::send(a.to_owned()),
+                Step::Wait(body.clone()),
+                Step::send(b.to_owned()),
+            ])
+        }
+        .head_after(head.clone())
+    })
+    .await
+}
+
+async fn abort_before_head(mode: tollgate::config::ClientAbort) -> (Mock, Proxy) {
+    let (head, body) = (Gate::new(), Gate::new());
+    let mock = held_answer(head.clone(), body.clone()).await;
+    body.open();
+    let p = Proxy::builder(&mock.url())
+        .with(|c| c.client_abort = mode)
+        .start()
+        .await;
+    let addr = p.addr;
+    let pending = tokio::spawn(async move {
+        open(addr, chat_req("leaver", &chat_body(MODEL, false))).await;
+    });
+    mock.wait_seen(1).await;
+    pending.abort();
+    clients_gone(&p).await;
+    head.open();
+    (mock, p)
+}
+
+/// `finish` (the default): a client that leaves before the answer head
+/// does not stop the exchange; the answer is read to its end and recorded
+/// with its real usage and status, marked client-aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_before_the_head_finish_records_the_real_usage() {
+    let (mock, p) = abort_before_head(Default::default()).await;
+    assert_eq!(mock.wait_outcome(0).await, Outcome::Completed);
+    let rec = &p.wait_records(1).await[0];
+    assert_eq!(rec["status"], 200, "{rec}");
+    assert_eq!(
+        (&rec["queryTokens"], &rec["answerTokens"]),
+        (&61.into(), &7.into()),
+        "{rec}"
+    );
+    assert_eq!(rec["estimated"], false, "{rec}");
+    assert_eq!(rec["clientAborted"], true, "{rec}");
+    let csv = p.get("/queries?format=csv").await.text();
+    assert!(
+        csv.lines().next().unwrap().ends_with(",clientAborted"),
+        "{csv}"
+    );
+    assert!(csv.lines().nth(1).unwrap().ends_with(",true"), "{csv}");
+}
+
+/// `cancel`: today's behaviour, a 499 record with an estimate of the prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_before_the_head_cancel_records_499() {
+    let (_mock, p) = abort_before_head(tollgate::config::ClientAbort::Cancel).await;
+    let rec = &p.wait_records(1).await[0];
+    assert_eq!(rec["status"], 499, "{rec}");
+    assert_eq!(rec["estimated"], true, "{rec}");
+    assert_eq!(rec["answerTokens"], 0, "{rec}");
+    assert_eq!(rec["clientAborted"], true, "{rec}");
+}
+
+async fn abort_mid_body(mode: tollgate::config::ClientAbort) -> (Mock, Proxy) {
+    let (head, body) = (Gate::new(), Gate::new());
+    head.open();
+    let mock = held_answer(head, body.clone()).await;
+    let p = Proxy::builder(&mock.url())
+        .with(|c| c.client_abort = mode)
+        .start()
+        .await;
+    let mut s = open(p.addr, chat_req("leaver", &chat_body(MODEL, false))).await;
+    assert!(s.next().await.is_some_and(|r| r.is_ok()), "first half");
+    drop(s);
+    clients_gone(&p).await;
+    body.open();
+    (mock, p)
+}
+
+/// `finish`: a client that leaves halfway through the answer body leaves
+/// the rest to a background read; the record has the real usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_mid_body_finish_records_the_real_usage() {
+    let (mock, p) = abort_mid_body(Default::default()).await;
+    assert_eq!(mock.wait_outcome(0).await, Outcome::Completed);
+    let rec = &p.wait_records(1).await[0];
+    assert_eq!(rec["status"], 200, "{rec}");
+    assert_eq!(
+        (&rec["queryTokens"], &rec["answerTokens"]),
+        (&61.into(), &7.into()),
+        "{rec}"
+    );
+    assert_eq!(rec["estimated"], false, "{rec}");
+    assert_eq!(rec["clientAborted"], true, "{rec}");
+}
+
+/// `cancel`: the upstream connection is closed and the record is an estimate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_mid_body_cancel_closes_upstream() {
+    let (mock, p) = abort_mid_body(tollgate::config::ClientAbort::Cancel).await;
+    assert_eq!(mock.wait_outcome(0).await, Outcome::PeerGone);
+    let rec = &p.wait_records(1).await[0];
+    assert_eq!(rec["status"], 200, "{rec}");
+    assert_eq!(rec["estimated"], true, "{rec}");
+    assert_eq!(rec["clientAborted"], true, "{rec}");
+}

@@ -112,6 +112,11 @@ impl Meter {
         self.observer = observer;
     }
 
+    /// The client left before the whole answer reached it.
+    pub fn client_left(&mut self) {
+        self.record.client_aborted = true;
+    }
+
     /// Tollgate answered for upstream (502/504).
     pub fn failed(&mut self, status: u16) {
         self.record.status = status;
@@ -161,6 +166,9 @@ impl Meter {
         };
         self.in_flight.dec();
         let mut rec = std::mem::take(&mut self.record);
+        // No answer head before the exchange ended: the client left (or
+        // broke off its upload).
+        rec.client_aborted |= rec.status == 499;
         rec.duration_us = self.started.elapsed().as_micros() as u64;
         let (found, capture) = match std::mem::replace(&mut self.observer, Observer::Ignore) {
             Observer::Ignore => (Found::default(), None),

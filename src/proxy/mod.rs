@@ -29,6 +29,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::access::AuthMode;
 use crate::app::App;
 use crate::body::{MeteredBody, UploadBody};
+use crate::config::ClientAbort;
 use crate::endpoint::Endpoint;
 use crate::error::ApiError;
 use crate::http::Body;
@@ -52,18 +53,68 @@ async fn forward(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body
     let up = ctx.upstream_request(app, parts, body)?;
     let mut meter = ctx.meter(app, admission);
     meter.overhead(ctx.started.elapsed());
+    if app.config.client_abort == ClientAbort::Finish
+        && ctx.endpoint.needs_model()
+        && !ctx.request.stream
+    {
+        return detached(app, ctx, meter, up).await;
+    }
     let answer = match send(app, up, ctx.upload.as_deref()).await {
         Ok(a) => a,
         Err(e) => {
-            match e.status() {
-                // Never reached upstream: nothing was spent, nothing to record.
-                None => meter.cancel(),
-                Some(status) => meter.failed(status),
-            }
+            settle_failed(meter, &e);
             return Err(e.into());
         }
     };
-    Ok(ctx.wrap_answer(app, meter, answer))
+    Ok(ctx.wrap_answer(app, meter, answer, false))
+}
+
+/// Phases 5 and 6 of a non-streamed request under `--client-abort finish`,
+/// in a task of their own: a client that leaves before the answer head
+/// only drops the wait, and the task goes on; a client gone by the time the
+/// head comes leaves the answer to [`MeteredBody`], which reads it to its
+/// end in the background. Either way the record gets the answer's real
+/// usage, marked as client-aborted.
+async fn detached(
+    app: &Arc<App>,
+    ctx: Ctx,
+    mut meter: Meter,
+    up: Request<Body>,
+) -> Result<Response<Body>, ApiError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let app = app.clone();
+    // Spawned on this worker's own runtime: the upstream connection it
+    // opens belongs to this thread's reactor, like the client's.
+    tokio::spawn(async move {
+        let out = match send(&app, up, None).await {
+            Ok(answer) => Ok(ctx.wrap_answer(&app, meter, answer, true)),
+            Err(e) => {
+                if tx.is_closed() {
+                    meter.client_left();
+                }
+                settle_failed(meter, &e);
+                Err(e)
+            }
+        };
+        // Refused when the client is gone: the answer's Drop takes over.
+        let _ = tx.send(out);
+    });
+    match rx.await {
+        Ok(out) => out.map_err(ApiError::from),
+        Err(_) => Err(ApiError::internal("the upstream exchange ended unanswered")),
+    }
+}
+
+/// Closes the record of a request that got no answer head.
+fn settle_failed(meter: Meter, e: &SendError) {
+    match e.status() {
+        // Never reached upstream: nothing was spent, nothing to record.
+        None => meter.cancel(),
+        Some(status) => {
+            let mut meter = meter;
+            meter.failed(status);
+        }
+    }
 }
 
 /// What the proxy knows of one request, gathered phase by phase.
@@ -244,6 +295,7 @@ impl Ctx {
         app: &App,
         mut meter: Meter,
         answer: Response<UpstreamBody>,
+        finish: bool,
     ) -> Response<Body> {
         let (mut parts, body) = answer.into_parts();
         if let Some(raw) =
@@ -261,7 +313,7 @@ impl Ctx {
         let rewritten = strip && matches!(observer, Observer::Sse(_));
         meter.answered(parts.status.as_u16(), request_id, observer);
         headers::to_client(&mut parts.headers, rewritten);
-        let body = MeteredBody::new(body, meter, app.config.upstream_idle_timeout);
+        let body = MeteredBody::new(body, meter, app.config.upstream_idle_timeout, finish);
         Response::from_parts(parts, body.boxed_unsync())
     }
 }

@@ -103,7 +103,7 @@ impl Reports for SqliteReports {
         let (w, mut args) = where_clause(f);
         let sql = format!(
             "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
-                    query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id
+                    query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted
              FROM queries{w} ORDER BY ts, id LIMIT ? OFFSET ?"
         );
         args.push(rusqlite::types::Value::Integer(
@@ -135,6 +135,7 @@ impl Reports for SqliteReports {
                     priced: r.get(15)?,
                     estimated: r.get(16)?,
                     request_id: r.get(17)?,
+                    client_aborted: r.get(18)?,
                 };
                 if !sink(rec) {
                     break;
