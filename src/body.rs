@@ -8,7 +8,9 @@
 //! end by a background task (`--client-abort finish`), so its real usage is
 //! recorded.
 //! [`UploadBody`] streams a request body upstream and reports on it through
-//! an [`Upload`]; [`ChannelBody`] is fed piece by piece from another thread.
+//! an [`Upload`]; [`HeldBody`] forwards a buffered JSON body and holds its
+//! room in `--max-buffered` meanwhile; [`ChannelBody`] is fed piece by piece
+//! from another thread.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -287,6 +289,43 @@ impl HttpBody for ChannelBody {
             .rx
             .poll_recv(cx)
             .map(|o| o.map(|r| r.map(Frame::data)))
+    }
+}
+
+/// A buffered request body on its way upstream, holding its room in
+/// `--max-buffered` until hyper drops it (sent, or the request refused).
+pub struct HeldBody {
+    inner: Option<Bytes>,
+    _room: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl HeldBody {
+    /// `bytes`, holding `room` while they are forwarded.
+    pub fn new(bytes: Bytes, room: tokio::sync::OwnedSemaphorePermit) -> HeldBody {
+        HeldBody {
+            inner: (!bytes.is_empty()).then_some(bytes),
+            _room: room,
+        }
+    }
+}
+
+impl HttpBody for HeldBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Poll::Ready(self.get_mut().inner.take().map(|b| Ok(Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.inner.as_ref().map_or(0, |b| b.len() as u64))
     }
 }
 

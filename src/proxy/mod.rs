@@ -22,13 +22,13 @@ use bytes::BytesMut;
 use http::header::{self, HeaderMap};
 use http::request::Parts;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access::AuthMode;
 use crate::app::App;
-use crate::body::{MeteredBody, UploadBody};
+use crate::body::{HeldBody, MeteredBody, UploadBody};
 use crate::config::ClientAbort;
 use crate::endpoint::Endpoint;
 use crate::error::ApiError;
@@ -227,13 +227,7 @@ impl Ctx {
         headers::ask_identity(headers);
         // The room in --max-buffered is held by the forwarded body and given
         // back when hyper drops it (sent, or the request refused).
-        Ok(Full::new(r.body.clone())
-            .map_err(|never| match never {})
-            .map_frame(move |f| {
-                let _held = &room;
-                f
-            })
-            .boxed_unsync())
+        Ok(HeldBody::new(r.body.clone(), room).boxed_unsync())
     }
 
     /// Phase 4: the request as upstream gets it.
