@@ -34,6 +34,8 @@ pub struct App {
     pub budgets: Arc<Budgets>,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// Room for buffered JSON request bodies, in KiB (`--max-buffered`).
+    pub buffered: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why the server could not start.
@@ -81,7 +83,13 @@ impl App {
             None => None,
         };
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let buffered = Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(config.max_buffered.div_ceil(1024))
+                .unwrap_or(usize::MAX)
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         let app = App {
+            buffered,
             upstream: crate::upstream::Upstream::new(&config, workers),
             workers,
             admin_digest: config.admin_token.as_deref().map(access::digest),

@@ -266,7 +266,8 @@ impl Budgets {
     }
 
     /// Checks a request and reserves its worst case. `Ok(None)`: the user
-    /// has no limits.
+    /// has no limits. Sums saturate: the amounts come from client numbers,
+    /// and a sum past every limit must refuse, never wrap around to pass.
     pub fn check(
         self: &Arc<Self>,
         user: &str,
@@ -312,7 +313,7 @@ impl Budgets {
             }
         }
         if let Some(rpm) = l.rpm {
-            if s.requests + 1 > rpm {
+            if s.requests.saturating_add(1) > rpm {
                 return Err(Refusal::Rate {
                     what: "requests",
                     retry_after: next_minute(),
@@ -328,7 +329,7 @@ impl Budgets {
             }
         }
         s.reserved = s.reserved.saturating_add(cost);
-        s.requests += 1;
+        s.requests = s.requests.saturating_add(1);
         s.tokens = s.tokens.saturating_add(tokens);
         Ok(Some(Hold {
             budgets: self.clone(),

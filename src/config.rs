@@ -33,6 +33,13 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Longest time a client may take to send its request head.
     pub header_timeout: Duration,
+    /// Longest silence while a request body is read (408) or streamed up.
+    pub body_timeout: Duration,
+    /// Most bytes of JSON request bodies buffered at once, all requests
+    /// together; past it new bodies wait briefly, then get a 503.
+    pub max_buffered: u64,
+    /// What happens to a non-streamed answer whose client leaves early.
+    pub client_abort: ClientAbort,
     /// Load the built-in price list into a new database.
     pub default_prices: bool,
     /// Delete per-query records older than this many days (rollups stay).
@@ -73,6 +80,9 @@ impl std::fmt::Debug for Config {
             .field("max_body", &self.max_body)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("header_timeout", &self.header_timeout)
+            .field("body_timeout", &self.body_timeout)
+            .field("max_buffered", &self.max_buffered)
+            .field("client_abort", &self.client_abort)
             .field("default_prices", &self.default_prices)
             .field("retain_days", &self.retain_days)
             .field("log_format", &self.log_format)
@@ -84,6 +94,17 @@ impl std::fmt::Debug for Config {
             .field("reserve_floor", &self.reserve_floor)
             .finish()
     }
+}
+
+/// What happens to a non-streamed answer whose client left before its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientAbort {
+    /// Read upstream's answer to its end in the background (upstream
+    /// generates and bills it anyway) and record its real usage.
+    #[default]
+    Finish,
+    /// Close the upstream connection and record what was seen (an estimate).
+    Cancel,
 }
 
 /// How log lines are written.
@@ -172,6 +193,9 @@ impl Default for Config {
             max_body: 32 << 20,
             shutdown_grace: Duration::from_secs(30),
             header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            max_buffered: 256 << 20,
+            client_abort: ClientAbort::Finish,
             default_prices: true,
             retain_days: None,
             log_format: LogFormat::Text,
@@ -312,6 +336,30 @@ const SETTINGS: &[Setting] = &[
         key: "header_timeout",
         default: "10s",
         help: "longest time a client may take to send its request head",
+    },
+    Setting {
+        flag: "--body-timeout",
+        value: "DUR",
+        env: "TOLLGATE_BODY_TIMEOUT",
+        key: "body_timeout",
+        default: "60s",
+        help: "longest silence while a request body is read (408) or uploaded",
+    },
+    Setting {
+        flag: "--max-buffered",
+        value: "SIZE",
+        env: "TOLLGATE_MAX_BUFFERED",
+        key: "max_buffered",
+        default: "256MiB",
+        help: "most JSON request body bytes held at once, all requests together (past it: 503 after a short wait); at least --max-body",
+    },
+    Setting {
+        flag: "--client-abort",
+        value: "finish|cancel",
+        env: "TOLLGATE_CLIENT_ABORT",
+        key: "client_abort",
+        default: "finish",
+        help: "when a client leaves a non-streamed request early: finish reads the answer in the background and records its real usage; cancel closes upstream",
     },
     Setting {
         flag: "--retain-days",
@@ -559,6 +607,19 @@ pub fn parse(
     dur("--upstream-keepalive", &mut c.upstream_keepalive)?;
     dur("--shutdown-grace", &mut c.shutdown_grace)?;
     dur("--header-timeout", &mut c.header_timeout)?;
+    dur("--body-timeout", &mut c.body_timeout)?;
+    if let Some(v) = raw("--client-abort")? {
+        c.client_abort = match v.as_str() {
+            "finish" => ClientAbort::Finish,
+            "cancel" => ClientAbort::Cancel,
+            _ => {
+                return Err(err(
+                    "--client-abort",
+                    format!("`{v}` is not finish or cancel"),
+                ))
+            }
+        };
+    }
     if let Some(v) = raw("--auth")? {
         c.auth = match v.as_str() {
             "header" => crate::access::AuthMode::Header,
@@ -637,6 +698,18 @@ pub fn parse(
         c.max_body = parse_size(&v)
             .filter(|&n| n > 0)
             .ok_or_else(|| err("--max-body", format!("`{v}` is not a size like 32MiB")))?;
+    }
+    if let Some(v) = raw("--max-buffered")? {
+        c.max_buffered = parse_size(&v)
+            .filter(|&n| n > 0)
+            .ok_or_else(|| err("--max-buffered", format!("`{v}` is not a size like 256MiB")))?;
+    }
+    // A body as large as --max-body must fit, or it would wait forever.
+    if c.max_buffered < c.max_body {
+        return Err(err(
+            "--max-buffered",
+            format!("must be at least --max-body ({} bytes)", c.max_body),
+        ));
     }
     c.upstream_token = env("TOLLGATE_UPSTREAM_TOKEN")
         .or_else(|| env("FORWARD_TOKEN"))

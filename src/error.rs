@@ -113,6 +113,16 @@ impl ApiError {
         .with_code("request_too_large")
     }
 
+    /// 408: the client stopped sending its request body.
+    pub fn body_timeout(after: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!("the request body stalled: no byte for {after:?}"),
+        )
+        .with_code("body_timeout")
+    }
+
     /// 431 for a request head over the limit.
     pub fn headers_too_large(limit: usize) -> Self {
         Self::new(

@@ -37,9 +37,13 @@ impl Price {
     /// Cost in pico-dollars: (query - cached) x query + cached x cached + answer x answer.
     pub fn cost(&self, t: Tokens) -> i64 {
         let cached = t.cached.min(t.query);
-        let c = i128::from(t.query - cached) * i128::from(self.query)
-            + i128::from(cached) * i128::from(self.cached.unwrap_or(self.query))
-            + i128::from(t.answer) * i128::from(self.answer);
+        // Token counts come from upstream's answer: saturate, never wrap.
+        let c = i128::from(t.query - cached)
+            .saturating_mul(i128::from(self.query))
+            .saturating_add(
+                i128::from(cached).saturating_mul(i128::from(self.cached.unwrap_or(self.query))),
+            )
+            .saturating_add(i128::from(t.answer).saturating_mul(i128::from(self.answer)));
         i64::try_from(c).unwrap_or(i64::MAX)
     }
 }

@@ -64,6 +64,11 @@ pub struct Record {
     pub estimated: bool,
     /// Upstream's `x-request-id`.
     pub request_id: Option<String>,
+    /// The client left before the whole answer reached it. The status stays
+    /// upstream's when tollgate read the answer to its end anyway
+    /// (`--client-abort finish`); 499 when no answer head came before it left
+    /// and the exchange was cut.
+    pub client_aborted: bool,
     /// Time tollgate itself spent on the request (parsing, scanning,
     /// queueing), microseconds; for the overhead metric, not stored.
     pub overhead_us: u64,
@@ -201,6 +206,8 @@ pub struct StoredRecord {
     pub estimated: bool,
     /// See [`Record::request_id`].
     pub request_id: Option<String>,
+    /// See [`Record::client_aborted`].
+    pub client_aborted: bool,
 }
 
 #[cfg(test)]

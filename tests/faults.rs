@@ -82,12 +82,14 @@ async fn client_leaving_mid_stream_over_http2() {
     assert_eq!(rec["estimated"], true);
 }
 
-/// The client leaves before the answer head: record with status 499.
+/// The client leaves before the answer head: record with status 499
+/// (`--client-abort cancel`; `finish` is tests/limits.rs's business).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_leaving_before_the_head_is_recorded_as_499() {
     let mock = Mock::start(|_| Reply::never()).await;
     let proxy = Proxy::builder(&mock.url())
         .idle(Duration::from_secs(60))
+        .with(|c| c.client_abort = tollgate::config::ClientAbort::Cancel)
         .start()
         .await;
     let addr = proxy.addr;
@@ -104,6 +106,7 @@ async fn client_leaving_before_the_head_is_recorded_as_499() {
     assert_eq!(rec["estimated"], true, "prompt tokens were spent: {rec}");
     assert!(rec["queryTokens"].as_i64().unwrap() > 0);
     assert_eq!(rec["ttfbMs"], serde_json::Value::Null);
+    assert_eq!(rec["clientAborted"], true);
 }
 
 /// The client leaves after the usage chunk but before `[DONE]`: the record

@@ -251,10 +251,12 @@ pub fn record_json(out: &mut String, r: &StoredRecord) {
         Some(id) => push_json_str(out, id),
         None => out.push_str("null"),
     }
+    out.push_str(",\"clientAborted\":");
+    out.push_str(if r.client_aborted { "true" } else { "false" });
     out.push('}');
 }
 
-const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId\r\n";
+const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,clientAborted\r\n";
 
 /// Leading characters that make a spreadsheet read a cell as a formula
 /// (OWASP, "CSV Injection").
@@ -308,6 +310,8 @@ pub fn record_csv(out: &mut String, r: &StoredRecord) {
     if let Some(id) = &r.request_id {
         push_csv(out, id);
     }
+    out.push(',');
+    out.push_str(if r.client_aborted { "true" } else { "false" });
     out.push_str("\r\n");
 }
 

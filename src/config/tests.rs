@@ -178,3 +178,27 @@ fn reserve_floor_is_dollars() {
         assert_eq!(e.setting, "--reserve-floor", "{bad}");
     }
 }
+
+#[test]
+fn body_limits_and_client_aborts() {
+    let c = run(&[], &[]).unwrap();
+    assert_eq!(c.body_timeout, Duration::from_secs(60));
+    assert_eq!(c.max_buffered, 256 << 20);
+    assert_eq!(c.client_abort, ClientAbort::Finish);
+    let c = run(
+        &["--body-timeout", "5s", "--client-abort", "cancel"],
+        &[("TOLLGATE_MAX_BUFFERED", "1GiB")],
+    )
+    .unwrap();
+    assert_eq!(c.body_timeout, Duration::from_secs(5));
+    assert_eq!(c.max_buffered, 1 << 30);
+    assert_eq!(c.client_abort, ClientAbort::Cancel);
+    let e = run(&["--client-abort", "later"], &[]).unwrap_err();
+    assert_eq!(e.setting, "--client-abort");
+    let e = run(&["--body-timeout", "0s"], &[]).unwrap_err();
+    assert_eq!(e.setting, "--body-timeout");
+    // Room for fewer bytes than one body may have would never admit it.
+    let e = run(&["--max-buffered", "1MiB"], &[]).unwrap_err();
+    assert_eq!(e.setting, "--max-buffered");
+    run(&["--max-buffered", "1MiB", "--max-body", "1MiB"], &[]).unwrap();
+}

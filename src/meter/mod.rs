@@ -33,7 +33,9 @@ mod window;
 pub use image::{parse_image_request, ImageRequest};
 pub use json::{parse_usage, JsonScanner};
 pub(crate) use multipart::find_multipart_model;
-pub use request::{parse_request, splice_include_usage, RequestError, RequestInfo};
+pub use request::{
+    parse_request, splice_include_usage, RequestError, RequestInfo, MAX_ANSWER_TOKENS, MAX_CHOICES,
+};
 pub(crate) use scan::find_model;
 pub use sse::SseScanner;
 pub use upload::Upload;
@@ -122,6 +124,11 @@ impl Meter {
         self.observer = observer;
     }
 
+    /// The client left before the whole answer reached it.
+    pub fn client_left(&mut self) {
+        self.record.client_aborted = true;
+    }
+
     /// Tollgate answered for upstream (502/504).
     pub fn failed(&mut self, status: u16) {
         self.record.status = status;
@@ -171,6 +178,9 @@ impl Meter {
         };
         self.in_flight.dec();
         let mut rec = std::mem::take(&mut self.record);
+        // No answer head before the exchange ended: the client left (or
+        // broke off its upload).
+        rec.client_aborted |= rec.status == 499;
         rec.duration_us = self.started.elapsed().as_micros() as u64;
         let (found, capture) = match std::mem::replace(&mut self.observer, Observer::Ignore) {
             Observer::Ignore => (Found::default(), None),

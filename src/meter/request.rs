@@ -24,6 +24,15 @@ pub struct RequestInfo {
     pub choices: u64,
 }
 
+/// Most answer tokens a request may ask for (`max_tokens`,
+/// `max_completion_tokens`, `max_output_tokens`): far above any model's
+/// output limit, and small enough that no reservation built from it (times
+/// [`MAX_CHOICES`], plus the prompt) can overflow.
+pub const MAX_ANSWER_TOKENS: u64 = 1_000_000_000;
+
+/// Most answers a request may ask for (`n`, `best_of`): OpenAI's own bound.
+pub const MAX_CHOICES: u64 = 128;
+
 /// Why a request body was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestError {
@@ -35,6 +44,10 @@ pub enum RequestError {
     NoModel,
     /// `model` is not a string.
     ModelNotString,
+    /// A token limit (the field named) above [`MAX_ANSWER_TOKENS`].
+    TooManyTokens(&'static str),
+    /// `n` or `best_of` (the field named) above [`MAX_CHOICES`].
+    TooManyChoices(&'static str),
 }
 
 impl RequestError {
@@ -45,6 +58,12 @@ impl RequestError {
             RequestError::NotObject => "The request body must be a JSON object.",
             RequestError::NoModel => "you must provide a model parameter",
             RequestError::ModelNotString => "Invalid type for 'model': expected a string.",
+            RequestError::TooManyTokens(_) => {
+                "The token limit is implausibly large: tollgate accepts at most 1000000000."
+            }
+            RequestError::TooManyChoices(_) => {
+                "Too many answers asked for: tollgate accepts at most 128."
+            }
         }
     }
 
@@ -52,6 +71,7 @@ impl RequestError {
     pub fn param(self) -> Option<&'static str> {
         match self {
             RequestError::NoModel | RequestError::ModelNotString => Some("model"),
+            RequestError::TooManyTokens(f) | RequestError::TooManyChoices(f) => Some(f),
             _ => None,
         }
     }
@@ -163,7 +183,10 @@ struct Head<'a> {
 
 /// Validates a JSON request body and reads `model`, `stream` and
 /// `stream_options.include_usage`. The whole body is validated (structure and
-/// UTF-8) so a broken body never reaches upstream.
+/// UTF-8) so a broken body never reaches upstream. Every token limit and
+/// answer count present (whichever one accounting uses) must be within
+/// [`MAX_ANSWER_TOKENS`] and [`MAX_CHOICES`]: reservations are built from
+/// them, and an absurd value is refused naming its field.
 pub fn parse_request(body: &[u8]) -> Result<RequestInfo, RequestError> {
     match body.iter().find(|c| !c.is_ascii_whitespace()) {
         Some(b'{') => {}
@@ -192,17 +215,29 @@ pub fn parse_request(body: &[u8]) -> Result<RequestInfo, RequestError> {
             include_usage: Some(true)
         }
     );
-    let max_tokens = [
-        head.max_completion_tokens,
-        head.max_tokens,
-        head.max_output_tokens,
-    ]
-    .into_iter()
-    .find_map(Loose::int);
+    let limits = [
+        ("max_completion_tokens", head.max_completion_tokens.int()),
+        ("max_tokens", head.max_tokens.int()),
+        ("max_output_tokens", head.max_output_tokens.int()),
+    ];
+    if let Some((f, _)) = limits
+        .iter()
+        .find(|(_, v)| v.is_some_and(|v| v > MAX_ANSWER_TOKENS))
+    {
+        return Err(RequestError::TooManyTokens(f));
+    }
+    let max_tokens = limits.iter().find_map(|(_, v)| *v);
+    let counts = [("n", head.n.int()), ("best_of", head.best_of.int())];
+    if let Some((f, _)) = counts
+        .iter()
+        .find(|(_, v)| v.is_some_and(|v| v > MAX_CHOICES))
+    {
+        return Err(RequestError::TooManyChoices(f));
+    }
     // Upstream may generate (and bill) every candidate of `best_of`.
-    let choices = [head.n, head.best_of]
-        .into_iter()
-        .filter_map(Loose::int)
+    let choices = counts
+        .iter()
+        .filter_map(|(_, v)| *v)
         .max()
         .unwrap_or(1)
         .max(1);

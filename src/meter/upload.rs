@@ -17,6 +17,8 @@ pub struct Upload {
     failed: AtomicBool,
     /// Bytes passed on so far.
     bytes: AtomicU64,
+    /// It broke because the client sent nothing for the body timeout.
+    timed_out: AtomicBool,
     /// The `model` form field (multipart) or JSON member, once seen.
     pub model: OnceLock<String>,
 }
@@ -29,6 +31,7 @@ impl Upload {
             active_at: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             bytes: AtomicU64::new(0),
+            timed_out: AtomicBool::new(false),
             model: OnceLock::new(),
         }
     }
@@ -62,5 +65,16 @@ impl Upload {
     /// The client's side of the upload broke.
     pub(crate) fn fail(&self) {
         self.failed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the upload broke because the client stalled.
+    pub fn timed_out(&self) -> bool {
+        self.timed_out.load(Ordering::Relaxed)
+    }
+
+    /// The client sent nothing for the body timeout.
+    pub(crate) fn time_out(&self) {
+        self.timed_out.store(true, Ordering::Relaxed);
+        self.fail();
     }
 }

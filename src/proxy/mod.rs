@@ -19,15 +19,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use bytes::BytesMut;
 use http::header::{self, HeaderMap};
 use http::request::Parts;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::access::AuthMode;
 use crate::app::App;
-use crate::body::{MeteredBody, UploadBody};
+use crate::body::{HeldBody, MeteredBody, UploadBody};
+use crate::config::ClientAbort;
 use crate::endpoint::Endpoint;
 use crate::error::ApiError;
 use crate::http::Body;
@@ -51,18 +54,68 @@ async fn forward(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body
     let up = ctx.upstream_request(app, parts, body)?;
     let mut meter = ctx.meter(app, admission);
     meter.overhead(ctx.started.elapsed());
+    if app.config.client_abort == ClientAbort::Finish
+        && ctx.endpoint.needs_model()
+        && !ctx.request.stream
+    {
+        return detached(app, ctx, meter, up).await;
+    }
     let answer = match send(app, up, ctx.upload.as_deref()).await {
         Ok(a) => a,
         Err(e) => {
-            match e.status() {
-                // Never reached upstream: nothing was spent, nothing to record.
-                None => meter.cancel(),
-                Some(status) => meter.failed(status),
-            }
+            settle_failed(meter, &e);
             return Err(e.into());
         }
     };
-    Ok(ctx.wrap_answer(app, meter, answer))
+    Ok(ctx.wrap_answer(app, meter, answer, false))
+}
+
+/// Phases 5 and 6 of a non-streamed request under `--client-abort finish`,
+/// in a task of their own: a client that leaves before the answer head
+/// only drops the wait, and the task goes on; a client gone by the time the
+/// head comes leaves the answer to [`MeteredBody`], which reads it to its
+/// end in the background. Either way the record gets the answer's real
+/// usage, marked as client-aborted.
+async fn detached(
+    app: &Arc<App>,
+    ctx: Ctx,
+    mut meter: Meter,
+    up: Request<Body>,
+) -> Result<Response<Body>, ApiError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let app = app.clone();
+    // Spawned on this worker's own runtime: the upstream connection it
+    // opens belongs to this thread's reactor, like the client's.
+    tokio::spawn(async move {
+        let out = match send(&app, up, None).await {
+            Ok(answer) => Ok(ctx.wrap_answer(&app, meter, answer, true)),
+            Err(e) => {
+                if tx.is_closed() {
+                    meter.client_left();
+                }
+                settle_failed(meter, &e);
+                Err(e)
+            }
+        };
+        // Refused when the client is gone: the answer's Drop takes over.
+        let _ = tx.send(out);
+    });
+    match rx.await {
+        Ok(out) => out.map_err(ApiError::from),
+        Err(_) => Err(ApiError::internal("the upstream exchange ended unanswered")),
+    }
+}
+
+/// Closes the record of a request that got no answer head.
+fn settle_failed(meter: Meter, e: &SendError) {
+    match e.status() {
+        // Never reached upstream: nothing was spent, nothing to record.
+        None => meter.cancel(),
+        Some(status) => {
+            let mut meter = meter;
+            meter.failed(status);
+        }
+    }
 }
 
 /// What the proxy knows of one request, gathered phase by phase.
@@ -158,7 +211,7 @@ impl Ctx {
                     .get(header::CONTENT_TYPE)
                     .is_some_and(|v| v.as_bytes().starts_with(b"multipart/"))
             });
-            let (body, progress) = UploadBody::new(body, sniff);
+            let (body, progress) = UploadBody::new(body, sniff, app.config.body_timeout);
             self.upload = Some(progress);
             return Ok(body.boxed_unsync());
         }
@@ -166,7 +219,7 @@ impl Ctx {
         if declared.is_some_and(|n| n > limit) {
             return Err(ApiError::too_large(limit));
         }
-        let bytes = read_limited(body, limit).await?;
+        let (bytes, room) = read_buffered(app, body, declared, limit).await?;
         let r = &mut self.request;
         if self.endpoint == Endpoint::Images {
             // Forwarded as it came: only read for its reservation.
@@ -177,7 +230,7 @@ impl Ctx {
             r.body = bytes;
             headers.remove(header::CONTENT_LENGTH);
             headers::ask_identity(headers);
-            return Ok(crate::http::full(r.body.clone()));
+            return Ok(HeldBody::new(r.body.clone(), room).boxed_unsync());
         }
         let info = meter::parse_request(&bytes)?;
         r.body = bytes;
@@ -193,7 +246,9 @@ impl Ctx {
         r.choices = info.choices;
         headers.remove(header::CONTENT_LENGTH);
         headers::ask_identity(headers);
-        Ok(crate::http::full(r.body.clone()))
+        // The room in --max-buffered is held by the forwarded body and given
+        // back when hyper drops it (sent, or the request refused).
+        Ok(HeldBody::new(r.body.clone(), room).boxed_unsync())
     }
 
     /// Phase 4: the request as upstream gets it.
@@ -261,6 +316,7 @@ impl Ctx {
         app: &App,
         mut meter: Meter,
         answer: Response<UpstreamBody>,
+        finish: bool,
     ) -> Response<Body> {
         let (mut parts, body) = answer.into_parts();
         if let Some(raw) =
@@ -278,7 +334,7 @@ impl Ctx {
         let rewritten = strip && matches!(observer, Observer::Sse(_));
         meter.answered(parts.status.as_u16(), request_id, observer);
         headers::to_client(&mut parts.headers, rewritten);
-        let body = MeteredBody::new(body, meter, app.config.upstream_idle_timeout);
+        let body = MeteredBody::new(body, meter, app.config.upstream_idle_timeout, finish);
         Response::from_parts(parts, body.boxed_unsync())
     }
 }
@@ -319,21 +375,86 @@ fn user_of(h: &HeaderMap) -> Result<String, ApiError> {
     }
 }
 
-/// Reads a request body up to `limit` bytes.
-async fn read_limited(body: Incoming, limit: u64) -> Result<Bytes, ApiError> {
-    match Limited::new(body, limit as usize).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
-        Err(e) => Err(ApiError::bad_request(format!(
-            "could not read the request body: {e}"
-        ))),
+/// Longest wait for room among the buffered bodies (`--max-buffered`)
+/// before a 503.
+const BUFFER_WAIT: Duration = Duration::from_secs(2);
+
+/// Room first taken for a body of unknown length; it grows (doubling) as
+/// the body arrives.
+const CHUNKED_START: u64 = 64 << 10;
+
+/// KiB (rounded up): the semaphore's unit, so `acquire_many`'s `u32` covers
+/// terabytes.
+fn kib(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
+}
+
+/// Takes `n` KiB of `--max-buffered`, waiting at most [`BUFFER_WAIT`].
+async fn take_room(app: &App, n: u32) -> Result<OwnedSemaphorePermit, ApiError> {
+    let wait = app.buffered.clone().acquire_many_owned(n);
+    match tokio::time::timeout(BUFFER_WAIT, wait).await {
+        Ok(Ok(p)) => Ok(p),
+        _ => {
+            app.metrics.rejected("server_busy");
+            let mut e = ApiError::unavailable(
+                "tollgate holds as many request bodies as it may; try again shortly",
+            )
+            .with_code("server_busy");
+            e.retry_after = Some(1);
+            Err(e)
+        }
     }
+}
+
+/// Reads a JSON request body: at most `limit` bytes (else 413), no silence
+/// longer than `--body-timeout` (else 408), and only with room for it in
+/// `--max-buffered` (the declared length up front, or growing as a chunked
+/// body arrives), which the returned permit holds.
+async fn read_buffered(
+    app: &App,
+    mut body: Incoming,
+    declared: Option<u64>,
+    limit: u64,
+) -> Result<(Bytes, OwnedSemaphorePermit), ApiError> {
+    let most = kib(limit);
+    let mut room = take_room(app, kib(declared.unwrap_or(CHUNKED_START)).min(most)).await?;
+    let mut buf = BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
+    let timeout = app.config.body_timeout;
+    loop {
+        let frame = match tokio::time::timeout(timeout, body.frame()).await {
+            Err(_) => {
+                app.metrics.rejected("body_timeout");
+                return Err(ApiError::body_timeout(timeout));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad_request(format!(
+                    "could not read the request body: {e}"
+                )))
+            }
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(d) = frame.into_data() else { continue };
+        let len = (buf.len() as u64).saturating_add(d.len() as u64);
+        if len > limit {
+            return Err(ApiError::too_large(limit));
+        }
+        let held = room.num_permits() as u32;
+        if kib(len) > held {
+            let more = kib(len).max(held.saturating_mul(2)).min(most);
+            room.merge(take_room(app, more.saturating_sub(held)).await?);
+        }
+        buf.extend_from_slice(&d);
+    }
+    Ok((buf.freeze(), room))
 }
 
 /// Why no answer head came back.
 enum SendError {
     /// The client broke off its own upload (or framed it badly).
     ClientUpload,
+    /// The client's upload stalled for longer than the body timeout.
+    UploadTimeout(Duration),
     /// No connection to upstream could be opened.
     Unreachable,
     /// The connection failed while sending or waiting for the head.
@@ -348,6 +469,7 @@ impl SendError {
     fn status(&self) -> Option<u16> {
         match self {
             SendError::ClientUpload => Some(499),
+            SendError::UploadTimeout(_) => Some(408),
             SendError::Unreachable => None,
             SendError::Upstream(_) => Some(502),
             SendError::Timeout(_) => Some(504),
@@ -361,6 +483,7 @@ impl From<SendError> for ApiError {
             SendError::ClientUpload => {
                 ApiError::bad_request("the request body could not be read to its end")
             }
+            SendError::UploadTimeout(d) => ApiError::body_timeout(d),
             SendError::Unreachable => {
                 ApiError::bad_gateway("upstream is unreachable").with_code("upstream_unreachable")
             }
@@ -406,7 +529,9 @@ async fn send(
         }
     };
     sent.map_err(|e| {
-        if upload.is_some_and(|u| u.failed()) {
+        if upload.is_some_and(|u| u.timed_out()) {
+            SendError::UploadTimeout(app.config.body_timeout)
+        } else if upload.is_some_and(|u| u.failed()) {
             SendError::ClientUpload
         } else if matches!(e, UpstreamError::Connect(_)) {
             SendError::Unreachable

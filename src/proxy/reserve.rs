@@ -61,10 +61,16 @@ fn json_api(app: &App, ctx: &Ctx) -> (i128, u64) {
         .store
         .prices()
         .lookup(&r.model, &r.model, ctx.started_ms)
-        .map_or(0, |(_, p)| {
-            i128::from(prompt) * i128::from(p.query) + i128::from(answer) * i128::from(p.answer)
-        });
+        .map_or(0, |(_, p)| worst_cost(prompt, answer, p));
     (cost, prompt.saturating_add(answer))
+}
+
+/// Pico-dollars of `prompt` and `answer` tokens at `p`: saturating, so a
+/// sum past any budget refuses and never wraps.
+fn worst_cost(prompt: u64, answer: u64, p: &crate::pricing::Price) -> i128 {
+    i128::from(prompt)
+        .saturating_mul(i128::from(p.query))
+        .saturating_add(i128::from(answer).saturating_mul(i128::from(p.answer)))
 }
 
 /// Image output tokens of one image of this size and quality; the largest
@@ -99,9 +105,7 @@ fn images(app: &App, ctx: &Ctx, floor: i128) -> (i128, u64) {
         .store
         .prices()
         .lookup(&img.model, &img.model, ctx.started_ms)
-        .map(|(_, p)| {
-            i128::from(prompt) * i128::from(p.query) + i128::from(answer) * i128::from(p.answer)
-        });
+        .map(|(_, p)| worst_cost(prompt, answer, p));
     match (priced, seen) {
         (Some(c), s) => (c.max(s.unwrap_or(0)), prompt.saturating_add(answer)),
         (None, Some(s)) => (s, 0),

@@ -147,7 +147,7 @@ impl Writer {
                         let (cost, priced) = r.cost(&self.prices.read());
                         let mut r = *r;
                         if let Some(h) = r.hold.take() {
-                            h.settle(cost, r.usage.query + r.usage.answer);
+                            h.settle(cost, r.usage.query.saturating_add(r.usage.answer));
                         }
                         p.batch.push(Priced {
                             record: r,

@@ -22,6 +22,7 @@ use serde_json::Value;
 use tollgate::endpoint::StreamKind;
 use tollgate::meter::{
     parse_request, parse_usage, splice_include_usage, Found, JsonScanner, RequestError, SseScanner,
+    MAX_ANSWER_TOKENS, MAX_CHOICES,
 };
 use tollgate::record::Usage;
 
@@ -332,6 +333,8 @@ pub fn request_fields(body: &[u8]) {
         "max_tokens",
         "max_completion_tokens",
         "max_output_tokens",
+        "n",
+        "best_of",
     ];
     let dup = read
         .iter()
@@ -341,6 +344,26 @@ pub fn request_fields(body: &[u8]) {
         Some(Value::String(s)) => Ok(s.clone()),
         Some(_) => Err(RequestError::ModelNotString),
     };
+    // Absurd token limits and answer counts are refused naming the first
+    // such field, in the order parse_request reads them.
+    let over = |fields: &[&'static str], max: u64| {
+        fields
+            .iter()
+            .copied()
+            .find(|k| m.get(*k).and_then(Value::as_u64).is_some_and(|v| v > max))
+    };
+    let expect = expect.and_then(|model| {
+        if let Some(f) = over(
+            &["max_completion_tokens", "max_tokens", "max_output_tokens"],
+            MAX_ANSWER_TOKENS,
+        ) {
+            return Err(RequestError::TooManyTokens(f));
+        }
+        if let Some(f) = over(&["n", "best_of"], MAX_CHOICES) {
+            return Err(RequestError::TooManyChoices(f));
+        }
+        Ok(model)
+    });
     match (&got, expect) {
         // A repeated member tollgate reads is ambiguous; refusing it is fine.
         (Err(RequestError::NotJson), _) if dup => {}
@@ -360,6 +383,13 @@ pub fn request_fields(body: &[u8]) {
                 .iter()
                 .find_map(|k| m.get(*k).and_then(Value::as_u64));
             assert_eq!(info.max_tokens, max, "max_tokens");
+            let choices = ["n", "best_of"]
+                .iter()
+                .filter_map(|k| m.get(*k).and_then(Value::as_u64))
+                .max()
+                .unwrap_or(1)
+                .max(1);
+            assert_eq!(info.choices, choices, "choices");
         }
         (got, expect) => assert_eq!(got.as_ref().map(|i| &i.model), expect.as_ref()),
     }

@@ -86,3 +86,31 @@ fn splice_keeps_other_bytes() {
         body
     );
 }
+
+#[test]
+fn absurd_answer_sizes_are_refused_naming_the_field() {
+    let max = MAX_ANSWER_TOKENS;
+    let r =
+        parse_request(format!(r#"{{"model":"m","max_tokens":{max},"n":128}}"#).as_bytes()).unwrap();
+    assert_eq!((r.max_tokens, r.choices), (Some(max), 128));
+    for (body, err) in [
+        (
+            r#"{"model":"m","max_tokens":18446744073709551615}"#,
+            RequestError::TooManyTokens("max_tokens"),
+        ),
+        (
+            // Refused even though max_completion_tokens is the one read.
+            r#"{"model":"m","max_completion_tokens":5,"max_output_tokens":1000000001}"#,
+            RequestError::TooManyTokens("max_output_tokens"),
+        ),
+        (
+            r#"{"model":"m","n":2,"best_of":129}"#,
+            RequestError::TooManyChoices("best_of"),
+        ),
+    ] {
+        assert_eq!(parse_request(body.as_bytes()), Err(err), "{body}");
+        assert!(err.param().is_some());
+    }
+    // A missing model is the first thing said.
+    assert_eq!(parse_request(br#"{"n":1000}"#), Err(RequestError::NoModel));
+}

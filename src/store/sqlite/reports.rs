@@ -103,7 +103,7 @@ impl Reports for SqliteReports {
         let sql = format!(
             "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     CAST(query_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cached_tokens AS INTEGER),
-                    CAST(reasoning_tokens AS INTEGER), CAST(cost AS INTEGER), priced, estimated, request_id
+                    CAST(reasoning_tokens AS INTEGER), CAST(cost AS INTEGER), priced, estimated, request_id, client_aborted
              FROM queries{w} ORDER BY ts, id LIMIT ? OFFSET ?"
         );
         args.push(rusqlite::types::Value::Integer(
@@ -135,6 +135,7 @@ impl Reports for SqliteReports {
                     priced: r.get(15)?,
                     estimated: r.get(16)?,
                     request_id: r.get(17)?,
+                    client_aborted: r.get(18)?,
                 };
                 if !sink(rec) {
                     break;

@@ -20,6 +20,10 @@ pub(super) struct Migration {
     pub(super) what: &'static str,
     /// The statements, run as one batch.
     pub(super) sql: &'static str,
+    /// `(table, column)` a step adds with `ALTER TABLE ... ADD COLUMN`,
+    /// which has no `IF NOT EXISTS`: the step is skipped where the column
+    /// is there already, so replaying it stays harmless.
+    pub(super) adds_column: Option<(&'static str, &'static str)>,
 }
 
 /// Every step, in order; versions count up from 1 without gaps.
@@ -28,21 +32,31 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         version: 1,
         what: "records, prices, meta",
         sql: SCHEMA_V1,
+        adds_column: None,
     },
     Migration {
         version: 2,
         what: "daily rollups, filled from the records already there",
         sql: SCHEMA_V2,
+        adds_column: None,
     },
     Migration {
         version: 3,
         what: "user keys, limits, rejections",
         sql: SCHEMA_V3,
+        adds_column: None,
     },
     Migration {
         version: 4,
         what: "covering time index on records, no (user, ts) index",
         sql: SCHEMA_V4,
+        adds_column: None,
+    },
+    Migration {
+        version: 5,
+        what: "records say whether the client left before the answer's end",
+        sql: SCHEMA_V5,
+        adds_column: Some(("queries", "client_aborted")),
     },
 ];
 
@@ -165,6 +179,35 @@ CREATE INDEX IF NOT EXISTS queries_ts_sums ON queries (ts, user, model, query_to
 DROP INDEX IF EXISTS queries_user_ts;
 ";
 
+/// Whether the client left before the whole answer reached it (0 for the
+/// records written before).
+const SCHEMA_V5: &str = "
+ALTER TABLE queries ADD COLUMN client_aborted INTEGER NOT NULL DEFAULT 0;
+";
+
+/// Whether `table` has `column`.
+fn has_column(c: &Connection, table: &str, column: &str) -> Result<bool, StoreError> {
+    let mut st = c.prepare(&format!("PRAGMA table_info({table})"))?;
+    let names = st.query_map([], |r| r.get::<_, String>(1))?;
+    for n in names {
+        if n? == column {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Runs one step (skipping a column that is there already).
+fn apply(c: &Connection, m: &Migration) -> Result<(), StoreError> {
+    if let Some((table, column)) = m.adds_column {
+        if has_column(c, table, column)? {
+            return Ok(());
+        }
+    }
+    c.execute_batch(m.sql)?;
+    Ok(())
+}
+
 fn user_version(c: &Connection) -> Result<i64, StoreError> {
     Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?)
 }
@@ -193,7 +236,7 @@ pub(super) fn migrate(c: &mut Connection) -> Result<Vec<i64>, StoreError> {
     refuse_newer(version)?;
     let mut applied = Vec::new();
     for m in MIGRATIONS.iter().filter(|m| m.version > version) {
-        tx.execute_batch(m.sql)?;
+        apply(&tx, m)?;
         applied.push(m.version);
     }
     tx.pragma_update(None, "user_version", LATEST)?;
@@ -229,7 +272,7 @@ mod tests {
     fn at_version(path: &std::path::Path, version: i64) -> Connection {
         let c = Connection::open(path).unwrap();
         for m in MIGRATIONS.iter().filter(|m| m.version <= version) {
-            c.execute_batch(m.sql).unwrap();
+            apply(&c, m).unwrap();
         }
         c.pragma_update(None, "user_version", version).unwrap();
         c
@@ -318,7 +361,7 @@ CREATE INDEX IF NOT EXISTS rejections_user_ts ON rejections (user, ts);
 
     fn fresh(dir: &std::path::Path) -> Connection {
         let mut c = Connection::open(dir.join("fresh.db")).unwrap();
-        assert_eq!(migrate(&mut c).unwrap(), vec![1, 2, 3, 4]);
+        assert_eq!(migrate(&mut c).unwrap(), vec![1, 2, 3, 4, 5]);
         c
     }
 
@@ -336,6 +379,9 @@ CREATE INDEX IF NOT EXISTS rejections_user_ts ON rejections (user, ts);
         assert_eq!(user_version(&c).unwrap(), LATEST);
         let today = Connection::open(dir.path().join("today.db")).unwrap();
         today.execute_batch(UNVERSIONED_V3).unwrap();
+        for m in MIGRATIONS.iter().filter(|m| m.version > 4) {
+            apply(&today, m).unwrap();
+        }
         assert_eq!(schema(&c), schema(&today));
         let n = names(&c);
         assert!(n.contains(&"queries_ts_sums".to_owned()));
@@ -378,7 +424,7 @@ CREATE INDEX IF NOT EXISTS rejections_user_ts ON rejections (user, ts);
                 [],
             )
             .unwrap();
-            assert_eq!(migrate(&mut c).unwrap(), vec![4]);
+            assert_eq!(migrate(&mut c).unwrap(), vec![4, 5]);
             assert_eq!(schema(&c), want);
             let n: i64 = c
                 .query_row("SELECT COUNT(*) FROM queries", [], |r| r.get(0))
@@ -405,6 +451,17 @@ CREATE INDEX IF NOT EXISTS rejections_user_ts ON rejections (user, ts);
             )
             .unwrap();
         assert_eq!(row, (1, 5, 42));
+    }
+
+    #[test]
+    fn a_lowered_version_replays_the_column_step_harmlessly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = fresh(dir.path());
+        let want = schema(&c);
+        c.pragma_update(None, "user_version", 1).unwrap();
+        assert_eq!(migrate(&mut c).unwrap(), vec![2, 3, 4, 5]);
+        assert_eq!(schema(&c), want);
+        assert!(has_column(&c, "queries", "client_aborted").unwrap());
     }
 
     #[test]
