@@ -17,7 +17,7 @@ fn defaults() {
     let c = run(&[], &[]).unwrap();
     assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
     assert_eq!(c.upstream.to_string(), "https://api.openai.com");
-    assert_eq!(c.db, PathBuf::from("openai-queries.db"));
+    assert_eq!(c.db, Db::Sqlite(PathBuf::from("openai-queries.db")));
     assert_eq!(c.upstream_connect_timeout, Duration::from_secs(10));
     assert_eq!(c.upstream_idle_timeout, Duration::from_secs(600));
     assert_eq!(c.max_body, 32 << 20);
@@ -46,7 +46,7 @@ fn flags_beat_env_beat_file() {
     .unwrap();
     assert_eq!(c.listen.port(), 3);
     assert_eq!(c.upstream.to_string(), "http://env:2/base");
-    assert_eq!(c.db, PathBuf::from("file.db"));
+    assert_eq!(c.db, Db::Sqlite(PathBuf::from("file.db")));
     assert_eq!(c.max_body, 1 << 20);
     assert_eq!(c.upstream_token.as_deref(), Some("from-file"));
     assert_eq!(c.upstream_idle_timeout, Duration::from_secs(7));
