@@ -696,6 +696,19 @@ impl Drop for Proxy {
         if let Some(tx) = self.stop_tx.take() {
             let _ = tx.send(());
         }
+        // The database goes once the server let go of the app (its store
+        // writes what it holds at shutdown), not under it.
+        if let Some(pg) = self._pg.take() {
+            let app = self.state.clone();
+            std::thread::spawn(move || {
+                let t = std::time::Instant::now();
+                while Arc::strong_count(&app) > 1 && t.elapsed() < Duration::from_secs(60) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                drop(app);
+                drop(pg);
+            });
+        }
     }
 }
 

@@ -34,7 +34,7 @@ fn key_info(r: &tokio_postgres::Row) -> Result<KeyInfo, tokio_postgres::Error> {
 impl Accounts for PgAccounts {
     fn create_key(&self, info: &KeyInfo, digest: &[u8; 32]) -> Result<(), StoreError> {
         self.pool.with(|c| {
-            wait(c.execute(
+            wait(c.client.execute(
                 "INSERT INTO api_keys (id, username, digest, created) VALUES ($1, $2, $3, $4)",
                 &[&info.id, &info.user, &&digest[..], &info.created_ms],
             ))?;
@@ -44,7 +44,7 @@ impl Accounts for PgAccounts {
 
     fn list_keys(&self, user: &str) -> Result<Vec<KeyInfo>, StoreError> {
         self.pool.with(|c| {
-            let rows = wait(c.query(
+            let rows = wait(c.client.query(
                 "SELECT id, username, created, last_used, revoked FROM api_keys WHERE username = $1 ORDER BY created, id",
                 &[&user],
             ))?;
@@ -54,7 +54,7 @@ impl Accounts for PgAccounts {
 
     fn revoke_key(&self, id: &str, now_ms: i64) -> Result<Option<String>, StoreError> {
         self.pool.with(|c| {
-            let row = wait(c.query_opt(
+            let row = wait(c.client.query_opt(
                 "UPDATE api_keys SET revoked = $2 WHERE id = $1 AND revoked IS NULL RETURNING username",
                 &[&id, &now_ms],
             ))?;
@@ -64,7 +64,7 @@ impl Accounts for PgAccounts {
 
     fn active_keys(&self) -> Result<Vec<(KeyInfo, [u8; 32])>, StoreError> {
         self.pool.with(|c| {
-            let rows = wait(c.query(
+            let rows = wait(c.client.query(
                 "SELECT id, username, created, last_used, revoked, digest FROM api_keys WHERE revoked IS NULL",
                 &[],
             ))?;
@@ -85,12 +85,12 @@ impl Accounts for PgAccounts {
         let user = user.unwrap_or(DEFAULT_LIMITS_USER);
         self.pool.with(|c| {
             match l {
-                Some(l) => wait(c.execute(
+                Some(l) => wait(c.client.execute(
                     "INSERT INTO limits (username, budget, period, rpm, tpm) VALUES ($1, $2, $3, $4, $5)
                      ON CONFLICT (username) DO UPDATE SET budget = excluded.budget, period = excluded.period, rpm = excluded.rpm, tpm = excluded.tpm",
                     &[&user, &l.budget, &l.period.as_str(), &l.rpm.map(i), &l.tpm.map(i)],
                 ))?,
-                None => wait(c.execute("DELETE FROM limits WHERE username = $1", &[&user]))?,
+                None => wait(c.client.execute("DELETE FROM limits WHERE username = $1", &[&user]))?,
             };
             Ok(())
         })
@@ -98,7 +98,10 @@ impl Accounts for PgAccounts {
 
     fn all_limits(&self) -> Result<Vec<(Option<String>, Limits)>, StoreError> {
         self.pool.with(|c| {
-            let rows = wait(c.query("SELECT username, budget, period, rpm, tpm FROM limits", &[]))?;
+            let rows = wait(
+                c.client
+                    .query("SELECT username, budget, period, rpm, tpm FROM limits", &[]),
+            )?;
             let n = |v: Option<i64>| v.map(|v| v.max(0) as u64);
             let mut out = Vec::with_capacity(rows.len());
             for r in &rows {

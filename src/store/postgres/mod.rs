@@ -21,11 +21,12 @@ pub use reports::PgReports;
 pub use schema::LATEST as SCHEMA_VERSION;
 pub use write::PgBackend;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use crate::config::PgUrl;
 use crate::pricing;
@@ -134,10 +135,35 @@ impl BlockOnDetached for tokio::runtime::Runtime {
     }
 }
 
+/// A pooled connection and its prepared statements (a report runs a few
+/// statements of a small set; preparing each once saves a round trip).
+pub(crate) struct Conn {
+    client: Client,
+    prepared: HashMap<String, Statement>,
+}
+
+/// Most statements kept prepared per connection.
+const PREPARED_MAX: usize = 256;
+
+impl Conn {
+    /// The statement for `sql`, prepared the first time.
+    async fn statement(&mut self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(st) = self.prepared.get(sql) {
+            return Ok(st.clone());
+        }
+        let st = self.client.prepare(sql).await?;
+        if self.prepared.len() >= PREPARED_MAX {
+            self.prepared.clear();
+        }
+        self.prepared.insert(sql.to_owned(), st.clone());
+        Ok(st)
+    }
+}
+
 /// Connections shared by the read side and the accounts.
 pub(crate) struct Pool {
     url: PgUrl,
-    idle: Mutex<Vec<Client>>,
+    idle: Mutex<Vec<Conn>>,
 }
 
 impl Pool {
@@ -150,19 +176,21 @@ impl Pool {
 
     /// Runs `f` on an idle connection (or a new one); a connection that
     /// broke is not kept.
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    fn with<T>(&self, f: impl FnOnce(&mut Conn) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let mut c = loop {
             match self.idle.lock().pop() {
-                Some(c) if c.is_closed() => continue,
+                Some(c) if c.client.is_closed() => continue,
                 Some(c) => break c,
-                None => break connect(&self.url)?,
+                None => {
+                    break Conn {
+                        client: connect(&self.url)?,
+                        prepared: HashMap::new(),
+                    }
+                }
             }
         };
         let out = f(&mut c);
-        if !c.is_closed() {
+        if !c.client.is_closed() {
             let mut idle = self.idle.lock();
             if idle.len() < POOL_IDLE {
                 idle.push(c);

@@ -9,9 +9,8 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::Client;
 
-use super::{wait, Pool};
+use super::{wait, Conn, Pool};
 use crate::pricing::{Price, PriceTable};
 use crate::ratelimit::RateLimits;
 use crate::record::StoredRecord;
@@ -141,8 +140,8 @@ impl Reports for PgReports {
         q.args.push(Box::new(offset));
         self.pool.with(|c| {
             wait(async {
-                let st = c.prepare(&sql).await?;
-                let rows = c.query_raw(&st, q.params()).await?;
+                let st = c.statement(&sql).await?;
+                let rows = c.client.query_raw(&st, q.params()).await?;
                 let mut rows = pin!(rows);
                 while let Some(r) = rows.next().await {
                     let r = r?;
@@ -178,7 +177,7 @@ impl Reports for PgReports {
 
     fn prices(&self) -> Result<PriceTable, StoreError> {
         self.pool.with(|c| {
-            let rows = wait(c.query(
+            let rows = wait(c.client.query(
                 "SELECT model, valid_from, query, cached, answer FROM prices",
                 &[],
             ))?;
@@ -201,7 +200,10 @@ impl Reports for PgReports {
 
     fn ratelimits(&self) -> Result<Option<RateLimits>, StoreError> {
         self.pool.with(|c| {
-            let row = wait(c.query_opt("SELECT value FROM meta WHERE key = 'ratelimits'", &[]))?;
+            let row = wait(
+                c.client
+                    .query_opt("SELECT value FROM meta WHERE key = 'ratelimits'", &[]),
+            )?;
             let v: Option<String> = row.map(|r| r.try_get(0)).transpose()?;
             Ok(v.and_then(|s| serde_json::from_str(&s).ok()))
         })
@@ -209,7 +211,7 @@ impl Reports for PgReports {
 }
 
 fn piece_totals(
-    c: &mut Client,
+    c: &mut Conn,
     piece: &Piece,
     f: &Filter,
     group: &[GroupKey],
@@ -282,7 +284,7 @@ fn key_expr(g: GroupKey, rollup: bool) -> &'static str {
 /// hands each row, with its group values, to `each` (aggregates start at
 /// column `keys.len()`).
 fn grouped(
-    c: &mut Client,
+    c: &mut Conn,
     keys: &[&str],
     group: &[GroupKey],
     aggregates: &str,
@@ -304,7 +306,10 @@ fn grouped(
         let positions: Vec<String> = (1..=keys.len()).map(|i| i.to_string()).collect();
         sql.push_str(&positions.join(", "));
     }
-    let rows = wait(c.query(&sql, &q.params()))?;
+    let rows = wait(async {
+        let st = c.statement(&sql).await?;
+        c.client.query(&st, &q.params()).await
+    })?;
     for r in &rows {
         let mut g = GroupValues::default();
         for (i, k) in group.iter().enumerate() {
@@ -323,7 +328,7 @@ fn grouped(
 
 /// Adds the refused requests matching the filter (grouped like the usage).
 fn rejection_counts(
-    c: &mut Client,
+    c: &mut Conn,
     f: &Filter,
     group: &[GroupKey],
     acc: &mut BTreeMap<GroupValues, [i128; 8]>,
