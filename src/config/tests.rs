@@ -160,3 +160,41 @@ fn readme_documents_every_setting() {
         );
     }
 }
+
+#[test]
+fn db_takes_a_postgres_url_and_never_shows_its_password() {
+    let url = "postgres://tg:s3cret-pw@db.example:5432/tollgate?sslmode=require";
+    for args in [vec!["--db", url]] {
+        let c = run(&args, &[]).unwrap();
+        let Db::Postgres(u) = &c.db else {
+            panic!("not PostgreSQL: {:?}", c.db)
+        };
+        assert_eq!(u.secret(), url);
+        let shown = [
+            format!("{c:?}"),
+            c.db.display(),
+            format!("{u}"),
+            format!("{u:?}"),
+        ];
+        for s in shown {
+            assert!(!s.contains("s3cret-pw"), "{s}");
+            assert!(s.contains("tg:<redacted>@db.example:5432/tollgate"), "{s}");
+        }
+    }
+    let c = run(
+        &[],
+        &[("TOLLGATE_DB", "postgresql://h/db?password=pw-in-query")],
+    )
+    .unwrap();
+    assert!(matches!(c.db, Db::Postgres(_)));
+    assert!(!format!("{c:?}").contains("pw-in-query"));
+    assert!(format!("{c:?}").contains("password=<redacted>"));
+    // A file path stays a SQLite file, whatever it contains.
+    let c = run(&["--db", "./postgres-data.db"], &[]).unwrap();
+    assert_eq!(c.db, Db::Sqlite(PathBuf::from("./postgres-data.db")));
+    // A malformed URL is refused naming --db, without the password.
+    let e = run(&["--db", "postgres://u:hunter2@h:notaport/db"], &[]).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("--db"), "{msg}");
+    assert!(!msg.contains("hunter2"), "{msg}");
+}

@@ -151,12 +151,10 @@ fn daily_columns(batch: &[Priced]) -> DailyColumns<'_> {
 
 /// The month (months since year 0) a time falls in.
 pub(super) fn month_of(ts: i64) -> i64 {
-    let t = Utc.timestamp_millis_opt(ts).single().unwrap_or_else(|| {
-        if ts < 0 {
-            chrono::DateTime::<Utc>::MIN_UTC
-        } else {
-            chrono::DateTime::<Utc>::MAX_UTC
-        }
+    let t = Utc.timestamp_millis_opt(ts).single().unwrap_or(if ts < 0 {
+        chrono::DateTime::<Utc>::MIN_UTC
+    } else {
+        chrono::DateTime::<Utc>::MAX_UTC
     });
     i64::from(t.year()) * 12 + i64::from(t.month0())
 }
