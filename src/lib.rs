@@ -4,7 +4,8 @@
 //! (OpenAI or any OpenAI-compatible server) with bodies streamed through
 //! untouched, and leaves exactly one usage record: user, models, tokens
 //! (cached and reasoning included), cost, status and timings. Records go over
-//! a bounded channel to one writer thread that batches them into SQLite. A
+//! a bounded channel to one writer thread that batches them into SQLite
+//! (or PostgreSQL). A
 //! small REST API reports prices, usage, per-query records and upstream rate
 //! limits.
 //!
@@ -31,7 +32,7 @@
 //! - [`pricing`]: exact integer prices and costs, the model lookup chain, the built-in list.
 //! - [`record`]: the usage record, its token counts and what an estimate is made from.
 //! - [`store`]: the writer and estimator threads and the storage traits; [`store::sqlite`]
-//!   implements them.
+//!   (the default) and [`store::postgres`] (several instances on one database) implement them.
 //! - [`access`]: the admin key, user keys and client authentication modes.
 //! - [`budget`]: spending limits and request/token rates, reserved before
 //!   upstream and settled when the record is priced.
