@@ -181,7 +181,7 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let config = tollgate::config::Config {
-            db: path.clone(),
+            db: tollgate::config::Db::Sqlite(path.clone()),
             default_prices: false,
             ..tollgate::config::Config::default()
         };

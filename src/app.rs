@@ -10,9 +10,9 @@ use http::HeaderValue;
 
 use crate::access::{self, Keys};
 use crate::budget::{Budgets, Period};
-use crate::config::Config;
+use crate::config::{Config, Db};
 use crate::metrics::Metrics;
-use crate::store::{sqlite, Filter, GroupKey, Store, StoreError};
+use crate::store::{postgres, sqlite, Filter, GroupKey, Store, StoreError};
 
 /// The application: everything a request handler needs, built once.
 pub struct App {
@@ -62,14 +62,24 @@ impl App {
             setting: "--db",
             message,
         };
-        let (backend, reports, accounts) = sqlite::open(&config.db, config.default_prices)
-            .map_err(|e| db_error(format!("{}: {e}", config.db.display())))?;
+        let opened = |e: StoreError| db_error(format!("{}: {e}", config.db.display()));
         let metrics = Arc::new(Metrics::new(config.metrics_max_users));
         let retain = config
             .retain_days
             .map(|d| std::time::Duration::from_secs(u64::from(d) * 86_400));
-        let store = Store::start(backend, reports, accounts, metrics.clone(), retain)
-            .map_err(|e| db_error(e.to_string()))?;
+        let store = match &config.db {
+            Db::Sqlite(path) => {
+                let (backend, reports, accounts) =
+                    sqlite::open(path, config.default_prices).map_err(opened)?;
+                Store::start(backend, reports, accounts, metrics.clone(), retain)
+            }
+            Db::Postgres(url) => {
+                let (backend, reports, accounts) =
+                    postgres::open(url, config.default_prices).map_err(opened)?;
+                Store::start(backend, reports, accounts, metrics.clone(), retain)
+            }
+        }
+        .map_err(|e| db_error(e.to_string()))?;
         let auth_header = match &config.upstream_token {
             Some(t) => {
                 let mut v =

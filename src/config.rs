@@ -15,8 +15,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Upstream base URL; the incoming path and query are appended to it.
     pub upstream: UpstreamUrl,
-    /// SQLite database file.
-    pub db: PathBuf,
+    /// Where records go: a SQLite file or a PostgreSQL server.
+    pub db: Db,
     /// Key injected as `Authorization: Bearer` upstream; `None` passes the
     /// client's own `Authorization` through.
     pub upstream_token: Option<String>,
@@ -94,6 +94,188 @@ impl std::fmt::Debug for Config {
             .field("reserve_floor", &self.reserve_floor)
             .finish()
     }
+}
+
+/// Where records are stored.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Db {
+    /// A SQLite database file (the default).
+    Sqlite(PathBuf),
+    /// A PostgreSQL server, shared by any number of tollgate instances.
+    Postgres(PgUrl),
+}
+
+impl Db {
+    /// A `postgres://` or `postgresql://` URL, else a SQLite file path.
+    pub fn parse(v: &str) -> Result<Db, String> {
+        if PgUrl::is_pg(v) {
+            return PgUrl::parse(v).map(Db::Postgres);
+        }
+        Ok(Db::Sqlite(PathBuf::from(v)))
+    }
+
+    /// The database as logs may show it (no password).
+    pub fn display(&self) -> String {
+        match self {
+            Db::Sqlite(p) => p.display().to_string(),
+            Db::Postgres(u) => u.redacted(),
+        }
+    }
+}
+
+/// Never shows a password.
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Db::Sqlite(p) => f.debug_tuple("Sqlite").field(p).finish(),
+            Db::Postgres(u) => f.debug_tuple("Postgres").field(u).finish(),
+        }
+    }
+}
+
+/// A PostgreSQL connection URL. It may carry a password, so it prints (in
+/// `Debug`, [`PgUrl::redacted`] and errors) with the password replaced.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PgUrl(String);
+
+impl PgUrl {
+    /// Whether `v` names a PostgreSQL server rather than a file.
+    pub fn is_pg(v: &str) -> bool {
+        let lower = v.get(..13).unwrap_or(v).to_ascii_lowercase();
+        lower.starts_with("postgres://") || lower.starts_with("postgresql://")
+    }
+
+    /// Checks the URL's syntax (the server is reached at start).
+    pub fn parse(v: &str) -> Result<PgUrl, String> {
+        let url = PgUrl(v.to_owned());
+        url.config().map_err(|e| {
+            // The driver's message may quote the URL; ours names it redacted.
+            format!(
+                "`{}` is not a PostgreSQL URL like postgres://user@host:5432/tollgate ({})",
+                url.redacted(),
+                redact_text(&e.to_string(), v)
+            )
+        })?;
+        Ok(url)
+    }
+
+    /// The URL as written, password included: only for connecting.
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+
+    /// The driver's settings: the URL's, with the password from `PGPASSWORD`
+    /// when the URL has none, and TLS settings taken out (`sslrootcert`,
+    /// which the driver does not know, comes back as the second value).
+    pub fn config(&self) -> Result<tokio_postgres::Config, tokio_postgres::Error> {
+        self.config_and_ca().map(|(c, _)| c)
+    }
+
+    /// [`PgUrl::config`] and the `sslrootcert` file, if the URL names one.
+    pub fn config_and_ca(
+        &self,
+    ) -> Result<(tokio_postgres::Config, Option<PathBuf>), tokio_postgres::Error> {
+        let (url, ca) = take_query_param(&self.0, "sslrootcert");
+        let mut c: tokio_postgres::Config = url.parse()?;
+        if c.get_password().is_none() {
+            if let Ok(p) = std::env::var("PGPASSWORD") {
+                c.password(p);
+            }
+        }
+        if c.get_user().is_none() {
+            if let Ok(u) = std::env::var("PGUSER") {
+                c.user(u);
+            }
+        }
+        if c.get_connect_timeout().is_none() {
+            c.connect_timeout(Duration::from_secs(5));
+        }
+        c.application_name("tollgate");
+        Ok((c, ca.map(PathBuf::from)))
+    }
+
+    /// The URL with any password replaced by `<redacted>`.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl std::fmt::Debug for PgUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl std::fmt::Display for PgUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// `url` without the query parameter `key`, and that parameter's value.
+fn take_query_param(url: &str, key: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut found = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|kv| match kv.split_once('=') {
+            Some((k, v)) if k == key => {
+                found = Some(v.to_owned());
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    if kept.is_empty() {
+        (base.to_owned(), found)
+    } else {
+        (format!("{base}?{}", kept.join("&")), found)
+    }
+}
+
+/// A PostgreSQL URL with the password of its user part and of a
+/// `password=` parameter replaced by `<redacted>`.
+fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = scheme_end + 3;
+        let auth_end = out[rest..].find(['/', '?']).map_or(out.len(), |i| rest + i);
+        if let Some(at) = out[rest..auth_end].rfind('@') {
+            let userinfo = &out[rest..rest + at];
+            if let Some(colon) = userinfo.find(':') {
+                out.replace_range(rest + colon + 1..rest + at, "<redacted>");
+            }
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (base, query) = out.split_at(q + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=<redacted>"),
+                _ => kv.to_owned(),
+            })
+            .collect();
+        out = format!("{base}{}", query.join("&"));
+    }
+    out
+}
+
+/// `text` with any password `url` carries removed.
+fn redact_text(text: &str, url: &str) -> String {
+    let mut out = text.replace(url, &redact_url(url));
+    if let Ok(c) = url.parse::<tokio_postgres::Config>() {
+        if let Some(p) = c.get_password() {
+            if let Ok(p) = std::str::from_utf8(p) {
+                if !p.is_empty() {
+                    out = out.replace(p, "<redacted>");
+                }
+            }
+        }
+    }
+    out
 }
 
 /// What happens to a non-streamed answer whose client left before its end.
@@ -185,7 +367,7 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:8080".parse().expect("valid default"),
             upstream: UpstreamUrl::parse("https://api.openai.com").expect("valid default"),
-            db: PathBuf::from("openai-queries.db"),
+            db: Db::Sqlite(PathBuf::from("openai-queries.db")),
             upstream_token: None,
             upstream_connect_timeout: Duration::from_secs(10),
             upstream_idle_timeout: Duration::from_secs(600),
@@ -283,11 +465,11 @@ const SETTINGS: &[Setting] = &[
     },
     Setting {
         flag: "--db",
-        value: "FILE",
+        value: "FILE|URL",
         env: "TOLLGATE_DB",
         key: "db",
         default: "openai-queries.db",
-        help: "SQLite database file",
+        help: "SQLite database file, or postgres://user@host:5432/name (password from the URL or PGPASSWORD)",
     },
     Setting {
         flag: "--upstream-connect-timeout",
@@ -583,7 +765,7 @@ pub fn parse(
         if v.is_empty() {
             return Err(err("--db", "must not be empty"));
         }
-        c.db = PathBuf::from(v);
+        c.db = Db::parse(&v).map_err(|m| err("--db", m))?;
     }
     let dur = |flag: &str, slot: &mut Duration| -> Result<(), ConfigError> {
         if let Some(v) = raw(flag)? {

@@ -4,7 +4,8 @@
 //! (OpenAI or any OpenAI-compatible server) with bodies streamed through
 //! untouched, and leaves exactly one usage record: user, models, tokens
 //! (cached and reasoning included), cost, status and timings. Records go over
-//! a bounded channel to one writer thread that batches them into SQLite. A
+//! a bounded channel to one writer thread that batches them into SQLite
+//! (or PostgreSQL). A
 //! small REST API reports prices, usage, per-query records and upstream rate
 //! limits. That API keeps the endpoints and field names of the Java proxy
 //! tollgate replaces, [openai-api-proxy](https://github.com/adam-sse/openai-api-proxy);
@@ -43,7 +44,8 @@
 //!   request's own task so a burst of events reaches the client in one write.
 //! - [`record`]: the usage record, its token counts and what an estimate is made from.
 //! - [`store`]: the [`store::Store`] handle, the writer and estimator
-//!   threads, the backend-neutral traits; [`store::sqlite`] implements them.
+//!   threads, the backend-neutral traits; [`store::sqlite`] (the default)
+//!   and [`store::postgres`] (several instances on one database) implement them.
 //! - [`tokens`]: tiktoken estimates for answers without usage, off the request path.
 //! - [`pricing`]: exact integer prices and costs, the model lookup chain, the built-in list.
 //! - [`api`]: the REST API by resource (prices, reports, accounts, limits,

@@ -325,9 +325,7 @@ async fn readyz_reports_a_database_that_refuses_writes() {
     );
     p.wait_records(1).await;
 
-    let lock = rusqlite::Connection::open(&p.db).unwrap();
-    lock.busy_timeout(Duration::from_secs(10)).unwrap();
-    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let lock = WriteLock::take(&p.db);
     for _ in 0..3 {
         assert_eq!(
             p.chat("alice", &chat_body("gpt-m", false)).await.status,
@@ -357,8 +355,7 @@ async fn readyz_reports_a_database_that_refuses_writes() {
     })
     .await;
 
-    lock.execute_batch("ROLLBACK").unwrap();
-    drop(lock);
+    lock.release();
     eventually("readyz back to 200", STEP, || async {
         (send(p.addr, get("/readyz")).await.status == 200).then_some(())
     })

@@ -17,7 +17,7 @@ fn defaults() {
     let c = run(&[], &[]).unwrap();
     assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
     assert_eq!(c.upstream.to_string(), "https://api.openai.com");
-    assert_eq!(c.db, PathBuf::from("openai-queries.db"));
+    assert_eq!(c.db, Db::Sqlite(PathBuf::from("openai-queries.db")));
     assert_eq!(c.upstream_connect_timeout, Duration::from_secs(10));
     assert_eq!(c.upstream_idle_timeout, Duration::from_secs(600));
     assert_eq!(c.max_body, 32 << 20);
@@ -46,7 +46,7 @@ fn flags_beat_env_beat_file() {
     .unwrap();
     assert_eq!(c.listen.port(), 3);
     assert_eq!(c.upstream.to_string(), "http://env:2/base");
-    assert_eq!(c.db, PathBuf::from("file.db"));
+    assert_eq!(c.db, Db::Sqlite(PathBuf::from("file.db")));
     assert_eq!(c.max_body, 1 << 20);
     assert_eq!(c.upstream_token.as_deref(), Some("from-file"));
     assert_eq!(c.upstream_idle_timeout, Duration::from_secs(7));
@@ -201,4 +201,42 @@ fn body_limits_and_client_aborts() {
     let e = run(&["--max-buffered", "1MiB"], &[]).unwrap_err();
     assert_eq!(e.setting, "--max-buffered");
     run(&["--max-buffered", "1MiB", "--max-body", "1MiB"], &[]).unwrap();
+}
+
+#[test]
+fn db_takes_a_postgres_url_and_never_shows_its_password() {
+    let url = "postgres://tg:s3cret-pw@db.example:5432/tollgate?sslmode=require";
+    for args in [vec!["--db", url]] {
+        let c = run(&args, &[]).unwrap();
+        let Db::Postgres(u) = &c.db else {
+            panic!("not PostgreSQL: {:?}", c.db)
+        };
+        assert_eq!(u.secret(), url);
+        let shown = [
+            format!("{c:?}"),
+            c.db.display(),
+            format!("{u}"),
+            format!("{u:?}"),
+        ];
+        for s in shown {
+            assert!(!s.contains("s3cret-pw"), "{s}");
+            assert!(s.contains("tg:<redacted>@db.example:5432/tollgate"), "{s}");
+        }
+    }
+    let c = run(
+        &[],
+        &[("TOLLGATE_DB", "postgresql://h/db?password=pw-in-query")],
+    )
+    .unwrap();
+    assert!(matches!(c.db, Db::Postgres(_)));
+    assert!(!format!("{c:?}").contains("pw-in-query"));
+    assert!(format!("{c:?}").contains("password=<redacted>"));
+    // A file path stays a SQLite file, whatever it contains.
+    let c = run(&["--db", "./postgres-data.db"], &[]).unwrap();
+    assert_eq!(c.db, Db::Sqlite(PathBuf::from("./postgres-data.db")));
+    // A malformed URL is refused naming --db, without the password.
+    let e = run(&["--db", "postgres://u:hunter2@h:notaport/db"], &[]).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("--db"), "{msg}");
+    assert!(!msg.contains("hunter2"), "{msg}");
 }

@@ -6,11 +6,13 @@
 //!
 //! Storage sits behind the narrow traits of `backend.rs` ([`Backend`] for
 //! the writer, [`Reports`] and [`Accounts`] for the rest), so another
-//! database is an addition next to [`sqlite`], not a rewrite.
+//! database is an addition next to [`sqlite`], not a rewrite: [`postgres`]
+//! is the second.
 
 pub mod access_log;
 mod backend;
 mod estimator;
+pub mod postgres;
 mod ratelimits;
 pub mod sqlite;
 mod writer;

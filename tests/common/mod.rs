@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use tollgate::app::App;
-use tollgate::config::{Config, UpstreamUrl};
+use tollgate::config::{Config, Db, PgUrl, UpstreamUrl};
 
 /// Upper bound for any single step of a test; a hang fails the test instead of the CI job.
 pub const STEP: Duration = Duration::from_secs(20);
@@ -583,12 +583,18 @@ pub struct Proxy {
     stop_tx: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     _dir: Option<TempDir>,
+    /// The PostgreSQL database of this proxy alone (dropped with it).
+    _pg: Option<Arc<PgDb>>,
 }
 
 pub struct ProxyBuilder {
     config: Config,
     dir: Option<TempDir>,
     bind: std::net::IpAddr,
+    /// The path that names the database (a file, or under PostgreSQL the
+    /// key of a database made for it).
+    db: PathBuf,
+    pg: Option<Arc<PgDb>>,
 }
 
 impl ProxyBuilder {
@@ -619,8 +625,10 @@ impl ProxyBuilder {
 
     /// Uses this database file instead of a fresh one (e.g. to restart on it).
     pub fn db(mut self, path: &Path) -> Self {
-        self.config.db = path.to_owned();
+        self.config.db = store_for(path);
+        self.db = path.to_owned();
         self.dir = None;
+        self.pg = None;
         self
     }
 
@@ -663,7 +671,7 @@ impl ProxyBuilder {
             .expect("bind proxy");
         let addr = listener.local_addr().unwrap();
         self.config.listen = addr;
-        let db = self.config.db.clone();
+        let db = self.db.clone();
         let admin = self.config.admin_token.clone();
         let state = tollgate::app::App::build(self.config).expect("tollgate state");
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -678,6 +686,7 @@ impl ProxyBuilder {
             stop_tx: Some(stop_tx),
             task: Some(task),
             _dir: self.dir,
+            _pg: self.pg,
         }
     }
 }
@@ -687,6 +696,19 @@ impl Drop for Proxy {
         if let Some(tx) = self.stop_tx.take() {
             let _ = tx.send(());
         }
+        // The database goes once the server let go of the app (its store
+        // writes what it holds at shutdown), not under it.
+        if let Some(pg) = self._pg.take() {
+            let app = self.state.clone();
+            std::thread::spawn(move || {
+                let t = std::time::Instant::now();
+                while Arc::strong_count(&app) > 1 && t.elapsed() < Duration::from_secs(60) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                drop(app);
+                drop(pg);
+            });
+        }
     }
 }
 
@@ -695,9 +717,19 @@ impl Proxy {
     /// short timeouts, a fresh database, no built-in prices.
     pub fn builder(upstream: &str) -> ProxyBuilder {
         let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("tollgate.db");
+        // Under PostgreSQL a fresh database per proxy, dropped with it.
+        let pg = pg_mode().then(|| Arc::new(PgDb::create()));
+        let db = match &pg {
+            Some(pg) => {
+                PG_DBS.lock().unwrap().insert(path.clone(), pg.url.clone());
+                Db::Postgres(PgUrl::parse(&pg.url).unwrap())
+            }
+            None => Db::Sqlite(path.clone()),
+        };
         let config = Config {
             upstream: UpstreamUrl::parse(upstream).expect("upstream URL"),
-            db: dir.path().join("tollgate.db"),
+            db,
             upstream_token: None,
             upstream_connect_timeout: Duration::from_secs(2),
             upstream_idle_timeout: Duration::from_secs(10),
@@ -710,6 +742,8 @@ impl Proxy {
             config,
             dir: Some(dir),
             bind: std::net::Ipv4Addr::LOCALHOST.into(),
+            db: path,
+            pg,
         }
     }
 
@@ -847,8 +881,23 @@ pub fn raw_array(text: &str) -> Vec<BTreeMap<String, String>> {
         .collect()
 }
 
-/// Rows of the database file, read directly (after the server stopped).
+/// Rows of the database, read directly (after the server stopped).
 pub fn db_rows(path: &Path) -> Vec<DbRow> {
+    if let Some(url) = pg_url_of(path) {
+        let rows = pg_query(&url, "SELECT username, status, request_id, estimated, query_tokens, answer_tokens, stream FROM queries ORDER BY id");
+        return rows
+            .iter()
+            .map(|r| DbRow {
+                user: r.get(0),
+                status: i64::from(r.get::<_, i32>(1)),
+                request_id: r.get(2),
+                estimated: r.get(3),
+                query_tokens: r.get(4),
+                answer_tokens: r.get(5),
+                stream: r.get(6),
+            })
+            .collect();
+    }
     let c = rusqlite::Connection::open(path).expect("open db");
     let mut st = c
         .prepare("SELECT user, status, request_id, estimated, query_tokens, answer_tokens, stream FROM queries ORDER BY id")
@@ -1175,8 +1224,18 @@ pub struct Seed {
 /// Creates the database at `db` (through a server start), inserts `rows`,
 /// and marks it as schema 1 so the next start rebuilds the daily rollups from
 /// the records, as it does for a database of an older tollgate.
+///
+/// Under PostgreSQL the rows go in through the store's own writer (records
+/// and rollups together), which is how a PostgreSQL database gets them.
 pub async fn seed_db(upstream: &str, db: &Path, rows: &[Seed]) {
     Proxy::builder(upstream).db(db).start().await.stop().await;
+    if let Some(url) = pg_url_of(db) {
+        let rows = rows.to_vec();
+        tokio::task::spawn_blocking(move || seed_pg(&url, &rows))
+            .await
+            .unwrap();
+        return;
+    }
     let mut c = rusqlite::Connection::open(db).unwrap();
     let tx = c.transaction().unwrap();
     for (i, r) in rows.iter().enumerate() {
@@ -1430,4 +1489,285 @@ pub fn dollars(pico: i128) -> String {
     } else {
         s
     }
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL: the same tests over a PostgreSQL store.
+// ---------------------------------------------------------------------------
+
+/// The test server's URL (`TOLLGATE_TEST_PG`, e.g. from `.ci/pg-server
+/// start`). Under CI a missing server fails the test: PostgreSQL tests are
+/// never skipped there.
+pub fn pg_server() -> Option<String> {
+    match std::env::var("TOLLGATE_TEST_PG") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must run the PostgreSQL tests: TOLLGATE_TEST_PG is not set"
+            );
+            None
+        }
+    }
+}
+
+/// Says loudly that a PostgreSQL test is skipped (no server given), and
+/// returns the server URL otherwise.
+pub fn pg_or_skip(test: &str) -> Option<String> {
+    let url = pg_server();
+    if url.is_none() {
+        eprintln!(
+            "\n!!! SKIPPED {test}: no PostgreSQL server. Start one with\n!!!   eval \"$(.ci/pg-server start)\"\n!!! (sets TOLLGATE_TEST_PG), then run the tests again.\n"
+        );
+    }
+    url
+}
+
+/// Whether the harness puts every proxy on PostgreSQL
+/// (`TOLLGATE_TEST_STORE=postgres`, with `TOLLGATE_TEST_PG`).
+pub fn pg_mode() -> bool {
+    let on = std::env::var("TOLLGATE_TEST_STORE").is_ok_and(|v| v == "postgres");
+    assert!(
+        !on || std::env::var("TOLLGATE_TEST_PG").is_ok_and(|v| !v.is_empty()),
+        "TOLLGATE_TEST_STORE=postgres needs TOLLGATE_TEST_PG (the server URL)"
+    );
+    on
+}
+
+/// The PostgreSQL database each path stands for (under PostgreSQL, paths
+/// given to `.db()` and `seed_db` name databases, made the first time).
+static PG_DBS: Mutex<BTreeMap<PathBuf, String>> = Mutex::new(BTreeMap::new());
+
+/// The databases made for paths: kept until the process ends (a test
+/// restarts on them), on a server that is thrown away after the run.
+static PG_KEPT: Mutex<Vec<Arc<PgDb>>> = Mutex::new(Vec::new());
+
+/// The store a path names: the file itself, or under PostgreSQL its database.
+fn store_for(path: &Path) -> Db {
+    if !pg_mode() {
+        return Db::Sqlite(path.to_owned());
+    }
+    let url = PG_DBS
+        .lock()
+        .unwrap()
+        .entry(path.to_owned())
+        .or_insert_with(|| {
+            let db = Arc::new(PgDb::create());
+            let url = db.url.clone();
+            PG_KEPT.lock().unwrap().push(db);
+            url
+        })
+        .clone();
+    Db::Postgres(PgUrl::parse(&url).unwrap())
+}
+
+/// The PostgreSQL URL of the database a path names, if it is one.
+pub fn pg_url_of(path: &Path) -> Option<String> {
+    PG_DBS.lock().unwrap().get(path).cloned()
+}
+
+/// The runtime driving the harness's own PostgreSQL connections.
+fn pg_rt() -> &'static tokio::runtime::Runtime {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
+/// Runs `f` on the harness runtime from any thread, test tasks included.
+pub fn pg_block<T: Send + 'static>(f: impl Future<Output = T> + Send + 'static) -> T {
+    futures_executor::block_on(pg_rt().spawn(f)).unwrap()
+}
+
+/// A connection of the test's own (no TLS: the test server is local).
+pub async fn pg_client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to the test PostgreSQL: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Runs one query on `url` and returns its rows.
+pub fn pg_query(url: &str, sql: &str) -> Vec<tokio_postgres::Row> {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    pg_block(async move {
+        let c = pg_client(&url).await;
+        c.query(&sql, &[]).await.unwrap()
+    })
+}
+
+/// Runs statements on `url`.
+pub fn pg_exec(url: &str, sql: &str) {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    pg_block(async move {
+        let c = pg_client(&url).await;
+        c.batch_execute(&sql).await.unwrap()
+    })
+}
+
+/// `url` with another database name.
+pub fn pg_url_with_db(url: &str, db: &str) -> String {
+    let mut c: tokio_postgres::Config = url.parse().unwrap();
+    c.dbname(db);
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let after_scheme = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[after_scheme..].find('/') {
+        Some(i) => &base[..after_scheme + i],
+        None => base,
+    };
+    format!("{base}/{db}{query}")
+}
+
+/// A database of its own on the test server, dropped at the end.
+pub struct PgDb {
+    pub url: String,
+    name: String,
+    server: String,
+}
+
+impl PgDb {
+    pub fn create() -> PgDb {
+        let server = pg_server().expect("TOLLGATE_TEST_PG");
+        let mut r = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r).unwrap();
+        let name: String = format!(
+            "tg_test_{}",
+            r.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        pg_exec(&server, &format!("CREATE DATABASE {name}"));
+        PgDb {
+            url: pg_url_with_db(&server, &name),
+            name,
+            server,
+        }
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let (server, name) = (self.server.clone(), self.name.clone());
+        // Best effort: the server is thrown away after the run anyway.
+        let _ = std::thread::spawn(move || {
+            pg_block(async move {
+                let c = pg_client(&server).await;
+                let _ = c
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            })
+        })
+        .join();
+    }
+}
+
+/// Writes seeds through the store's PostgreSQL writer.
+fn seed_pg(url: &str, rows: &[Seed]) {
+    use tollgate::store::Backend;
+    let url = PgUrl::parse(url).unwrap();
+    let (mut backend, _, _) = tollgate::store::postgres::open(&url, false).unwrap();
+    let batch: Vec<tollgate::record::Priced> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| tollgate::record::Priced {
+            record: tollgate::record::Record {
+                user: r.user.clone(),
+                requested_model: r.model.clone(),
+                model: r.model.clone(),
+                endpoint: "/v1/chat/completions".into(),
+                started_ms: r.ts,
+                duration_us: 1000,
+                ttfb_us: Some(500),
+                status: 200,
+                usage: tollgate::record::Usage {
+                    query: r.query.max(0) as u64,
+                    answer: r.answer.max(0) as u64,
+                    cached: r.cached.max(0) as u64,
+                    reasoning: r.reasoning.max(0) as u64,
+                },
+                request_id: Some(format!("seed-{i}")),
+                ..Default::default()
+            },
+            cost: r.cost,
+            priced: r.priced,
+        })
+        .collect();
+    for chunk in batch.chunks(8192) {
+        backend.write(chunk, None).unwrap();
+    }
+}
+
+/// Holds the database so that the writer cannot commit until
+/// [`WriteLock::release`]: SQLite's write lock, or under PostgreSQL an
+/// exclusive lock on the rollups (the writer's lock wait times out).
+pub struct WriteLock(WriteLockInner);
+
+enum WriteLockInner {
+    Sqlite(rusqlite::Connection),
+    Pg(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>),
+}
+
+impl WriteLock {
+    pub fn take(path: &Path) -> WriteLock {
+        if let Some(url) = pg_url_of(path) {
+            let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+            let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+            let t = std::thread::spawn(move || {
+                let client = pg_block(async move { pg_client(&url).await });
+                futures_executor::block_on(
+                    client.batch_execute("BEGIN; LOCK TABLE usage_daily IN EXCLUSIVE MODE"),
+                )
+                .unwrap();
+                locked_tx.send(()).unwrap();
+                let _ = release_rx.recv();
+                futures_executor::block_on(client.batch_execute("ROLLBACK")).unwrap();
+            });
+            locked_rx.recv().unwrap();
+            return WriteLock(WriteLockInner::Pg(release_tx, t));
+        }
+        let lock = rusqlite::Connection::open(path).unwrap();
+        lock.busy_timeout(Duration::from_secs(10)).unwrap();
+        lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+        WriteLock(WriteLockInner::Sqlite(lock))
+    }
+
+    pub fn release(self) {
+        match self.0 {
+            WriteLockInner::Sqlite(c) => c.execute_batch("ROLLBACK").unwrap(),
+            WriteLockInner::Pg(tx, t) => {
+                tx.send(()).unwrap();
+                t.join().unwrap();
+            }
+        }
+    }
+}
+
+/// The digest stored for a key id.
+pub fn stored_digest(path: &Path, id: &str) -> Vec<u8> {
+    if let Some(url) = pg_url_of(path) {
+        let (url, id) = (url, id.to_owned());
+        return pg_block(async move {
+            let c = pg_client(&url).await;
+            c.query_one("SELECT digest FROM api_keys WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .get(0)
+        });
+    }
+    let c = rusqlite::Connection::open(path).unwrap();
+    let d = c
+        .query_row("SELECT digest FROM api_keys WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    c.execute_batch("PRAGMA wal_checkpoint(PASSIVE)").unwrap();
+    d
 }

@@ -10,6 +10,7 @@ mod write;
 
 pub use accounts::SqliteAccounts;
 pub use reports::SqliteReports;
+pub(crate) use reports::{pieces, Piece};
 pub use write::SqliteBackend;
 
 use std::path::Path;

@@ -197,9 +197,10 @@ fn conditions(f: &Filter, times: bool) -> (Vec<&'static str>, Vec<rusqlite::type
     .unzip()
 }
 
-/// A part of a time range read either from the rollups or from the records.
+/// A part of a time range read either from the rollups or from the records
+/// (the PostgreSQL backend follows the same plan).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Piece {
+pub(crate) enum Piece {
     /// Whole days `[from, to)` (day numbers; `None` is unbounded), from the rollups.
     Days(Option<i64>, Option<i64>, i64),
     /// Records with `from <= ts < to` (ms), added (1) or removed (-1).
@@ -210,7 +211,7 @@ enum Piece {
 /// the rollups and partial days read from the records. A partial day more
 /// than half covered is read as its whole day minus the uncovered records, so
 /// at most half a day of records is ever scanned per edge.
-fn pieces(after: Option<i64>, before: Option<i64>) -> Vec<Piece> {
+pub(crate) fn pieces(after: Option<i64>, before: Option<i64>) -> Vec<Piece> {
     let lo = after.map(|a| a.saturating_add(1));
     let hi = before;
     if let (Some(l), Some(h)) = (lo, hi) {

@@ -1,0 +1,123 @@
+//! Users' keys (digests only) and limits, over the shared pool: written by
+//! the API and read at start, never on the request path.
+
+use std::sync::Arc;
+
+use super::{i, wait, Pool};
+use crate::budget::{Limits, Period};
+use crate::store::{Accounts, KeyInfo, StoreError};
+
+/// The `limits` row of the default limits (no user name is empty).
+const DEFAULT_LIMITS_USER: &str = "";
+
+/// Keys and limits over the pool.
+pub struct PgAccounts {
+    pool: Arc<Pool>,
+}
+
+impl PgAccounts {
+    pub(super) fn new(pool: Arc<Pool>) -> PgAccounts {
+        PgAccounts { pool }
+    }
+}
+
+fn key_info(r: &tokio_postgres::Row) -> Result<KeyInfo, tokio_postgres::Error> {
+    Ok(KeyInfo {
+        id: r.try_get(0)?,
+        user: r.try_get(1)?,
+        created_ms: r.try_get(2)?,
+        last_used_ms: r.try_get(3)?,
+        revoked_ms: r.try_get(4)?,
+    })
+}
+
+impl Accounts for PgAccounts {
+    fn create_key(&self, info: &KeyInfo, digest: &[u8; 32]) -> Result<(), StoreError> {
+        self.pool.with(|c| {
+            wait(c.client.execute(
+                "INSERT INTO api_keys (id, username, digest, created) VALUES ($1, $2, $3, $4)",
+                &[&info.id, &info.user, &&digest[..], &info.created_ms],
+            ))?;
+            Ok(())
+        })
+    }
+
+    fn list_keys(&self, user: &str) -> Result<Vec<KeyInfo>, StoreError> {
+        self.pool.with(|c| {
+            let rows = wait(c.client.query(
+                "SELECT id, username, created, last_used, revoked FROM api_keys WHERE username = $1 ORDER BY created, id",
+                &[&user],
+            ))?;
+            Ok(rows.iter().map(key_info).collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn revoke_key(&self, id: &str, now_ms: i64) -> Result<Option<String>, StoreError> {
+        self.pool.with(|c| {
+            let row = wait(c.client.query_opt(
+                "UPDATE api_keys SET revoked = $2 WHERE id = $1 AND revoked IS NULL RETURNING username",
+                &[&id, &now_ms],
+            ))?;
+            Ok(row.map(|r| r.try_get(0)).transpose()?)
+        })
+    }
+
+    fn active_keys(&self) -> Result<Vec<(KeyInfo, [u8; 32])>, StoreError> {
+        self.pool.with(|c| {
+            let rows = wait(c.client.query(
+                "SELECT id, username, created, last_used, revoked, digest FROM api_keys WHERE revoked IS NULL",
+                &[],
+            ))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let d: Vec<u8> = r.try_get(5)?;
+                let mut digest = [0u8; 32];
+                if d.len() == 32 {
+                    digest.copy_from_slice(&d);
+                }
+                out.push((key_info(r)?, digest));
+            }
+            Ok(out)
+        })
+    }
+
+    fn save_limits(&self, user: Option<&str>, l: Option<&Limits>) -> Result<(), StoreError> {
+        let user = user.unwrap_or(DEFAULT_LIMITS_USER);
+        self.pool.with(|c| {
+            match l {
+                Some(l) => wait(c.client.execute(
+                    "INSERT INTO limits (username, budget, period, rpm, tpm) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (username) DO UPDATE SET budget = excluded.budget, period = excluded.period, rpm = excluded.rpm, tpm = excluded.tpm",
+                    &[&user, &l.budget, &l.period.as_str(), &l.rpm.map(i), &l.tpm.map(i)],
+                ))?,
+                None => wait(c.client.execute("DELETE FROM limits WHERE username = $1", &[&user]))?,
+            };
+            Ok(())
+        })
+    }
+
+    fn all_limits(&self) -> Result<Vec<(Option<String>, Limits)>, StoreError> {
+        self.pool.with(|c| {
+            let rows = wait(
+                c.client
+                    .query("SELECT username, budget, period, rpm, tpm FROM limits", &[]),
+            )?;
+            let n = |v: Option<i64>| v.map(|v| v.max(0) as u64);
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let user: String = r.try_get(0)?;
+                let period: String = r.try_get(2)?;
+                out.push((
+                    (user != DEFAULT_LIMITS_USER).then_some(user),
+                    Limits {
+                        budget: r.try_get(1)?,
+                        period: Period::parse(&period).unwrap_or_default(),
+                        rpm: n(r.try_get(3)?),
+                        tpm: n(r.try_get(4)?),
+                    },
+                ));
+            }
+            Ok(out)
+        })
+    }
+}

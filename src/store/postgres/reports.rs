@@ -1,0 +1,347 @@
+//! The read side over the pool: `/usage` totals (whole days from the
+//! rollups, the partial days at the edges from the records: the same plan
+//! as SQLite's, from [`crate::store::sqlite`]'s `pieces`), `/queries`,
+//! prices and the stored rate limits.
+
+use std::collections::BTreeMap;
+use std::pin::pin;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use tokio_postgres::types::ToSql;
+
+use super::{wait, Conn, Pool};
+use crate::pricing::{Price, PriceTable};
+use crate::ratelimit::RateLimits;
+use crate::record::StoredRecord;
+use crate::store::sqlite::{pieces, Piece};
+use crate::store::{Filter, GroupKey, GroupValues, Reports, StoreError, UsageTotals};
+
+/// Reports over the shared pool.
+pub struct PgReports {
+    pool: Arc<Pool>,
+}
+
+impl PgReports {
+    pub(super) fn new(pool: Arc<Pool>) -> PgReports {
+        PgReports { pool }
+    }
+}
+
+/// A parameter of a built query.
+type Arg = Box<dyn ToSql + Sync + Send>;
+
+/// Conditions and their numbered parameters, built together.
+#[derive(Default)]
+struct Conds {
+    conds: Vec<String>,
+    args: Vec<Arg>,
+}
+
+impl Conds {
+    /// Adds `column op $n` with `v` as `$n`.
+    fn push(&mut self, column_op: &str, v: Arg) {
+        self.args.push(v);
+        self.conds.push(format!("{column_op} ${}", self.args.len()));
+    }
+
+    /// The filter's user and model, and (with `times`) its exclusive time bounds.
+    fn filter(&mut self, f: &Filter, times: bool) {
+        if let Some(u) = &f.user {
+            self.push("username =", Box::new(u.clone()));
+        }
+        if let Some(m) = &f.model {
+            self.push("model =", Box::new(m.clone()));
+        }
+        if times {
+            if let Some(a) = f.after {
+                self.push("ts >", Box::new(a));
+            }
+            if let Some(b) = f.before {
+                self.push("ts <", Box::new(b));
+            }
+        }
+    }
+
+    fn where_sql(&self) -> String {
+        if self.conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", self.conds.join(" AND "))
+        }
+    }
+
+    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.args
+            .iter()
+            .map(|a| &**a as &(dyn ToSql + Sync))
+            .collect()
+    }
+}
+
+impl Reports for PgReports {
+    fn usage(
+        &self,
+        f: &Filter,
+        group: &[GroupKey],
+    ) -> Result<Vec<(GroupValues, UsageTotals)>, StoreError> {
+        let mut acc: BTreeMap<GroupValues, [i128; 8]> = BTreeMap::new();
+        self.pool.with(|c| {
+            for piece in pieces(f.after, f.before) {
+                piece_totals(c, &piece, f, group, &mut acc)?;
+            }
+            rejection_counts(c, f, group, &mut acc)
+        })?;
+        let n = |v: i128| u64::try_from(v.max(0)).unwrap_or(u64::MAX);
+        let mut rows: Vec<(GroupValues, UsageTotals)> = acc
+            .into_iter()
+            .filter(|(_, t)| t[0] > 0 || t[7] > 0)
+            .map(|(g, t)| {
+                (
+                    g,
+                    UsageTotals {
+                        queries: n(t[0]),
+                        query_tokens: n(t[1]),
+                        answer_tokens: n(t[2]),
+                        cached_tokens: n(t[3]),
+                        reasoning_tokens: n(t[4]),
+                        cost: t[5],
+                        unpriced: n(t[6]),
+                        rejected: n(t[7]),
+                    },
+                )
+            })
+            .collect();
+        if group.is_empty() && rows.is_empty() {
+            rows.push((GroupValues::default(), UsageTotals::default()));
+        }
+        Ok(rows)
+    }
+
+    fn queries(
+        &self,
+        f: &Filter,
+        sink: &mut dyn FnMut(StoredRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut q = Conds::default();
+        q.filter(f, true);
+        let limit: Option<i64> = f.limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX));
+        let offset = i64::try_from(f.offset).unwrap_or(i64::MAX);
+        let n = q.args.len();
+        let sql = format!(
+            "SELECT id, username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
+                    query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted
+             FROM queries{} ORDER BY ts, id LIMIT ${} OFFSET ${}",
+            q.where_sql(),
+            n + 1,
+            n + 2
+        );
+        q.args.push(Box::new(limit));
+        q.args.push(Box::new(offset));
+        self.pool.with(|c| {
+            wait(async {
+                let st = c.statement(&sql).await?;
+                let rows = c.client.query_raw(&st, q.params()).await?;
+                let mut rows = pin!(rows);
+                while let Some(r) = rows.next().await {
+                    let r = r?;
+                    let rec = StoredRecord {
+                        id: r.try_get(0)?,
+                        user: r.try_get(1)?,
+                        model: r.try_get(2)?,
+                        requested_model: r.try_get(3)?,
+                        endpoint: r.try_get(4)?,
+                        started_ms: r.try_get(5)?,
+                        duration_us: r.try_get(6)?,
+                        ttfb_us: r.try_get(7)?,
+                        status: u16::try_from(r.try_get::<_, i32>(8)?).unwrap_or(0),
+                        stream: r.try_get(9)?,
+                        query_tokens: r.try_get(10)?,
+                        answer_tokens: r.try_get(11)?,
+                        cached_tokens: r.try_get(12)?,
+                        reasoning_tokens: r.try_get(13)?,
+                        cost: r.try_get(14)?,
+                        priced: r.try_get(15)?,
+                        estimated: r.try_get(16)?,
+                        request_id: r.try_get(17)?,
+                        client_aborted: r.try_get(18)?,
+                    };
+                    if !sink(rec) {
+                        break;
+                    }
+                }
+                Ok::<_, tokio_postgres::Error>(())
+            })?;
+            Ok(())
+        })
+    }
+
+    fn prices(&self) -> Result<PriceTable, StoreError> {
+        self.pool.with(|c| {
+            let rows = wait(c.client.query(
+                "SELECT model, valid_from, query, cached, answer FROM prices",
+                &[],
+            ))?;
+            let mut t = PriceTable::default();
+            for r in rows {
+                let model: String = r.try_get(0)?;
+                t.insert(
+                    &model,
+                    Price {
+                        valid_from: r.try_get(1)?,
+                        query: r.try_get(2)?,
+                        cached: r.try_get(3)?,
+                        answer: r.try_get(4)?,
+                    },
+                );
+            }
+            Ok(t)
+        })
+    }
+
+    fn ratelimits(&self) -> Result<Option<RateLimits>, StoreError> {
+        self.pool.with(|c| {
+            let row = wait(
+                c.client
+                    .query_opt("SELECT value FROM meta WHERE key = 'ratelimits'", &[]),
+            )?;
+            let v: Option<String> = row.map(|r| r.try_get(0)).transpose()?;
+            Ok(v.and_then(|s| serde_json::from_str(&s).ok()))
+        })
+    }
+}
+
+fn piece_totals(
+    c: &mut Conn,
+    piece: &Piece,
+    f: &Filter,
+    group: &[GroupKey],
+    acc: &mut BTreeMap<GroupValues, [i128; 8]>,
+) -> Result<(), StoreError> {
+    let rollup = matches!(piece, Piece::Days(..));
+    let mut q = Conds::default();
+    let sign = match *piece {
+        Piece::Days(from, to, sign) => {
+            if let Some(d) = from {
+                q.push("day >=", Box::new(d));
+            }
+            if let Some(d) = to {
+                q.push("day <", Box::new(d));
+            }
+            sign
+        }
+        Piece::Records(from, to, sign) => {
+            q.push("ts >=", Box::new(from));
+            q.push("ts <", Box::new(to));
+            sign
+        }
+    };
+    q.filter(f, false);
+    let keys: Vec<&str> = group.iter().map(|g| key_expr(*g, rollup)).collect();
+    // Sums as text: `sum(bigint)` is numeric, exact past i64, read as i128.
+    let sums = if rollup {
+        "sum(queries)::text, sum(query_tokens)::text, sum(answer_tokens)::text, sum(cached_tokens)::text, sum(reasoning_tokens)::text, sum(cost)::text, sum(unpriced)::text"
+    } else {
+        "count(*)::text, sum(query_tokens)::text, sum(answer_tokens)::text, sum(cached_tokens)::text, sum(reasoning_tokens)::text, sum(cost)::text, sum(CASE WHEN priced THEN 0 ELSE 1 END)::text"
+    };
+    let table = if rollup { "usage_daily" } else { "queries" };
+    grouped(c, &keys, group, sums, table, &q, |g, r| {
+        let n = keys.len();
+        let e = acc.entry(g).or_default();
+        for (i, a) in e.iter_mut().take(7).enumerate() {
+            *a += i128::from(sign) * int(r, n + i)?;
+        }
+        Ok(())
+    })
+}
+
+/// A text column holding a whole number (a sum), 0 when null.
+fn int(r: &tokio_postgres::Row, i: usize) -> Result<i128, StoreError> {
+    let v: Option<String> = r.try_get(i)?;
+    v.map_or(Ok(0), |s| {
+        s.parse()
+            .map_err(|_| StoreError(format!("not a whole number: {s}")))
+    })
+}
+
+/// The SQL expression of a group key, over the rollups or the records
+/// (the same values as SQLite's `date()` and `strftime()`).
+fn key_expr(g: GroupKey, rollup: bool) -> &'static str {
+    match (g, rollup) {
+        (GroupKey::User, _) => "username",
+        (GroupKey::Model, _) => "model",
+        (GroupKey::Day, true) => "to_char(date '1970-01-01' + day::integer, 'YYYY-MM-DD')",
+        (GroupKey::Day, false) => {
+            "to_char(timestamp '1970-01-01' + (ts / 1000) * interval '1 second', 'YYYY-MM-DD')"
+        }
+        (GroupKey::Month, true) => "to_char(date '1970-01-01' + day::integer, 'YYYY-MM')",
+        (GroupKey::Month, false) => {
+            "to_char(timestamp '1970-01-01' + (ts / 1000) * interval '1 second', 'YYYY-MM')"
+        }
+    }
+}
+
+/// Runs `SELECT keys, aggregates FROM table WHERE conds GROUP BY keys` and
+/// hands each row, with its group values, to `each` (aggregates start at
+/// column `keys.len()`).
+fn grouped(
+    c: &mut Conn,
+    keys: &[&str],
+    group: &[GroupKey],
+    aggregates: &str,
+    table: &str,
+    q: &Conds,
+    mut each: impl FnMut(GroupValues, &tokio_postgres::Row) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut sql = String::from("SELECT ");
+    for k in keys {
+        sql.push_str(k);
+        sql.push_str(", ");
+    }
+    sql.push_str(aggregates);
+    sql.push_str(" FROM ");
+    sql.push_str(table);
+    sql.push_str(&q.where_sql());
+    if !keys.is_empty() {
+        sql.push_str(" GROUP BY ");
+        let positions: Vec<String> = (1..=keys.len()).map(|i| i.to_string()).collect();
+        sql.push_str(&positions.join(", "));
+    }
+    let rows = wait(async {
+        let st = c.statement(&sql).await?;
+        c.client.query(&st, &q.params()).await
+    })?;
+    for r in &rows {
+        let mut g = GroupValues::default();
+        for (i, k) in group.iter().enumerate() {
+            let v: Option<String> = r.try_get(i)?;
+            match k {
+                GroupKey::User => g.user = v,
+                GroupKey::Model => g.model = v,
+                GroupKey::Day => g.day = v,
+                GroupKey::Month => g.month = v,
+            }
+        }
+        each(g, r)?;
+    }
+    Ok(())
+}
+
+/// Adds the refused requests matching the filter (grouped like the usage).
+fn rejection_counts(
+    c: &mut Conn,
+    f: &Filter,
+    group: &[GroupKey],
+    acc: &mut BTreeMap<GroupValues, [i128; 8]>,
+) -> Result<(), StoreError> {
+    let mut q = Conds::default();
+    q.filter(f, true);
+    let keys: Vec<&str> = group.iter().map(|g| key_expr(*g, false)).collect();
+    grouped(c, &keys, group, "count(*)", "rejections", &q, |g, r| {
+        let n: i64 = r.try_get(keys.len())?;
+        if n > 0 {
+            acc.entry(g).or_default()[7] += i128::from(n);
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,231 @@
+//! The PostgreSQL schema as numbered migrations, recorded one row per step
+//! in `tollgate_schema`. Several instances may start at once: migrations run
+//! under a session advisory lock, so one applies them and the others find
+//! them done; each step commits with its row, so a step is never applied
+//! twice. A database newer than this build is refused before anything is
+//! touched. Steps are never edited once released: a change is a new step.
+//!
+//! Records (`queries`) are range-partitioned by month on `ts`; the
+//! partitions are made by the writer as months come (`write.rs`), and
+//! retention drops them whole.
+
+use tokio_postgres::Client;
+
+use super::wait;
+use crate::store::StoreError;
+
+/// One schema step.
+pub(super) struct Migration {
+    /// The version the database has after this step.
+    pub(super) version: i32,
+    /// What the step does, for the log.
+    pub(super) what: &'static str,
+    /// The statements, run as one batch in the step's transaction.
+    pub(super) sql: &'static str,
+}
+
+/// Every step, in order; versions count up from 1 without gaps.
+pub(super) const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    what: "records by month, daily rollups, prices, keys, limits, rejections",
+    sql: SCHEMA_V1,
+}];
+
+/// The version this build brings a database to.
+pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
+
+/// The advisory lock key migrations run under ("tollgate" in ASCII).
+pub(super) const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;
+
+/// The advisory lock key partitions are created under.
+pub(super) const PARTITION_LOCK: i64 = MIGRATION_LOCK + 1;
+
+/// The first schema. `username` stands for SQLite's `user`, a reserved
+/// word here. Records have no primary key (a partitioned table's would have
+/// to include `ts`, and nothing looks a record up by id alone); `(ts, id)`
+/// orders `/queries` and finds a re-priced record.
+const SCHEMA_V1: &str = "
+CREATE SEQUENCE queries_id_seq AS bigint;
+CREATE TABLE queries (
+    id               bigint  NOT NULL DEFAULT nextval('queries_id_seq'),
+    username         text    NOT NULL,
+    model            text    NOT NULL,
+    requested_model  text    NOT NULL,
+    endpoint         text    NOT NULL,
+    ts               bigint  NOT NULL,
+    duration_us      bigint  NOT NULL,
+    ttfb_us          bigint,
+    status           integer NOT NULL,
+    stream           boolean NOT NULL,
+    query_tokens     bigint  NOT NULL,
+    answer_tokens    bigint  NOT NULL,
+    cached_tokens    bigint  NOT NULL,
+    reasoning_tokens bigint  NOT NULL,
+    cost             bigint  NOT NULL,
+    priced           boolean NOT NULL,
+    estimated        boolean NOT NULL,
+    request_id       text,
+    client_aborted   boolean NOT NULL DEFAULT false
+) PARTITION BY RANGE (ts);
+ALTER SEQUENCE queries_id_seq OWNED BY queries.id;
+CREATE INDEX queries_ts ON queries (ts, id);
+CREATE TABLE usage_daily (
+    day              bigint NOT NULL,
+    username         text   NOT NULL,
+    model            text   NOT NULL,
+    queries          bigint NOT NULL,
+    query_tokens     bigint NOT NULL,
+    answer_tokens    bigint NOT NULL,
+    cached_tokens    bigint NOT NULL,
+    reasoning_tokens bigint NOT NULL,
+    cost             bigint NOT NULL,
+    unpriced         bigint NOT NULL,
+    PRIMARY KEY (day, username, model)
+);
+CREATE INDEX usage_daily_user ON usage_daily (username, day);
+CREATE INDEX usage_daily_model ON usage_daily (model, day);
+CREATE TABLE prices (
+    model       text   NOT NULL,
+    valid_from  bigint NOT NULL,
+    query       bigint NOT NULL,
+    cached      bigint,
+    answer      bigint NOT NULL,
+    PRIMARY KEY (model, valid_from)
+);
+CREATE TABLE meta (
+    key   text PRIMARY KEY,
+    value text NOT NULL
+);
+CREATE TABLE api_keys (
+    id         text   PRIMARY KEY,
+    username   text   NOT NULL,
+    digest     bytea  NOT NULL UNIQUE,
+    created    bigint NOT NULL,
+    last_used  bigint,
+    revoked    bigint
+);
+CREATE INDEX api_keys_user ON api_keys (username, created);
+CREATE TABLE limits (
+    username text PRIMARY KEY,
+    budget   bigint,
+    period   text NOT NULL,
+    rpm      bigint,
+    tpm      bigint
+);
+CREATE TABLE rejections (
+    id       bigserial PRIMARY KEY,
+    ts       bigint NOT NULL,
+    username text   NOT NULL,
+    model    text   NOT NULL,
+    reason   text   NOT NULL
+);
+CREATE INDEX rejections_ts ON rejections (ts);
+-- Batches already committed, so that a batch retried after a commit whose
+-- answer was lost (the connection dropped) is not written twice.
+CREATE TABLE write_batches (
+    token text   PRIMARY KEY,
+    at_ms bigint NOT NULL
+);
+";
+
+fn refuse_newer(version: i32) -> Result<(), StoreError> {
+    if version > LATEST {
+        return Err(StoreError(format!(
+            "database schema version {version} is newer than this tollgate ({LATEST}); upgrade tollgate"
+        )));
+    }
+    Ok(())
+}
+
+/// The version the database is at (0 when tollgate never ran on it).
+pub(super) fn version(c: &mut Client) -> Result<i32, StoreError> {
+    wait(async {
+        let exists = c
+            .query_one("SELECT to_regclass('tollgate_schema') IS NOT NULL", &[])
+            .await?
+            .get::<_, bool>(0);
+        if !exists {
+            return Ok(0);
+        }
+        let v: Option<i32> = c
+            .query_one("SELECT max(version) FROM tollgate_schema", &[])
+            .await?
+            .get(0);
+        Ok(v.unwrap_or(0))
+    })
+}
+
+/// Brings the database to [`LATEST`]; returns the versions applied, none
+/// when it was already there (or another instance applied them meanwhile).
+pub(super) fn migrate(c: &mut Client) -> Result<Vec<i32>, StoreError> {
+    let v = version(c)?;
+    refuse_newer(v)?;
+    if v == LATEST {
+        return Ok(Vec::new());
+    }
+    wait(c.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]))?;
+    let out = migrate_locked(c);
+    let unlocked = wait(c.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]));
+    let applied = out?;
+    unlocked?;
+    for m in MIGRATIONS.iter().filter(|m| applied.contains(&m.version)) {
+        tracing::info!(version = m.version, "database schema: {}", m.what);
+    }
+    Ok(applied)
+}
+
+fn migrate_locked(c: &mut Client) -> Result<Vec<i32>, StoreError> {
+    wait(c.batch_execute(
+        "CREATE TABLE IF NOT EXISTS tollgate_schema (
+            version    integer PRIMARY KEY,
+            what       text    NOT NULL,
+            applied_ms bigint  NOT NULL
+        )",
+    ))?;
+    // Read again under the lock: another instance may have migrated.
+    let v = version(c)?;
+    refuse_newer(v)?;
+    let mut applied = Vec::new();
+    for m in MIGRATIONS.iter().filter(|m| m.version > v) {
+        wait(async {
+            let tx = c.transaction().await?;
+            tx.batch_execute(m.sql).await?;
+            tx.execute(
+                "INSERT INTO tollgate_schema (version, what, applied_ms) VALUES ($1, $2, $3)",
+                &[&m.version, &m.what, &crate::timestamp::now_ms()],
+            )
+            .await?;
+            tx.commit().await
+        })
+        .map_err(|e| {
+            let e = StoreError::from(e);
+            StoreError(format!("schema step {} ({}): {e}", m.version, m.what))
+        })?;
+        applied.push(m.version);
+    }
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_count_up_from_one() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i32 + 1);
+        }
+    }
+
+    #[test]
+    fn a_newer_version_is_refused_with_a_clear_message() {
+        assert!(refuse_newer(LATEST).is_ok());
+        assert_eq!(
+            refuse_newer(LATEST + 1).unwrap_err().0,
+            format!(
+                "database schema version {} is newer than this tollgate ({LATEST}); upgrade tollgate",
+                LATEST + 1
+            )
+        );
+    }
+}

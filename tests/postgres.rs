@@ -1,0 +1,422 @@
+//! The PostgreSQL store against a real server (`TOLLGATE_TEST_PG`, e.g.
+//! from `.ci/pg-server start`): records and rollups agree, instances
+//! starting together migrate once, a newer schema is refused, retention
+//! drops whole months, and a database that goes away under load loses no
+//! record. Without a server each test says loudly that it is skipped (CI
+//! fails instead).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Duration;
+
+use common::*;
+use tokio::net::{TcpListener, TcpStream};
+use tollgate::config::{Db, PgUrl};
+use tollgate::record::{Priced, Record, Usage};
+use tollgate::store::{postgres, Backend, Filter, GroupKey, Reports};
+
+const DAY: i64 = 86_400_000;
+
+fn rec(user: &str, model: &str, ts: i64, q: u64, a: u64, cost: i64, priced: bool) -> Priced {
+    Priced {
+        record: Record {
+            user: user.into(),
+            requested_model: model.into(),
+            model: model.into(),
+            endpoint: "/v1/chat/completions".into(),
+            started_ms: ts,
+            duration_us: 1000,
+            status: 200,
+            usage: Usage {
+                query: q,
+                answer: a,
+                cached: q / 3,
+                reasoning: a / 2,
+            },
+            ..Default::default()
+        },
+        cost,
+        priced,
+    }
+}
+
+/// Per (day, user, model) sums from the records, and the rollups, as text rows.
+fn sums(url: &str) -> (Vec<String>, Vec<String>) {
+    let from_records = pg_query(
+        url,
+        "SELECT format('%s|%s|%s|%s|%s|%s|%s|%s|%s|%s', day, username, model, count(*), sum(query_tokens), sum(answer_tokens), sum(cached_tokens), sum(reasoning_tokens), sum(cost), sum(CASE WHEN priced THEN 0 ELSE 1 END)) AS row
+         FROM (SELECT floor(ts / 86400000.0)::bigint AS day, * FROM queries) q GROUP BY day, username, model ORDER BY row",
+    );
+    let from_rollups = pg_query(
+        url,
+        "SELECT format('%s|%s|%s|%s|%s|%s|%s|%s|%s|%s', day, username, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
+         FROM usage_daily ORDER BY 1",
+    );
+    let text = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get(0)).collect();
+    (text(from_records), text(from_rollups))
+}
+
+/// Several writers (instances) write overlapping days, users and models in
+/// batches: the rollups are the records' sums, row for row, and the
+/// reports read the same totals from either.
+#[test]
+fn records_and_rollups_agree_after_batches_from_several_instances() {
+    let Some(_) = pg_or_skip("records_and_rollups_agree_after_batches_from_several_instances")
+    else {
+        return;
+    };
+    let db = PgDb::create();
+    let url = PgUrl::parse(&db.url).unwrap();
+    let now = now_ms();
+    let writers: Vec<_> = (0..3)
+        .map(|w| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let (mut b, _, _) = postgres::open(&url, false).unwrap();
+                for batch in 0..5 {
+                    let recs: Vec<Priced> = (0..400)
+                        .map(|i| {
+                            let n = w * 10_000 + batch * 1000 + i;
+                            rec(
+                                &format!("u{}", n % 5),
+                                &format!("m{}", n % 3),
+                                // Across three months, with days' edges.
+                                now - (n % 90) * DAY - (n * 7919) % DAY,
+                                (n % 50) as u64,
+                                (n % 20) as u64,
+                                n * 1_000_003,
+                                n % 11 != 0,
+                            )
+                        })
+                        .collect();
+                    b.write(&recs, None).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let (records, rollups) = sums(&db.url);
+    assert!(!records.is_empty());
+    assert_eq!(records, rollups);
+    let n: i64 = pg_query(&db.url, "SELECT count(*) FROM queries")[0].get(0);
+    assert_eq!(n, 3 * 5 * 400);
+    // One partition per month touched (and the month after the latest).
+    let parts: i64 = pg_query(
+        &db.url,
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'queries'::regclass",
+    )[0]
+    .get(0);
+    assert!((4..=6).contains(&parts), "{parts} partitions");
+    // A report over a range cut in the middle of days reads records at the
+    // edges and rollups between: it must equal the records' own sums.
+    let (_, reports, _) = postgres::open(&url, false).unwrap();
+    let f = Filter {
+        after: Some(now - 40 * DAY + 12_345_678),
+        before: Some(now - 3 * DAY - 7_654_321),
+        ..Filter::default()
+    };
+    let rows = reports.usage(&f, &[GroupKey::User]).unwrap();
+    let want = pg_query(
+        &db.url,
+        &format!(
+            "SELECT username, count(*), sum(cost)::text FROM queries WHERE ts > {} AND ts < {} GROUP BY 1 ORDER BY 1",
+            f.after.unwrap(),
+            f.before.unwrap()
+        ),
+    );
+    assert_eq!(rows.len(), want.len());
+    for ((g, t), w) in rows.iter().zip(&want) {
+        assert_eq!(g.user.as_deref(), Some(w.get::<_, &str>(0)));
+        assert_eq!(t.queries as i64, w.get::<_, i64>(1));
+        assert_eq!(t.cost.to_string(), w.get::<_, String>(2));
+    }
+}
+
+/// Eight instances starting at once on a new database: every one starts,
+/// and each schema step was applied exactly once (the advisory lock; without
+/// it, concurrent `CREATE TABLE`s fail or a step's row is written twice).
+#[test]
+fn instances_starting_together_migrate_once() {
+    let Some(_) = pg_or_skip("instances_starting_together_migrate_once") else {
+        return;
+    };
+    let db = PgDb::create();
+    let url = PgUrl::parse(&db.url).unwrap();
+    let barrier = Arc::new(Barrier::new(8));
+    let starts: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, barrier) = (url.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                postgres::open(&url, true).map(|_| ())
+            })
+        })
+        .collect();
+    for s in starts {
+        s.join().unwrap().expect("every instance starts");
+    }
+    let steps = pg_query(
+        &db.url,
+        "SELECT version FROM tollgate_schema ORDER BY version",
+    );
+    let steps: Vec<i32> = steps.iter().map(|r| r.get(0)).collect();
+    assert_eq!(
+        steps,
+        (1..=postgres::SCHEMA_VERSION).collect::<Vec<_>>(),
+        "each step once"
+    );
+    // The built-in prices were loaded once too (no duplicate rows possible,
+    // but the marker says one loader ran).
+    let loaded: i64 = pg_query(
+        &db.url,
+        "SELECT count(*) FROM meta WHERE key = 'default_prices_loaded'",
+    )[0]
+    .get(0);
+    assert_eq!(loaded, 1);
+    let prices: i64 = pg_query(&db.url, "SELECT count(*) FROM prices")[0].get(0);
+    assert_eq!(
+        prices as usize,
+        tollgate::pricing::default_prices().len(),
+        "built-in prices"
+    );
+}
+
+/// A database migrated by a newer tollgate is refused with a clear message
+/// naming `--db`, and is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_schema_is_refused() {
+    let Some(_) = pg_or_skip("a_newer_schema_is_refused") else {
+        return;
+    };
+    let db = PgDb::create();
+    let url = PgUrl::parse(&db.url).unwrap();
+    let u = url.clone();
+    tokio::task::spawn_blocking(move || postgres::open(&u, false).map(|_| ()))
+        .await
+        .unwrap()
+        .unwrap();
+    let newer = postgres::SCHEMA_VERSION + 1;
+    pg_exec(
+        &db.url,
+        &format!("INSERT INTO tollgate_schema VALUES ({newer}, 'from the future', 0)"),
+    );
+    let config = tollgate::config::Config {
+        db: Db::Postgres(url),
+        default_prices: false,
+        ..Default::default()
+    };
+    let e = tollgate::app::App::build(config).err().expect("refused");
+    assert_eq!(e.setting, "--db");
+    assert!(
+        e.message.ends_with(&format!(
+            "database schema version {newer} is newer than this tollgate ({}); upgrade tollgate",
+            postgres::SCHEMA_VERSION
+        )),
+        "{}",
+        e.message
+    );
+    let steps: i64 = pg_query(&db.url, "SELECT count(*) FROM tollgate_schema")[0].get(0);
+    assert_eq!(
+        steps,
+        i64::from(newer) - i64::from(postgres::SCHEMA_VERSION) + 1
+    );
+}
+
+/// Retention drops the partitions of months wholly past the cutoff and
+/// deletes the older records of the month the cutoff falls in; newer records
+/// and every rollup stay.
+#[test]
+fn retention_drops_whole_months() {
+    let Some(_) = pg_or_skip("retention_drops_whole_months") else {
+        return;
+    };
+    let db = PgDb::create();
+    let url = PgUrl::parse(&db.url).unwrap();
+    let (mut b, _, _) = postgres::open(&url, false).unwrap();
+    let now = now_ms();
+    let recs: Vec<Priced> = (0..200)
+        .map(|i| rec("ann", "m", now - i * DAY, 5, 5, 100, true))
+        .collect();
+    b.write(&recs, None).unwrap();
+    let parts = |url: &str| -> i64 {
+        pg_query(
+            url,
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'queries'::regclass",
+        )[0]
+        .get(0)
+    };
+    let before = parts(&db.url);
+    assert!(before >= 7, "{before}");
+    let rollups_before = sums(&db.url).1;
+    let cutoff = now - 45 * DAY;
+    let mut gone = 0;
+    loop {
+        let n = b.delete_before(cutoff, 10).unwrap();
+        if n == 0 {
+            break;
+        }
+        gone += n;
+    }
+    assert!(gone > 0);
+    let left: Vec<i64> = pg_query(&db.url, "SELECT ts FROM queries ORDER BY ts")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left.len(), 46, "records at or after the cutoff stay");
+    assert!(left.iter().all(|&t| t >= cutoff));
+    let after = parts(&db.url);
+    assert!(after <= 4 && after < before, "{before} -> {after}");
+    assert_eq!(sums(&db.url).1, rollups_before, "rollups are kept");
+}
+
+/// A TCP relay between tollgate and the database that the test can cut:
+/// cutting closes every relayed connection and refuses new ones.
+struct Relay {
+    port: u16,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Relay {
+    async fn start(target: std::net::SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (c, cs) = (cut.clone(), conns.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if c.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let t = tokio::spawn(async move {
+                    if let Ok(mut out) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                cs.lock().unwrap().push(t.abort_handle());
+            }
+        });
+        Relay { port, cut, conns }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The database goes away under load for a few seconds: the proxy keeps
+/// answering, `/readyz` says the database refuses writes, and when it comes
+/// back every record is written, once, with rollups that agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_away_under_load_loses_no_record() {
+    let Some(server) = pg_or_skip("database_away_under_load_loses_no_record") else {
+        return;
+    };
+    let db = PgDb::create();
+    let cfg: tokio_postgres::Config = db.url.parse().unwrap();
+    let (host, port) = match (&cfg.get_hosts()[0], cfg.get_ports()[0]) {
+        (tokio_postgres::config::Host::Tcp(h), p) => (h.clone(), p),
+        _ => panic!("TOLLGATE_TEST_PG must be a TCP URL: {server}"),
+    };
+    let target = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let relay = Relay::start(target).await;
+    let relayed = format!(
+        "postgres://{}@127.0.0.1:{}/{}",
+        cfg.get_user().unwrap_or("postgres"),
+        relay.port,
+        cfg.get_dbname().unwrap()
+    );
+    let mock = Mock::start(|seen| {
+        Reply::json(completion("gpt-m", "ok", Tok::new(10, 3)))
+            .header("x-request-id", &format!("req-{}", seen.n))
+    })
+    .await;
+    let p = Proxy::builder(&mock.url())
+        .with(|c| c.db = Db::Postgres(PgUrl::parse(&relayed).unwrap()))
+        .start()
+        .await;
+    let burst = |n: usize| {
+        let addr = p.addr;
+        async move {
+            let sends = (0..n).map(|i| async move {
+                send(
+                    addr,
+                    chat_req(&format!("u{}", i % 4), &chat_body("gpt-m", false)),
+                )
+                .await
+                .status
+            });
+            futures_util::future::join_all(sends).await
+        }
+    };
+    assert!(burst(20).await.iter().all(|&s| s == 200));
+    p.wait_records(20).await;
+
+    relay.cut();
+    // Requests go on being served while the database is away.
+    let mut served = 0;
+    let deadline = std::time::Instant::now() + STEP;
+    let why = loop {
+        let statuses = burst(10).await;
+        assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+        served += 10;
+        let r = send(p.addr, get("/readyz")).await;
+        if r.status == 503 {
+            break r.json();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readyz never turned 503"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        why["reason"].as_str().unwrap().contains("database"),
+        "{why}"
+    );
+    assert_eq!(send(p.addr, get("/healthz")).await.status, 200);
+    // A little longer away, under load.
+    for _ in 0..5 {
+        assert!(burst(10).await.iter().all(|&s| s == 200));
+        served += 10;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    relay.restore();
+
+    let total = 20 + served;
+    eventually("readyz back to 200", STEP, || async {
+        (send(p.addr, get("/readyz")).await.status == 200).then_some(())
+    })
+    .await;
+    let recs = p.wait_records(total).await;
+    assert_eq!(recs.len(), total, "every record, once");
+    let ids: BTreeSet<String> = recs
+        .iter()
+        .map(|r| r["requestId"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), total);
+    assert_eq!(p.usage("").await["numQueries"], total);
+    let (records, rollups) = sums(&db.url);
+    assert_eq!(records, rollups);
+}
