@@ -139,6 +139,18 @@ pub struct GroupValues {
     pub month: Option<String>,
 }
 
+impl GroupValues {
+    /// Sets the value of one group key.
+    pub fn set(&mut self, key: GroupKey, v: Option<String>) {
+        match key {
+            GroupKey::User => self.user = v,
+            GroupKey::Model => self.model = v,
+            GroupKey::Day => self.day = v,
+            GroupKey::Month => self.month = v,
+        }
+    }
+}
+
 /// The read side, shared by API handlers (called on blocking threads).
 pub trait Reports: Send + Sync + 'static {
     /// Totals over the filter, one row per combination of the group keys

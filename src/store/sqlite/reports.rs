@@ -475,12 +475,7 @@ fn grouped(
         let mut g = GroupValues::default();
         for (i, k) in group.iter().enumerate() {
             let v: Option<String> = r.get(i)?;
-            match k {
-                GroupKey::User => g.user = v,
-                GroupKey::Model => g.model = v,
-                GroupKey::Day => g.day = v,
-                GroupKey::Month => g.month = v,
-            }
+            g.set(*k, v);
         }
         each(g, r)?;
     }
