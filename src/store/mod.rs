@@ -14,6 +14,7 @@ mod backend;
 mod estimator;
 pub mod postgres;
 mod ratelimits;
+pub mod rollup;
 pub mod sqlite;
 mod writer;
 

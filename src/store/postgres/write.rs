@@ -88,18 +88,6 @@ ON CONFLICT (day, username, model) DO UPDATE SET
     cost = d.cost + excluded.cost,
     unpriced = d.unpriced + excluded.unpriced";
 
-/// One rollup row's increments.
-#[derive(Default)]
-struct Daily {
-    queries: i64,
-    query_tokens: i64,
-    answer_tokens: i64,
-    cached_tokens: i64,
-    reasoning_tokens: i64,
-    cost: i64,
-    unpriced: i64,
-}
-
 /// The rollup rows of a batch as column arrays, sorted by key (instances
 /// upserting the same rows then lock them in the same order).
 #[derive(Default)]
@@ -111,38 +99,12 @@ struct DailyColumns<'a> {
 }
 
 fn daily_columns(batch: &[Priced]) -> DailyColumns<'_> {
-    let mut daily: BTreeMap<(i64, &str, &str), Daily> = BTreeMap::new();
-    for p in batch {
-        let r = &p.record;
-        let d = daily
-            .entry((
-                r.started_ms.div_euclid(DAY),
-                r.user.as_str(),
-                r.model_or_requested(),
-            ))
-            .or_default();
-        d.queries += 1;
-        d.query_tokens += i(r.usage.query);
-        d.answer_tokens += i(r.usage.answer);
-        d.cached_tokens += i(r.usage.cached);
-        d.reasoning_tokens += i(r.usage.reasoning);
-        d.cost = d.cost.saturating_add(p.cost);
-        d.unpriced += i64::from(!p.priced);
-    }
     let mut c = DailyColumns::default();
-    for ((day, user, model), d) in daily {
+    for ((day, user, model), d) in crate::store::rollup::daily(batch) {
         c.day.push(day);
         c.user.push(user);
         c.model.push(model);
-        let v = [
-            d.queries,
-            d.query_tokens,
-            d.answer_tokens,
-            d.cached_tokens,
-            d.reasoning_tokens,
-            d.cost,
-            d.unpriced,
-        ];
+        let v = d.columns();
         for (col, x) in c.sums.iter_mut().zip(v) {
             col.push(x);
         }

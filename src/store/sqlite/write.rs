@@ -40,18 +40,6 @@ ON CONFLICT (day, user, model) DO UPDATE SET
     cost = MIN(MAX(cost, 0) + excluded.cost, 9223372036854775807),
     unpriced = MIN(MAX(unpriced, 0) + excluded.unpriced, 9223372036854775807)";
 
-/// One rollup row's increments.
-#[derive(Default)]
-struct Daily {
-    queries: i64,
-    query_tokens: i64,
-    answer_tokens: i64,
-    cached_tokens: i64,
-    reasoning_tokens: i64,
-    cost: i64,
-    unpriced: i64,
-}
-
 impl Backend for SqliteBackend {
     fn write(
         &mut self,
@@ -61,20 +49,9 @@ impl Backend for SqliteBackend {
         let tx = self.conn.transaction()?;
         {
             let mut st = tx.prepare_cached(INSERT)?;
-            let mut daily: HashMap<(i64, &str, &str), Daily> = HashMap::new();
             for p in batch {
                 let r = &p.record;
                 let model = r.model_or_requested();
-                let d = daily
-                    .entry((r.started_ms.div_euclid(DAY), &r.user, model))
-                    .or_default();
-                d.queries += 1;
-                d.query_tokens = d.query_tokens.saturating_add(i(r.usage.query));
-                d.answer_tokens = d.answer_tokens.saturating_add(i(r.usage.answer));
-                d.cached_tokens = d.cached_tokens.saturating_add(i(r.usage.cached));
-                d.reasoning_tokens = d.reasoning_tokens.saturating_add(i(r.usage.reasoning));
-                d.cost = d.cost.saturating_add(p.cost);
-                d.unpriced += i64::from(!p.priced);
                 st.execute(params![
                     r.user,
                     model,
@@ -103,7 +80,7 @@ impl Backend for SqliteBackend {
                 }
             }
             let mut up = tx.prepare_cached(UPSERT_DAILY)?;
-            for ((day, user, model), d) in daily {
+            for ((day, user, model), d) in crate::store::rollup::daily(batch) {
                 up.execute(params![
                     day,
                     user,
