@@ -18,7 +18,8 @@ pub mod sqlite;
 mod writer;
 
 pub use backend::{
-    Accounts, Backend, Filter, GroupKey, GroupValues, KeyInfo, Reports, StoreError, UsageTotals,
+    Accounts, Backend, Filter, GroupKey, GroupValues, KeyInfo, Reports, StateVersions, StoreError,
+    UsageTotals,
 };
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -195,6 +196,12 @@ impl Store {
         self.prices.read()
     }
 
+    /// Replaces the in-memory price table by `table` (as read from the
+    /// database after another instance changed a price).
+    pub fn replace_prices(&self, table: PriceTable) {
+        *self.prices.write() = table;
+    }
+
     /// Records queued or in flight, not yet written.
     pub fn queue_depth(&self) -> usize {
         QUEUE_CAPACITY - self.permits.available_permits()
@@ -219,6 +226,11 @@ impl Store {
     /// Users' keys and limits.
     pub fn accounts(&self) -> Arc<dyn Accounts> {
         self.accounts.clone()
+    }
+
+    /// Whether [`Store::close`] was called.
+    pub fn closed(&self) -> bool {
+        self.threads.lock().is_empty()
     }
 
     /// Stops the threads after everything queued is written. Blocking; call
