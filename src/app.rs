@@ -57,7 +57,7 @@ impl std::fmt::Display for StartError {
 impl std::error::Error for StartError {}
 
 /// How often an instance on a shared database looks for prices, keys and
-/// limits changed by another: well inside the promised second.
+/// limits (and upstream's latest rate limits) changed by another: well inside the promised second.
 const FOLLOW_EVERY: Duration = Duration::from_millis(250);
 
 impl App {
@@ -155,6 +155,17 @@ impl App {
                 Err(e) => failed("prices", e),
             }
         }
+        if now.ratelimits != seen.ratelimits {
+            match self.store.reports().ratelimits() {
+                Ok(rl) => {
+                    if let Some(rl) = rl {
+                        self.store.adopt_ratelimits(rl);
+                    }
+                    held.ratelimits = now.ratelimits;
+                }
+                Err(e) => failed("rate limits", e),
+            }
+        }
         if now.keys != seen.keys {
             match self.load_keys() {
                 Ok(()) => held.keys = now.keys,
@@ -244,9 +255,9 @@ impl App {
 }
 
 /// The state poll of an instance on a shared database: every
-/// [`FOLLOW_EVERY`] it reads the versions of prices, keys and limits and
-/// reloads those another instance changed (so a revoked key is refused here
-/// within a second). It ends with the app, or once the store is closed.
+/// [`FOLLOW_EVERY`] it reads the versions of prices, keys, limits and the
+/// latest upstream rate limits, and reloads those another instance changed
+/// (so a revoked key is refused here within a second). It ends with the app, or once the store is closed.
 fn follow(app: Weak<App>, mut seen: StateVersions) {
     let mut failing = false;
     loop {

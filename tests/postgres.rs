@@ -1,8 +1,9 @@
 //! The PostgreSQL store against a real server (`TOLLGATE_TEST_PG`, e.g.
 //! from `.ci/pg-server start`): records and rollups agree, instances
 //! starting together migrate once, a newer schema is refused, retention
-//! drops whole months, and a database that goes away under load loses no
-//! record. Without a server each test says loudly that it is skipped (CI
+//! drops whole months, a database that goes away under load loses no
+//! record, and prices, keys, limits and upstream rate limits changed
+//! through one instance apply on the others within a second. Without a server each test says loudly that it is skipped (CI
 //! fails instead).
 
 mod common;
@@ -544,4 +545,46 @@ async fn prices_keys_and_limits_set_on_one_instance_apply_on_the_others() {
     // And stays refused.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(send(b.addr, with_key(&key, "m-other")).await.status, 401);
+}
+
+/// The latest upstream rate limits seen by one instance are those every
+/// instance reports, once stored with its batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_rate_limits_seen_by_one_instance_are_reported_by_the_others() {
+    let Some(_) =
+        pg_or_skip("upstream_rate_limits_seen_by_one_instance_are_reported_by_the_others")
+    else {
+        return;
+    };
+    let db = PgDb::create();
+    let mock = Mock::start(|_| {
+        Reply::json(completion("gpt-m", "ok", Tok::new(5, 5)))
+            .header("x-ratelimit-limit-requests", "500")
+            .header("x-ratelimit-remaining-requests", "499")
+            .header("x-ratelimit-reset-requests", "20ms")
+            .header("x-ratelimit-limit-tokens", "500000")
+            .header("x-ratelimit-remaining-tokens", "486895")
+            .header("x-ratelimit-reset-tokens", "1h2m3.5s")
+    })
+    .await;
+    let start = || {
+        let url = PgUrl::parse(&db.url).unwrap();
+        Proxy::builder(&mock.url())
+            .with(move |c| c.db = Db::Postgres(url))
+            .start()
+    };
+    let a = start().await;
+    let b = start().await;
+    assert_eq!(b.get("/ratelimits").await.text(), "{}");
+    assert_eq!(a.chat("u", &chat_body("gpt-m", false)).await.status, 200);
+    let seen = a.get("/ratelimits").await.text();
+    assert!(seen.contains("486895"), "{seen}");
+    // Stored with A's batch, then read by B's poll.
+    a.wait_records(1).await;
+    eventually("B reports A's rate limits", SHARED_WITHIN, || async {
+        let text = b.get("/ratelimits").await.text();
+        (text != "{}").then_some(text)
+    })
+    .await;
+    assert_eq!(b.get("/ratelimits").await.text(), seen);
 }

@@ -160,7 +160,7 @@ pub trait Reports: Send + Sync + 'static {
     /// The last stored rate limits.
     fn ratelimits(&self) -> Result<Option<RateLimits>, StoreError>;
     /// Versions of the state other instances may change (prices, keys,
-    /// limits); `None` where no other instance can (SQLite's single writer).
+    /// limits, the latest upstream rate limits); `None` where no other instance can (SQLite's single writer).
     fn state_versions(&self) -> Result<Option<StateVersions>, StoreError> {
         Ok(None)
     }
@@ -176,4 +176,6 @@ pub struct StateVersions {
     pub keys: i64,
     /// Limits set or removed.
     pub limits: i64,
+    /// The latest upstream rate limits, stored with a batch.
+    pub ratelimits: i64,
 }

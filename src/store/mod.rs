@@ -164,6 +164,11 @@ impl Store {
         self.ratelimits.set(raw);
     }
 
+    /// Takes the rate limits another instance stored (see `Latest::adopt`).
+    pub fn adopt_ratelimits(&self, stored: RateLimits) {
+        self.ratelimits.adopt(stored);
+    }
+
     /// The latest upstream rate limits.
     pub fn ratelimits(&self) -> Option<RateLimits> {
         self.ratelimits.get()

@@ -223,6 +223,7 @@ impl Reports for PgReports {
                     "prices" => v.prices = n,
                     "keys" => v.keys = n,
                     "limits" => v.limits = n,
+                    "ratelimits" => v.ratelimits = n,
                     _ => {}
                 }
             }

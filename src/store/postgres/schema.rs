@@ -33,7 +33,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 2,
-        what: "versions of prices, keys and limits, for instances to follow",
+        what: "versions of prices, keys, limits and rate limits, for instances to follow",
         sql: SCHEMA_V2,
     },
 ];
@@ -135,7 +135,7 @@ CREATE TABLE write_batches (
 );
 ";
 
-/// A version per kind of shared state, bumped by triggers in the
+/// A version per kind of shared state (the latest upstream rate limits too), bumped by triggers in the
 /// transaction of every write to it, so that no write path can forget to;
 /// each instance polls them (`PgReports::state_versions`) and reloads what
 /// moved. Key rows change on every batch (`last_used`), so only a change of
@@ -145,7 +145,8 @@ CREATE TABLE tollgate_state (
     name    text   PRIMARY KEY,
     version bigint NOT NULL
 );
-INSERT INTO tollgate_state (name, version) VALUES ('prices', 0), ('keys', 0), ('limits', 0);
+INSERT INTO tollgate_state (name, version)
+    VALUES ('prices', 0), ('keys', 0), ('limits', 0), ('ratelimits', 0);
 CREATE FUNCTION tollgate_bump_state() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE tollgate_state SET version = version + 1 WHERE name = TG_ARGV[0];
@@ -158,6 +159,9 @@ CREATE TRIGGER keys_changed AFTER INSERT OR UPDATE OF revoked OR DELETE ON api_k
     FOR EACH STATEMENT EXECUTE FUNCTION tollgate_bump_state('keys');
 CREATE TRIGGER limits_changed AFTER INSERT OR UPDATE OR DELETE ON limits
     FOR EACH STATEMENT EXECUTE FUNCTION tollgate_bump_state('limits');
+CREATE TRIGGER ratelimits_changed AFTER INSERT OR UPDATE ON meta
+    FOR EACH ROW WHEN (NEW.key = 'ratelimits')
+    EXECUTE FUNCTION tollgate_bump_state('ratelimits');
 ";
 
 fn refuse_newer(version: i32) -> Result<(), StoreError> {
