@@ -107,11 +107,11 @@ fn prefix(d: &Digest) -> u64 {
 impl Keys {
     /// Adds an active key.
     pub fn insert(&self, e: KeyEntry) {
-        self.by_prefix
-            .write()
-            .entry(prefix(&e.digest))
-            .or_default()
-            .push(Arc::new(e));
+        let mut m = self.by_prefix.write();
+        let v = m.entry(prefix(&e.digest)).or_default();
+        // The state poll may have loaded it already (another instance's view).
+        v.retain(|k| k.id != e.id);
+        v.push(Arc::new(e));
     }
 
     /// Forgets a key at once (revocation).
@@ -121,6 +121,29 @@ impl Keys {
             v.retain(|e| e.id != id);
         }
         m.retain(|_, v| !v.is_empty());
+    }
+
+    /// Makes `active` the whole set (as read from the database after another
+    /// instance created or revoked a key): keys not in it are refused from
+    /// now on; kept keys keep their in-memory last use.
+    pub fn replace(&self, active: Vec<KeyEntry>) {
+        let mut m = self.by_prefix.write();
+        let mut old: HashMap<String, Arc<KeyEntry>> = m
+            .drain()
+            .flat_map(|(_, v)| v)
+            .map(|e| (e.id.clone(), e))
+            .collect();
+        for e in active {
+            let e = match old.remove(&e.id) {
+                Some(kept) if kept.digest == e.digest => {
+                    kept.last_used
+                        .fetch_max(e.last_used.load(Ordering::Relaxed), Ordering::Relaxed);
+                    kept
+                }
+                _ => Arc::new(e),
+            };
+            m.entry(prefix(&e.digest)).or_default().push(e);
+        }
     }
 
     /// The entry of a presented key, if active.

@@ -4,7 +4,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicI64;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use http::HeaderValue;
 
@@ -12,7 +13,7 @@ use crate::access::{self, Keys};
 use crate::budget::{Budgets, Period};
 use crate::config::{Config, Db};
 use crate::metrics::Metrics;
-use crate::store::{postgres, sqlite, Filter, GroupKey, Store, StoreError};
+use crate::store::{postgres, sqlite, Filter, GroupKey, StateVersions, Store, StoreError};
 
 /// The application: everything a request handler needs, built once.
 pub struct App {
@@ -55,6 +56,10 @@ impl std::fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
+/// How often an instance on a shared database looks for prices, keys and
+/// limits (and upstream's latest rate limits) changed by another: well inside the promised second.
+const FOLLOW_EVERY: Duration = Duration::from_millis(250);
+
 impl App {
     /// Opens the store, loads keys, limits and spend, and prepares the upstream.
     pub fn build(config: Config) -> Result<Arc<App>, StartError> {
@@ -67,19 +72,29 @@ impl App {
         let retain = config
             .retain_days
             .map(|d| std::time::Duration::from_secs(u64::from(d) * 86_400));
-        let store = match &config.db {
+        let (store, versions) = match &config.db {
             Db::Sqlite(path) => {
                 let (backend, reports, accounts) =
                     sqlite::open(path, config.default_prices).map_err(opened)?;
-                Store::start(backend, reports, accounts, metrics.clone(), retain)
+                (
+                    Store::start(backend, reports, accounts, metrics.clone(), retain),
+                    None,
+                )
             }
             Db::Postgres(url) => {
                 let (backend, reports, accounts) =
                     postgres::open(url, config.default_prices).map_err(opened)?;
-                Store::start(backend, reports, accounts, metrics.clone(), retain)
+                // Read before what they version, so a change made meanwhile
+                // is reloaded at the first poll rather than missed.
+                let versions = crate::store::Reports::state_versions(&*reports)
+                    .map_err(|e| db_error(e.to_string()))?;
+                (
+                    Store::start(backend, reports, accounts, metrics.clone(), retain),
+                    versions,
+                )
             }
-        }
-        .map_err(|e| db_error(e.to_string()))?;
+        };
+        let store = store.map_err(|e| db_error(e.to_string()))?;
         let auth_header = match &config.upstream_token {
             Some(t) => {
                 let mut v =
@@ -112,27 +127,98 @@ impl App {
         };
         app.load_accounts()
             .map_err(|e| db_error(format!("cannot load keys and limits: {e}")))?;
-        Ok(Arc::new(app))
+        let app = Arc::new(app);
+        if let Some(v) = versions {
+            let weak = Arc::downgrade(&app);
+            std::thread::Builder::new()
+                .name("tollgate-follow".into())
+                .spawn(move || follow(weak, v))
+                .map_err(|e| db_error(format!("cannot start the state poll: {e}")))?;
+        }
+        Ok(app)
+    }
+
+    /// Reloads what moved between `seen` and `now`; returns the versions
+    /// now held (a kind whose reload failed keeps its old version, so it is
+    /// tried again at the next poll).
+    fn reload(&self, seen: StateVersions, now: StateVersions) -> StateVersions {
+        let mut held = seen;
+        let failed = |what: &str, e: StoreError| {
+            tracing::warn!(error = %e, "cannot reload {what} changed by another instance");
+        };
+        if now.prices != seen.prices {
+            match self.store.reports().prices() {
+                Ok(t) => {
+                    self.store.replace_prices(t);
+                    held.prices = now.prices;
+                }
+                Err(e) => failed("prices", e),
+            }
+        }
+        if now.ratelimits != seen.ratelimits {
+            match self.store.reports().ratelimits() {
+                Ok(rl) => {
+                    if let Some(rl) = rl {
+                        self.store.adopt_ratelimits(rl);
+                    }
+                    held.ratelimits = now.ratelimits;
+                }
+                Err(e) => failed("rate limits", e),
+            }
+        }
+        if now.keys != seen.keys {
+            match self.load_keys() {
+                Ok(()) => held.keys = now.keys,
+                Err(e) => failed("keys", e),
+            }
+        }
+        if now.limits != seen.limits {
+            match self.load_limits().and_then(|()| self.rebuild_spend()) {
+                Ok(()) => held.limits = now.limits,
+                Err(e) => failed("limits", e),
+            }
+        }
+        held
+    }
+
+    /// Makes the active keys those of the database.
+    fn load_keys(&self) -> Result<(), StoreError> {
+        let active = self.store.accounts().active_keys()?;
+        self.keys.replace(
+            active
+                .into_iter()
+                .map(|(info, digest)| access::KeyEntry {
+                    id: info.id,
+                    user: info.user,
+                    digest,
+                    last_used: AtomicI64::new(info.last_used_ms.unwrap_or(0)),
+                })
+                .collect(),
+        );
+        Ok(())
+    }
+
+    /// Makes the limits those of the database.
+    fn load_limits(&self) -> Result<(), StoreError> {
+        let mut users = HashMap::new();
+        let mut default = None;
+        for (user, l) in self.store.accounts().all_limits()? {
+            match user {
+                Some(u) => {
+                    users.insert(u, l);
+                }
+                None => default = Some(l),
+            }
+        }
+        self.budgets.replace_limits(users, default);
+        Ok(())
     }
 
     /// Loads users' keys and limits, and each limited user's spend in the
     /// current period (so a restart does not reset anyone's spend).
     fn load_accounts(&self) -> Result<(), StoreError> {
-        let accounts = self.store.accounts();
-        for (info, digest) in accounts.active_keys()? {
-            self.keys.insert(access::KeyEntry {
-                id: info.id,
-                user: info.user,
-                digest,
-                last_used: AtomicI64::new(info.last_used_ms.unwrap_or(0)),
-            });
-        }
-        for (user, l) in accounts.all_limits()? {
-            match user {
-                Some(u) => self.budgets.set_limits(&u, Some(l)),
-                None => self.budgets.set_default(Some(l)),
-            }
-        }
+        self.load_keys()?;
+        self.load_limits()?;
         self.rebuild_spend()
     }
 
@@ -165,5 +251,36 @@ impl App {
             }
         }
         Ok(())
+    }
+}
+
+/// The state poll of an instance on a shared database: every
+/// [`FOLLOW_EVERY`] it reads the versions of prices, keys, limits and the
+/// latest upstream rate limits, and reloads those another instance changed
+/// (so a revoked key is refused here within a second). It ends with the app, or once the store is closed.
+fn follow(app: Weak<App>, mut seen: StateVersions) {
+    let mut failing = false;
+    loop {
+        std::thread::sleep(FOLLOW_EVERY);
+        let Some(app) = app.upgrade() else { return };
+        if app.store.closed() {
+            return;
+        }
+        match app.store.reports().state_versions() {
+            Ok(Some(now)) => {
+                failing = false;
+                if now != seen {
+                    seen = app.reload(seen, now);
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                // Once per outage: the poll goes on every 250 ms.
+                if !failing {
+                    tracing::warn!(error = %e, "cannot read the shared state's versions; retrying");
+                }
+                failing = true;
+            }
+        }
     }
 }

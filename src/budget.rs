@@ -224,6 +224,14 @@ impl Budgets {
         self.refresh_active();
     }
 
+    /// Replaces every user's own limits and the default at once (as read
+    /// from the database after another instance changed them).
+    pub fn replace_limits(&self, users: HashMap<String, Limits>, default: Option<Limits>) {
+        *self.limits.write() = users;
+        *self.default.write() = default;
+        self.refresh_active();
+    }
+
     /// A user's own limits.
     pub fn own_limits(&self, user: &str) -> Option<Limits> {
         self.limits.read().get(user).copied()

@@ -171,4 +171,23 @@ pub trait Reports: Send + Sync + 'static {
     fn prices(&self) -> Result<PriceTable, StoreError>;
     /// The last stored rate limits.
     fn ratelimits(&self) -> Result<Option<RateLimits>, StoreError>;
+    /// Versions of the state other instances may change (prices, keys,
+    /// limits, the latest upstream rate limits); `None` where no other instance can (SQLite's single writer).
+    fn state_versions(&self) -> Result<Option<StateVersions>, StoreError> {
+        Ok(None)
+    }
+}
+
+/// Versions of the shared state: one that moved means that kind changed in
+/// the database since it was read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateVersions {
+    /// Price rows.
+    pub prices: i64,
+    /// Keys created or revoked.
+    pub keys: i64,
+    /// Limits set or removed.
+    pub limits: i64,
+    /// The latest upstream rate limits, stored with a batch.
+    pub ratelimits: i64,
 }

@@ -19,7 +19,8 @@ pub mod sqlite;
 mod writer;
 
 pub use backend::{
-    Accounts, Backend, Filter, GroupKey, GroupValues, KeyInfo, Reports, StoreError, UsageTotals,
+    Accounts, Backend, Filter, GroupKey, GroupValues, KeyInfo, Reports, StateVersions, StoreError,
+    UsageTotals,
 };
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -164,6 +165,11 @@ impl Store {
         self.ratelimits.set(raw);
     }
 
+    /// Takes the rate limits another instance stored (see `Latest::adopt`).
+    pub fn adopt_ratelimits(&self, stored: RateLimits) {
+        self.ratelimits.adopt(stored);
+    }
+
     /// The latest upstream rate limits.
     pub fn ratelimits(&self) -> Option<RateLimits> {
         self.ratelimits.get()
@@ -196,6 +202,12 @@ impl Store {
         self.prices.read()
     }
 
+    /// Replaces the in-memory price table by `table` (as read from the
+    /// database after another instance changed a price).
+    pub fn replace_prices(&self, table: PriceTable) {
+        *self.prices.write() = table;
+    }
+
     /// Records queued or in flight, not yet written.
     pub fn queue_depth(&self) -> usize {
         QUEUE_CAPACITY - self.permits.available_permits()
@@ -220,6 +232,11 @@ impl Store {
     /// Users' keys and limits.
     pub fn accounts(&self) -> Arc<dyn Accounts> {
         self.accounts.clone()
+    }
+
+    /// Whether [`Store::close`] was called.
+    pub fn closed(&self) -> bool {
+        self.threads.lock().is_empty()
     }
 
     /// Stops the threads after everything queued is written. Blocking; call

@@ -48,6 +48,15 @@ impl Latest {
         v.parsed.clone()
     }
 
+    /// Takes limits another instance stored, unless this one holds newer
+    /// ones not written yet (its own then win, and are stored next).
+    pub(super) fn adopt(&self, stored: RateLimits) {
+        let mut v = self.value.lock();
+        if v.raw.is_none() && !self.dirty.load(Ordering::Acquire) {
+            v.parsed = Some(stored);
+        }
+    }
+
     /// The latest limits if they changed since the last call (for the writer).
     pub(super) fn take_changed(&self) -> Option<RateLimits> {
         if self.dirty.swap(false, Ordering::AcqRel) {

@@ -15,7 +15,9 @@ use crate::pricing::{Price, PriceTable};
 use crate::ratelimit::RateLimits;
 use crate::record::StoredRecord;
 use crate::store::sqlite::{pieces, Piece};
-use crate::store::{Filter, GroupKey, GroupValues, Reports, StoreError, UsageTotals};
+use crate::store::{
+    Filter, GroupKey, GroupValues, Reports, StateVersions, StoreError, UsageTotals,
+};
 
 /// Reports over the shared pool.
 pub struct PgReports {
@@ -207,6 +209,25 @@ impl Reports for PgReports {
             )?;
             let v: Option<String> = row.map(|r| r.try_get(0)).transpose()?;
             Ok(v.and_then(|s| serde_json::from_str(&s).ok()))
+        })
+    }
+
+    fn state_versions(&self) -> Result<Option<StateVersions>, StoreError> {
+        self.pool.with(|c| {
+            let st = wait(c.statement("SELECT name, version FROM tollgate_state"))?;
+            let rows = wait(c.client.query(&st, &[]))?;
+            let mut v = StateVersions::default();
+            for r in &rows {
+                let n: i64 = r.try_get(1)?;
+                match r.try_get::<_, &str>(0)? {
+                    "prices" => v.prices = n,
+                    "keys" => v.keys = n,
+                    "limits" => v.limits = n,
+                    "ratelimits" => v.ratelimits = n,
+                    _ => {}
+                }
+            }
+            Ok(Some(v))
         })
     }
 }

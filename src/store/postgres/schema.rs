@@ -25,11 +25,18 @@ pub(super) struct Migration {
 }
 
 /// Every step, in order; versions count up from 1 without gaps.
-pub(super) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    what: "records by month, daily rollups, prices, keys, limits, rejections",
-    sql: SCHEMA_V1,
-}];
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        what: "records by month, daily rollups, prices, keys, limits, rejections",
+        sql: SCHEMA_V1,
+    },
+    Migration {
+        version: 2,
+        what: "versions of prices, keys, limits and rate limits, for instances to follow",
+        sql: SCHEMA_V2,
+    },
+];
 
 /// The version this build brings a database to.
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
@@ -126,6 +133,35 @@ CREATE TABLE write_batches (
     token text   PRIMARY KEY,
     at_ms bigint NOT NULL
 );
+";
+
+/// A version per kind of shared state (the latest upstream rate limits too), bumped by triggers in the
+/// transaction of every write to it, so that no write path can forget to;
+/// each instance polls them (`PgReports::state_versions`) and reloads what
+/// moved. Key rows change on every batch (`last_used`), so only a change of
+/// `revoked` (and inserts, deletes) counts for keys.
+const SCHEMA_V2: &str = "
+CREATE TABLE tollgate_state (
+    name    text   PRIMARY KEY,
+    version bigint NOT NULL
+);
+INSERT INTO tollgate_state (name, version)
+    VALUES ('prices', 0), ('keys', 0), ('limits', 0), ('ratelimits', 0);
+CREATE FUNCTION tollgate_bump_state() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE tollgate_state SET version = version + 1 WHERE name = TG_ARGV[0];
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER prices_changed AFTER INSERT OR UPDATE OR DELETE ON prices
+    FOR EACH STATEMENT EXECUTE FUNCTION tollgate_bump_state('prices');
+CREATE TRIGGER keys_changed AFTER INSERT OR UPDATE OF revoked OR DELETE ON api_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION tollgate_bump_state('keys');
+CREATE TRIGGER limits_changed AFTER INSERT OR UPDATE OR DELETE ON limits
+    FOR EACH STATEMENT EXECUTE FUNCTION tollgate_bump_state('limits');
+CREATE TRIGGER ratelimits_changed AFTER INSERT OR UPDATE ON meta
+    FOR EACH ROW WHEN (NEW.key = 'ratelimits')
+    EXECUTE FUNCTION tollgate_bump_state('ratelimits');
 ";
 
 fn refuse_newer(version: i32) -> Result<(), StoreError> {
