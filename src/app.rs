@@ -173,7 +173,18 @@ impl App {
             }
         }
         if now.limits != seen.limits {
-            match self.load_limits().and_then(|()| self.rebuild_spend()) {
+            // Spend is re-read only when the limits really changed: the
+            // version also moves for this instance's own saves, whose spend
+            // is already right here, and a re-read races with requests
+            // settling meanwhile (their spend is not in the database yet).
+            let reloaded = self.load_limits().and_then(|changed| {
+                if changed {
+                    self.rebuild_spend()
+                } else {
+                    Ok(())
+                }
+            });
+            match reloaded {
                 Ok(()) => held.limits = now.limits,
                 Err(e) => failed("limits", e),
             }
@@ -198,8 +209,8 @@ impl App {
         Ok(())
     }
 
-    /// Makes the limits those of the database.
-    fn load_limits(&self) -> Result<(), StoreError> {
+    /// Makes the limits those of the database; whether they changed.
+    fn load_limits(&self) -> Result<bool, StoreError> {
         let mut users = HashMap::new();
         let mut default = None;
         for (user, l) in self.store.accounts().all_limits()? {
@@ -210,8 +221,7 @@ impl App {
                 None => default = Some(l),
             }
         }
-        self.budgets.replace_limits(users, default);
-        Ok(())
+        Ok(self.budgets.replace_limits(users, default))
     }
 
     /// Loads users' keys and limits, and each limited user's spend in the

@@ -225,11 +225,16 @@ impl Budgets {
     }
 
     /// Replaces every user's own limits and the default at once (as read
-    /// from the database after another instance changed them).
-    pub fn replace_limits(&self, users: HashMap<String, Limits>, default: Option<Limits>) {
-        *self.limits.write() = users;
-        *self.default.write() = default;
-        self.refresh_active();
+    /// from the database after another instance changed them); whether
+    /// anything changed.
+    pub fn replace_limits(&self, users: HashMap<String, Limits>, default: Option<Limits>) -> bool {
+        let changed = *self.limits.read() != users || *self.default.read() != default;
+        if changed {
+            *self.limits.write() = users;
+            *self.default.write() = default;
+            self.refresh_active();
+        }
+        changed
     }
 
     /// A user's own limits.
