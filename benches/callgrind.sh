@@ -21,5 +21,6 @@ wrk -t1 -c1 -d"${DUR}s" -s "$LAB/lab/loadgen/wrk-post.lua" http://127.0.0.1:1819
 kill -TERM "$proxy"; wait "$proxy" || true
 kill "$mock"
 records=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from queries').fetchone()[0])" "$dir/q.db")
-total=$(callgrind_annotate "$dir/callgrind.out" | grep -m1 'PROGRAM TOTALS' | awk '{print $1}')
+callgrind_annotate "$dir/callgrind.out" >"$dir/annotate.txt"
+total=$(awk '/PROGRAM TOTALS/ {print $1; exit}' "$dir/annotate.txt")
 echo "$NAME: $total instructions, $records records ($dir/callgrind.out)"
