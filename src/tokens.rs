@@ -3,6 +3,7 @@
 //! store's estimator thread calls it.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::OnceLock;
 
 use serde_json::Value;
@@ -168,7 +169,7 @@ fn answer_text(v: &Value, key: &mut String, out: &mut Pieces) {
         Value::Object(o) => {
             for id in STREAM_IDS {
                 if let Some(x) = o.get(id).filter(|x| x.is_number() || x.is_string()) {
-                    key.push_str(&format!("[{id}={x}]"));
+                    let _ = write!(key, "[{id}={x}]");
                 }
             }
             let ids = key.len();
@@ -195,7 +196,7 @@ fn answer_text(v: &Value, key: &mut String, out: &mut Pieces) {
                     .as_object()
                     .is_some_and(|o| STREAM_IDS.iter().any(|id| o.contains_key(*id)));
                 if !named {
-                    key.push_str(&format!("[{i}]"));
+                    let _ = write!(key, "[{i}]");
                 }
                 answer_text(x, key, out);
                 key.truncate(len);

@@ -3,6 +3,7 @@
 //! They read SQLite, so every read runs on the blocking pool after
 //! [`catch_up`].
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -207,7 +208,9 @@ fn push_json_str(out: &mut String, s: &str) {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
             c => out.push(c),
         }
     }
@@ -228,7 +231,8 @@ pub fn record_json(out: &mut String, r: &StoredRecord) {
     push_json_str(out, &r.endpoint);
     out.push_str(",\"timestamp\":");
     push_json_str(out, &crate::timestamp::format_ms(r.started_ms));
-    out.push_str(&format!(
+    let _ = write!(
+        out,
         ",\"queryTokens\":{},\"answerTokens\":{},\"cachedQueryTokens\":{},\"reasoningTokens\":{},\"cost\":{},\"priced\":{},\"estimated\":{},\"status\":{},\"stream\":{},\"durationMs\":{}",
         r.query_tokens,
         r.answer_tokens,
@@ -240,7 +244,7 @@ pub fn record_json(out: &mut String, r: &StoredRecord) {
         r.status,
         r.stream,
         pricing::format_scaled(r.duration_us.into(), 3),
-    ));
+    );
     out.push_str(",\"ttfbMs\":");
     match r.ttfb_us {
         Some(t) => out.push_str(&pricing::format_scaled(t.into(), 3)),
@@ -289,7 +293,8 @@ pub fn record_csv(out: &mut String, r: &StoredRecord) {
         out.push(',');
         push_csv(out, s);
     }
-    out.push_str(&format!(
+    let _ = write!(
+        out,
         ",{},{},{},{},{},{},{},{},{},{},{},",
         crate::timestamp::format_ms(r.started_ms),
         r.query_tokens,
@@ -302,7 +307,7 @@ pub fn record_csv(out: &mut String, r: &StoredRecord) {
         r.status,
         r.stream,
         pricing::format_scaled(r.duration_us.into(), 3),
-    ));
+    );
     if let Some(t) = r.ttfb_us {
         out.push_str(&pricing::format_scaled(t.into(), 3));
     }
