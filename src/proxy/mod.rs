@@ -50,7 +50,15 @@ async fn forward(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body
     let mut ctx = Ctx::authenticate(app, &req)?;
     let (mut parts, body) = req.into_parts();
     let body = ctx.read_body(app, &mut parts.headers, body).await?;
-    let admission = admit::admit(app, &ctx).await?;
+    let admission = match admit::admit(app, &ctx).await {
+        Ok(a) => a,
+        Err(e) => {
+            if ctx.upload.is_some() {
+                drain(body).await;
+            }
+            return Err(e);
+        }
+    };
     let up = ctx.upstream_request(app, parts, body)?;
     let mut meter = ctx.meter(app, admission);
     meter.overhead(ctx.started.elapsed());
@@ -68,6 +76,22 @@ async fn forward(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body
         }
     };
     Ok(ctx.wrap_answer(app, meter, answer, false))
+}
+
+/// Most bytes of a refused upload read and dropped before the refusal.
+const DRAIN_LIMIT: u64 = 32 << 20;
+
+/// Reads and drops what is left of a refused upload (bounded by
+/// [`DRAIN_LIMIT`] and the upload's body timeout), so that a client still
+/// sending it reads the refusal rather than a broken pipe.
+async fn drain(mut body: Body) {
+    let mut read = 0u64;
+    while read < DRAIN_LIMIT {
+        match body.frame().await {
+            Some(Ok(f)) => read += f.data_ref().map_or(0, |d| d.len() as u64),
+            _ => break,
+        }
+    }
 }
 
 /// Phases 5 and 6 of a non-streamed request under `--client-abort finish`,
