@@ -316,9 +316,14 @@ pub struct UpstreamBody {
     /// Data went out since the last `Pending`: the client's connection may
     /// not have written it yet.
     unflushed: bool,
-    /// An error held back until the data before it was flushed.
-    deferred: Option<hyper::Error>,
+    /// An error held back until the data before it was flushed, and until when.
+    deferred: Option<(hyper::Error, Pin<Box<tokio::time::Sleep>>)>,
 }
+
+/// How long an error that came right after data is held back: hyper drops
+/// the answer's buffered bytes when its body fails, and a connection closed
+/// at once can lose what the client has not read yet.
+const ERROR_HOLD: Duration = Duration::from_millis(20);
 
 impl HttpBody for UpstreamBody {
     type Data = Bytes;
@@ -329,8 +334,13 @@ impl HttpBody for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        if let Some(e) = this.deferred.take() {
-            return Poll::Ready(Some(Err(e)));
+        if let Some((_, hold)) = &mut this.deferred {
+            if hold.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if let Some((e, _)) = this.deferred.take() {
+                return Poll::Ready(Some(Err(e)));
+            }
         }
         if let Some(l) = &mut this.lease {
             if l.conn.as_mut().poll(cx).is_ready() {
@@ -341,11 +351,11 @@ impl HttpBody for UpstreamBody {
         match &out {
             Poll::Ready(Some(Ok(_))) => this.unflushed = true,
             Poll::Ready(Some(Err(_))) if this.unflushed => {
-                // Events and a reset often arrive in one read. hyper drops a
-                // response's buffered bytes when its body fails, so the error
-                // waits one turn: `Pending` makes hyper write what it has.
+                // Events and a reset often arrive in one read. The error
+                // waits (`ERROR_HOLD`): `Pending` makes hyper write what it
+                // has, and the client gets time to read it.
                 if let Poll::Ready(Some(Err(e))) = out {
-                    this.deferred = Some(e);
+                    this.deferred = Some((e, Box::pin(tokio::time::sleep(ERROR_HOLD))));
                 }
                 this.unflushed = false;
                 cx.waker().wake_by_ref();
