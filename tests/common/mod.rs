@@ -296,6 +296,7 @@ impl Mock {
         let acc_inner = inner.clone();
         let accept = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
                 let inner = acc_inner.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| mock_handle(inner.clone(), req));
@@ -417,7 +418,13 @@ async fn drive(steps: Vec<Step>, tx: mpsc::Sender<FrameResult>, inner: Arc<MockI
                 _ = tx.closed() => true,
             },
             Step::Reset => {
-                let _ = tx.send(Err("mock: connection reset".into())).await;
+                // hyper drops what it has not written when a body fails, so
+                // the failure waits until the last frame was taken (the
+                // channel is empty) and hyper has had a turn to flush it.
+                if let Ok(permit) = tx.reserve().await {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    permit.send(Err("mock: connection reset".into()));
+                }
                 inner.set_outcome(n, Outcome::Reset);
                 return;
             }
