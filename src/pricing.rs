@@ -250,22 +250,33 @@ pub fn parse_scaled(text: &str, scale: u32) -> Result<i64, DecimalError> {
 
 /// Formats `value / 10^scale` as a plain decimal without trailing zeros.
 pub fn format_scaled(value: i128, scale: u32) -> String {
-    let neg = value < 0;
+    let mut out = Vec::with_capacity(24);
+    write_scaled(&mut out, value, scale);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// [`format_scaled`] into a buffer: the access log calls
+/// it per record, so it avoids `fmt` and 128-bit division where the value
+/// fits 64 bits (it nearly always does).
+pub fn write_scaled(out: &mut Vec<u8>, value: i128, scale: u32) {
+    if value < 0 {
+        out.push(b'-');
+    }
     let v = value.unsigned_abs();
     let div = 10u128.pow(scale);
-    let int = v / div;
-    let frac = v % div;
-    let mut s = if neg {
-        format!("-{int}")
-    } else {
-        int.to_string()
+    let (int, frac) = match (u64::try_from(v), u64::try_from(div)) {
+        (Ok(v), Ok(d)) => (u128::from(v / d), u128::from(v % d)),
+        _ => (v / div, v % div),
     };
+    out.extend_from_slice(itoa::Buffer::new().format(int).as_bytes());
     if frac != 0 {
-        let f = format!("{frac:0width$}", width = scale as usize);
-        s.push('.');
-        s.push_str(f.trim_end_matches('0'));
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(frac).as_bytes();
+        out.push(b'.');
+        out.resize(out.len() + scale as usize - digits.len(), b'0');
+        let end = digits.len() - digits.iter().rev().take_while(|&&d| d == b'0').count();
+        out.extend_from_slice(&digits[..end]);
     }
-    s
 }
 
 /// Formats pico-dollars as dollars.

@@ -69,6 +69,16 @@ fn decimals_format_without_noise() {
     assert_eq!(format_scaled(1_000_000_000_000, 12), "1");
     assert_eq!(format_scaled(-5, 1), "-0.5");
     assert_eq!(format_scaled(10_000_000, 9), "0.01");
+    // Beyond 64 bits, the 128-bit path.
+    assert_eq!(
+        format_scaled(i128::from(u64::MAX) * 10 + 5, 12),
+        "184467440.737095516155"
+    );
+    assert_eq!(
+        format_scaled(-(i128::from(u64::MAX) * 1000), 3),
+        "-18446744073709551615"
+    );
+    assert_eq!(format_scaled(1, 12), "0.000000000001");
 }
 
 #[test]

@@ -72,21 +72,28 @@ pub fn text_line(buf: &mut Vec<u8>, now: &str, p: &Priced) {
     buf.extend_from_slice(b" model=");
     quoted(buf, r.model_or_requested());
     let u = &r.usage;
-    let _ = write!(
-        buf,
-        " status={} stream={} query_tokens={} answer_tokens={} cached_tokens={} reasoning_tokens={} estimated={} cost={} duration_ms={}",
-        r.status,
-        r.stream,
-        u.query,
-        u.answer,
-        u.cached,
-        u.reasoning,
-        r.estimated,
-        crate::pricing::format_dollars(p.cost.into()),
-        r.duration_us as f64 / 1000.0,
-    );
+    int(buf, b" status=", r.status.into());
+    buf.extend_from_slice(if r.stream {
+        b" stream=true"
+    } else {
+        b" stream=false"
+    });
+    int(buf, b" query_tokens=", u.query);
+    int(buf, b" answer_tokens=", u.answer);
+    int(buf, b" cached_tokens=", u.cached);
+    int(buf, b" reasoning_tokens=", u.reasoning);
+    buf.extend_from_slice(if r.estimated {
+        b" estimated=true"
+    } else {
+        b" estimated=false"
+    });
+    buf.extend_from_slice(b" cost=");
+    crate::pricing::write_scaled(buf, p.cost.into(), 12);
+    buf.extend_from_slice(b" duration_ms=");
+    millis(buf, r.duration_us);
     if let Some(t) = r.ttfb_us {
-        let _ = write!(buf, " ttfb_ms={}", t as f64 / 1000.0);
+        buf.extend_from_slice(b" ttfb_ms=");
+        millis(buf, t);
     }
     if let Some(id) = &r.request_id {
         buf.extend_from_slice(b" request_id=");
@@ -95,10 +102,41 @@ pub fn text_line(buf: &mut Vec<u8>, now: &str, p: &Priced) {
     buf.push(b'\n');
 }
 
-/// A value in double quotes with `"`, `\` and every control character
-/// escaped (Rust's `Debug` for strings).
+/// A value in double quotes with `"`, `\\` and every control character
+/// escaped (Rust's `Debug` for strings). Plain printable ASCII, which nearly
+/// every value is, is copied as it is: `Debug` walks it char by char.
 fn quoted(buf: &mut Vec<u8>, s: &str) {
-    let _ = write!(buf, "{s:?}");
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    } else {
+        let _ = write!(buf, "{s:?}");
+    }
+}
+
+fn int(buf: &mut Vec<u8>, key: &[u8], v: u64) {
+    buf.extend_from_slice(key);
+    buf.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+}
+
+/// Microseconds as milliseconds, written as `Display` writes
+/// `us as f64 / 1000.0` (`2.5`, `1`, `0.001`) without float formatting.
+fn millis(buf: &mut Vec<u8>, us: u64) {
+    buf.extend_from_slice(itoa::Buffer::new().format(us / 1000).as_bytes());
+    let frac = us % 1000;
+    if frac != 0 {
+        let digits = [
+            b'.',
+            b'0' + (frac / 100) as u8,
+            b'0' + (frac / 10 % 10) as u8,
+            b'0' + (frac % 10) as u8,
+        ];
+        let end = digits.len() - digits.iter().rev().take_while(|&&d| d == b'0').count();
+        buf.extend_from_slice(&digits[..end]);
+    }
 }
 
 /// `tracing`'s JSON shape: `{"timestamp","level","fields":{...},"target"}`.
@@ -114,21 +152,28 @@ pub fn json_line(buf: &mut Vec<u8>, now: &str, p: &Priced) {
     json_str(buf, &r.endpoint);
     buf.extend_from_slice(br#","model":"#);
     json_str(buf, r.model_or_requested());
-    let _ = write!(
-        buf,
-        r#","status":{},"stream":{},"query_tokens":{},"answer_tokens":{},"cached_tokens":{},"reasoning_tokens":{},"estimated":{},"cost":"{}","duration_ms":{}"#,
-        r.status,
-        r.stream,
-        u.query,
-        u.answer,
-        u.cached,
-        u.reasoning,
-        r.estimated,
-        crate::pricing::format_dollars(p.cost.into()),
-        r.duration_us as f64 / 1000.0,
-    );
+    int(buf, br#","status":"#, r.status.into());
+    buf.extend_from_slice(if r.stream {
+        br#","stream":true"#
+    } else {
+        br#","stream":false"#
+    });
+    int(buf, br#","query_tokens":"#, u.query);
+    int(buf, br#","answer_tokens":"#, u.answer);
+    int(buf, br#","cached_tokens":"#, u.cached);
+    int(buf, br#","reasoning_tokens":"#, u.reasoning);
+    buf.extend_from_slice(if r.estimated {
+        br#","estimated":true"#
+    } else {
+        br#","estimated":false"#
+    });
+    buf.extend_from_slice(br#","cost":""#);
+    crate::pricing::write_scaled(buf, p.cost.into(), 12);
+    buf.extend_from_slice(br#"","duration_ms":"#);
+    millis(buf, r.duration_us);
     if let Some(t) = r.ttfb_us {
-        let _ = write!(buf, r#","ttfb_ms":{}"#, t as f64 / 1000.0);
+        buf.extend_from_slice(br#","ttfb_ms":"#);
+        millis(buf, t);
     }
     if let Some(id) = &r.request_id {
         buf.extend_from_slice(br#","request_id":"#);

@@ -105,3 +105,44 @@ fn json_line_is_one_json_object_with_escaped_values() {
     assert_eq!(v["fields"]["ttfb_ms"], 1.5);
     assert!(v["fields"].get("request_id").is_none());
 }
+
+#[test]
+fn millis_writes_what_float_display_writes() {
+    let mut cases: Vec<u64> = (0..3000).collect();
+    cases.extend([
+        999_999,
+        1_000_000,
+        1_000_001,
+        123_456_789,
+        u64::from(u32::MAX),
+        10u64.pow(15) + 7,
+    ]);
+    for us in cases {
+        let mut buf = Vec::new();
+        millis(&mut buf, us);
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            format!("{}", us as f64 / 1000.0),
+            "{us}"
+        );
+    }
+}
+
+#[test]
+fn quoted_matches_debug_for_plain_and_escaped_values() {
+    for s in [
+        "alice",
+        "a b=c",
+        "",
+        "q\"x",
+        "back\\slash",
+        "tab\t",
+        "é",
+        "\u{7f}",
+        "~",
+    ] {
+        let mut buf = Vec::new();
+        quoted(&mut buf, s);
+        assert_eq!(String::from_utf8(buf).unwrap(), format!("{s:?}"));
+    }
+}
