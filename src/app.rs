@@ -61,6 +61,21 @@ impl std::error::Error for StartError {}
 const FOLLOW_EVERY: Duration = Duration::from_millis(250);
 
 impl App {
+    /// OpenAI's Costs API beside this store's costs for `period`.
+    pub async fn reconcile(
+        &self,
+        period: &crate::reconcile::Period,
+    ) -> Result<Vec<crate::reconcile::Line>, crate::reconcile::Error> {
+        crate::reconcile::reconcile(
+            period,
+            &self.upstream,
+            &|pq| self.config.upstream.uri_for(pq),
+            self.config.openai_admin_key.as_deref(),
+            self.store.reports(),
+        )
+        .await
+    }
+
     /// Opens the store, loads keys, limits and spend, and prepares the upstream.
     pub fn build(config: Config) -> Result<Arc<App>, StartError> {
         let db_error = |message: String| StartError {

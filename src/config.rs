@@ -54,6 +54,8 @@ pub struct Config {
     /// Admin key: when set, admin endpoints require it; when not, they answer
     /// only to loopback clients.
     pub admin_token: Option<String>,
+    /// OpenAI organization admin key, read only by `reconcile` (the Costs API).
+    pub openai_admin_key: Option<String>,
     /// How clients name their user.
     pub auth: crate::access::AuthMode,
     /// Completion tokens reserved against a budget when a request sets no
@@ -89,6 +91,7 @@ impl std::fmt::Debug for Config {
             .field("allow_unmetered", &self.allow_unmetered)
             .field("metrics_max_users", &self.metrics_max_users)
             .field("admin_token", &redacted(&self.admin_token))
+            .field("openai_admin_key", &redacted(&self.openai_admin_key))
             .field("auth", &self.auth)
             .field("reserve_answer_tokens", &self.reserve_answer_tokens)
             .field("reserve_floor", &self.reserve_floor)
@@ -384,6 +387,7 @@ impl Default for Config {
             allow_unmetered: None,
             metrics_max_users: crate::metrics::DEFAULT_MAX_USERS,
             admin_token: None,
+            openai_admin_key: None,
             auth: crate::access::AuthMode::Header,
             reserve_answer_tokens: 4096,
             reserve_floor: DEFAULT_RESERVE_FLOOR,
@@ -425,6 +429,8 @@ pub enum Command {
     Run(Config),
     /// Validate the configuration and exit.
     CheckConfig(Config),
+    /// Compare OpenAI's Costs API with the records for a period.
+    Reconcile(Config, crate::reconcile::Period),
     /// Print usage.
     Help,
     /// Print the version.
@@ -618,12 +624,16 @@ const SETTINGS: &[Setting] = &[
 ];
 
 /// Secrets: never a flag (flags show in `ps`), only the environment or TOML.
-const SECRETS: [(&str, &str); 2] = [
+const SECRETS: [(&str, &str); 3] = [
     (
         "TOLLGATE_UPSTREAM_TOKEN (or FORWARD_TOKEN)",
         "upstream_token",
     ),
     ("TOLLGATE_ADMIN_TOKEN", "admin_token"),
+    (
+        "TOLLGATE_OPENAI_ADMIN_KEY (or OPENAI_ADMIN_KEY), for reconcile",
+        "openai_admin_key",
+    ),
 ];
 
 /// The `--help` text, generated from `SETTINGS`.
@@ -631,7 +641,7 @@ pub fn help() -> String {
     use std::fmt::Write;
     let mut out = String::from(
         "tollgate: a metering proxy for the OpenAI API (tokens and cost per user)\n\n\
-         Usage: tollgate [check-config] [OPTIONS]\n\n\
+         Usage: tollgate [check-config] [OPTIONS]\n         \x20      tollgate reconcile --from DAY --to DAY [--threshold DOLLARS] [OPTIONS]\n         \x20          (OpenAI's Costs API per day and model beside tollgate's costs; days as\n         \x20          YYYY-MM-DD, UTC, both included; differences above the threshold,\n         \x20          default 0.01, are flagged and make the exit status 1)\n\n\
          Options (flag / environment variable / TOML key [default]; flags win, then env, then file):\n",
     );
     for s in SETTINGS {
@@ -676,12 +686,27 @@ pub fn parse(
     let mut config_file = env("TOLLGATE_CONFIG");
     let mut no_default_prices = false;
     let mut check = false;
-    let mut args = args.into_iter();
+    let mut reconcile: Option<[Option<String>; 3]> = None;
+    let mut args = args.into_iter().peekable();
+    if args.peek().is_some_and(|a| a == "reconcile") {
+        args.next();
+        reconcile = Some([None, None, None]);
+    }
     while let Some(a) = args.next() {
         match a.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
-            "check-config" if flags.is_empty() && !check => check = true,
+            "check-config" if flags.is_empty() && !check && reconcile.is_none() => check = true,
+            "--from" | "--to" | "--threshold" if reconcile.is_some() => {
+                let i = ["--from", "--to", "--threshold"]
+                    .iter()
+                    .position(|f| *f == a)
+                    .unwrap_or(0);
+                let v = args.next().ok_or_else(|| err(&a, "needs a value"))?;
+                if let Some(r) = &mut reconcile {
+                    r[i] = Some(v);
+                }
+            }
             "--no-default-prices" => no_default_prices = true,
             "--upstream-token" | "--forward-token" | "--admin-token" => {
                 return Err(err(
@@ -833,6 +858,14 @@ pub fn parse(
             Some(_) => return Err(err("admin_token", "must be a non-empty string")),
         }
     }
+    c.openai_admin_key = crate::reconcile::admin_key(env);
+    if c.openai_admin_key.is_none() {
+        match file.get("openai_admin_key") {
+            Some(toml::Value::String(s)) if !s.is_empty() => c.openai_admin_key = Some(s.clone()),
+            None => {}
+            Some(_) => return Err(err("openai_admin_key", "must be a non-empty string")),
+        }
+    }
     if let Some(v) = raw("--retain-days")? {
         c.retain_days = Some(v.parse::<u32>().ok().filter(|&d| d > 0).ok_or_else(|| {
             err(
@@ -912,6 +945,13 @@ pub fn parse(
     }
     if no_default_prices || env_no_defaults {
         c.default_prices = false;
+    }
+    if let Some([from, to, threshold]) = reconcile {
+        let from = from.ok_or_else(|| err("--from", "reconcile needs --from DAY"))?;
+        let to = to.ok_or_else(|| err("--to", "reconcile needs --to DAY"))?;
+        let period = crate::reconcile::Period::parse(&from, &to, threshold.as_deref())
+            .map_err(|e| err("reconcile", e))?;
+        return Ok(Command::Reconcile(c, period));
     }
     Ok(if check {
         Command::CheckConfig(c)

@@ -48,6 +48,8 @@
 //!   and [`store::postgres`] (several instances on one database) implement them.
 //! - [`tokens`]: tiktoken estimates for answers without usage, off the request path.
 //! - [`pricing`]: exact integer prices and costs, the model lookup chain, the built-in list.
+//! - [`reconcile`]: OpenAI's Costs API per day and model beside tollgate's
+//!   own costs (`tollgate reconcile`, `GET /reconcile`).
 //! - [`api`]: the REST API by resource (prices, reports, accounts, limits,
 //!   operations), JSON answers from serde structs.
 //! - [`metrics`]: Prometheus metrics with bounded labels.
@@ -73,6 +75,7 @@ pub mod metrics;
 pub mod pricing;
 pub mod proxy;
 pub mod ratelimit;
+pub mod reconcile;
 pub mod record;
 pub mod server;
 pub mod store;

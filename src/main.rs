@@ -15,6 +15,7 @@ async fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
+        Ok(Command::Reconcile(c, period)) => return reconcile(c, period).await,
         Ok(Command::Help) => {
             print!("{}", config::help());
             return ExitCode::SUCCESS;
@@ -59,6 +60,27 @@ async fn main() -> ExitCode {
     };
     tollgate::server::run(listener, app, shutdown).await;
     ExitCode::SUCCESS
+}
+
+/// `tollgate reconcile`: prints the comparison; exit status 1 when a line
+/// is over the threshold, 2 when it could not be made.
+async fn reconcile(config: config::Config, period: tollgate::reconcile::Period) -> ExitCode {
+    let app = match tollgate::app::App::build(config) {
+        Ok(app) => app,
+        Err(e) => return fail(&e),
+    };
+    match app.reconcile(&period).await {
+        Ok(lines) => {
+            print!("{}", tollgate::reconcile::render(&lines));
+            let flagged = lines.iter().filter(|l| l.flagged).count();
+            if flagged > 0 {
+                println!("{flagged} line(s) differ by more than the threshold");
+                return ExitCode::from(1);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
+    }
 }
 
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {

@@ -13,6 +13,7 @@ mod limits;
 mod ops;
 mod prices;
 mod query;
+mod reconcile;
 mod reports;
 
 use std::sync::Arc;
@@ -56,6 +57,7 @@ enum Route {
     Queries,
     RateLimits,
     Metrics,
+    Reconcile,
     UserKeys(String),
     UserLimits(String),
     DefaultLimits,
@@ -89,6 +91,7 @@ fn classify(path: &str) -> Result<Option<Route>, ApiError> {
         "/queries" => Some(Route::Queries),
         "/ratelimits" => Some(Route::RateLimits),
         "/metrics" => Some(Route::Metrics),
+        "/reconcile" => Some(Route::Reconcile),
         "/limits/default" => Some(Route::DefaultLimits),
         _ => None,
     })
@@ -126,6 +129,7 @@ async fn route(
         (Route::Queries, _) if get => reports::queries(app, &query).await,
         (Route::RateLimits, _) if get => ops::ratelimits(app),
         (Route::Metrics, _) if get => Ok(ops::metrics(app)),
+        (Route::Reconcile, _) if get => reconcile::reconcile(app, &query).await,
         (Route::UserKeys(user), Method::POST) => accounts::create_key(app, user).await,
         (Route::UserKeys(user), _) if get => accounts::list_keys(app, user).await,
         (Route::Key(id), Method::DELETE) => accounts::revoke_key(app, id).await,
