@@ -430,7 +430,16 @@ pub enum Command {
     /// Validate the configuration and exit.
     CheckConfig(Config),
     /// Compare OpenAI's Costs API with the records for a period.
-    Reconcile(Config, crate::reconcile::Period),
+    Reconcile {
+        /// The settings (store, upstream, the Costs API key).
+        config: Config,
+        /// First day, `YYYY-MM-DD`.
+        from: String,
+        /// Last day, included.
+        to: String,
+        /// Dollars above which a difference is flagged.
+        threshold: Option<String>,
+    },
     /// Print usage.
     Help,
     /// Print the version.
@@ -858,7 +867,9 @@ pub fn parse(
             Some(_) => return Err(err("admin_token", "must be a non-empty string")),
         }
     }
-    c.openai_admin_key = crate::reconcile::admin_key(env);
+    c.openai_admin_key = env("TOLLGATE_OPENAI_ADMIN_KEY")
+        .or_else(|| env("OPENAI_ADMIN_KEY"))
+        .filter(|k| !k.is_empty());
     if c.openai_admin_key.is_none() {
         match file.get("openai_admin_key") {
             Some(toml::Value::String(s)) if !s.is_empty() => c.openai_admin_key = Some(s.clone()),
@@ -949,9 +960,12 @@ pub fn parse(
     if let Some([from, to, threshold]) = reconcile {
         let from = from.ok_or_else(|| err("--from", "reconcile needs --from DAY"))?;
         let to = to.ok_or_else(|| err("--to", "reconcile needs --to DAY"))?;
-        let period = crate::reconcile::Period::parse(&from, &to, threshold.as_deref())
-            .map_err(|e| err("reconcile", e))?;
-        return Ok(Command::Reconcile(c, period));
+        return Ok(Command::Reconcile {
+            config: c,
+            from,
+            to,
+            threshold,
+        });
     }
     Ok(if check {
         Command::CheckConfig(c)

@@ -15,7 +15,17 @@ async fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
-        Ok(Command::Reconcile(c, period)) => return reconcile(c, period).await,
+        Ok(Command::Reconcile {
+            config,
+            from,
+            to,
+            threshold,
+        }) => {
+            return match tollgate::reconcile::Period::parse(&from, &to, threshold.as_deref()) {
+                Ok(period) => reconcile(config, period).await,
+                Err(e) => fail(&format!("reconcile: {e}")),
+            }
+        }
         Ok(Command::Help) => {
             print!("{}", config::help());
             return ExitCode::SUCCESS;

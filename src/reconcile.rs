@@ -122,13 +122,6 @@ impl std::fmt::Display for Error {
     }
 }
 
-/// The admin key of the Costs API, from the environment.
-pub fn admin_key(env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
-    env("TOLLGATE_OPENAI_ADMIN_KEY")
-        .or_else(|| env("OPENAI_ADMIN_KEY"))
-        .filter(|k| !k.is_empty())
-}
-
 /// Compares OpenAI's costs with tollgate's for `period`. `upstream_uri`
 /// makes the upstream's URI of a path (its base path included).
 pub async fn reconcile(
