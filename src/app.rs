@@ -33,6 +33,8 @@ pub struct App {
     pub keys: Keys,
     /// Limits and live spend.
     pub budgets: Arc<Budgets>,
+    /// Budget alerts to the webhook (off without one).
+    pub alerts: crate::alerts::Alerts,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// Room for buffered JSON request bodies, in KiB (`--max-buffered`).
@@ -128,8 +130,16 @@ impl App {
                 .unwrap_or(usize::MAX)
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
         ));
+        let budgets = Arc::new(Budgets::default());
+        let alerts = crate::alerts::Alerts::start(
+            config.alert_webhook.clone(),
+            config.alert_thresholds.clone(),
+            budgets.clone(),
+            store.accounts(),
+        );
         let app = App {
             buffered,
+            alerts,
             upstream: crate::upstream::Upstream::new(&config, workers),
             workers,
             admin_digest: config.admin_token.as_deref().map(access::digest),
@@ -137,7 +147,7 @@ impl App {
             store,
             auth_header,
             keys: Keys::default(),
-            budgets: Arc::new(Budgets::default()),
+            budgets,
             metrics,
         };
         app.load_accounts()

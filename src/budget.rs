@@ -355,6 +355,28 @@ impl Budgets {
         }))
     }
 
+    /// Every user with a budget and a counter in this instance: limits,
+    /// period start and spent pico-dollars of the current period (for
+    /// budget alerts).
+    pub fn budgets_in_use(&self, now_ms: i64) -> Vec<(String, Limits, i64, i128)> {
+        let users: Vec<(String, i64, i128)> = self
+            .state
+            .lock()
+            .iter()
+            .map(|(u, s)| (u.clone(), s.period_start, s.spent))
+            .collect();
+        users
+            .into_iter()
+            .filter_map(|(user, start, spent)| {
+                let (l, _) = self.limits_of(&user)?;
+                l.budget?;
+                let now_start = l.period.start(now_ms);
+                let spent = if start == now_start { spent } else { 0 };
+                Some((user, l, now_start, spent))
+            })
+            .collect()
+    }
+
     fn release(&self, h: &Hold, cost: i128, tokens: u64) {
         let mut st = self.state.lock();
         let Some(s) = st.get_mut(&h.user) else {

@@ -44,6 +44,10 @@ pub struct Config {
     pub default_prices: bool,
     /// Delete per-query records older than this many days (rollups stay).
     pub retain_days: Option<u32>,
+    /// Where budget alerts are POSTed (Slack-compatible JSON); none: no alerts.
+    pub alert_webhook: Option<http::Uri>,
+    /// Percentages of a budget whose crossing is announced, ascending.
+    pub alert_thresholds: Vec<u8>,
     /// Log line format.
     pub log_format: LogFormat,
     /// Endpoint families forwarded although tollgate cannot meter them
@@ -92,6 +96,14 @@ impl std::fmt::Debug for Config {
             .field("metrics_max_users", &self.metrics_max_users)
             .field("admin_token", &redacted(&self.admin_token))
             .field("openai_admin_key", &redacted(&self.openai_admin_key))
+            .field(
+                "alert_webhook",
+                &self
+                    .alert_webhook
+                    .as_ref()
+                    .map(|u| u.host().unwrap_or("").to_owned()),
+            )
+            .field("alert_thresholds", &self.alert_thresholds)
             .field("auth", &self.auth)
             .field("reserve_answer_tokens", &self.reserve_answer_tokens)
             .field("reserve_floor", &self.reserve_floor)
@@ -383,6 +395,8 @@ impl Default for Config {
             client_abort: ClientAbort::Finish,
             default_prices: true,
             retain_days: None,
+            alert_webhook: None,
+            alert_thresholds: vec![50, 80, 100],
             log_format: LogFormat::Text,
             allow_unmetered: None,
             metrics_max_users: crate::metrics::DEFAULT_MAX_USERS,
@@ -565,6 +579,22 @@ const SETTINGS: &[Setting] = &[
         key: "retain_days",
         default: "keep all",
         help: "delete per-query records older than N days (rollups stay)",
+    },
+    Setting {
+        flag: "--alert-webhook",
+        value: "URL",
+        env: "TOLLGATE_ALERT_WEBHOOK",
+        key: "alert_webhook",
+        default: "none",
+        help: "POST budget alerts (thresholds crossed, requests refused) here as Slack-compatible JSON",
+    },
+    Setting {
+        flag: "--alert-thresholds",
+        value: "PCTS",
+        env: "TOLLGATE_ALERT_THRESHOLDS",
+        key: "alert_thresholds",
+        default: "50,80,100",
+        help: "percentages of a budget announced once per period when crossed",
     },
     Setting {
         flag: "--metrics-max-users",
@@ -884,6 +914,38 @@ pub fn parse(
                 format!("`{v}` is not a whole number of days above 0"),
             )
         })?);
+    }
+    if let Some(v) = raw("--alert-webhook")? {
+        let uri: http::Uri = v
+            .parse()
+            .ok()
+            .filter(|u: &http::Uri| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            })
+            .ok_or_else(|| err("--alert-webhook", "must be an http:// or https:// URL"))?;
+        c.alert_webhook = Some(uri);
+    }
+    if let Some(v) = raw("--alert-thresholds")? {
+        let mut t = v
+            .split(',')
+            .map(|p| {
+                p.trim()
+                    .trim_end_matches('%')
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|p| (1..=100).contains(p))
+            })
+            .collect::<Option<Vec<u8>>>()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                err(
+                    "--alert-thresholds",
+                    format!("`{v}` is not a comma-separated list of percentages from 1 to 100"),
+                )
+            })?;
+        t.sort_unstable();
+        t.dedup();
+        c.alert_thresholds = t;
     }
     if let Some(v) = raw("--metrics-max-users")? {
         c.metrics_max_users = v.parse().map_err(|_| {

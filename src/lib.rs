@@ -29,6 +29,7 @@
 //!   path and authentication, body, admission (budget, rates, queue slot),
 //!   upstream request, send, answer.
 //! - [`access`]: the admin key, user keys and client authentication modes.
+//! - [`alerts`]: budget alerts POSTed to a webhook, off the request path.
 //! - [`budget`]: spending limits and request/token rates, reserved before
 //!   upstream and settled when the record is priced.
 //! - [`endpoint`]: which API a request belongs to, deciding how its bodies are read.
@@ -61,6 +62,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod body;

@@ -31,6 +31,9 @@ pub async fn admit(app: &App, ctx: &Ctx) -> Result<Admission, ApiError> {
         match app.budgets.check(&ctx.user, cost, tokens, ctx.started_ms) {
             Ok(h) => h,
             Err(refusal) => {
+                if matches!(refusal, Refusal::Budget { .. }) {
+                    app.alerts.refused(&ctx.user);
+                }
                 app.store.reject(Rejected {
                     at_ms: ctx.started_ms,
                     user: ctx.user.clone(),

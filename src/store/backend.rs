@@ -73,6 +73,16 @@ pub trait Accounts: Send + Sync + 'static {
     fn save_limits(&self, user: Option<&str>, l: Option<&Limits>) -> Result<(), StoreError>;
     /// Every stored limit; user `None` is the default.
     fn all_limits(&self) -> Result<Vec<(Option<String>, Limits)>, StoreError>;
+    /// Notes that the alert `kind` of `subject` for the period starting at
+    /// `period_start` goes out; false when it already went (from this
+    /// instance or another).
+    fn claim_alert(
+        &self,
+        subject: &str,
+        period_start: i64,
+        kind: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
 }
 
 /// Filters of `/usage` and `/queries`.

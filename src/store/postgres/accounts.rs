@@ -32,6 +32,22 @@ fn key_info(r: &tokio_postgres::Row) -> Result<KeyInfo, tokio_postgres::Error> {
 }
 
 impl Accounts for PgAccounts {
+    fn claim_alert(
+        &self,
+        subject: &str,
+        period_start: i64,
+        kind: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.pool.with(|c| {
+            let n = wait(c.client.execute(
+                "INSERT INTO alerts_sent (subject, period_start, kind, at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                &[&subject, &period_start, &kind, &now_ms],
+            ))?;
+            Ok(n == 1)
+        })
+    }
+
     fn create_key(&self, info: &KeyInfo, digest: &[u8; 32]) -> Result<(), StoreError> {
         self.pool.with(|c| {
             wait(c.client.execute(

@@ -36,10 +36,27 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         what: "versions of prices, keys, limits and rate limits, for instances to follow",
         sql: SCHEMA_V2,
     },
+    Migration {
+        version: 3,
+        what: "budget alerts sent, once per threshold and period",
+        sql: SCHEMA_V3,
+    },
 ];
 
 /// The version this build brings a database to.
 pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
+
+/// Which budget alerts went out: the first instance to insert a row sends
+/// the alert, so several instances announce a threshold once.
+const SCHEMA_V3: &str = "
+CREATE TABLE alerts_sent (
+    subject      text   NOT NULL,
+    period_start bigint NOT NULL,
+    kind         text   NOT NULL,
+    at           bigint NOT NULL,
+    PRIMARY KEY (subject, period_start, kind)
+);
+";
 
 /// The advisory lock key migrations run under ("tollgate" in ASCII).
 pub(super) const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;

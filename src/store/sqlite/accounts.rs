@@ -42,6 +42,22 @@ fn key_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
 }
 
 impl Accounts for SqliteAccounts {
+    fn claim_alert(
+        &self,
+        subject: &str,
+        period_start: i64,
+        kind: &str,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT INTO alerts_sent (subject, period_start, kind, at) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                params![subject, period_start, kind, now_ms],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
     fn create_key(&self, info: &KeyInfo, digest: &[u8; 32]) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
