@@ -31,6 +31,8 @@ pub struct App {
     pub admin_digest: Option<access::Digest>,
     /// Active user keys.
     pub keys: Keys,
+    /// Open dashboard sessions.
+    pub sessions: access::session::Sessions,
     /// Limits and live spend.
     pub budgets: Arc<Budgets>,
     /// Prometheus metrics.
@@ -122,6 +124,7 @@ impl App {
             store,
             auth_header,
             keys: Keys::default(),
+            sessions: access::session::Sessions::default(),
             budgets: Arc::new(Budgets::default()),
             metrics,
         };
