@@ -108,9 +108,6 @@
     const after = encodeURIComponent(afterParam(first));
     const chartQuery = `usage?group_by=day,${group}&after=${after}`;
     const totalsQuery = `usage?group_by=${group}&after=${after}`;
-    const spend = $('spend');
-    spend.dataset.query = chartQuery;
-    spend.dataset.totalsQuery = totalsQuery;
     const [rows, totals] = await Promise.all([api(chartQuery), api(totalsQuery)]);
 
     const labels = [];
@@ -147,6 +144,9 @@
     $('spend-key').textContent = group;
     const body = $('spend-totals').tBodies[0];
     body.replaceChildren(...totals.map((t) => row([[String(t[group])], [money(t.cost), 'num']])));
+    // What was shown came from these (the browser tests read them back).
+    $('spend').dataset.query = chartQuery;
+    $('spend').dataset.totalsQuery = totalsQuery;
   }
 
   // ---- top spenders ------------------------------------------------------
@@ -187,6 +187,7 @@
       return wrap;
     }));
     box.replaceChildren(...tables);
+    box.dataset.period = $('top-period').value;
   }
 
   // ---- budgets -----------------------------------------------------------
@@ -243,14 +244,14 @@
 
   async function loadRecent() {
     const query = recentQuery();
-    $('recent').dataset.query = query;
-    $('recent-csv').href = `${query}&format=csv`;
     const rows = await api(query);
     $('recent-table').tBodies[0].replaceChildren(...rows.map((r) => row([
       [r.timestamp.replace('T', ' ').replace('Z', '')], [r.user], [r.model], [r.endpoint],
       [String(r.status), 'num'], [int(r.queryTokens), 'num'], [int(r.answerTokens), 'num'],
       [money(r.cost), 'num'], [r.estimated ? 'estimated' : 'reported'],
     ])));
+    $('recent').dataset.query = query;
+    $('recent-csv').href = `${query}&format=csv`;
   }
 
   // ---- upstream rate limits ----------------------------------------------
