@@ -5,7 +5,7 @@
 //! Playwright lives in `target/dashboard-venv`, built on first use from PyPI;
 //! its own browser download is never used (`executable_path` is the system
 //! Chromium). Without Chromium, Python or PyPI the test says so on stderr and
-//! passes locally, but fails in CI (`CI=true`), so CI never mistakes a machine
+//! passes locally, but fails in CI (`CI` set), so CI never mistakes a machine
 //! that cannot run it for one where it passed. `TOLLGATE_SKIP_BROWSER=1`
 //! skips it on purpose; `TOLLGATE_DASHBOARD_SHOTS=docs` keeps the screenshots.
 
@@ -28,11 +28,11 @@ fn say(msg: &str) {
 
 /// Gives up: a failure in CI, a loud skip elsewhere.
 fn unavailable(why: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
+    if std::env::var_os("CI").is_some() {
         panic!("dashboard browser suite cannot run in CI: {why}");
     }
     say(&format!(
-        "dashboard browser suite: SKIPPED, {why} (CI=true makes this a failure)"
+        "dashboard browser suite: SKIPPED, {why} (with CI set this fails)"
     ));
 }
 
