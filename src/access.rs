@@ -16,6 +16,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::error::ApiError;
 
+pub mod session;
+
 /// How clients name the user they act for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMode {
@@ -154,6 +156,11 @@ impl Keys {
             .iter()
             .find(|e| constant_time_eq(&e.digest, &d))
             .cloned()
+    }
+
+    /// Whether the key with this id is active.
+    pub fn is_active(&self, id: &str) -> bool {
+        self.by_prefix.read().values().flatten().any(|e| e.id == id)
     }
 
     /// The last-use time of a key kept in memory, if any.

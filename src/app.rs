@@ -31,6 +31,8 @@ pub struct App {
     pub admin_digest: Option<access::Digest>,
     /// Active user keys.
     pub keys: Keys,
+    /// Open dashboard sessions.
+    pub sessions: access::session::Sessions,
     /// Limits and live spend.
     pub budgets: Arc<Budgets>,
     /// Budget alerts to the webhook (off without one).
@@ -147,6 +149,7 @@ impl App {
             store,
             auth_header,
             keys: Keys::default(),
+            sessions: access::session::Sessions::default(),
             budgets,
             metrics,
         };

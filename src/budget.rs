@@ -242,6 +242,18 @@ impl Budgets {
         self.limits.read().get(user).copied()
     }
 
+    /// Every user under a limit, sorted: those with limits of their own and,
+    /// while a default is set, those with spend or reservations under it.
+    pub fn limited_users(&self) -> Vec<String> {
+        let mut users: Vec<String> = self.limits.read().keys().cloned().collect();
+        if self.default.read().is_some() {
+            users.extend(self.state.lock().keys().cloned());
+        }
+        users.sort_unstable();
+        users.dedup();
+        users
+    }
+
     /// The default limits.
     pub fn default_limits(&self) -> Option<Limits> {
         *self.default.read()

@@ -505,3 +505,68 @@ async fn large_query_results_are_complete_and_ordered() {
     let u = proxy.usage_raw("user=odd").await;
     assert_eq!(u["numQueries"], (n / 2).to_string());
 }
+
+/// `/queries` narrows by status class or code and by estimated, and lists
+/// newest first on request, on either store (the dashboard's filters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_filter_by_status_and_estimated_and_order() {
+    let mock = Mock::start(|seen| {
+        let model = seen.json()["model"].as_str().unwrap_or("x").to_owned();
+        match model.as_str() {
+            "bad" => {
+                Reply::json(r#"{"error":{"message":"boom","type":"server_error"}}"#).status(500)
+            }
+            // A stream without usage: estimated.
+            "est" => {
+                let mut ev = chat_stream(seen, "est", &["one", " two"], Tok::new(5, 2));
+                ev.retain(|e| !String::from_utf8_lossy(e).contains("\"choices\":[]"));
+                Reply::sse_events(ev)
+            }
+            _ => Reply::json(completion(&model, "ok", Tok::new(3, 4))),
+        }
+    })
+    .await;
+    let p = Proxy::start(&mock.url()).await;
+    let calls = [
+        ("good", false),
+        ("bad", false),
+        ("est", true),
+        ("good", false),
+    ];
+    for (n, (model, stream)) in calls.into_iter().enumerate() {
+        let r = p.chat("ann", &chat_body(model, stream)).await;
+        let want = if model == "bad" { 500 } else { 200 };
+        assert_eq!(r.status, want, "{}", r.text());
+        p.wait_records(n + 1).await;
+    }
+    let models = |rows: Vec<Value>| -> Vec<String> {
+        rows.iter()
+            .map(|r| r["requestedModel"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(models(p.queries("").await), ["good", "bad", "est", "good"]);
+    assert_eq!(
+        models(p.queries("order=desc").await),
+        ["good", "est", "bad", "good"]
+    );
+    assert_eq!(models(p.queries("status=error").await), ["bad"]);
+    assert_eq!(models(p.queries("status=500").await), ["bad"]);
+    assert_eq!(
+        models(p.queries("status=ok").await),
+        ["good", "est", "good"]
+    );
+    assert_eq!(models(p.queries("estimated=true").await), ["est"]);
+    assert_eq!(
+        models(p.queries("estimated=false&status=ok&order=desc").await),
+        ["good", "good"]
+    );
+    assert_eq!(models(p.queries("order=desc&limit=1").await), ["good"]);
+    for (q, param) in [
+        ("status=fine", "status"),
+        ("estimated=yes", "estimated"),
+        ("order=up", "order"),
+    ] {
+        let r = p.get(&format!("/queries?{q}")).await;
+        assert_openai_error(&r, 400, "invalid_request_error", Some(param), None);
+    }
+}

@@ -1,5 +1,6 @@
 //! `/users/{user}/limits` and `/limits/default`: read, set and remove a
-//! user's (or the default) budget and rates, with the spend so far.
+//! user's (or the default) budget and rates, with the spend so far; `/limits`
+//! lists every limited user's.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -127,6 +128,14 @@ pub fn parse_limits_body(body: &[u8]) -> Result<Limits, ApiError> {
 /// `GET`: a user's limits (`None`: the default).
 pub(super) fn get(app: &Arc<App>, user: Option<&str>) -> Result<Response<Body>, ApiError> {
     ok(&View::of(app, user))
+}
+
+/// `GET /limits`: every user under a limit (their own or the default),
+/// with their spend, by name.
+pub(super) fn list(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
+    let users = app.budgets.limited_users();
+    let views: Vec<View> = users.iter().map(|u| View::of(app, Some(u))).collect();
+    ok(&views)
 }
 
 /// `PUT`: sets them.

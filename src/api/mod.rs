@@ -9,6 +9,7 @@
 //! store's writer thread.
 
 mod accounts;
+mod dashboard;
 mod limits;
 mod ops;
 mod prices;
@@ -61,6 +62,7 @@ enum Route {
     UserKeys(String),
     UserLimits(String),
     DefaultLimits,
+    AllLimits,
     Key(String),
 }
 
@@ -93,6 +95,7 @@ fn classify(path: &str) -> Result<Option<Route>, ApiError> {
         "/metrics" => Some(Route::Metrics),
         "/reconcile" => Some(Route::Reconcile),
         "/limits/default" => Some(Route::DefaultLimits),
+        "/limits" => Some(Route::AllLimits),
         _ => None,
     })
 }
@@ -115,18 +118,33 @@ async fn route(
         "/healthz" | "/readyz" | "/me/usage" => return not_allowed(),
         _ => {}
     }
+    if path == "/dashboard" || path.starts_with("/dashboard/") {
+        return dashboard::route(app, remote, req, &path).await;
+    }
     let Some(r) = classify(&path)? else {
         return Err(ApiError::not_found(format!("unknown path {path}")).with_code("not_found"));
     };
-    crate::access::admin(app.admin_digest.as_ref(), req.headers(), remote)?;
+    match dashboard::caller(app, req.headers(), remote, get)? {
+        dashboard::Caller::Admin => {}
+        dashboard::Caller::Holder(user) => {
+            return match r {
+                Route::Usage => reports::usage(app, &query, Some(&user)).await,
+                Route::Queries => reports::queries(app, &query, Some(&user)).await,
+                Route::UserLimits(u) if u == user => limits::get(app, Some(&u)),
+                _ => Err(ApiError::forbidden(
+                    "A key holder's dashboard session reads only its own /usage, /queries and /users/{user}/limits.",
+                )),
+            };
+        }
+    }
     match (r, method.clone()) {
         (Route::Model(name), _) if get => prices::get_model(app, &name),
         (Route::Model(name), Method::POST | Method::PUT) => {
             prices::set_price(app, &name, req).await
         }
         (Route::Models, _) if get => prices::models(app),
-        (Route::Usage, _) if get => reports::usage(app, &query).await,
-        (Route::Queries, _) if get => reports::queries(app, &query).await,
+        (Route::Usage, _) if get => reports::usage(app, &query, None).await,
+        (Route::Queries, _) if get => reports::queries(app, &query, None).await,
         (Route::RateLimits, _) if get => ops::ratelimits(app),
         (Route::Metrics, _) if get => Ok(ops::metrics(app)),
         (Route::Reconcile, _) if get => reconcile::reconcile(app, &query).await,
@@ -135,6 +153,7 @@ async fn route(
         (Route::Key(id), Method::DELETE) => accounts::revoke_key(app, id).await,
         (Route::UserLimits(user), _) if get => limits::get(app, Some(&user)),
         (Route::DefaultLimits, _) if get => limits::get(app, None),
+        (Route::AllLimits, _) if get => limits::list(app),
         (Route::UserLimits(user), Method::PUT) => limits::put(app, Some(user), req).await,
         (Route::DefaultLimits, Method::PUT) => limits::put(app, None, req).await,
         (Route::UserLimits(user), Method::DELETE) => limits::delete(app, Some(user)).await,

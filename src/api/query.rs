@@ -29,6 +29,15 @@ pub(super) fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// What `/usage` can group by, by name. The dashboard offers the groupings
+/// listed here (except the time ones), so a new one shows up there too.
+pub const GROUP_KEYS: &[(&str, GroupKey)] = &[
+    ("user", GroupKey::User),
+    ("model", GroupKey::Model),
+    ("day", GroupKey::Day),
+    ("month", GroupKey::Month),
+];
+
 /// Parameters of the report endpoints.
 #[derive(Debug, Default)]
 pub struct Params {
@@ -83,21 +92,50 @@ pub fn parse_params(query: &str, allowed: &[&str]) -> Result<Params, ApiError> {
             "offset" => f.offset = number(&v)?,
             "group_by" => {
                 for g in v.split(',').map(str::trim).filter(|g| !g.is_empty()) {
-                    let key = match g {
-                        "user" => GroupKey::User,
-                        "model" => GroupKey::Model,
-                        "day" => GroupKey::Day,
-                        "month" => GroupKey::Month,
-                        other => {
-                            return Err(ApiError::bad_param(
-                                "group_by",
-                                format!("cannot group by {other} (user, model, day, month)"),
-                            ))
-                        }
+                    let Some(&(_, key)) = GROUP_KEYS.iter().find(|(name, _)| *name == g) else {
+                        let names: Vec<&str> = GROUP_KEYS.iter().map(|(n, _)| *n).collect();
+                        return Err(ApiError::bad_param(
+                            "group_by",
+                            format!("cannot group by {g} ({})", names.join(", ")),
+                        ));
                     };
                     if !p.group.contains(&key) {
                         p.group.push(key);
                     }
+                }
+            }
+            "status" => {
+                f.status = Some(match v.as_str() {
+                    "ok" => (100, 399),
+                    "error" => (400, u16::MAX),
+                    code => match code.parse::<u16>() {
+                        Ok(c) if (100..=999).contains(&c) => (c, c),
+                        _ => {
+                            return Err(ApiError::bad_param(
+                                "status",
+                                "status must be ok, error or an HTTP status code",
+                            ))
+                        }
+                    },
+                })
+            }
+            "estimated" => {
+                f.estimated = Some(match v.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(ApiError::bad_param(
+                            "estimated",
+                            "estimated must be true or false",
+                        ))
+                    }
+                })
+            }
+            "order" => {
+                f.newest_first = match v.as_str() {
+                    "asc" => false,
+                    "desc" => true,
+                    _ => return Err(ApiError::bad_param("order", "order must be asc or desc")),
                 }
             }
             "format" => match v.as_str() {
@@ -135,5 +173,27 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("usr"));
         let e = parse_filter("limit=-1", &["limit"]).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("limit"));
+        let all = ["status", "estimated", "order"];
+        let f = parse_filter("status=error&estimated=true&order=desc", &all).unwrap();
+        assert_eq!(f.status, Some((400, u16::MAX)));
+        assert_eq!(f.estimated, Some(true));
+        assert!(f.newest_first);
+        let f = parse_filter("status=429&estimated=false&order=asc", &all).unwrap();
+        assert_eq!(f.status, Some((429, 429)));
+        assert_eq!(f.estimated, Some(false));
+        assert!(!f.newest_first);
+        assert_eq!(
+            parse_filter("status=ok", &all).unwrap().status,
+            Some((100, 399))
+        );
+        for (q, param) in [
+            ("status=fine", "status"),
+            ("status=42", "status"),
+            ("estimated=yes", "estimated"),
+            ("order=newest", "order"),
+        ] {
+            let e = parse_filter(q, &all).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{q}");
+        }
     }
 }

@@ -89,9 +89,31 @@ pub fn usage_json(t: &UsageTotals) -> String {
     serde_json::to_string(&Usage::totals(t)).unwrap_or_default()
 }
 
-/// `GET /usage`: one object, or an array of them with `group_by`.
-pub(super) async fn usage(app: &Arc<App>, query: &str) -> Result<Response<Body>, ApiError> {
-    let p = parse_params(query, &["user", "model", "after", "before", "group_by"])?;
+/// Narrows a report to one user's records (a key holder's session); asking
+/// for another user's is refused rather than silently answered with theirs.
+fn scope(f: &mut Filter, only: Option<&str>) -> Result<(), ApiError> {
+    let Some(only) = only else { return Ok(()) };
+    match &f.user {
+        Some(u) if u != only => Err(ApiError::forbidden(
+            "A key holder's dashboard session reads only its own records.",
+        )
+        .with_param("user")),
+        _ => {
+            f.user = Some(only.to_owned());
+            Ok(())
+        }
+    }
+}
+
+/// `GET /usage`: one object, or an array of them with `group_by`; `only`
+/// narrows it to one user's records.
+pub(super) async fn usage(
+    app: &Arc<App>,
+    query: &str,
+    only: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let mut p = parse_params(query, &["user", "model", "after", "before", "group_by"])?;
+    scope(&mut p.filter, only)?;
     catch_up(app).await;
     let reports = app.store.reports();
     let grouped = !p.group.is_empty();
@@ -137,14 +159,29 @@ pub(super) async fn me_usage(
 }
 
 /// `GET /queries`: records written out in [`CHUNK`]-sized pieces as they
-/// are read, so a large page never sits whole in memory.
-pub(super) async fn queries(app: &Arc<App>, query: &str) -> Result<Response<Body>, ApiError> {
-    let p = parse_params(
+/// are read, so a large page never sits whole in memory; `only` narrows it
+/// to one user's records.
+pub(super) async fn queries(
+    app: &Arc<App>,
+    query: &str,
+    only: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let mut p = parse_params(
         query,
         &[
-            "user", "model", "after", "before", "limit", "offset", "format",
+            "user",
+            "model",
+            "after",
+            "before",
+            "limit",
+            "offset",
+            "format",
+            "status",
+            "estimated",
+            "order",
         ],
     )?;
+    scope(&mut p.filter, only)?;
     catch_up(app).await;
     let reports = app.store.reports();
     let (tx, body) = ChannelBody::new(4);

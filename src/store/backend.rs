@@ -100,6 +100,13 @@ pub struct Filter {
     pub limit: Option<u64>,
     /// Skip this many rows (`/queries`).
     pub offset: u64,
+    /// Only statuses in this inclusive range (`/queries`; the rollups have
+    /// no status, so `/usage` never sets it).
+    pub status: Option<(u16, u16)>,
+    /// Only estimated (`true`) or only reported (`false`) usage (`/queries`).
+    pub estimated: Option<bool>,
+    /// Newest first (`/queries`); oldest first otherwise.
+    pub newest_first: bool,
 }
 
 /// Totals of `/usage`.

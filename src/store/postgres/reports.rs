@@ -127,13 +127,25 @@ impl Reports for PgReports {
     ) -> Result<(), StoreError> {
         let mut q = Conds::default();
         q.filter(f, true);
+        if let Some((lo, hi)) = f.status {
+            q.push("status >=", Box::new(i32::from(lo)));
+            q.push("status <=", Box::new(i32::from(hi)));
+        }
+        if let Some(e) = f.estimated {
+            q.push("estimated =", Box::new(e));
+        }
         let limit: Option<i64> = f.limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX));
         let offset = i64::try_from(f.offset).unwrap_or(i64::MAX);
         let n = q.args.len();
+        let order = if f.newest_first {
+            "ts DESC, id DESC"
+        } else {
+            "ts, id"
+        };
         let sql = format!(
             "SELECT id, username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted
-             FROM queries{} ORDER BY ts, id LIMIT ${} OFFSET ${}",
+             FROM queries{} ORDER BY {order} LIMIT ${} OFFSET ${}",
             q.where_sql(),
             n + 1,
             n + 2

@@ -45,7 +45,8 @@ impl SqliteReports {
     }
 }
 
-/// SQL conditions and parameters for a filter.
+/// The WHERE clause of a filter (the tests' reference totals read with it).
+#[cfg(test)]
 pub(super) fn where_clause(f: &Filter) -> (String, Vec<rusqlite::types::Value>) {
     let (conds, args) = conditions(f, true);
     let sql = if conds.is_empty() {
@@ -99,12 +100,31 @@ impl Reports for SqliteReports {
         f: &Filter,
         sink: &mut dyn FnMut(StoredRecord) -> bool,
     ) -> Result<(), StoreError> {
-        let (w, mut args) = where_clause(f);
+        let (mut conds, mut args) = conditions(f, true);
+        if let Some((lo, hi)) = f.status {
+            conds.push("status BETWEEN ? AND ?");
+            args.push(rusqlite::types::Value::Integer(lo.into()));
+            args.push(rusqlite::types::Value::Integer(hi.into()));
+        }
+        if let Some(e) = f.estimated {
+            conds.push("estimated = ?");
+            args.push(rusqlite::types::Value::Integer(e.into()));
+        }
+        let w = if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conds.join(" AND "))
+        };
+        let order = if f.newest_first {
+            "ts DESC, id DESC"
+        } else {
+            "ts, id"
+        };
         let sql = format!(
             "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     CAST(query_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cached_tokens AS INTEGER),
                     CAST(reasoning_tokens AS INTEGER), CAST(cost AS INTEGER), priced, estimated, request_id, client_aborted
-             FROM queries{w} ORDER BY ts, id LIMIT ? OFFSET ?"
+             FROM queries{w} ORDER BY {order} LIMIT ? OFFSET ?"
         );
         args.push(rusqlite::types::Value::Integer(
             f.limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX)),
