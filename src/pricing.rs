@@ -9,8 +9,60 @@ use std::collections::HashMap;
 /// Pico-dollars in one dollar.
 pub const PICO_PER_DOLLAR: i128 = 1_000_000_000_000;
 
+/// A service tier (`service_tier` of a request or an answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tier {
+    /// `auto`: upstream picks (answers say which one it took).
+    Auto,
+    /// `default`: standard processing.
+    Default,
+    /// `flex`: slower, cheaper processing.
+    Flex,
+    /// `priority`: faster, dearer processing.
+    Priority,
+    /// `scale`: the Scale Tier's reserved capacity.
+    Scale,
+}
+
+impl Tier {
+    /// The tier a `service_tier` value names; `None` for any other text, so
+    /// nothing a client invents is stored or priced.
+    pub fn parse(s: &str) -> Option<Tier> {
+        Some(match s {
+            "auto" => Tier::Auto,
+            "default" => Tier::Default,
+            "flex" => Tier::Flex,
+            "priority" => Tier::Priority,
+            "scale" => Tier::Scale,
+            _ => return None,
+        })
+    }
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Auto => "auto",
+            Tier::Default => "default",
+            Tier::Flex => "flex",
+            Tier::Priority => "priority",
+            Tier::Scale => "scale",
+        }
+    }
+}
+
+/// Per-token rates of one tier, pico-dollars.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rates {
+    /// Per prompt token.
+    pub query: i64,
+    /// Per cached prompt token; `None` means the query rate.
+    pub cached: Option<i64>,
+    /// Per completion token.
+    pub answer: i64,
+}
+
 /// One price row of a model, valid from `valid_from` until the next row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Price {
     /// Start of validity, milliseconds since the epoch.
     pub valid_from: i64,
@@ -20,6 +72,10 @@ pub struct Price {
     pub cached: Option<i64>,
     /// Pico-dollars per completion token.
     pub answer: i64,
+    /// Rates of the flex tier; `None`: flex is priced at the standard rates.
+    pub flex: Option<Rates>,
+    /// Rates of the priority tier; `None`: priced at the standard rates.
+    pub priority: Option<Rates>,
 }
 
 /// Tokens of one request, as priced.
@@ -31,20 +87,126 @@ pub struct Tokens {
     pub answer: u64,
     /// The cached subset of `query`.
     pub cached: u64,
+    /// The service tier the request was processed in, if known.
+    pub tier: Option<Tier>,
+}
+
+/// A cost split into the parts a price list names, pico-dollars each; the
+/// parts add up to the record's cost exactly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Breakdown {
+    /// Uncached prompt tokens.
+    pub input: i64,
+    /// Cached prompt tokens.
+    pub cached_input: i64,
+    /// Completion tokens, reasoning included.
+    pub output: i64,
+    /// The tier whose own rates were applied (`None`: standard rates).
+    pub tier: Option<Tier>,
+    /// What the tier's rates changed against the standard ones (negative
+    /// for a discount); already inside the parts above.
+    pub tier_adjustment: i64,
+}
+
+impl Breakdown {
+    /// The sum of the parts: the cost.
+    pub fn total(&self) -> i64 {
+        self.input
+            .saturating_add(self.cached_input)
+            .saturating_add(self.output)
+    }
+}
+
+fn times(n: u64, rate: i64) -> i128 {
+    // Token counts come from upstream's answer: saturate, never wrap.
+    i128::from(n).saturating_mul(i128::from(rate))
+}
+
+fn clamp(v: i128) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 impl Price {
-    /// Cost in pico-dollars: (query - cached) x query + cached x cached + answer x answer.
-    pub fn cost(&self, t: Tokens) -> i64 {
+    /// The standard rates of the row.
+    pub fn standard(&self) -> Rates {
+        Rates {
+            query: self.query,
+            cached: self.cached,
+            answer: self.answer,
+        }
+    }
+
+    /// The rates a tier is priced at: its own where the row has them, the
+    /// standard ones otherwise; with which tier's own rates were taken.
+    pub fn rates(&self, tier: Option<Tier>) -> (Rates, Option<Tier>) {
+        let own = match tier {
+            Some(Tier::Flex) => self.flex,
+            Some(Tier::Priority) => self.priority,
+            _ => None,
+        };
+        match own {
+            Some(r) => (r, tier),
+            None => (self.standard(), None),
+        }
+    }
+
+    /// The tier rates as six nullable columns (flex query, cached, answer,
+    /// then priority's), as both backends store them.
+    pub fn tier_columns(&self) -> [Option<i64>; 6] {
+        let cols = |r: Option<Rates>| match r {
+            Some(r) => [Some(r.query), r.cached, Some(r.answer)],
+            None => [None; 3],
+        };
+        let (f, p) = (cols(self.flex), cols(self.priority));
+        [f[0], f[1], f[2], p[0], p[1], p[2]]
+    }
+
+    /// Sets the tier rates from [`Price::tier_columns`]' layout; a tier
+    /// without both its query and answer rate has none.
+    pub fn with_tier_columns(mut self, c: [Option<i64>; 6]) -> Price {
+        let rates = |q: Option<i64>, cached, a: Option<i64>| {
+            Some(Rates {
+                query: q?,
+                cached,
+                answer: a?,
+            })
+        };
+        self.flex = rates(c[0], c[1], c[2]);
+        self.priority = rates(c[3], c[4], c[5]);
+        self
+    }
+
+    /// The cost split by part: (query - cached) x query + cached x cached +
+    /// answer x answer, at the rates of the tier.
+    pub fn breakdown(&self, t: Tokens) -> Breakdown {
         let cached = t.cached.min(t.query);
-        // Token counts come from upstream's answer: saturate, never wrap.
-        let c = i128::from(t.query - cached)
-            .saturating_mul(i128::from(self.query))
-            .saturating_add(
-                i128::from(cached).saturating_mul(i128::from(self.cached.unwrap_or(self.query))),
+        let parts = |r: &Rates| {
+            (
+                clamp(times(t.query - cached, r.query)),
+                clamp(times(cached, r.cached.unwrap_or(r.query))),
+                clamp(times(t.answer, r.answer)),
             )
-            .saturating_add(i128::from(t.answer).saturating_mul(i128::from(self.answer)));
-        i64::try_from(c).unwrap_or(i64::MAX)
+        };
+        let (rates, tier) = self.rates(t.tier);
+        let (input, cached_input, output) = parts(&rates);
+        let mut b = Breakdown {
+            input,
+            cached_input,
+            output,
+            tier,
+            tier_adjustment: 0,
+        };
+        if tier.is_some() {
+            let (i, c, o) = parts(&self.standard());
+            let standard = i.saturating_add(c).saturating_add(o);
+            b.tier_adjustment = b.total().saturating_sub(standard);
+        }
+        b
+    }
+
+    /// Cost in pico-dollars: the sum of [`Price::breakdown`].
+    pub fn cost(&self, t: Tokens) -> i64 {
+        self.breakdown(t).total()
     }
 }
 
@@ -109,16 +271,28 @@ impl PriceTable {
 
     /// Cost in pico-dollars and whether a price was found.
     pub fn cost(&self, answered: &str, requested: &str, at_ms: i64, t: Tokens) -> (i64, bool) {
+        let (b, priced) = self.breakdown(answered, requested, at_ms, t);
+        (b.total(), priced)
+    }
+
+    /// The cost split by part, and whether a price was found.
+    pub fn breakdown(
+        &self,
+        answered: &str,
+        requested: &str,
+        at_ms: i64,
+        t: Tokens,
+    ) -> (Breakdown, bool) {
         // Nothing to price (model lists, files, ...): free, and not "unpriced".
         if t.query == 0 && t.answer == 0 {
-            return (0, true);
+            return (Breakdown::default(), true);
         }
         let direct = self
             .valid(answered, at_ms)
             .or_else(|| self.valid(requested, at_ms));
         match direct.or_else(|| self.lookup(answered, requested, at_ms).map(|(_, p)| p)) {
-            Some(p) => (p.cost(t), true),
-            None => (0, false),
+            Some(p) => (p.breakdown(t), true),
+            None => (Breakdown::default(), false),
         }
     }
 }
@@ -278,7 +452,8 @@ pub const SCALE_PER_1K: u32 = 9;
 /// Pico-dollars per token from a price per 1M tokens.
 pub const SCALE_PER_1M: u32 = 6;
 
-/// Price list shipped with tollgate: (model, $/1M input, $/1M cached input, $/1M output).
+/// Price list shipped with tollgate: (model, $/1M input, $/1M cached input,
+/// $/1M output, then the same three for flex and for priority).
 const DEFAULT_PRICES: &str = include_str!("prices.tsv");
 
 /// The built-in price list, valid from the epoch.
@@ -289,20 +464,20 @@ pub fn default_prices() -> Vec<(String, Price)> {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            let p = |s: &str| parse_scaled(s, SCALE_PER_1M).expect("built-in price parses");
-            let cached = match f[2] {
+            assert_eq!(f.len(), 10, "built-in price row has 10 columns: {l}");
+            let p = |i: usize| match f[i] {
                 "-" => None,
-                c => Some(p(c)),
+                s => Some(parse_scaled(s, SCALE_PER_1M).expect("built-in price parses")),
             };
-            (
-                f[0].to_owned(),
-                Price {
-                    valid_from: 0,
-                    query: p(f[1]),
-                    cached,
-                    answer: p(f[3]),
-                },
-            )
+            let tiers = [p(4), p(5), p(6), p(7), p(8), p(9)];
+            let price = Price {
+                valid_from: 0,
+                query: p(1).unwrap_or(0),
+                cached: p(2),
+                answer: p(3).unwrap_or(0),
+                ..Price::default()
+            };
+            (f[0].to_owned(), price.with_tier_columns(tiers))
         })
         .collect()
 }

@@ -6,6 +6,7 @@ use bytes::Bytes;
 
 use crate::budget::Hold;
 use crate::endpoint::Endpoint;
+use crate::pricing::Tier;
 
 /// Tokens reported by upstream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -62,6 +63,8 @@ pub struct Record {
     pub usage: Usage,
     /// Whether `usage` (or a part of it) is an estimate.
     pub estimated: bool,
+    /// The service tier: the answer's, else the request's.
+    pub tier: Option<Tier>,
     /// Upstream's `x-request-id`.
     pub request_id: Option<String>,
     /// The client left before the whole answer reached it. The status stays
@@ -98,12 +101,18 @@ impl Record {
             &self.model,
             &self.requested_model,
             self.started_ms,
-            crate::pricing::Tokens {
-                query: self.usage.query,
-                answer: self.usage.answer,
-                cached: self.usage.cached,
-            },
+            self.tokens(),
         )
+    }
+
+    /// What the record is priced from.
+    pub fn tokens(&self) -> crate::pricing::Tokens {
+        crate::pricing::Tokens {
+            query: self.usage.query,
+            answer: self.usage.answer,
+            cached: self.usage.cached,
+            tier: self.tier,
+        }
     }
 }
 
@@ -208,6 +217,21 @@ pub struct StoredRecord {
     pub request_id: Option<String>,
     /// See [`Record::client_aborted`].
     pub client_aborted: bool,
+    /// See [`Record::tier`].
+    pub tier: Option<Tier>,
+}
+
+impl StoredRecord {
+    /// What the record is priced from.
+    pub fn tokens(&self) -> crate::pricing::Tokens {
+        let n = |v: i64| v.max(0) as u64;
+        crate::pricing::Tokens {
+            query: n(self.query_tokens),
+            answer: n(self.answer_tokens),
+            cached: n(self.cached_tokens),
+            tier: self.tier,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use super::scan::{find_model, find_usage_object};
+use super::scan::{find_model, find_tier, find_usage_object};
 use super::window::Window;
 use super::Found;
 use crate::record::{Capture, Usage};
@@ -94,6 +94,8 @@ impl JsonScanner {
             usage: find_usage_object(usage_in).and_then(parse_usage),
             model: find_model(model_in),
             done: true,
+            // Top-level, after the content: in the tail when not kept whole.
+            tier: find_tier(usage_in).or_else(|| find_tier(model_in)),
         };
         let capture = match w.whole() {
             Some(_) => Capture {

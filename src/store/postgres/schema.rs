@@ -36,6 +36,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         what: "versions of prices, keys, limits and rate limits, for instances to follow",
         sql: SCHEMA_V2,
     },
+    Migration {
+        version: 3,
+        what: "records keep their service tier; prices get flex and priority rates",
+        sql: SCHEMA_V3,
+    },
 ];
 
 /// The version this build brings a database to.
@@ -162,6 +167,21 @@ CREATE TRIGGER limits_changed AFTER INSERT OR UPDATE OR DELETE ON limits
 CREATE TRIGGER ratelimits_changed AFTER INSERT OR UPDATE ON meta
     FOR EACH ROW WHEN (NEW.key = 'ratelimits')
     EXECUTE FUNCTION tollgate_bump_state('ratelimits');
+";
+
+/// The service tier of each record (NULL for the records written before
+/// and for requests without one), and per-tier rates beside the standard
+/// ones (NULL: the tier is priced at the standard rates). Adding nullable
+/// columns without defaults rewrites nothing, partitions included.
+const SCHEMA_V3: &str = "
+ALTER TABLE queries ADD COLUMN service_tier text;
+ALTER TABLE prices
+    ADD COLUMN flex_query bigint,
+    ADD COLUMN flex_cached bigint,
+    ADD COLUMN flex_answer bigint,
+    ADD COLUMN priority_query bigint,
+    ADD COLUMN priority_cached bigint,
+    ADD COLUMN priority_answer bigint;
 ";
 
 fn refuse_newer(version: i32) -> Result<(), StoreError> {

@@ -58,6 +58,12 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         sql: SCHEMA_V5,
         adds_column: Some(("queries", "client_aborted")),
     },
+    Migration {
+        version: 6,
+        what: "records keep their service tier; prices get flex and priority rates",
+        sql: SCHEMA_V6,
+        adds_column: Some(("queries", "service_tier")),
+    },
 ];
 
 /// The version this build brings a database to.
@@ -183,6 +189,19 @@ DROP INDEX IF EXISTS queries_user_ts;
 /// records written before).
 const SCHEMA_V5: &str = "
 ALTER TABLE queries ADD COLUMN client_aborted INTEGER NOT NULL DEFAULT 0;
+";
+
+/// The service tier of each record (NULL for the records written before
+/// and for requests without one), and per-tier rates beside the standard
+/// ones (NULL: the tier is priced at the standard rates).
+const SCHEMA_V6: &str = "
+ALTER TABLE queries ADD COLUMN service_tier TEXT;
+ALTER TABLE prices ADD COLUMN flex_query INTEGER;
+ALTER TABLE prices ADD COLUMN flex_cached INTEGER;
+ALTER TABLE prices ADD COLUMN flex_answer INTEGER;
+ALTER TABLE prices ADD COLUMN priority_query INTEGER;
+ALTER TABLE prices ADD COLUMN priority_cached INTEGER;
+ALTER TABLE prices ADD COLUMN priority_answer INTEGER;
 ";
 
 /// Whether `table` has `column`.
@@ -361,7 +380,7 @@ CREATE INDEX IF NOT EXISTS rejections_user_ts ON rejections (user, ts);
 
     fn fresh(dir: &std::path::Path) -> Connection {
         let mut c = Connection::open(dir.join("fresh.db")).unwrap();
-        assert_eq!(migrate(&mut c).unwrap(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(migrate(&mut c).unwrap(), vec![1, 2, 3, 4, 5, 6]);
         c
     }
 
@@ -424,7 +443,7 @@ CREATE INDEX IF NOT EXISTS rejections_user_ts ON rejections (user, ts);
                 [],
             )
             .unwrap();
-            assert_eq!(migrate(&mut c).unwrap(), vec![4, 5]);
+            assert_eq!(migrate(&mut c).unwrap(), vec![4, 5, 6]);
             assert_eq!(schema(&c), want);
             let n: i64 = c
                 .query_row("SELECT COUNT(*) FROM queries", [], |r| r.get(0))
@@ -459,9 +478,11 @@ CREATE INDEX IF NOT EXISTS rejections_user_ts ON rejections (user, ts);
         let mut c = fresh(dir.path());
         let want = schema(&c);
         c.pragma_update(None, "user_version", 1).unwrap();
-        assert_eq!(migrate(&mut c).unwrap(), vec![2, 3, 4, 5]);
+        assert_eq!(migrate(&mut c).unwrap(), vec![2, 3, 4, 5, 6]);
         assert_eq!(schema(&c), want);
         assert!(has_column(&c, "queries", "client_aborted").unwrap());
+        assert!(has_column(&c, "queries", "service_tier").unwrap());
+        assert!(has_column(&c, "prices", "priority_answer").unwrap());
     }
 
     #[test]

@@ -178,6 +178,7 @@ fn repricing_updates_rollups() {
         query: 2_500_000,
         cached: None,
         answer: 10_000_000,
+        ..Price::default()
     };
     let mut table = PriceTable::default();
     table.insert("gpt-4o", price);
