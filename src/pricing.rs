@@ -76,6 +76,10 @@ pub struct Price {
     pub flex: Option<Rates>,
     /// Rates of the priority tier; `None`: priced at the standard rates.
     pub priority: Option<Rates>,
+    /// Pico-dollars per audio prompt token; `None`: the query price.
+    pub audio_query: Option<i64>,
+    /// Pico-dollars per audio completion token; `None`: the answer price.
+    pub audio_answer: Option<i64>,
 }
 
 /// Tokens of one request, as priced.
@@ -87,6 +91,10 @@ pub struct Tokens {
     pub answer: u64,
     /// The cached subset of `query`.
     pub cached: u64,
+    /// The audio subset of `query` (uncached audio, as priced).
+    pub audio_query: u64,
+    /// The audio subset of `answer`.
+    pub audio_answer: u64,
     /// The service tier the request was processed in, if known.
     pub tier: Option<Tier>,
 }
@@ -95,12 +103,16 @@ pub struct Tokens {
 /// parts add up to the record's cost exactly.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Breakdown {
-    /// Uncached prompt tokens.
+    /// Uncached text prompt tokens.
     pub input: i64,
     /// Cached prompt tokens.
     pub cached_input: i64,
-    /// Completion tokens, reasoning included.
+    /// Text completion tokens, reasoning included.
     pub output: i64,
+    /// Audio prompt tokens.
+    pub audio_input: i64,
+    /// Audio completion tokens.
+    pub audio_output: i64,
     /// The tier whose own rates were applied (`None`: standard rates).
     pub tier: Option<Tier>,
     /// What the tier's rates changed against the standard ones (negative
@@ -114,6 +126,8 @@ impl Breakdown {
         self.input
             .saturating_add(self.cached_input)
             .saturating_add(self.output)
+            .saturating_add(self.audio_input)
+            .saturating_add(self.audio_output)
     }
 }
 
@@ -150,20 +164,32 @@ impl Price {
         }
     }
 
-    /// The tier rates as six nullable columns (flex query, cached, answer,
-    /// then priority's), as both backends store them.
-    pub fn tier_columns(&self) -> [Option<i64>; 6] {
+    /// The optional rates as eight nullable columns, as both backends
+    /// store them: flex query, cached, answer, then priority's, then audio
+    /// query and answer.
+    pub fn extra_columns(&self) -> [Option<i64>; 8] {
         let cols = |r: Option<Rates>| match r {
             Some(r) => [Some(r.query), r.cached, Some(r.answer)],
             None => [None; 3],
         };
         let (f, p) = (cols(self.flex), cols(self.priority));
-        [f[0], f[1], f[2], p[0], p[1], p[2]]
+        [
+            f[0],
+            f[1],
+            f[2],
+            p[0],
+            p[1],
+            p[2],
+            self.audio_query,
+            self.audio_answer,
+        ]
     }
 
-    /// Sets the tier rates from [`Price::tier_columns`]' layout; a tier
-    /// without both its query and answer rate has none.
-    pub fn with_tier_columns(mut self, c: [Option<i64>; 6]) -> Price {
+    /// Sets the optional rates from [`Price::extra_columns`]' layout; a
+    /// tier without both its query and answer rate has none.
+    pub fn with_extra_columns(mut self, c: [Option<i64>; 8]) -> Price {
+        self.audio_query = c[6];
+        self.audio_answer = c[7];
         let rates = |q: Option<i64>, cached, a: Option<i64>| {
             Some(Rates {
                 query: q?,
@@ -176,15 +202,19 @@ impl Price {
         self
     }
 
-    /// The cost split by part: (query - cached) x query + cached x cached +
-    /// answer x answer, at the rates of the tier.
+    /// The cost split by part: text (query - cached - audio) x query +
+    /// cached x cached + audio x audio query, and (answer - audio) x answer
+    /// + audio x audio answer; text and cached tokens at the rates of the
+    /// tier.
     pub fn breakdown(&self, t: Tokens) -> Breakdown {
         let cached = t.cached.min(t.query);
+        let audio_in = t.audio_query.min(t.query - cached);
+        let audio_out = t.audio_answer.min(t.answer);
         let parts = |r: &Rates| {
             (
-                clamp(times(t.query - cached, r.query)),
+                clamp(times(t.query - cached - audio_in, r.query)),
                 clamp(times(cached, r.cached.unwrap_or(r.query))),
-                clamp(times(t.answer, r.answer)),
+                clamp(times(t.answer - audio_out, r.answer)),
             )
         };
         let (rates, tier) = self.rates(t.tier);
@@ -193,12 +223,22 @@ impl Price {
             input,
             cached_input,
             output,
+            audio_input: clamp(times(audio_in, self.audio_query.unwrap_or(rates.query))),
+            audio_output: clamp(times(audio_out, self.audio_answer.unwrap_or(rates.answer))),
             tier,
             tier_adjustment: 0,
         };
         if tier.is_some() {
             let (i, c, o) = parts(&self.standard());
-            let standard = i.saturating_add(c).saturating_add(o);
+            let s = self.standard();
+            let standard = i
+                .saturating_add(c)
+                .saturating_add(o)
+                .saturating_add(clamp(times(audio_in, self.audio_query.unwrap_or(s.query))))
+                .saturating_add(clamp(times(
+                    audio_out,
+                    self.audio_answer.unwrap_or(s.answer),
+                )));
             b.tier_adjustment = b.total().saturating_sub(standard);
         }
         b
@@ -453,7 +493,8 @@ pub const SCALE_PER_1K: u32 = 9;
 pub const SCALE_PER_1M: u32 = 6;
 
 /// Price list shipped with tollgate: (model, $/1M input, $/1M cached input,
-/// $/1M output, then the same three for flex and for priority).
+/// $/1M output, then the same three for flex and for priority, then $/1M
+/// audio input and output).
 const DEFAULT_PRICES: &str = include_str!("prices.tsv");
 
 /// The built-in price list, valid from the epoch.
@@ -464,12 +505,12 @@ pub fn default_prices() -> Vec<(String, Price)> {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            assert_eq!(f.len(), 10, "built-in price row has 10 columns: {l}");
+            assert_eq!(f.len(), 12, "built-in price row has 12 columns: {l}");
             let p = |i: usize| match f[i] {
                 "-" => None,
                 s => Some(parse_scaled(s, SCALE_PER_1M).expect("built-in price parses")),
             };
-            let tiers = [p(4), p(5), p(6), p(7), p(8), p(9)];
+            let extra = [p(4), p(5), p(6), p(7), p(8), p(9), p(10), p(11)];
             let price = Price {
                 valid_from: 0,
                 query: p(1).unwrap_or(0),
@@ -477,7 +518,7 @@ pub fn default_prices() -> Vec<(String, Price)> {
                 answer: p(3).unwrap_or(0),
                 ..Price::default()
             };
-            (f[0].to_owned(), price.with_tier_columns(tiers))
+            (f[0].to_owned(), price.with_extra_columns(extra))
         })
         .collect()
 }

@@ -356,3 +356,119 @@ async fn tier_prices_are_set_shown_and_reprice() {
         None,
     );
 }
+
+/// Chat usage with audio: prompt 1000 (600 audio), completion 500 (400 audio).
+const AUDIO_USAGE: &str = r#"{"prompt_tokens":1000,"completion_tokens":500,"total_tokens":1500,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":600},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":400}}"#;
+
+/// Audio tokens are priced at the model's audio rates and text tokens at
+/// its text rates, in whole answers and streams, chat and Responses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_tokens_are_priced_at_audio_rates() {
+    let mock = Mock::start(|seen| {
+        let req = seen.json();
+        let model = req["model"].as_str().unwrap_or("x").to_owned();
+        if seen.path == "/v1/responses" {
+            return Reply::json(format!(
+                r#"{{"id":"resp_1","object":"response","status":"completed","model":"{model}","output":[],"usage":{{"input_tokens":1000,"input_tokens_details":{{"cached_tokens":0,"audio_tokens":600}},"output_tokens":500,"output_tokens_details":{{"reasoning_tokens":0,"audio_tokens":400}},"total_tokens":1500}}}}"#
+            ));
+        }
+        if req["stream"] == json!(true) {
+            return Reply::sse_events(vec![
+                event(&format!(
+                    r#"{{"id":"c1","object":"chat.completion.chunk","model":"{model}","choices":[{{"index":0,"delta":{{"audio":{{"id":"a1","transcript":"hi"}}}},"finish_reason":"stop"}}]}}"#
+                )),
+                event(&format!(
+                    r#"{{"id":"c1","object":"chat.completion.chunk","model":"{model}","choices":[],"usage":{AUDIO_USAGE}}}"#
+                )),
+                done(),
+            ]);
+        }
+        Reply::json(format!(
+            r#"{{"id":"c1","object":"chat.completion","model":"{model}","choices":[{{"index":0,"message":{{"role":"assistant","content":null,"audio":{{"id":"a1","data":"AAAA","transcript":"hi"}}}},"finish_reason":"stop"}}],"usage":{AUDIO_USAGE}}}"#
+        ))
+    })
+    .await;
+    let proxy = Proxy::builder(&mock.url())
+        .default_prices(true)
+        .start()
+        .await;
+    let chat = |model: &str, stream: bool| {
+        json!({"model": model, "stream": stream, "modalities": ["text", "audio"],
+               "audio": {"voice": "alloy", "format": "pcm16"},
+               "messages": [{"role": "user", "content": "hi"}]})
+        .to_string()
+    };
+    for stream in [false, true] {
+        let r = proxy
+            .chat("alice", &chat("gpt-4o-audio-preview", stream))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let req = http::Request::post("/v1/responses")
+        .header("content-type", "application/json")
+        .header("x-user", "alice")
+        .body(full(
+            json!({"model": "gpt-4o-mini-audio-preview", "input": "hi"}).to_string(),
+        ))
+        .unwrap();
+    assert_eq!(send(proxy.addr, req).await.status, 200);
+    let recs = proxy.wait_records(3).await;
+    let raw = proxy.queries_raw("").await;
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(r["queryTokens"], 1000, "record {i}");
+        assert_eq!(r["answerTokens"], 500, "record {i}");
+        assert_eq!(r["audioQueryTokens"], 600, "record {i}");
+        assert_eq!(r["audioAnswerTokens"], 400, "record {i}");
+        assert_eq!(r["estimated"], false, "record {i}");
+    }
+    // gpt-4o-audio-preview: text 2.50 / 10, audio 40 / 80 per 1M:
+    // 400 x 2.5/1M + 600 x 40/1M + 100 x 10/1M + 400 x 80/1M
+    // = 0.001 + 0.024 + 0.001 + 0.032 = 0.058
+    for i in [0, 1] {
+        assert_eq!(raw[i]["cost"], "0.058", "record {i}");
+        let parts = raw_object(&recs[i]["costParts"].to_string());
+        assert_eq!(parts["input"], "0.001");
+        assert_eq!(parts["audioInput"], "0.024");
+        assert_eq!(parts["output"], "0.001");
+        assert_eq!(parts["audioOutput"], "0.032");
+    }
+    // gpt-4o-mini-audio-preview: text 0.15 / 0.60, audio 10 / 20 per 1M:
+    // 0.00006 + 0.006 + 0.00006 + 0.008 = 0.01412
+    assert_eq!(raw[2]["cost"], "0.01412");
+    assert_eq!(proxy.usage_raw("").await["cost"], "0.13012");
+    let csv = proxy.get("/queries?format=csv").await.text();
+    let mut lines = csv.lines();
+    let head: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let row: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = |name: &str| row[head.iter().position(|h| *h == name).unwrap()];
+    assert_eq!(col("audioQueryTokens"), "600");
+    assert_eq!(col("audioInputCost"), "0.024");
+    assert_eq!(col("audioOutputCost"), "0.032");
+
+    // Audio rates through the API, and a model without them: audio tokens
+    // at the text rates.
+    let r = proxy
+        .set_price(
+            "voice-x",
+            r#"{"validFrom":"2020-01-01T00:00:00Z","per1MQueryTokens":1,"per1MAnswerTokens":2,"per1MAudioQueryTokens":10,"per1MAudioAnswerTokens":20}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let row = raw_object(&r.json()["costs"][0].to_string());
+    assert_eq!(row["per1MAudioQueryTokens"], "10");
+    assert_eq!(row["per1KAudioAnswerTokens"], "0.02");
+    proxy
+        .set_price(
+            "text-x",
+            r#"{"validFrom":"2020-01-01T00:00:00Z","per1MQueryTokens":1,"per1MAnswerTokens":2}"#,
+        )
+        .await;
+    proxy.chat("bob", &chat("voice-x", false)).await;
+    proxy.chat("bob", &chat("text-x", false)).await;
+    proxy.wait_records(5).await;
+    let raw = proxy.queries_raw("user=bob").await;
+    // 400 x 1 + 600 x 10 + 100 x 2 + 400 x 20 (per 1M) = 0.0146
+    assert_eq!(raw[0]["cost"], "0.0146");
+    // 1000 x 1 + 500 x 2 (per 1M) = 0.002
+    assert_eq!(raw[1]["cost"], "0.002");
+}

@@ -48,6 +48,26 @@ struct Cost {
         skip_serializing_if = "Option::is_none"
     )]
     cached_1m: Option<Scaled>,
+    #[serde(
+        rename = "per1KAudioQueryTokens",
+        skip_serializing_if = "Option::is_none"
+    )]
+    audio_query_1k: Option<Scaled>,
+    #[serde(
+        rename = "per1KAudioAnswerTokens",
+        skip_serializing_if = "Option::is_none"
+    )]
+    audio_answer_1k: Option<Scaled>,
+    #[serde(
+        rename = "per1MAudioQueryTokens",
+        skip_serializing_if = "Option::is_none"
+    )]
+    audio_query_1m: Option<Scaled>,
+    #[serde(
+        rename = "per1MAudioAnswerTokens",
+        skip_serializing_if = "Option::is_none"
+    )]
+    audio_answer_1m: Option<Scaled>,
     #[serde(flatten)]
     flex: Option<TierCost<Flex>>,
     #[serde(flatten)]
@@ -131,6 +151,10 @@ impl<'a> Model<'a> {
                     query_1m: m(p.query),
                     answer_1m: m(p.answer),
                     cached_1m: p.cached.map(m),
+                    audio_query_1k: p.audio_query.map(k),
+                    audio_answer_1k: p.audio_answer.map(k),
+                    audio_query_1m: p.audio_query.map(m),
+                    audio_answer_1m: p.audio_answer.map(m),
                     flex: tier_cost(p.flex),
                     priority: tier_cost(p.priority),
                 }
@@ -173,8 +197,12 @@ pub(super) fn models(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
 pub fn parse_price_body(body: &[u8]) -> Result<Price, ApiError> {
     let fields: BTreeMap<String, &RawValue> = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("body must be a JSON object: {e}")))?;
-    const KNOWN: [&str; 7] = [
+    const KNOWN: [&str; 11] = [
         "validFrom",
+        "per1KAudioQueryTokens",
+        "per1KAudioAnswerTokens",
+        "per1MAudioQueryTokens",
+        "per1MAudioAnswerTokens",
         "per1KQueryTokens",
         "per1KAnswerTokens",
         "per1KCachedQueryTokens",
@@ -260,6 +288,8 @@ pub fn parse_price_body(body: &[u8]) -> Result<Price, ApiError> {
         answer,
         flex: tier("Flex")?,
         priority: tier("Priority")?,
+        audio_query: price("AudioQueryTokens", false)?,
+        audio_answer: price("AudioAnswerTokens", false)?,
     })
 }
 

@@ -306,6 +306,11 @@ pub fn record_json(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdow
     }
     out.push_str(",\"clientAborted\":");
     out.push_str(if r.client_aborted { "true" } else { "false" });
+    let _ = write!(
+        out,
+        ",\"audioQueryTokens\":{},\"audioAnswerTokens\":{}",
+        r.audio_query_tokens, r.audio_answer_tokens
+    );
     out.push_str(",\"serviceTier\":");
     match r.tier {
         Some(t) => {
@@ -321,6 +326,10 @@ pub fn record_json(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdow
     push_dollars(out, parts.cached_input);
     out.push_str(",\"output\":");
     push_dollars(out, parts.output);
+    out.push_str(",\"audioInput\":");
+    push_dollars(out, parts.audio_input);
+    out.push_str(",\"audioOutput\":");
+    push_dollars(out, parts.audio_output);
     out.push_str(",\"tierRates\":");
     match parts.tier {
         Some(t) => {
@@ -335,7 +344,7 @@ pub fn record_json(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdow
     out.push_str("}}");
 }
 
-const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,clientAborted,serviceTier,inputCost,cachedInputCost,outputCost,tierRates,tierAdjustment\r\n";
+const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,clientAborted,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment\r\n";
 
 /// Leading characters that make a spreadsheet read a cell as a formula
 /// (OWASP, "CSV Injection").
@@ -392,11 +401,17 @@ pub fn record_csv(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdown
     }
     out.push(',');
     out.push_str(if r.client_aborted { "true" } else { "false" });
-    out.push(',');
+    let _ = write!(out, ",{},{},", r.audio_query_tokens, r.audio_answer_tokens);
     if let Some(t) = r.tier {
         out.push_str(t.as_str());
     }
-    for v in [parts.input, parts.cached_input, parts.output] {
+    for v in [
+        parts.input,
+        parts.cached_input,
+        parts.output,
+        parts.audio_input,
+        parts.audio_output,
+    ] {
         out.push(',');
         push_dollars(out, v);
     }

@@ -218,6 +218,8 @@ impl Meter {
                 answer = u.answer,
                 cached = u.cached,
                 reasoning = u.reasoning,
+                audio_query = u.audio_query,
+                audio_answer = u.audio_answer,
                 bound = crate::record::MAX_PLAUSIBLE_TOKENS,
                 "upstream reported implausible token counts; the record is estimated instead"
             );

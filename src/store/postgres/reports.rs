@@ -132,7 +132,8 @@ impl Reports for PgReports {
         let n = q.args.len();
         let sql = format!(
             "SELECT id, username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
-                    query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier
+                    query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier,
+                    audio_query_tokens, audio_answer_tokens
              FROM queries{} ORDER BY ts, id LIMIT ${} OFFSET ${}",
             q.where_sql(),
             n + 1,
@@ -168,6 +169,8 @@ impl Reports for PgReports {
                         request_id: r.try_get(17)?,
                         client_aborted: r.try_get(18)?,
                         tier: r.try_get::<_, Option<&str>>(19)?.and_then(Tier::parse),
+                        audio_query_tokens: r.try_get(20)?,
+                        audio_answer_tokens: r.try_get(21)?,
                     };
                     if !sink(rec) {
                         break;
@@ -182,7 +185,7 @@ impl Reports for PgReports {
     fn prices(&self) -> Result<PriceTable, StoreError> {
         self.pool.with(|c| {
             let rows = wait(c.client.query(
-                "SELECT model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer FROM prices",
+                "SELECT model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer FROM prices",
                 &[],
             ))?;
             let mut t = PriceTable::default();
@@ -197,13 +200,15 @@ impl Reports for PgReports {
                         answer: r.try_get(4)?,
                         ..Price::default()
                     }
-                    .with_tier_columns([
+                    .with_extra_columns([
                         r.try_get(5)?,
                         r.try_get(6)?,
                         r.try_get(7)?,
                         r.try_get(8)?,
                         r.try_get(9)?,
                         r.try_get(10)?,
+                        r.try_get(11)?,
+                        r.try_get(12)?,
                     ]),
                 );
             }

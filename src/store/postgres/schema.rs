@@ -38,7 +38,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 3,
-        what: "records keep their service tier; prices get flex and priority rates",
+        what: "records keep their service tier and audio tokens; prices get flex, priority and audio rates",
         sql: SCHEMA_V3,
     },
 ];
@@ -170,18 +170,24 @@ CREATE TRIGGER ratelimits_changed AFTER INSERT OR UPDATE ON meta
 ";
 
 /// The service tier of each record (NULL for the records written before
-/// and for requests without one), and per-tier rates beside the standard
-/// ones (NULL: the tier is priced at the standard rates). Adding nullable
-/// columns without defaults rewrites nothing, partitions included.
+/// and for requests without one) and its audio tokens; per-tier and audio
+/// rates beside the standard ones (NULL: the standard rates). New columns
+/// that are nullable or have a constant default rewrite nothing,
+/// partitions included.
 const SCHEMA_V3: &str = "
-ALTER TABLE queries ADD COLUMN service_tier text;
+ALTER TABLE queries
+    ADD COLUMN service_tier text,
+    ADD COLUMN audio_query_tokens bigint NOT NULL DEFAULT 0,
+    ADD COLUMN audio_answer_tokens bigint NOT NULL DEFAULT 0;
 ALTER TABLE prices
     ADD COLUMN flex_query bigint,
     ADD COLUMN flex_cached bigint,
     ADD COLUMN flex_answer bigint,
     ADD COLUMN priority_query bigint,
     ADD COLUMN priority_cached bigint,
-    ADD COLUMN priority_answer bigint;
+    ADD COLUMN priority_answer bigint,
+    ADD COLUMN audio_query bigint,
+    ADD COLUMN audio_answer bigint;
 ";
 
 fn refuse_newer(version: i32) -> Result<(), StoreError> {

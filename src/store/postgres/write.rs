@@ -54,17 +54,18 @@ pub struct PgBackend {
     retry: Option<String>,
 }
 
-const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier) FROM STDIN (FORMAT binary)";
+const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens) FROM STDIN (FORMAT binary)";
 
 /// Inserts a price row (standard and tier rates); its parameters are
 /// those of [`UPSERT_PRICE`].
-pub(super) const INSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+pub(super) const INSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
 
 /// Stores a price row (standard and tier rates), replacing one of the same `valid_from`.
-pub(super) const UPSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+pub(super) const UPSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
 ON CONFLICT (model, valid_from) DO UPDATE SET query = excluded.query, cached = excluded.cached, answer = excluded.answer,
     flex_query = excluded.flex_query, flex_cached = excluded.flex_cached, flex_answer = excluded.flex_answer,
-    priority_query = excluded.priority_query, priority_cached = excluded.priority_cached, priority_answer = excluded.priority_answer";
+    priority_query = excluded.priority_query, priority_cached = excluded.priority_cached, priority_answer = excluded.priority_answer,
+    audio_query = excluded.audio_query, audio_answer = excluded.audio_answer";
 
 /// Runs `sql` ([`UPSERT_PRICE`], or [`INSERT_PRICE`] with a conflict
 /// clause) for one row.
@@ -74,7 +75,7 @@ pub(super) async fn store_price(
     model: &str,
     p: &Price,
 ) -> Result<u64, tokio_postgres::Error> {
-    let t = p.tier_columns();
+    let t = p.extra_columns();
     tx.execute(
         sql,
         &[
@@ -89,6 +90,8 @@ pub(super) async fn store_price(
             &t[3],
             &t[4],
             &t[5],
+            &t[6],
+            &t[7],
         ],
     )
     .await
@@ -114,6 +117,8 @@ const COPY_TYPES: &[Type] = &[
     Type::TEXT,
     Type::BOOL,
     Type::TEXT,
+    Type::INT8,
+    Type::INT8,
 ];
 
 const UPSERT_DAILY: &str = "INSERT INTO usage_daily AS d (day, username, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
@@ -302,7 +307,8 @@ impl PgBackend {
                     let r = &p.record;
                     let status = i32::from(r.status);
                     let tier = r.tier.map(|t| t.as_str());
-                    let row: [&(dyn ToSql + Sync); 19] = [
+                    let (audio_q, audio_a) = (i(r.usage.audio_query), i(r.usage.audio_answer));
+                    let row: [&(dyn ToSql + Sync); 21] = [
                         &r.user,
                         &r.model_or_requested(),
                         &r.requested_model,
@@ -322,6 +328,8 @@ impl PgBackend {
                         &r.request_id,
                         &r.client_aborted,
                         &tier,
+                        &audio_q,
+                        &audio_a,
                     ];
                     w.as_mut().write(&row).await?;
                 }
@@ -381,7 +389,7 @@ impl PgBackend {
             let like_dated = format!("{}-%", escape_like(model));
             let rows = tx
                 .query(
-                    "SELECT id, model, requested_model, ts, query_tokens, cached_tokens, answer_tokens, cost, priced, username, service_tier FROM queries
+                    "SELECT id, model, requested_model, ts, query_tokens, cached_tokens, answer_tokens, cost, priced, username, service_tier, audio_query_tokens, audio_answer_tokens FROM queries
                      WHERE ts >= $1 AND (model = $2 OR requested_model = $2
                         OR model LIKE $3 ESCAPE '\\' OR requested_model LIKE $3 ESCAPE '\\'
                         OR model LIKE 'ft:%' OR requested_model LIKE 'ft:%')",
@@ -399,6 +407,8 @@ impl PgBackend {
                     cached: row.get::<_, i64>(5).max(0) as u64,
                     answer: row.get::<_, i64>(6).max(0) as u64,
                     tier: row.get::<_, Option<&str>>(10).and_then(Tier::parse),
+                    audio_query: row.get::<_, i64>(11).max(0) as u64,
+                    audio_answer: row.get::<_, i64>(12).max(0) as u64,
                 };
                 let old: (i64, bool) = (row.get(7), row.get(8));
                 let new = table.cost(&m, &req, ts, tokens);

@@ -103,7 +103,8 @@ impl Reports for SqliteReports {
         let sql = format!(
             "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     CAST(query_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cached_tokens AS INTEGER),
-                    CAST(reasoning_tokens AS INTEGER), CAST(cost AS INTEGER), priced, estimated, request_id, client_aborted, service_tier
+                    CAST(reasoning_tokens AS INTEGER), CAST(cost AS INTEGER), priced, estimated, request_id, client_aborted, service_tier,
+                    CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER)
              FROM queries{w} ORDER BY ts, id LIMIT ? OFFSET ?"
         );
         args.push(rusqlite::types::Value::Integer(
@@ -139,6 +140,8 @@ impl Reports for SqliteReports {
                     tier: r
                         .get::<_, Option<String>>(19)?
                         .and_then(|t| Tier::parse(&t)),
+                    audio_query_tokens: r.get(20)?,
+                    audio_answer_tokens: r.get(21)?,
                 };
                 if !sink(rec) {
                     break;
@@ -151,7 +154,7 @@ impl Reports for SqliteReports {
     fn prices(&self) -> Result<PriceTable, StoreError> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer FROM prices",
+                "SELECT model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer FROM prices",
             )?;
             let mut rows = st.query([])?;
             let mut t = PriceTable::default();
@@ -166,13 +169,15 @@ impl Reports for SqliteReports {
                         answer: r.get(4)?,
                         ..Price::default()
                     }
-                    .with_tier_columns([
+                    .with_extra_columns([
                         r.get(5)?,
                         r.get(6)?,
                         r.get(7)?,
                         r.get(8)?,
                         r.get(9)?,
                         r.get(10)?,
+                        r.get(11)?,
+                        r.get(12)?,
                     ]),
                 );
             }

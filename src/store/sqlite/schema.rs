@@ -60,7 +60,7 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 6,
-        what: "records keep their service tier; prices get flex and priority rates",
+        what: "records keep their service tier and audio tokens; prices get flex, priority and audio rates",
         sql: SCHEMA_V6,
         adds_column: Some(("queries", "service_tier")),
     },
@@ -192,16 +192,20 @@ ALTER TABLE queries ADD COLUMN client_aborted INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// The service tier of each record (NULL for the records written before
-/// and for requests without one), and per-tier rates beside the standard
-/// ones (NULL: the tier is priced at the standard rates).
+/// and for requests without one) and its audio tokens; per-tier and audio
+/// rates beside the standard ones (NULL: the standard rates).
 const SCHEMA_V6: &str = "
 ALTER TABLE queries ADD COLUMN service_tier TEXT;
+ALTER TABLE queries ADD COLUMN audio_query_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE queries ADD COLUMN audio_answer_tokens INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE prices ADD COLUMN flex_query INTEGER;
 ALTER TABLE prices ADD COLUMN flex_cached INTEGER;
 ALTER TABLE prices ADD COLUMN flex_answer INTEGER;
 ALTER TABLE prices ADD COLUMN priority_query INTEGER;
 ALTER TABLE prices ADD COLUMN priority_cached INTEGER;
 ALTER TABLE prices ADD COLUMN priority_answer INTEGER;
+ALTER TABLE prices ADD COLUMN audio_query INTEGER;
+ALTER TABLE prices ADD COLUMN audio_answer INTEGER;
 ";
 
 /// Whether `table` has `column`.

@@ -23,17 +23,18 @@ impl SqliteBackend {
     }
 }
 
-const INSERT: &str = "INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)";
+const INSERT: &str = "INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)";
 
 /// Inserts a price row (standard and tier rates); its parameters are
 /// those of [`UPSERT_PRICE`].
-pub(super) const INSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+pub(super) const INSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
 
 /// Stores a price row (standard and tier rates), replacing one of the same `valid_from`.
-pub(super) const UPSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+pub(super) const UPSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
 ON CONFLICT (model, valid_from) DO UPDATE SET query = excluded.query, cached = excluded.cached, answer = excluded.answer,
     flex_query = excluded.flex_query, flex_cached = excluded.flex_cached, flex_answer = excluded.flex_answer,
-    priority_query = excluded.priority_query, priority_cached = excluded.priority_cached, priority_answer = excluded.priority_answer";
+    priority_query = excluded.priority_query, priority_cached = excluded.priority_cached, priority_answer = excluded.priority_answer,
+    audio_query = excluded.audio_query, audio_answer = excluded.audio_answer";
 
 /// The parameters of [`UPSERT_PRICE`].
 pub(super) fn price_params(model: &str, p: &Price) -> Vec<rusqlite::types::Value> {
@@ -46,7 +47,7 @@ pub(super) fn price_params(model: &str, p: &Price) -> Vec<rusqlite::types::Value
         Value::Integer(p.answer),
     ];
     v.extend(
-        p.tier_columns()
+        p.extra_columns()
             .into_iter()
             .map(|c| c.map_or(Value::Null, Value::Integer)),
     );
@@ -100,6 +101,8 @@ impl Backend for SqliteBackend {
                     r.request_id,
                     r.client_aborted,
                     r.tier.map(|t| t.as_str()),
+                    i(r.usage.audio_query),
+                    i(r.usage.audio_answer),
                 ])?;
                 if let Some(k) = &r.key_id {
                     let mut st = tx.prepare_cached(
@@ -152,7 +155,7 @@ impl Backend for SqliteBackend {
         {
             let like_dated = format!("{}-%", escape_like(model));
             let mut sel = tx.prepare(
-                "SELECT id, model, requested_model, ts, CAST(query_tokens AS INTEGER), CAST(cached_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cost AS INTEGER), priced, user, service_tier FROM queries
+                "SELECT id, model, requested_model, ts, CAST(query_tokens AS INTEGER), CAST(cached_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cost AS INTEGER), priced, user, service_tier, CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER) FROM queries
                  WHERE ts >= ?1 AND (model = ?2 OR requested_model = ?2
                     OR model LIKE ?3 ESCAPE '\\' OR requested_model LIKE ?3 ESCAPE '\\'
                     OR model LIKE 'ft:%' OR requested_model LIKE 'ft:%')",
@@ -173,6 +176,8 @@ impl Backend for SqliteBackend {
                     tier: row
                         .get::<_, Option<String>>(10)?
                         .and_then(|t| Tier::parse(&t)),
+                    audio_query: row.get::<_, i64>(11)?.max(0) as u64,
+                    audio_answer: row.get::<_, i64>(12)?.max(0) as u64,
                 };
                 let old: (i64, bool) = (row.get(7)?, row.get(8)?);
                 let new = table.cost(&m, &req, ts, tokens);
