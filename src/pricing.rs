@@ -202,10 +202,9 @@ impl Price {
         self
     }
 
-    /// The cost split by part: text (query - cached - audio) x query +
-    /// cached x cached + audio x audio query, and (answer - audio) x answer
-    /// + audio x audio answer; text and cached tokens at the rates of the
-    /// tier.
+    /// The cost split by part: text (query - cached - audio) x query,
+    /// cached x cached, audio x audio query, (answer - audio) x answer and
+    /// audio x audio answer; text and cached tokens at the tier's rates.
     pub fn breakdown(&self, t: Tokens) -> Breakdown {
         let cached = t.cached.min(t.query);
         let audio_in = t.audio_query.min(t.query - cached);
