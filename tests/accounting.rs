@@ -212,24 +212,29 @@ async fn service_tiers_are_priced_at_their_own_rates() {
         assert_eq!(r["reasoningTokens"], 30, "{what}");
         assert_eq!(r["serviceTier"].as_str().unwrap_or(""), *tier, "{what}");
         assert_eq!(raw[i]["cost"], *cost, "{what}");
-        let parts = raw_object(&r["costParts"].to_string());
+        let parts = &raw[i];
         assert_eq!(parts["tierAdjustment"], *adjustment, "{what}");
         // The parts add up to the cost, exactly.
         let pico = |s: &str| tollgate::pricing::parse_scaled(s, 12).unwrap();
-        let sum: i64 = ["input", "cachedInput", "output"]
-            .iter()
-            .map(|k| pico(&parts[*k]))
-            .sum();
+        let sum: i64 = [
+            "inputCost",
+            "cachedInputCost",
+            "outputCost",
+            "audioInputCost",
+            "audioOutputCost",
+        ]
+        .iter()
+        .map(|k| pico(&parts[*k]))
+        .sum();
         assert_eq!(sum, pico(cost), "{what}");
     }
     // Flex: 800 x 0.625/1M, 200 x 0.0625/1M, 100 x 5/1M.
-    let flex = raw_object(&recs[0]["costParts"].to_string());
-    assert_eq!(flex["input"], "0.0005");
-    assert_eq!(flex["cachedInput"], "0.0000125");
-    assert_eq!(flex["output"], "0.0005");
+    let flex = &raw[0];
+    assert_eq!(flex["inputCost"], "0.0005");
+    assert_eq!(flex["cachedInputCost"], "0.0000125");
+    assert_eq!(flex["outputCost"], "0.0005");
     assert_eq!(flex["tierRates"], "\"flex\"");
-    let default = raw_object(&recs[2]["costParts"].to_string());
-    assert_eq!(default["tierRates"], "null");
+    assert_eq!(raw[2]["tierRates"], "null");
 
     // The CSV carries the same.
     let csv = proxy.get("/queries?format=csv").await.text();
@@ -426,11 +431,11 @@ async fn audio_tokens_are_priced_at_audio_rates() {
     // = 0.001 + 0.024 + 0.001 + 0.032 = 0.058
     for i in [0, 1] {
         assert_eq!(raw[i]["cost"], "0.058", "record {i}");
-        let parts = raw_object(&recs[i]["costParts"].to_string());
-        assert_eq!(parts["input"], "0.001");
-        assert_eq!(parts["audioInput"], "0.024");
-        assert_eq!(parts["output"], "0.001");
-        assert_eq!(parts["audioOutput"], "0.032");
+        let parts = &raw[i];
+        assert_eq!(parts["inputCost"], "0.001");
+        assert_eq!(parts["audioInputCost"], "0.024");
+        assert_eq!(parts["outputCost"], "0.001");
+        assert_eq!(parts["audioOutputCost"], "0.032");
     }
     // gpt-4o-mini-audio-preview: text 0.15 / 0.60, audio 10 / 20 per 1M:
     // 0.00006 + 0.006 + 0.00006 + 0.008 = 0.01412

@@ -304,47 +304,46 @@ pub fn record_json(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdow
         Some(id) => push_json_str(out, id),
         None => out.push_str("null"),
     }
-    out.push_str(",\"clientAborted\":");
-    out.push_str(if r.client_aborted { "true" } else { "false" });
     let _ = write!(
         out,
-        ",\"audioQueryTokens\":{},\"audioAnswerTokens\":{}",
+        ",\"audioQueryTokens\":{},\"audioAnswerTokens\":{},\"serviceTier\":",
         r.audio_query_tokens, r.audio_answer_tokens
     );
-    out.push_str(",\"serviceTier\":");
-    match r.tier {
-        Some(t) => {
-            out.push('"');
-            out.push_str(t.as_str());
-            out.push('"');
-        }
-        None => out.push_str("null"),
+    push_tier(out, r.tier);
+    for (name, v) in [
+        ("inputCost", parts.input),
+        ("cachedInputCost", parts.cached_input),
+        ("outputCost", parts.output),
+        ("audioInputCost", parts.audio_input),
+        ("audioOutputCost", parts.audio_output),
+    ] {
+        out.push_str(",\"");
+        out.push_str(name);
+        out.push_str("\":");
+        push_dollars(out, v);
     }
-    out.push_str(",\"costParts\":{\"input\":");
-    push_dollars(out, parts.input);
-    out.push_str(",\"cachedInput\":");
-    push_dollars(out, parts.cached_input);
-    out.push_str(",\"output\":");
-    push_dollars(out, parts.output);
-    out.push_str(",\"audioInput\":");
-    push_dollars(out, parts.audio_input);
-    out.push_str(",\"audioOutput\":");
-    push_dollars(out, parts.audio_output);
     out.push_str(",\"tierRates\":");
-    match parts.tier {
-        Some(t) => {
-            out.push('"');
-            out.push_str(t.as_str());
-            out.push('"');
-        }
-        None => out.push_str("null"),
-    }
+    push_tier(out, parts.tier);
     out.push_str(",\"tierAdjustment\":");
     push_dollars(out, parts.tier_adjustment);
-    out.push_str("}}");
+    out.push_str(",\"clientAborted\":");
+    out.push_str(if r.client_aborted { "true" } else { "false" });
+    out.push('}');
 }
 
-const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,clientAborted,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment\r\n";
+/// Appends a tier as a JSON string, or `null`.
+fn push_tier(out: &mut String, t: Option<pricing::Tier>) {
+    match t {
+        Some(t) => {
+            out.push('"');
+            out.push_str(t.as_str());
+            out.push('"');
+        }
+        None => out.push_str("null"),
+    }
+}
+
+const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment,clientAborted\r\n";
 
 /// Leading characters that make a spreadsheet read a cell as a formula
 /// (OWASP, "CSV Injection").
@@ -399,8 +398,6 @@ pub fn record_csv(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdown
     if let Some(id) = &r.request_id {
         push_csv(out, id);
     }
-    out.push(',');
-    out.push_str(if r.client_aborted { "true" } else { "false" });
     let _ = write!(out, ",{},{},", r.audio_query_tokens, r.audio_answer_tokens);
     if let Some(t) = r.tier {
         out.push_str(t.as_str());
@@ -421,6 +418,8 @@ pub fn record_csv(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdown
     }
     out.push(',');
     push_dollars(out, parts.tier_adjustment);
+    out.push(',');
+    out.push_str(if r.client_aborted { "true" } else { "false" });
     out.push_str("\r\n");
 }
 
