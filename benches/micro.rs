@@ -214,6 +214,7 @@ fn cost(c: &mut Criterion) {
         query: 1117,
         answer: 300,
         cached: 512,
+        ..Tokens::default()
     };
     let cases = [
         ("exact", "gpt-4o-mini", "gpt-4o-mini"),

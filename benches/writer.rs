@@ -51,6 +51,7 @@ fn record(i: u64) -> Record {
             answer: 20 + (h >> 8) % 800,
             cached: if h % 5 == 0 { query / 2 } else { 0 },
             reasoning: 0,
+            ..Usage::default()
         },
         estimated: false,
         request_id: Some(format!("req_{h:032x}")),

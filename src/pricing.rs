@@ -9,8 +9,60 @@ use std::collections::HashMap;
 /// Pico-dollars in one dollar.
 pub const PICO_PER_DOLLAR: i128 = 1_000_000_000_000;
 
+/// A service tier (`service_tier` of a request or an answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tier {
+    /// `auto`: upstream picks (answers say which one it took).
+    Auto,
+    /// `default`: standard processing.
+    Default,
+    /// `flex`: slower, cheaper processing.
+    Flex,
+    /// `priority`: faster, dearer processing.
+    Priority,
+    /// `scale`: the Scale Tier's reserved capacity.
+    Scale,
+}
+
+impl Tier {
+    /// The tier a `service_tier` value names; `None` for any other text, so
+    /// nothing a client invents is stored or priced.
+    pub fn parse(s: &str) -> Option<Tier> {
+        Some(match s {
+            "auto" => Tier::Auto,
+            "default" => Tier::Default,
+            "flex" => Tier::Flex,
+            "priority" => Tier::Priority,
+            "scale" => Tier::Scale,
+            _ => return None,
+        })
+    }
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Auto => "auto",
+            Tier::Default => "default",
+            Tier::Flex => "flex",
+            Tier::Priority => "priority",
+            Tier::Scale => "scale",
+        }
+    }
+}
+
+/// Per-token rates of one tier, pico-dollars.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rates {
+    /// Per prompt token.
+    pub query: i64,
+    /// Per cached prompt token; `None` means the query rate.
+    pub cached: Option<i64>,
+    /// Per completion token.
+    pub answer: i64,
+}
+
 /// One price row of a model, valid from `valid_from` until the next row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Price {
     /// Start of validity, milliseconds since the epoch.
     pub valid_from: i64,
@@ -20,6 +72,14 @@ pub struct Price {
     pub cached: Option<i64>,
     /// Pico-dollars per completion token.
     pub answer: i64,
+    /// Rates of the flex tier; `None`: flex is priced at the standard rates.
+    pub flex: Option<Rates>,
+    /// Rates of the priority tier; `None`: priced at the standard rates.
+    pub priority: Option<Rates>,
+    /// Pico-dollars per audio prompt token; `None`: the query price.
+    pub audio_query: Option<i64>,
+    /// Pico-dollars per audio completion token; `None`: the answer price.
+    pub audio_answer: Option<i64>,
 }
 
 /// Tokens of one request, as priced.
@@ -31,20 +91,161 @@ pub struct Tokens {
     pub answer: u64,
     /// The cached subset of `query`.
     pub cached: u64,
+    /// The audio subset of `query` (uncached audio, as priced).
+    pub audio_query: u64,
+    /// The audio subset of `answer`.
+    pub audio_answer: u64,
+    /// The service tier the request was processed in, if known.
+    pub tier: Option<Tier>,
+}
+
+/// A cost split into the parts a price list names, pico-dollars each; the
+/// parts add up to the record's cost exactly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Breakdown {
+    /// Uncached text prompt tokens.
+    pub input: i64,
+    /// Cached prompt tokens.
+    pub cached_input: i64,
+    /// Text completion tokens, reasoning included.
+    pub output: i64,
+    /// Audio prompt tokens.
+    pub audio_input: i64,
+    /// Audio completion tokens.
+    pub audio_output: i64,
+    /// The tier whose own rates were applied (`None`: standard rates).
+    pub tier: Option<Tier>,
+    /// What the tier's rates changed against the standard ones (negative
+    /// for a discount); already inside the parts above.
+    pub tier_adjustment: i64,
+}
+
+impl Breakdown {
+    /// The sum of the parts: the cost.
+    pub fn total(&self) -> i64 {
+        self.input
+            .saturating_add(self.cached_input)
+            .saturating_add(self.output)
+            .saturating_add(self.audio_input)
+            .saturating_add(self.audio_output)
+    }
+}
+
+fn times(n: u64, rate: i64) -> i128 {
+    // Token counts come from upstream's answer: saturate, never wrap.
+    i128::from(n).saturating_mul(i128::from(rate))
+}
+
+fn clamp(v: i128) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 impl Price {
-    /// Cost in pico-dollars: (query - cached) x query + cached x cached + answer x answer.
-    pub fn cost(&self, t: Tokens) -> i64 {
+    /// The standard rates of the row.
+    pub fn standard(&self) -> Rates {
+        Rates {
+            query: self.query,
+            cached: self.cached,
+            answer: self.answer,
+        }
+    }
+
+    /// The rates a tier is priced at: its own where the row has them, the
+    /// standard ones otherwise; with which tier's own rates were taken.
+    pub fn rates(&self, tier: Option<Tier>) -> (Rates, Option<Tier>) {
+        let own = match tier {
+            Some(Tier::Flex) => self.flex,
+            Some(Tier::Priority) => self.priority,
+            _ => None,
+        };
+        match own {
+            Some(r) => (r, tier),
+            None => (self.standard(), None),
+        }
+    }
+
+    /// The optional rates as eight nullable columns, as both backends
+    /// store them: flex query, cached, answer, then priority's, then audio
+    /// query and answer.
+    pub fn extra_columns(&self) -> [Option<i64>; 8] {
+        let cols = |r: Option<Rates>| match r {
+            Some(r) => [Some(r.query), r.cached, Some(r.answer)],
+            None => [None; 3],
+        };
+        let (f, p) = (cols(self.flex), cols(self.priority));
+        [
+            f[0],
+            f[1],
+            f[2],
+            p[0],
+            p[1],
+            p[2],
+            self.audio_query,
+            self.audio_answer,
+        ]
+    }
+
+    /// Sets the optional rates from [`Price::extra_columns`]' layout; a
+    /// tier without both its query and answer rate has none.
+    pub fn with_extra_columns(mut self, c: [Option<i64>; 8]) -> Price {
+        self.audio_query = c[6];
+        self.audio_answer = c[7];
+        let rates = |q: Option<i64>, cached, a: Option<i64>| {
+            Some(Rates {
+                query: q?,
+                cached,
+                answer: a?,
+            })
+        };
+        self.flex = rates(c[0], c[1], c[2]);
+        self.priority = rates(c[3], c[4], c[5]);
+        self
+    }
+
+    /// The cost split by part: text (query - cached - audio) x query,
+    /// cached x cached, audio x audio query, (answer - audio) x answer and
+    /// audio x audio answer; text and cached tokens at the tier's rates.
+    pub fn breakdown(&self, t: Tokens) -> Breakdown {
         let cached = t.cached.min(t.query);
-        // Token counts come from upstream's answer: saturate, never wrap.
-        let c = i128::from(t.query - cached)
-            .saturating_mul(i128::from(self.query))
-            .saturating_add(
-                i128::from(cached).saturating_mul(i128::from(self.cached.unwrap_or(self.query))),
+        let audio_in = t.audio_query.min(t.query - cached);
+        let audio_out = t.audio_answer.min(t.answer);
+        let parts = |r: &Rates| {
+            (
+                clamp(times(t.query - cached - audio_in, r.query)),
+                clamp(times(cached, r.cached.unwrap_or(r.query))),
+                clamp(times(t.answer - audio_out, r.answer)),
             )
-            .saturating_add(i128::from(t.answer).saturating_mul(i128::from(self.answer)));
-        i64::try_from(c).unwrap_or(i64::MAX)
+        };
+        let (rates, tier) = self.rates(t.tier);
+        let (input, cached_input, output) = parts(&rates);
+        let mut b = Breakdown {
+            input,
+            cached_input,
+            output,
+            audio_input: clamp(times(audio_in, self.audio_query.unwrap_or(rates.query))),
+            audio_output: clamp(times(audio_out, self.audio_answer.unwrap_or(rates.answer))),
+            tier,
+            tier_adjustment: 0,
+        };
+        if tier.is_some() {
+            let (i, c, o) = parts(&self.standard());
+            let s = self.standard();
+            let standard = i
+                .saturating_add(c)
+                .saturating_add(o)
+                .saturating_add(clamp(times(audio_in, self.audio_query.unwrap_or(s.query))))
+                .saturating_add(clamp(times(
+                    audio_out,
+                    self.audio_answer.unwrap_or(s.answer),
+                )));
+            b.tier_adjustment = b.total().saturating_sub(standard);
+        }
+        b
+    }
+
+    /// Cost in pico-dollars: the sum of [`Price::breakdown`].
+    pub fn cost(&self, t: Tokens) -> i64 {
+        self.breakdown(t).total()
     }
 }
 
@@ -109,16 +310,28 @@ impl PriceTable {
 
     /// Cost in pico-dollars and whether a price was found.
     pub fn cost(&self, answered: &str, requested: &str, at_ms: i64, t: Tokens) -> (i64, bool) {
+        let (b, priced) = self.breakdown(answered, requested, at_ms, t);
+        (b.total(), priced)
+    }
+
+    /// The cost split by part, and whether a price was found.
+    pub fn breakdown(
+        &self,
+        answered: &str,
+        requested: &str,
+        at_ms: i64,
+        t: Tokens,
+    ) -> (Breakdown, bool) {
         // Nothing to price (model lists, files, ...): free, and not "unpriced".
         if t.query == 0 && t.answer == 0 {
-            return (0, true);
+            return (Breakdown::default(), true);
         }
         let direct = self
             .valid(answered, at_ms)
             .or_else(|| self.valid(requested, at_ms));
         match direct.or_else(|| self.lookup(answered, requested, at_ms).map(|(_, p)| p)) {
-            Some(p) => (p.cost(t), true),
-            None => (0, false),
+            Some(p) => (p.breakdown(t), true),
+            None => (Breakdown::default(), false),
         }
     }
 }
@@ -289,7 +502,9 @@ pub const SCALE_PER_1K: u32 = 9;
 /// Pico-dollars per token from a price per 1M tokens.
 pub const SCALE_PER_1M: u32 = 6;
 
-/// Price list shipped with tollgate: (model, $/1M input, $/1M cached input, $/1M output).
+/// Price list shipped with tollgate: (model, $/1M input, $/1M cached input,
+/// $/1M output, then the same three for flex and for priority, then $/1M
+/// audio input and output).
 const DEFAULT_PRICES: &str = include_str!("prices.tsv");
 
 /// The built-in price list, valid from the epoch.
@@ -300,20 +515,20 @@ pub fn default_prices() -> Vec<(String, Price)> {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            let p = |s: &str| parse_scaled(s, SCALE_PER_1M).expect("built-in price parses");
-            let cached = match f[2] {
+            assert_eq!(f.len(), 12, "built-in price row has 12 columns: {l}");
+            let p = |i: usize| match f[i] {
                 "-" => None,
-                c => Some(p(c)),
+                s => Some(parse_scaled(s, SCALE_PER_1M).expect("built-in price parses")),
             };
-            (
-                f[0].to_owned(),
-                Price {
-                    valid_from: 0,
-                    query: p(f[1]),
-                    cached,
-                    answer: p(f[3]),
-                },
-            )
+            let extra = [p(4), p(5), p(6), p(7), p(8), p(9), p(10), p(11)];
+            let price = Price {
+                valid_from: 0,
+                query: p(1).unwrap_or(0),
+                cached: p(2),
+                answer: p(3).unwrap_or(0),
+                ..Price::default()
+            };
+            (f[0].to_owned(), price.with_extra_columns(extra))
         })
         .collect()
 }

@@ -6,6 +6,7 @@ use bytes::Bytes;
 
 use crate::budget::Hold;
 use crate::endpoint::Endpoint;
+use crate::pricing::Tier;
 
 /// Tokens reported by upstream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -18,6 +19,10 @@ pub struct Usage {
     pub cached: u64,
     /// Reasoning tokens (a subset of `answer`).
     pub reasoning: u64,
+    /// Audio prompt tokens (a subset of `query`).
+    pub audio_query: u64,
+    /// Audio completion tokens (a subset of `answer`).
+    pub audio_answer: u64,
 }
 
 /// Most tokens one usage field may plausibly count: 10^12, a thousand times
@@ -30,9 +35,16 @@ pub const MAX_PLAUSIBLE_TOKENS: u64 = 1_000_000_000_000;
 impl Usage {
     /// Whether every count is within [`MAX_PLAUSIBLE_TOKENS`].
     pub fn is_plausible(&self) -> bool {
-        [self.query, self.answer, self.cached, self.reasoning]
-            .iter()
-            .all(|&n| n <= MAX_PLAUSIBLE_TOKENS)
+        [
+            self.query,
+            self.answer,
+            self.cached,
+            self.reasoning,
+            self.audio_query,
+            self.audio_answer,
+        ]
+        .iter()
+        .all(|&n| n <= MAX_PLAUSIBLE_TOKENS)
     }
 }
 
@@ -62,6 +74,8 @@ pub struct Record {
     pub usage: Usage,
     /// Whether `usage` (or a part of it) is an estimate.
     pub estimated: bool,
+    /// The service tier: the answer's, else the request's.
+    pub tier: Option<Tier>,
     /// Upstream's `x-request-id`.
     pub request_id: Option<String>,
     /// The client left before the whole answer reached it. The status stays
@@ -98,12 +112,20 @@ impl Record {
             &self.model,
             &self.requested_model,
             self.started_ms,
-            crate::pricing::Tokens {
-                query: self.usage.query,
-                answer: self.usage.answer,
-                cached: self.usage.cached,
-            },
+            self.tokens(),
         )
+    }
+
+    /// What the record is priced from.
+    pub fn tokens(&self) -> crate::pricing::Tokens {
+        crate::pricing::Tokens {
+            query: self.usage.query,
+            answer: self.usage.answer,
+            cached: self.usage.cached,
+            audio_query: self.usage.audio_query,
+            audio_answer: self.usage.audio_answer,
+            tier: self.tier,
+        }
     }
 }
 
@@ -208,6 +230,27 @@ pub struct StoredRecord {
     pub request_id: Option<String>,
     /// See [`Record::client_aborted`].
     pub client_aborted: bool,
+    /// See [`Record::tier`].
+    pub tier: Option<Tier>,
+    /// Audio prompt tokens.
+    pub audio_query_tokens: i64,
+    /// Audio completion tokens.
+    pub audio_answer_tokens: i64,
+}
+
+impl StoredRecord {
+    /// What the record is priced from.
+    pub fn tokens(&self) -> crate::pricing::Tokens {
+        let n = |v: i64| v.max(0) as u64;
+        crate::pricing::Tokens {
+            query: n(self.query_tokens),
+            answer: n(self.answer_tokens),
+            cached: n(self.cached_tokens),
+            audio_query: n(self.audio_query_tokens),
+            audio_answer: n(self.audio_answer_tokens),
+            tier: self.tier,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -221,6 +264,7 @@ mod tests {
             answer,
             cached,
             reasoning,
+            ..Usage::default()
         };
         let b = MAX_PLAUSIBLE_TOKENS;
         assert!(at(0, 0, 0, 0).is_plausible());
@@ -229,5 +273,13 @@ mod tests {
         assert!(!at(0, b + 1, 0, 0).is_plausible());
         assert!(!at(0, 0, u64::MAX, 0).is_plausible());
         assert!(!at(0, 0, 0, i64::MAX as u64).is_plausible());
+        let audio = |audio_query, audio_answer| Usage {
+            audio_query,
+            audio_answer,
+            ..Usage::default()
+        };
+        assert!(audio(b, b).is_plausible());
+        assert!(!audio(b + 1, 0).is_plausible());
+        assert!(!audio(0, b + 1).is_plausible());
     }
 }

@@ -37,6 +37,7 @@ fn rec(user: &str, model: &str, ts: i64, q: u64, a: u64, cost: i64, priced: bool
                 answer: a,
                 cached: q / 3,
                 reasoning: a / 2,
+                ..Usage::default()
             },
             ..Default::default()
         },

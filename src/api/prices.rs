@@ -13,7 +13,7 @@ use super::{ok, read_body, Scaled, Time};
 use crate::app::App;
 use crate::error::ApiError;
 use crate::http::Body;
-use crate::pricing::{self, Price, SCALE_PER_1K, SCALE_PER_1M};
+use crate::pricing::{self, Price, Rates, SCALE_PER_1K, SCALE_PER_1M};
 
 /// A model and its price rows.
 #[derive(Serialize)]
@@ -48,6 +48,92 @@ struct Cost {
         skip_serializing_if = "Option::is_none"
     )]
     cached_1m: Option<Scaled>,
+    #[serde(
+        rename = "per1KAudioQueryTokens",
+        skip_serializing_if = "Option::is_none"
+    )]
+    audio_query_1k: Option<Scaled>,
+    #[serde(
+        rename = "per1KAudioAnswerTokens",
+        skip_serializing_if = "Option::is_none"
+    )]
+    audio_answer_1k: Option<Scaled>,
+    #[serde(
+        rename = "per1MAudioQueryTokens",
+        skip_serializing_if = "Option::is_none"
+    )]
+    audio_query_1m: Option<Scaled>,
+    #[serde(
+        rename = "per1MAudioAnswerTokens",
+        skip_serializing_if = "Option::is_none"
+    )]
+    audio_answer_1m: Option<Scaled>,
+    #[serde(flatten)]
+    flex: Option<TierCost<Flex>>,
+    #[serde(flatten)]
+    priority: Option<TierCost<Priority>>,
+}
+
+/// The field names of one tier's rates.
+trait TierNames {
+    const NAMES: [&'static str; 6];
+}
+
+/// `per1KFlex...` fields.
+struct Flex;
+/// `per1KPriority...` fields.
+struct Priority;
+
+impl TierNames for Flex {
+    const NAMES: [&'static str; 6] = [
+        "per1KFlexQueryTokens",
+        "per1KFlexAnswerTokens",
+        "per1KFlexCachedQueryTokens",
+        "per1MFlexQueryTokens",
+        "per1MFlexAnswerTokens",
+        "per1MFlexCachedQueryTokens",
+    ];
+}
+
+impl TierNames for Priority {
+    const NAMES: [&'static str; 6] = [
+        "per1KPriorityQueryTokens",
+        "per1KPriorityAnswerTokens",
+        "per1KPriorityCachedQueryTokens",
+        "per1MPriorityQueryTokens",
+        "per1MPriorityAnswerTokens",
+        "per1MPriorityCachedQueryTokens",
+    ];
+}
+
+/// One tier's rates in both units, named like the standard ones with the
+/// tier after the unit (`per1MFlexQueryTokens`).
+struct TierCost<T> {
+    rates: Rates,
+    names: std::marker::PhantomData<T>,
+}
+
+impl<T: TierNames> Serialize for TierCost<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let r = &self.rates;
+        let mut m = s.serialize_map(None)?;
+        for (i, scale) in [(0, SCALE_PER_1K), (3, SCALE_PER_1M)] {
+            m.serialize_entry(T::NAMES[i], &Scaled(r.query.into(), scale))?;
+            m.serialize_entry(T::NAMES[i + 1], &Scaled(r.answer.into(), scale))?;
+            if let Some(c) = r.cached {
+                m.serialize_entry(T::NAMES[i + 2], &Scaled(c.into(), scale))?;
+            }
+        }
+        m.end()
+    }
+}
+
+fn tier_cost<T>(rates: Option<Rates>) -> Option<TierCost<T>> {
+    rates.map(|rates| TierCost {
+        rates,
+        names: std::marker::PhantomData,
+    })
 }
 
 impl<'a> Model<'a> {
@@ -65,6 +151,12 @@ impl<'a> Model<'a> {
                     query_1m: m(p.query),
                     answer_1m: m(p.answer),
                     cached_1m: p.cached.map(m),
+                    audio_query_1k: p.audio_query.map(k),
+                    audio_answer_1k: p.audio_answer.map(k),
+                    audio_query_1m: p.audio_query.map(m),
+                    audio_answer_1m: p.audio_answer.map(m),
+                    flex: tier_cost(p.flex),
+                    priority: tier_cost(p.priority),
                 }
             })
             .collect();
@@ -105,8 +197,12 @@ pub(super) fn models(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
 pub fn parse_price_body(body: &[u8]) -> Result<Price, ApiError> {
     let fields: BTreeMap<String, &RawValue> = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("body must be a JSON object: {e}")))?;
-    const KNOWN: [&str; 7] = [
+    const KNOWN: [&str; 11] = [
         "validFrom",
+        "per1KAudioQueryTokens",
+        "per1KAudioAnswerTokens",
+        "per1MAudioQueryTokens",
+        "per1MAudioAnswerTokens",
         "per1KQueryTokens",
         "per1KAnswerTokens",
         "per1KCachedQueryTokens",
@@ -114,7 +210,9 @@ pub fn parse_price_body(body: &[u8]) -> Result<Price, ApiError> {
         "per1MAnswerTokens",
         "per1MCachedQueryTokens",
     ];
-    if let Some(k) = fields.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+    let known =
+        |k: &str| KNOWN.contains(&k) || Flex::NAMES.contains(&k) || Priority::NAMES.contains(&k);
+    if let Some(k) = fields.keys().find(|k| !known(k)) {
         return Err(ApiError::bad_param(k, format!("unknown field {k}")));
     }
     let valid_from = match fields.get("validFrom") {
@@ -155,11 +253,43 @@ pub fn parse_price_body(body: &[u8]) -> Result<Price, ApiError> {
     let query = price("QueryTokens", true)?.unwrap_or(0);
     let answer = price("AnswerTokens", true)?.unwrap_or(0);
     let cached = price("CachedQueryTokens", false)?;
+    // A tier's rates come whole (query and answer) or not at all.
+    let tier = |name: &str| -> Result<Option<Rates>, ApiError> {
+        let q = price(&format!("{name}QueryTokens"), false)?;
+        let a = price(&format!("{name}AnswerTokens"), false)?;
+        let c = price(&format!("{name}CachedQueryTokens"), false)?;
+        match (q, a) {
+            (Some(query), Some(answer)) => Ok(Some(Rates {
+                query,
+                cached: c,
+                answer,
+            })),
+            (None, None) if c.is_none() => Ok(None),
+            (None, _) => {
+                let key = format!("{unit}{name}QueryTokens");
+                Err(ApiError::bad_param(
+                    &key,
+                    format!("{key} is required with the other {name} prices"),
+                ))
+            }
+            (Some(_), None) => {
+                let key = format!("{unit}{name}AnswerTokens");
+                Err(ApiError::bad_param(
+                    &key,
+                    format!("{key} is required with the other {name} prices"),
+                ))
+            }
+        }
+    };
     Ok(Price {
         valid_from,
         query,
         cached,
         answer,
+        flex: tier("Flex")?,
+        priority: tier("Priority")?,
+        audio_query: price("AudioQueryTokens", false)?,
+        audio_answer: price("AudioAnswerTokens", false)?,
     })
 }
 
@@ -266,6 +396,7 @@ mod tests {
             query: 2_500_000,
             cached: Some(1_250_000),
             answer: 10_000_000,
+            ..Price::default()
         };
         let text = serde_json::to_string(&Model::new("m", &[p])).unwrap();
         assert_eq!(

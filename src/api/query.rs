@@ -36,6 +36,7 @@ pub const GROUP_KEYS: &[(&str, GroupKey)] = &[
     ("model", GroupKey::Model),
     ("day", GroupKey::Day),
     ("month", GroupKey::Month),
+    ("tier", GroupKey::Tier),
 ];
 
 /// Parameters of the report endpoints.

@@ -36,6 +36,9 @@ struct Usage<'a> {
     day: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     month: Option<&'a str>,
+    /// Grouped by tier: the tier, `null` for records without one.
+    #[serde(rename = "serviceTier", skip_serializing_if = "Option::is_none")]
+    tier: Option<Option<&'a str>>,
     num_queries: u64,
     query_tokens: u64,
     answer_tokens: u64,
@@ -49,6 +52,11 @@ struct Usage<'a> {
 
 impl<'a> Usage<'a> {
     fn new(g: &'a GroupValues, t: &UsageTotals) -> Usage<'a> {
+        Usage::grouped(g, t, false)
+    }
+
+    /// A row; `by_tier` shows the tier key even where it is `null`.
+    fn grouped(g: &'a GroupValues, t: &UsageTotals, by_tier: bool) -> Usage<'a> {
         let avg = if t.queries == 0 {
             0
         } else {
@@ -60,6 +68,7 @@ impl<'a> Usage<'a> {
             model: g.model.as_deref(),
             day: g.day.as_deref(),
             month: g.month.as_deref(),
+            tier: by_tier.then_some(g.tier.as_deref()),
             num_queries: t.queries,
             query_tokens: t.query_tokens,
             answer_tokens: t.answer_tokens,
@@ -79,6 +88,7 @@ impl<'a> Usage<'a> {
             model: None,
             day: None,
             month: None,
+            tier: None,
         };
         Usage::new(&NONE, t)
     }
@@ -117,6 +127,7 @@ pub(super) async fn usage(
     catch_up(app).await;
     let reports = app.store.reports();
     let grouped = !p.group.is_empty();
+    let by_tier = p.group.contains(&crate::store::GroupKey::Tier);
     let rows = blocking(move || reports.usage(&p.filter, &p.group))
         .await?
         .map_err(|e| ApiError::internal(format!("could not read usage: {e}")))?;
@@ -124,7 +135,10 @@ pub(super) async fn usage(
         let t = rows.into_iter().next().map(|r| r.1).unwrap_or_default();
         return ok(&Usage::totals(&t));
     }
-    let all: Vec<Usage> = rows.iter().map(|(g, t)| Usage::new(g, t)).collect();
+    let all: Vec<Usage> = rows
+        .iter()
+        .map(|(g, t)| Usage::grouped(g, t, by_tier))
+        .collect();
     ok(&all)
 }
 
@@ -184,6 +198,9 @@ pub(super) async fn queries(
     scope(&mut p.filter, only)?;
     catch_up(app).await;
     let reports = app.store.reports();
+    // The parts of each cost come from the same prices the writer priced
+    // (and re-prices) the records with.
+    let prices = app.store.prices().clone();
     let (tx, body) = ChannelBody::new(4);
     let csv = p.csv;
     let f = p.filter;
@@ -193,13 +210,14 @@ pub(super) async fn queries(
         let mut first = true;
         let mut alive = true;
         let res = reports.queries(&f, &mut |r| {
+            let parts = parts_of(&prices, &r);
             if csv {
-                record_csv(&mut buf, &r);
+                record_csv(&mut buf, &r, &parts);
             } else {
                 if !first {
                     buf.push(',');
                 }
-                record_json(&mut buf, &r);
+                record_json(&mut buf, &r, &parts);
             }
             first = false;
             if buf.len() >= CHUNK {
@@ -254,8 +272,39 @@ fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// One `/queries` element.
-pub fn record_json(out: &mut String, r: &StoredRecord) {
+/// A stored record's cost split by part, under `prices`: zeros when it
+/// has no price.
+pub fn parts_of(prices: &pricing::PriceTable, r: &StoredRecord) -> pricing::Breakdown {
+    if !r.priced {
+        return pricing::Breakdown::default();
+    }
+    prices
+        .breakdown(&r.model, &r.requested_model, r.started_ms, r.tokens())
+        .0
+}
+
+/// Appends pico-dollars as a decimal dollar figure, without allocating.
+fn push_dollars(out: &mut String, pico: i64) {
+    let neg = pico < 0;
+    let v = pico.unsigned_abs();
+    let (int, frac) = (v / 1_000_000_000_000, v % 1_000_000_000_000);
+    if neg {
+        out.push('-');
+    }
+    let _ = write!(out, "{int}");
+    if frac != 0 {
+        let mut f = frac;
+        let mut width = 12;
+        while f % 10 == 0 {
+            f /= 10;
+            width -= 1;
+        }
+        let _ = write!(out, ".{f:0width$}");
+    }
+}
+
+/// One `/queries` element: the record and its cost by part.
+pub fn record_json(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdown) {
     out.push_str("{\"id\":");
     out.push_str(&r.id.to_string());
     out.push_str(",\"user\":");
@@ -292,12 +341,46 @@ pub fn record_json(out: &mut String, r: &StoredRecord) {
         Some(id) => push_json_str(out, id),
         None => out.push_str("null"),
     }
+    let _ = write!(
+        out,
+        ",\"audioQueryTokens\":{},\"audioAnswerTokens\":{},\"serviceTier\":",
+        r.audio_query_tokens, r.audio_answer_tokens
+    );
+    push_tier(out, r.tier);
+    for (name, v) in [
+        ("inputCost", parts.input),
+        ("cachedInputCost", parts.cached_input),
+        ("outputCost", parts.output),
+        ("audioInputCost", parts.audio_input),
+        ("audioOutputCost", parts.audio_output),
+    ] {
+        out.push_str(",\"");
+        out.push_str(name);
+        out.push_str("\":");
+        push_dollars(out, v);
+    }
+    out.push_str(",\"tierRates\":");
+    push_tier(out, parts.tier);
+    out.push_str(",\"tierAdjustment\":");
+    push_dollars(out, parts.tier_adjustment);
     out.push_str(",\"clientAborted\":");
     out.push_str(if r.client_aborted { "true" } else { "false" });
     out.push('}');
 }
 
-const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,clientAborted\r\n";
+/// Appends a tier as a JSON string, or `null`.
+fn push_tier(out: &mut String, t: Option<pricing::Tier>) {
+    match t {
+        Some(t) => {
+            out.push('"');
+            out.push_str(t.as_str());
+            out.push('"');
+        }
+        None => out.push_str("null"),
+    }
+}
+
+const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment,clientAborted\r\n";
 
 /// Leading characters that make a spreadsheet read a cell as a formula
 /// (OWASP, "CSV Injection").
@@ -324,7 +407,7 @@ fn push_csv(out: &mut String, s: &str) {
 }
 
 /// One `/queries?format=csv` row.
-pub fn record_csv(out: &mut String, r: &StoredRecord) {
+pub fn record_csv(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdown) {
     out.push_str(&r.id.to_string());
     for s in [&r.user, &r.model, &r.requested_model, &r.endpoint] {
         out.push(',');
@@ -352,6 +435,26 @@ pub fn record_csv(out: &mut String, r: &StoredRecord) {
     if let Some(id) = &r.request_id {
         push_csv(out, id);
     }
+    let _ = write!(out, ",{},{},", r.audio_query_tokens, r.audio_answer_tokens);
+    if let Some(t) = r.tier {
+        out.push_str(t.as_str());
+    }
+    for v in [
+        parts.input,
+        parts.cached_input,
+        parts.output,
+        parts.audio_input,
+        parts.audio_output,
+    ] {
+        out.push(',');
+        push_dollars(out, v);
+    }
+    out.push(',');
+    if let Some(t) = parts.tier {
+        out.push_str(t.as_str());
+    }
+    out.push(',');
+    push_dollars(out, parts.tier_adjustment);
     out.push(',');
     out.push_str(if r.client_aborted { "true" } else { "false" });
     out.push_str("\r\n");
@@ -408,6 +511,25 @@ mod tests {
             ("", ""),
         ] {
             assert_eq!(field(v), want, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn dollars_are_written_like_format_dollars() {
+        for v in [
+            0,
+            1,
+            -1,
+            10,
+            1_000_000_000_000,
+            1_250_000,
+            -2_500_000_000_001,
+            i64::MAX,
+            i64::MIN,
+        ] {
+            let mut s = String::new();
+            push_dollars(&mut s, v);
+            assert_eq!(s, pricing::format_dollars(v.into()), "{v}");
         }
     }
 

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use super::scan::{find_model, find_usage_object};
+use super::scan::{find_model, find_tier, find_usage_object};
 use super::window::Window;
 use super::Found;
 use crate::record::{Capture, Usage};
@@ -14,6 +14,8 @@ struct Details {
     cached_tokens: Option<u64>,
     #[serde(default)]
     reasoning_tokens: Option<u64>,
+    #[serde(default)]
+    audio_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -41,21 +43,18 @@ pub fn parse_usage(obj: &[u8]) -> Option<Usage> {
     if query.is_none() && answer.is_none() {
         return None;
     }
-    let cached = [u.prompt_tokens_details, u.input_tokens_details]
-        .into_iter()
-        .flatten()
-        .find_map(|d| d.cached_tokens)
-        .unwrap_or(0);
-    let reasoning = [u.completion_tokens_details, u.output_tokens_details]
-        .into_iter()
-        .flatten()
-        .find_map(|d| d.reasoning_tokens)
-        .unwrap_or(0);
+    let input = [&u.prompt_tokens_details, &u.input_tokens_details];
+    let output = [&u.completion_tokens_details, &u.output_tokens_details];
+    let find = |ds: [&Option<Details>; 2], f: fn(&Details) -> Option<u64>| {
+        ds.into_iter().flatten().find_map(f).unwrap_or(0)
+    };
     Some(Usage {
         query: query.unwrap_or(0),
         answer: answer.unwrap_or(0),
-        cached,
-        reasoning,
+        cached: find(input, |d| d.cached_tokens),
+        reasoning: find(output, |d| d.reasoning_tokens),
+        audio_query: find(input, |d| d.audio_tokens),
+        audio_answer: find(output, |d| d.audio_tokens),
     })
 }
 
@@ -94,6 +93,8 @@ impl JsonScanner {
             usage: find_usage_object(usage_in).and_then(parse_usage),
             model: find_model(model_in),
             done: true,
+            // Top-level, after the content: in the tail when not kept whole.
+            tier: find_tier(usage_in).or_else(|| find_tier(model_in)),
         };
         let capture = match w.whole() {
             Some(_) => Capture {

@@ -49,6 +49,8 @@ pub struct Found {
     pub model: Option<String>,
     /// A stream ended properly (`[DONE]` or a terminal Responses event).
     pub done: bool,
+    /// The service tier the answer says it was processed in.
+    pub tier: Option<crate::pricing::Tier>,
 }
 
 /// How the answer body is read.
@@ -199,6 +201,10 @@ impl Meter {
         if let Some(m) = found.model {
             rec.model = m;
         }
+        // The tier upstream processed the request in wins over the one asked for.
+        if found.tier.is_some() {
+            rec.tier = found.tier;
+        }
         if let Some(m) = self.upload.as_ref().and_then(|u| u.model.get()) {
             rec.requested_model = m.clone();
         }
@@ -212,6 +218,8 @@ impl Meter {
                 answer = u.answer,
                 cached = u.cached,
                 reasoning = u.reasoning,
+                audio_query = u.audio_query,
+                audio_answer = u.audio_answer,
                 bound = crate::record::MAX_PLAUSIBLE_TOKENS,
                 "upstream reported implausible token counts; the record is estimated instead"
             );

@@ -22,6 +22,8 @@ pub struct RequestInfo {
     pub max_tokens: Option<u64>,
     /// How many answers the request asks for (`n`, `best_of`; 1 without).
     pub choices: u64,
+    /// `service_tier`, when it names a known tier.
+    pub tier: Option<crate::pricing::Tier>,
 }
 
 /// Most answer tokens a request may ask for (`max_tokens`,
@@ -179,6 +181,8 @@ struct Head<'a> {
     n: Loose<'a>,
     #[serde(borrow, default)]
     best_of: Loose<'a>,
+    #[serde(borrow, default)]
+    service_tier: Loose<'a>,
 }
 
 /// Validates a JSON request body and reads `model`, `stream` and
@@ -241,12 +245,18 @@ pub fn parse_request(body: &[u8]) -> Result<RequestInfo, RequestError> {
         .max()
         .unwrap_or(1)
         .max(1);
+    // Any other value is upstream's to refuse; tollgate only prices known tiers.
+    let tier = match &head.service_tier {
+        Loose::Str(s) => crate::pricing::Tier::parse(s),
+        _ => None,
+    };
     Ok(RequestInfo {
         model,
         stream,
         include_usage,
         max_tokens,
         choices,
+        tier,
     })
 }
 

@@ -6,6 +6,8 @@ use std::sync::LazyLock;
 
 use memchr::memmem::Finder;
 
+use crate::pricing::Tier;
+
 /// Whether a member's key is `name`, escapes (`\u005f`) decoded.
 pub(super) fn key_is(body: &[u8], m: &Member, name: &str) -> bool {
     let raw = &body[m.key.0..m.key.1];
@@ -113,6 +115,7 @@ fn skip_value(b: &[u8], i: usize) -> Option<usize> {
 
 static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
 static MODEL_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"model\""));
+static TIER_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"service_tier\""));
 static CHOICES_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"choices\""));
 pub(super) static ERROR_KEY: LazyLock<Finder<'static>> =
     LazyLock::new(|| Finder::new(b"\"error\""));
@@ -151,6 +154,22 @@ pub(crate) fn find_model(b: &[u8]) -> Option<String> {
             if b.get(v) == Some(&b'"') {
                 let end = skip_string(b, v)?;
                 return serde_json::from_slice::<String>(&b[v..end]).ok();
+            }
+        }
+    }
+    None
+}
+
+/// The tier named by the last string value of key `service_tier` (the
+/// top-level one: an answer's own fields come after its content). `None`
+/// when there is none, or it names no known tier.
+pub(crate) fn find_tier(b: &[u8]) -> Option<Tier> {
+    for at in TIER_KEY.find_iter(b).collect::<Vec<_>>().into_iter().rev() {
+        if let Some(v) = value_after_key(b, at, 14) {
+            if b.get(v) == Some(&b'"') {
+                let end = skip_string(b, v)?;
+                let s = serde_json::from_slice::<&str>(&b[v..end]).ok()?;
+                return Tier::parse(s);
             }
         }
     }

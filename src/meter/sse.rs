@@ -9,7 +9,8 @@ use memchr::memmem::Finder;
 
 use super::json::parse_usage;
 use super::scan::{
-    choices_empty, find_model, find_usage_object, skip_string, value_after_key, ERROR_KEY,
+    choices_empty, find_model, find_tier, find_usage_object, skip_string, value_after_key,
+    ERROR_KEY,
 };
 use super::window::Window;
 use super::Found;
@@ -184,6 +185,9 @@ impl SseScanner {
                 if let Some(u) = find_usage_object(&w.tail).and_then(parse_usage) {
                     self.found.usage = Some(u);
                 }
+                if let Some(t) = find_tier(&w.tail).or_else(|| find_tier(&w.head)) {
+                    self.found.tier = Some(t);
+                }
                 if self.kind == StreamKind::Responses
                     && event_type(&w.head).is_some_and(|t| is_terminal(&t))
                 {
@@ -204,6 +208,10 @@ impl SseScanner {
                 }
                 if self.found.model.is_none() {
                     self.found.model = find_model(ev);
+                }
+                // Every chunk may carry it; the last one's is the answer's.
+                if let Some(t) = find_tier(ev) {
+                    self.found.tier = Some(t);
                 }
                 if let Some(u) = find_usage_object(ev).and_then(parse_usage) {
                     self.found.usage = Some(u);
@@ -228,9 +236,15 @@ impl SseScanner {
                     if self.found.model.is_none() {
                         self.found.model = find_model(ev);
                     }
+                    if let Some(t) = find_tier(ev) {
+                        self.found.tier = Some(t);
+                    }
                 } else if is_terminal(&ty) {
                     if let Some(m) = find_model(ev) {
                         self.found.model = Some(m);
+                    }
+                    if let Some(t) = find_tier(ev) {
+                        self.found.tier = Some(t);
                     }
                     if let Some(u) = find_usage_object(ev).and_then(parse_usage) {
                         self.found.usage = Some(u);

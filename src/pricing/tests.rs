@@ -12,11 +12,13 @@ fn old_readme_cost_is_exact() {
         query: per1k("0.01"),
         cached: None,
         answer: per1k("0.03"),
+        ..Price::default()
     };
     let c = p.cost(Tokens {
         query: 3243,
         answer: 1399,
         cached: 0,
+        ..Tokens::default()
     });
     assert_eq!(format_dollars(c.into()), "0.0744");
 }
@@ -28,12 +30,14 @@ fn cached_tokens_use_cached_price() {
         query: parse_scaled("2.50", SCALE_PER_1M).unwrap(),
         cached: Some(parse_scaled("1.25", SCALE_PER_1M).unwrap()),
         answer: parse_scaled("10", SCALE_PER_1M).unwrap(),
+        ..Price::default()
     };
     // (1000-400) x 2.5e-6 + 400 x 1.25e-6 + 100 x 1e-5 = 0.0015 + 0.0005 + 0.001
     let c = p.cost(Tokens {
         query: 1000,
         answer: 100,
         cached: 400,
+        ..Tokens::default()
     });
     assert_eq!(format_dollars(c.into()), "0.003");
     // Cached more than query (a broken upstream) never goes negative.
@@ -41,6 +45,7 @@ fn cached_tokens_use_cached_price() {
         query: 10,
         answer: 0,
         cached: 50,
+        ..Tokens::default()
     });
     assert_eq!(format_dollars(c.into()), "0.0000125");
 }
@@ -89,6 +94,7 @@ fn lookup_follows_the_chain_and_validity() {
         query: q,
         cached: None,
         answer: q,
+        ..Price::default()
     };
     t.insert("gpt-4o", p(1, 0));
     t.insert("gpt-4o", p(2, 1000));

@@ -169,6 +169,7 @@ struct RequestFacts {
     stream: bool,
     max_tokens: Option<u64>,
     choices: u64,
+    tier: Option<crate::pricing::Tier>,
     /// `include_usage` was spliced in: the usage-only chunk is not the client's.
     spliced: bool,
     /// The body as forwarded.
@@ -268,6 +269,7 @@ impl Ctx {
         r.stream = info.stream;
         r.max_tokens = info.max_tokens;
         r.choices = info.choices;
+        r.tier = info.tier;
         headers.remove(header::CONTENT_LENGTH);
         headers::ask_identity(headers);
         // The room in --max-buffered is held by the forwarded body and given
@@ -308,6 +310,7 @@ impl Ctx {
             endpoint: std::mem::take(&mut self.path),
             started_ms: self.started_ms,
             stream: r.stream,
+            tier: r.tier,
             key_id: self.key_id.take(),
             hold: admission.hold,
             ..Record::default()

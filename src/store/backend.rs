@@ -141,6 +141,9 @@ pub enum GroupKey {
     Day,
     /// Per UTC month.
     Month,
+    /// Per service tier. Tiers are not in the daily rollups: grouped by
+    /// tier, totals are summed from the records (those retention kept).
+    Tier,
 }
 
 /// The values of the group keys of one `/usage` row (`None` where not grouped).
@@ -154,6 +157,8 @@ pub struct GroupValues {
     pub day: Option<String>,
     /// `YYYY-MM`.
     pub month: Option<String>,
+    /// Service tier (`None` also for records without one).
+    pub tier: Option<String>,
 }
 
 impl GroupValues {
@@ -164,6 +169,7 @@ impl GroupValues {
             GroupKey::Model => self.model = v,
             GroupKey::Day => self.day = v,
             GroupKey::Month => self.month = v,
+            GroupKey::Tier => self.tier = v,
         }
     }
 }

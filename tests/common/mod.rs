@@ -1699,6 +1699,7 @@ fn seed_pg(url: &str, rows: &[Seed]) {
                     answer: r.answer.max(0) as u64,
                     cached: r.cached.max(0) as u64,
                     reasoning: r.reasoning.max(0) as u64,
+                    ..tollgate::record::Usage::default()
                 },
                 request_id: Some(format!("seed-{i}")),
                 ..Default::default()

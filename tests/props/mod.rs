@@ -560,6 +560,7 @@ enum Verdict {
 struct Details {
     cached: Option<u64>,
     reasoning: Option<u64>,
+    audio: Option<u64>,
 }
 
 /// A count: `Ok(None)` when absent or null, `Err` when of the wrong type.
@@ -576,6 +577,7 @@ fn details(m: &serde_json::Map<String, Value>, k: &str) -> Result<Option<Details
         Some(Value::Object(d)) => Ok(Some(Details {
             cached: count(d, "cached_tokens")?,
             reasoning: count(d, "reasoning_tokens")?,
+            audio: count(d, "audio_tokens")?,
         })),
         Some(Value::Array(_)) => Err(Verdict::OutOfScope),
         Some(_) => Err(Verdict::Mistyped),
@@ -596,13 +598,17 @@ fn expected_usage(m: &serde_json::Map<String, Value>) -> Verdict {
         if query.is_none() && answer.is_none() {
             return Ok(None);
         }
-        let cached = [ptd, itd].into_iter().flatten().find_map(|d| d.cached);
-        let reasoning = [ctd, otd].into_iter().flatten().find_map(|d| d.reasoning);
+        let cached = [&ptd, &itd].into_iter().flatten().find_map(|d| d.cached);
+        let reasoning = [&ctd, &otd].into_iter().flatten().find_map(|d| d.reasoning);
+        let audio_query = [&ptd, &itd].into_iter().flatten().find_map(|d| d.audio);
+        let audio_answer = [&ctd, &otd].into_iter().flatten().find_map(|d| d.audio);
         Ok(Some(Usage {
             query: query.unwrap_or(0),
             answer: answer.unwrap_or(0),
             cached: cached.unwrap_or(0),
             reasoning: reasoning.unwrap_or(0),
+            audio_query: audio_query.unwrap_or(0),
+            audio_answer: audio_answer.unwrap_or(0),
         }))
     };
     read().map_or_else(|v| v, Verdict::Usage)

@@ -53,7 +53,7 @@ def load_prices() -> dict[str, tuple[Decimal, Decimal | None, Decimal]]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        name, inp, cached, out = line.split()
+        name, inp, cached, out = line.split()[:4]
         prices[name] = (
             Decimal(inp),
             None if cached == "-" else Decimal(cached),

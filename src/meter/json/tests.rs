@@ -9,9 +9,16 @@ fn usage_objects() {
             query: 10,
             answer: 5,
             cached: 4,
-            reasoning: 2
+            reasoning: 2,
+            ..Usage::default()
         }
     );
+    // Audio tokens of chat (prompt/completion details) and Responses
+    // (input/output details): the audio parts of the prompt and the answer.
+    let u = parse_usage(br#"{"prompt_tokens":100,"completion_tokens":50,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":60},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":40}}"#).unwrap();
+    assert_eq!((u.audio_query, u.audio_answer), (60, 40));
+    let u = parse_usage(br#"{"input_tokens":100,"output_tokens":50,"input_tokens_details":{"audio_tokens":7},"output_tokens_details":{"audio_tokens":3}}"#).unwrap();
+    assert_eq!((u.audio_query, u.audio_answer), (7, 3));
     let u = parse_usage(br#"{"input_tokens":7,"input_tokens_details":{"cached_tokens":1},"output_tokens":3,"output_tokens_details":{"reasoning_tokens":1},"total_tokens":10}"#).unwrap();
     assert_eq!((u.query, u.answer, u.cached, u.reasoning), (7, 3, 1, 1));
     let u = parse_usage(br#"{"prompt_tokens":8,"total_tokens":8}"#).unwrap();

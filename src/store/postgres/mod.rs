@@ -232,17 +232,9 @@ fn load_default_prices(c: &mut Client) -> Result<(), StoreError> {
             )
             .await?;
         if marked == 1 {
-            let st = tx
-                .prepare(
-                    "INSERT INTO prices (model, valid_from, query, cached, answer) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                )
-                .await?;
+            let sql = format!("{} ON CONFLICT DO NOTHING", write::INSERT_PRICE);
             for (model, p) in pricing::default_prices() {
-                tx.execute(
-                    &st,
-                    &[&model, &p.valid_from, &p.query, &p.cached, &p.answer],
-                )
-                .await?;
+                write::store_price(&tx, &sql, &model, &p).await?;
             }
         }
         tx.commit().await?;

@@ -11,10 +11,10 @@ use futures_util::StreamExt;
 use tokio_postgres::types::ToSql;
 
 use super::{wait, Conn, Pool};
-use crate::pricing::{Price, PriceTable};
+use crate::pricing::{Price, PriceTable, Tier};
 use crate::ratelimit::RateLimits;
 use crate::record::StoredRecord;
-use crate::store::sqlite::{pieces, Piece};
+use crate::store::sqlite::{plan, Piece};
 use crate::store::{
     Filter, GroupKey, GroupValues, Reports, StateVersions, StoreError, UsageTotals,
 };
@@ -89,7 +89,7 @@ impl Reports for PgReports {
     ) -> Result<Vec<(GroupValues, UsageTotals)>, StoreError> {
         let mut acc: BTreeMap<GroupValues, [i128; 8]> = BTreeMap::new();
         self.pool.with(|c| {
-            for piece in pieces(f.after, f.before) {
+            for piece in plan(f, group) {
                 piece_totals(c, &piece, f, group, &mut acc)?;
             }
             rejection_counts(c, f, group, &mut acc)
@@ -144,7 +144,8 @@ impl Reports for PgReports {
         };
         let sql = format!(
             "SELECT id, username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
-                    query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted
+                    query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier,
+                    audio_query_tokens, audio_answer_tokens
              FROM queries{} ORDER BY {order} LIMIT ${} OFFSET ${}",
             q.where_sql(),
             n + 1,
@@ -179,6 +180,9 @@ impl Reports for PgReports {
                         estimated: r.try_get(16)?,
                         request_id: r.try_get(17)?,
                         client_aborted: r.try_get(18)?,
+                        tier: r.try_get::<_, Option<&str>>(19)?.and_then(Tier::parse),
+                        audio_query_tokens: r.try_get(20)?,
+                        audio_answer_tokens: r.try_get(21)?,
                     };
                     if !sink(rec) {
                         break;
@@ -193,7 +197,7 @@ impl Reports for PgReports {
     fn prices(&self) -> Result<PriceTable, StoreError> {
         self.pool.with(|c| {
             let rows = wait(c.client.query(
-                "SELECT model, valid_from, query, cached, answer FROM prices",
+                "SELECT model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer FROM prices",
                 &[],
             ))?;
             let mut t = PriceTable::default();
@@ -206,7 +210,18 @@ impl Reports for PgReports {
                         query: r.try_get(2)?,
                         cached: r.try_get(3)?,
                         answer: r.try_get(4)?,
-                    },
+                        ..Price::default()
+                    }
+                    .with_extra_columns([
+                        r.try_get(5)?,
+                        r.try_get(6)?,
+                        r.try_get(7)?,
+                        r.try_get(8)?,
+                        r.try_get(9)?,
+                        r.try_get(10)?,
+                        r.try_get(11)?,
+                        r.try_get(12)?,
+                    ]),
                 );
             }
             Ok(t)
@@ -311,6 +326,8 @@ fn key_expr(g: GroupKey, rollup: bool) -> &'static str {
         (GroupKey::Month, false) => {
             "to_char(timestamp '1970-01-01' + (ts / 1000) * interval '1 second', 'YYYY-MM')"
         }
+        // Only ever read from the records (see `plan`).
+        (GroupKey::Tier, _) => "service_tier",
     }
 }
 
@@ -364,7 +381,14 @@ fn rejection_counts(
 ) -> Result<(), StoreError> {
     let mut q = Conds::default();
     q.filter(f, true);
-    let keys: Vec<&str> = group.iter().map(|g| key_expr(*g, false)).collect();
+    // Refusals come before any answer: they have no tier.
+    let keys: Vec<&str> = group
+        .iter()
+        .map(|g| match g {
+            GroupKey::Tier => "NULL::text",
+            g => key_expr(*g, false),
+        })
+        .collect();
     grouped(c, &keys, group, "count(*)", "rejections", &q, |g, r| {
         let n: i64 = r.try_get(keys.len())?;
         if n > 0 {

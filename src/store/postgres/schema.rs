@@ -38,8 +38,13 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 3,
-        what: "budget alerts sent, once per threshold and period",
+        what: "records keep their service tier and audio tokens; prices get flex, priority and audio rates",
         sql: SCHEMA_V3,
+    },
+    Migration {
+        version: 4,
+        what: "budget alerts sent, once per threshold and period",
+        sql: SCHEMA_V4,
     },
 ];
 
@@ -48,7 +53,7 @@ pub const LATEST: i32 = MIGRATIONS[MIGRATIONS.len() - 1].version;
 
 /// Which budget alerts went out: the first instance to insert a row sends
 /// the alert, so several instances announce a threshold once.
-const SCHEMA_V3: &str = "
+const SCHEMA_V4: &str = "
 CREATE TABLE alerts_sent (
     subject      text   NOT NULL,
     period_start bigint NOT NULL,
@@ -179,6 +184,27 @@ CREATE TRIGGER limits_changed AFTER INSERT OR UPDATE OR DELETE ON limits
 CREATE TRIGGER ratelimits_changed AFTER INSERT OR UPDATE ON meta
     FOR EACH ROW WHEN (NEW.key = 'ratelimits')
     EXECUTE FUNCTION tollgate_bump_state('ratelimits');
+";
+
+/// The service tier of each record (NULL for the records written before
+/// and for requests without one) and its audio tokens; per-tier and audio
+/// rates beside the standard ones (NULL: the standard rates). New columns
+/// that are nullable or have a constant default rewrite nothing,
+/// partitions included.
+const SCHEMA_V3: &str = "
+ALTER TABLE queries
+    ADD COLUMN service_tier text,
+    ADD COLUMN audio_query_tokens bigint NOT NULL DEFAULT 0,
+    ADD COLUMN audio_answer_tokens bigint NOT NULL DEFAULT 0;
+ALTER TABLE prices
+    ADD COLUMN flex_query bigint,
+    ADD COLUMN flex_cached bigint,
+    ADD COLUMN flex_answer bigint,
+    ADD COLUMN priority_query bigint,
+    ADD COLUMN priority_cached bigint,
+    ADD COLUMN priority_answer bigint,
+    ADD COLUMN audio_query bigint,
+    ADD COLUMN audio_answer bigint;
 ";
 
 fn refuse_newer(version: i32) -> Result<(), StoreError> {

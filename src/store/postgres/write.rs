@@ -32,7 +32,7 @@ fn connect_writer(url: &PgUrl) -> Result<Client, StoreError> {
     Ok(c)
 }
 use crate::config::PgUrl;
-use crate::pricing::{self, Price, PriceTable};
+use crate::pricing::{self, Price, PriceTable, Tier};
 use crate::ratelimit::RateLimits;
 use crate::record::{Priced, Rejected};
 use crate::store::{Backend, StoreError};
@@ -54,7 +54,48 @@ pub struct PgBackend {
     retry: Option<String>,
 }
 
-const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted) FROM STDIN (FORMAT binary)";
+const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens) FROM STDIN (FORMAT binary)";
+
+/// Inserts a price row (standard and tier rates); its parameters are
+/// those of [`UPSERT_PRICE`].
+pub(super) const INSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+
+/// Stores a price row (standard and tier rates), replacing one of the same `valid_from`.
+pub(super) const UPSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+ON CONFLICT (model, valid_from) DO UPDATE SET query = excluded.query, cached = excluded.cached, answer = excluded.answer,
+    flex_query = excluded.flex_query, flex_cached = excluded.flex_cached, flex_answer = excluded.flex_answer,
+    priority_query = excluded.priority_query, priority_cached = excluded.priority_cached, priority_answer = excluded.priority_answer,
+    audio_query = excluded.audio_query, audio_answer = excluded.audio_answer";
+
+/// Runs `sql` ([`UPSERT_PRICE`], or [`INSERT_PRICE`] with a conflict
+/// clause) for one row.
+pub(super) async fn store_price(
+    tx: &tokio_postgres::Transaction<'_>,
+    sql: &str,
+    model: &str,
+    p: &Price,
+) -> Result<u64, tokio_postgres::Error> {
+    let t = p.extra_columns();
+    tx.execute(
+        sql,
+        &[
+            &model,
+            &p.valid_from,
+            &p.query,
+            &p.cached,
+            &p.answer,
+            &t[0],
+            &t[1],
+            &t[2],
+            &t[3],
+            &t[4],
+            &t[5],
+            &t[6],
+            &t[7],
+        ],
+    )
+    .await
+}
 
 const COPY_TYPES: &[Type] = &[
     Type::TEXT,
@@ -75,6 +116,9 @@ const COPY_TYPES: &[Type] = &[
     Type::BOOL,
     Type::TEXT,
     Type::BOOL,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
 ];
 
 const UPSERT_DAILY: &str = "INSERT INTO usage_daily AS d (day, username, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
@@ -262,7 +306,9 @@ impl PgBackend {
                 for p in batch {
                     let r = &p.record;
                     let status = i32::from(r.status);
-                    let row: [&(dyn ToSql + Sync); 18] = [
+                    let tier = r.tier.map(|t| t.as_str());
+                    let (audio_q, audio_a) = (i(r.usage.audio_query), i(r.usage.audio_answer));
+                    let row: [&(dyn ToSql + Sync); 21] = [
                         &r.user,
                         &r.model_or_requested(),
                         &r.requested_model,
@@ -281,6 +327,9 @@ impl PgBackend {
                         &r.estimated,
                         &r.request_id,
                         &r.client_aborted,
+                        &tier,
+                        &audio_q,
+                        &audio_a,
                     ];
                     w.as_mut().write(&row).await?;
                 }
@@ -334,18 +383,13 @@ impl PgBackend {
         let c = self.client()?;
         wait(async {
             let tx = c.transaction().await?;
-            tx.execute(
-                "INSERT INTO prices (model, valid_from, query, cached, answer) VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (model, valid_from) DO UPDATE SET query = excluded.query, cached = excluded.cached, answer = excluded.answer",
-                &[&model, &price.valid_from, &price.query, &price.cached, &price.answer],
-            )
-            .await?;
+            store_price(&tx, UPSERT_PRICE, model, price).await?;
             // Records that may be priced under this name: the name itself,
             // its dated snapshots and fine-tuned models; the lookup chain decides.
             let like_dated = format!("{}-%", escape_like(model));
             let rows = tx
                 .query(
-                    "SELECT id, model, requested_model, ts, query_tokens, cached_tokens, answer_tokens, cost, priced, username FROM queries
+                    "SELECT id, model, requested_model, ts, query_tokens, cached_tokens, answer_tokens, cost, priced, username, service_tier, audio_query_tokens, audio_answer_tokens FROM queries
                      WHERE ts >= $1 AND (model = $2 OR requested_model = $2
                         OR model LIKE $3 ESCAPE '\\' OR requested_model LIKE $3 ESCAPE '\\'
                         OR model LIKE 'ft:%' OR requested_model LIKE 'ft:%')",
@@ -362,6 +406,9 @@ impl PgBackend {
                     query: row.get::<_, i64>(4).max(0) as u64,
                     cached: row.get::<_, i64>(5).max(0) as u64,
                     answer: row.get::<_, i64>(6).max(0) as u64,
+                    tier: row.get::<_, Option<&str>>(10).and_then(Tier::parse),
+                    audio_query: row.get::<_, i64>(11).max(0) as u64,
+                    audio_answer: row.get::<_, i64>(12).max(0) as u64,
                 };
                 let old: (i64, bool) = (row.get(7), row.get(8));
                 let new = table.cost(&m, &req, ts, tokens);

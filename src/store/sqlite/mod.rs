@@ -10,14 +10,14 @@ mod write;
 
 pub use accounts::SqliteAccounts;
 pub use reports::SqliteReports;
-pub(crate) use reports::{pieces, Piece};
+pub(crate) use reports::{plan, Piece};
 pub use write::SqliteBackend;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use crate::pricing;
 use crate::store::StoreError;
@@ -75,10 +75,11 @@ fn load_default_prices(c: &mut Connection) -> Result<(), StoreError> {
         )
         .optional()?;
     if loaded.is_none() {
+        let sql = format!("{} ON CONFLICT DO NOTHING", write::INSERT_PRICE);
         for (model, p) in pricing::default_prices() {
             tx.execute(
-                "INSERT OR IGNORE INTO prices (model, valid_from, query, cached, answer) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![model, p.valid_from, p.query, p.cached, p.answer],
+                &sql,
+                rusqlite::params_from_iter(write::price_params(&model, &p)),
             )?;
         }
         tx.execute(

@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension};
 
 use super::{connect, DAY};
-use crate::pricing::{Price, PriceTable};
+use crate::pricing::{Price, PriceTable, Tier};
 use crate::ratelimit::RateLimits;
 use crate::record::StoredRecord;
 use crate::store::{Filter, GroupKey, GroupValues, Reports, StoreError, UsageTotals};
@@ -65,7 +65,7 @@ impl Reports for SqliteReports {
     ) -> Result<Vec<(GroupValues, UsageTotals)>, StoreError> {
         let mut acc: BTreeMap<GroupValues, Acc> = BTreeMap::new();
         self.with(|c| {
-            for piece in pieces(f.after, f.before) {
+            for piece in plan(f, group) {
                 piece_totals(c, &piece, f, group, &mut acc)?;
             }
             rejection_counts(c, f, group, &mut acc)
@@ -123,7 +123,8 @@ impl Reports for SqliteReports {
         let sql = format!(
             "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     CAST(query_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cached_tokens AS INTEGER),
-                    CAST(reasoning_tokens AS INTEGER), CAST(cost AS INTEGER), priced, estimated, request_id, client_aborted
+                    CAST(reasoning_tokens AS INTEGER), CAST(cost AS INTEGER), priced, estimated, request_id, client_aborted, service_tier,
+                    CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER)
              FROM queries{w} ORDER BY {order} LIMIT ? OFFSET ?"
         );
         args.push(rusqlite::types::Value::Integer(
@@ -156,6 +157,11 @@ impl Reports for SqliteReports {
                     estimated: r.get(16)?,
                     request_id: r.get(17)?,
                     client_aborted: r.get(18)?,
+                    tier: r
+                        .get::<_, Option<String>>(19)?
+                        .and_then(|t| Tier::parse(&t)),
+                    audio_query_tokens: r.get(20)?,
+                    audio_answer_tokens: r.get(21)?,
                 };
                 if !sink(rec) {
                     break;
@@ -167,8 +173,9 @@ impl Reports for SqliteReports {
 
     fn prices(&self) -> Result<PriceTable, StoreError> {
         self.with(|c| {
-            let mut st =
-                c.prepare("SELECT model, valid_from, query, cached, answer FROM prices")?;
+            let mut st = c.prepare(
+                "SELECT model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer FROM prices",
+            )?;
             let mut rows = st.query([])?;
             let mut t = PriceTable::default();
             while let Some(r) = rows.next()? {
@@ -180,7 +187,18 @@ impl Reports for SqliteReports {
                         query: r.get(2)?,
                         cached: r.get(3)?,
                         answer: r.get(4)?,
-                    },
+                        ..Price::default()
+                    }
+                    .with_extra_columns([
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                        r.get(8)?,
+                        r.get(9)?,
+                        r.get(10)?,
+                        r.get(11)?,
+                        r.get(12)?,
+                    ]),
                 );
             }
             Ok(t)
@@ -225,6 +243,20 @@ pub(crate) enum Piece {
     Days(Option<i64>, Option<i64>, i64),
     /// Records with `from <= ts < to` (ms), added (1) or removed (-1).
     Records(i64, i64, i64),
+}
+
+/// The pieces a `/usage` range is read in: [`pieces`], or, grouped by a key
+/// the rollups lack (the tier), the records of the whole range.
+pub(crate) fn plan(f: &Filter, group: &[GroupKey]) -> Vec<Piece> {
+    if !group.contains(&GroupKey::Tier) {
+        return pieces(f.after, f.before);
+    }
+    let lo = f.after.map_or(i64::MIN, |a| a.saturating_add(1));
+    let hi = f.before.unwrap_or(i64::MAX);
+    if lo >= hi {
+        return Vec::new();
+    }
+    vec![Piece::Records(lo, hi, 1)]
 }
 
 /// Splits the exclusive range (`after`, `before`) into whole days read from
@@ -456,6 +488,8 @@ fn key_expr(g: GroupKey, rollup: bool) -> &'static str {
         (GroupKey::Day, false) => "date(ts / 1000, 'unixepoch')",
         (GroupKey::Month, true) => "strftime('%Y-%m', day * 86400, 'unixepoch')",
         (GroupKey::Month, false) => "strftime('%Y-%m', ts / 1000, 'unixepoch')",
+        // Only ever read from the records (see `plan`).
+        (GroupKey::Tier, _) => "service_tier",
     }
 }
 
@@ -510,7 +544,14 @@ fn rejection_counts(
     acc: &mut BTreeMap<GroupValues, Acc>,
 ) -> Result<(), StoreError> {
     let (conds, args) = conditions(f, true);
-    let keys: Vec<&str> = group.iter().map(|g| key_expr(*g, false)).collect();
+    // Refusals come before any answer: they have no tier.
+    let keys: Vec<&str> = group
+        .iter()
+        .map(|g| match g {
+            GroupKey::Tier => "NULL",
+            g => key_expr(*g, false),
+        })
+        .collect();
     grouped(
         c,
         &keys,

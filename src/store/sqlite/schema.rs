@@ -60,8 +60,14 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 6,
-        what: "budget alerts sent, once per threshold and period",
+        what: "records keep their service tier and audio tokens; prices get flex, priority and audio rates",
         sql: SCHEMA_V6,
+        adds_column: Some(("queries", "service_tier")),
+    },
+    Migration {
+        version: 7,
+        what: "budget alerts sent, once per threshold and period",
+        sql: SCHEMA_V7,
         adds_column: None,
     },
 ];
@@ -191,9 +197,26 @@ const SCHEMA_V5: &str = "
 ALTER TABLE queries ADD COLUMN client_aborted INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// The service tier of each record (NULL for the records written before
+/// and for requests without one) and its audio tokens; per-tier and audio
+/// rates beside the standard ones (NULL: the standard rates).
+const SCHEMA_V6: &str = "
+ALTER TABLE queries ADD COLUMN service_tier TEXT;
+ALTER TABLE queries ADD COLUMN audio_query_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE queries ADD COLUMN audio_answer_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE prices ADD COLUMN flex_query INTEGER;
+ALTER TABLE prices ADD COLUMN flex_cached INTEGER;
+ALTER TABLE prices ADD COLUMN flex_answer INTEGER;
+ALTER TABLE prices ADD COLUMN priority_query INTEGER;
+ALTER TABLE prices ADD COLUMN priority_cached INTEGER;
+ALTER TABLE prices ADD COLUMN priority_answer INTEGER;
+ALTER TABLE prices ADD COLUMN audio_query INTEGER;
+ALTER TABLE prices ADD COLUMN audio_answer INTEGER;
+";
+
 /// Which budget alerts went out: one row per subject, period and kind, so
 /// a threshold is announced once however often it is checked or restarted.
-const SCHEMA_V6: &str = "
+const SCHEMA_V7: &str = "
 CREATE TABLE IF NOT EXISTS alerts_sent (
     subject      TEXT    NOT NULL,
     period_start INTEGER NOT NULL,
@@ -480,6 +503,8 @@ CREATE INDEX IF NOT EXISTS rejections_user_ts ON rejections (user, ts);
         assert_eq!(migrate(&mut c).unwrap(), (2..=LATEST).collect::<Vec<_>>());
         assert_eq!(schema(&c), want);
         assert!(has_column(&c, "queries", "client_aborted").unwrap());
+        assert!(has_column(&c, "queries", "service_tier").unwrap());
+        assert!(has_column(&c, "prices", "priority_answer").unwrap());
     }
 
     #[test]

@@ -19,6 +19,7 @@ fn rec(user: &str, model: &str, ts: i64, q: u64, a: u64) -> Priced {
                 answer: a,
                 cached: q / 3,
                 reasoning: a / 2,
+                ..Usage::default()
             },
             ..Record::default()
         },
@@ -178,6 +179,7 @@ fn repricing_updates_rollups() {
         query: 2_500_000,
         cached: None,
         answer: 10_000_000,
+        ..Price::default()
     };
     let mut table = PriceTable::default();
     table.insert("gpt-4o", price);
@@ -230,6 +232,7 @@ fn huge_counts_saturate_in_rollups_and_reports() {
             answer: u64::MAX,
             cached: u64::MAX,
             reasoning: u64::MAX,
+            ..Usage::default()
         };
         p.cost = i64::MAX;
         p

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use rusqlite::{params, Connection};
 
 use super::{i, DAY};
-use crate::pricing::{self, Price, PriceTable};
+use crate::pricing::{self, Price, PriceTable, Tier};
 use crate::ratelimit::RateLimits;
 use crate::record::{Priced, Rejected};
 use crate::store::{Backend, StoreError};
@@ -23,7 +23,36 @@ impl SqliteBackend {
     }
 }
 
-const INSERT: &str = "INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
+const INSERT: &str = "INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)";
+
+/// Inserts a price row (standard and tier rates); its parameters are
+/// those of [`UPSERT_PRICE`].
+pub(super) const INSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+
+/// Stores a price row (standard and tier rates), replacing one of the same `valid_from`.
+pub(super) const UPSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+ON CONFLICT (model, valid_from) DO UPDATE SET query = excluded.query, cached = excluded.cached, answer = excluded.answer,
+    flex_query = excluded.flex_query, flex_cached = excluded.flex_cached, flex_answer = excluded.flex_answer,
+    priority_query = excluded.priority_query, priority_cached = excluded.priority_cached, priority_answer = excluded.priority_answer,
+    audio_query = excluded.audio_query, audio_answer = excluded.audio_answer";
+
+/// The parameters of [`UPSERT_PRICE`].
+pub(super) fn price_params(model: &str, p: &Price) -> Vec<rusqlite::types::Value> {
+    use rusqlite::types::Value;
+    let mut v = vec![
+        Value::Text(model.to_owned()),
+        Value::Integer(p.valid_from),
+        Value::Integer(p.query),
+        p.cached.map_or(Value::Null, Value::Integer),
+        Value::Integer(p.answer),
+    ];
+    v.extend(
+        p.extra_columns()
+            .into_iter()
+            .map(|c| c.map_or(Value::Null, Value::Integer)),
+    );
+    v
+}
 
 /// Adds a batch's increments to the daily rollups. Sums saturate at
 /// `i64::MAX` instead of overflowing: SQLite would turn an overflowing `+`
@@ -71,6 +100,9 @@ impl Backend for SqliteBackend {
                     r.estimated,
                     r.request_id,
                     r.client_aborted,
+                    r.tier.map(|t| t.as_str()),
+                    i(r.usage.audio_query),
+                    i(r.usage.audio_answer),
                 ])?;
                 if let Some(k) = &r.key_id {
                     let mut st = tx.prepare_cached(
@@ -114,9 +146,8 @@ impl Backend for SqliteBackend {
     ) -> Result<u64, StoreError> {
         let tx = self.conn.transaction()?;
         tx.execute(
-            "INSERT INTO prices (model, valid_from, query, cached, answer) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (model, valid_from) DO UPDATE SET query = excluded.query, cached = excluded.cached, answer = excluded.answer",
-            params![model, price.valid_from, price.query, price.cached, price.answer],
+            UPSERT_PRICE,
+            rusqlite::params_from_iter(price_params(model, price)),
         )?;
         // Records that may be priced under this name: the name itself, its
         // dated snapshots and fine-tuned models; the lookup chain decides.
@@ -124,7 +155,7 @@ impl Backend for SqliteBackend {
         {
             let like_dated = format!("{}-%", escape_like(model));
             let mut sel = tx.prepare(
-                "SELECT id, model, requested_model, ts, CAST(query_tokens AS INTEGER), CAST(cached_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cost AS INTEGER), priced, user FROM queries
+                "SELECT id, model, requested_model, ts, CAST(query_tokens AS INTEGER), CAST(cached_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cost AS INTEGER), priced, user, service_tier, CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER) FROM queries
                  WHERE ts >= ?1 AND (model = ?2 OR requested_model = ?2
                     OR model LIKE ?3 ESCAPE '\\' OR requested_model LIKE ?3 ESCAPE '\\'
                     OR model LIKE 'ft:%' OR requested_model LIKE 'ft:%')",
@@ -142,6 +173,11 @@ impl Backend for SqliteBackend {
                     query: row.get::<_, i64>(4)?.max(0) as u64,
                     cached: row.get::<_, i64>(5)?.max(0) as u64,
                     answer: row.get::<_, i64>(6)?.max(0) as u64,
+                    tier: row
+                        .get::<_, Option<String>>(10)?
+                        .and_then(|t| Tier::parse(&t)),
+                    audio_query: row.get::<_, i64>(11)?.max(0) as u64,
+                    audio_answer: row.get::<_, i64>(12)?.max(0) as u64,
                 };
                 let old: (i64, bool) = (row.get(7)?, row.get(8)?);
                 let new = table.cost(&m, &req, ts, tokens);
