@@ -4,9 +4,9 @@
 # lab pack (`../shared/lab/pack.sh` makes .bench16/ with the mock, wrk and
 # bodies) and valgrind.
 #
-# The proxy runs under callgrind with collection off; after a warm-up (the
+# The proxy runs under callgrind with instrumentation off; after a warm-up (the
 # first requests load the price list and the tiktoken vocabulary) collection
-# is switched on for SECONDS of load and off again, and the records written
+# (instrumentation) is switched on for SECONDS of load and off again, and the records written
 # in that window are counted. Instructions / records is then the cost of a
 # request (proxy, writer and access line together), whatever else the
 # machine is doing: only the number of requests in the window changes.
@@ -18,7 +18,7 @@ PORT_MOCK=${PORT_MOCK:-18100} PORT=${PORT:-18190}
 "$LAB/lab/mock-upstream/target/release/mock-upstream" "$PORT_MOCK" >/dev/null 2>&1 &
 mock=$!
 dir=$(mktemp -d)
-TOLLGATE_UPSTREAM_TOKEN=sk valgrind --tool=callgrind --collect-atstart=no \
+TOLLGATE_UPSTREAM_TOKEN=sk valgrind --tool=callgrind --instr-atstart=no \
   --callgrind-out-file="$dir/callgrind.out" \
   "$BIN" --listen 127.0.0.1:$PORT --upstream http://127.0.0.1:$PORT_MOCK --db "$dir/q.db" >"$dir/tollgate.log" 2>&1 &
 proxy=$!
