@@ -65,6 +65,26 @@ impl std::error::Error for StartError {}
 const FOLLOW_EVERY: Duration = Duration::from_millis(250);
 
 impl App {
+    /// Compares a price list with the prices in effect and, unless
+    /// `dry_run`, adds the added and changed ones as rows valid from
+    /// `valid_from` (records from then on are re-priced, earlier ones not).
+    pub async fn import_prices(
+        &self,
+        list: &[crate::pricing::list::Entry],
+        valid_from: i64,
+        dry_run: bool,
+    ) -> Result<crate::pricing::list::Diff, StoreError> {
+        let d = crate::pricing::list::diff(&self.store.prices(), list, valid_from);
+        if !dry_run {
+            let changed = d.changed.iter().map(|(m, _, p)| (m, p));
+            for (model, p) in d.added.iter().map(|(m, p)| (m, p)).chain(changed) {
+                let price = crate::pricing::Price { valid_from, ..*p };
+                self.store.set_price(model.clone(), price).await?;
+            }
+        }
+        Ok(d)
+    }
+
     /// OpenAI's Costs API beside this store's costs for `period`.
     pub async fn reconcile(
         &self,

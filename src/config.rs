@@ -443,6 +443,13 @@ pub enum Command {
     Run(Config),
     /// Validate the configuration and exit.
     CheckConfig(Config),
+    /// Import or export the price list.
+    Prices {
+        /// The settings (the store).
+        config: Config,
+        /// What to do.
+        action: PricesCommand,
+    },
     /// Compare OpenAI's Costs API with the records for a period.
     Reconcile {
         /// The settings (store, upstream, the Costs API key).
@@ -458,6 +465,23 @@ pub enum Command {
     Help,
     /// Print the version.
     Version,
+}
+
+/// `tollgate prices ...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PricesCommand {
+    /// Read a list (the bundled TSV format or LiteLLM's JSON map) and add
+    /// the prices that differ, valid from `valid_from` (default: now).
+    Import {
+        /// The list.
+        file: String,
+        /// Show what would change, change nothing.
+        dry_run: bool,
+        /// A timestamp with an offset.
+        valid_from: Option<String>,
+    },
+    /// Print the prices in effect in the TSV format.
+    Export,
 }
 
 /// One setting: where it can be given and what `--help` says of it.
@@ -680,7 +704,15 @@ pub fn help() -> String {
     use std::fmt::Write;
     let mut out = String::from(
         "tollgate: a metering proxy for the OpenAI API (tokens and cost per user)\n\n\
-         Usage: tollgate [check-config] [OPTIONS]\n         \x20      tollgate reconcile --from DAY --to DAY [--threshold DOLLARS] [OPTIONS]\n         \x20          (OpenAI's Costs API per day and model beside tollgate's costs; days as\n         \x20          YYYY-MM-DD, UTC, both included; differences above the threshold,\n         \x20          default 0.01, are flagged and make the exit status 1)\n\n\
+         Usage: tollgate [check-config] [OPTIONS]\n\
+         \x20      tollgate prices import FILE [--dry-run] [--valid-from TIME] [OPTIONS]\n\
+         \x20          (a list in the bundled TSV format or LiteLLM's JSON price map; the\n\
+         \x20          prices that differ are added, valid from TIME, default now)\n\
+         \x20      tollgate prices export [OPTIONS]   (the prices in effect, as TSV)\n\
+         \x20      tollgate reconcile --from DAY --to DAY [--threshold DOLLARS] [OPTIONS]\n\
+         \x20          (OpenAI's Costs API per day and model beside tollgate's costs; days as\n\
+         \x20          YYYY-MM-DD, UTC, both included; differences above the threshold,\n\
+         \x20          default 0.01, are flagged and make the exit status 1)\n\n\
          Options (flag / environment variable / TOML key [default]; flags win, then env, then file):\n",
     );
     for s in SETTINGS {
@@ -726,16 +758,49 @@ pub fn parse(
     let mut no_default_prices = false;
     let mut check = false;
     let mut reconcile: Option<[Option<String>; 3]> = None;
+    let mut prices: Option<PricesCommand> = None;
     let mut args = args.into_iter().peekable();
     if args.peek().is_some_and(|a| a == "reconcile") {
         args.next();
         reconcile = Some([None, None, None]);
+    } else if args.peek().is_some_and(|a| a == "prices") {
+        args.next();
+        prices = Some(match args.next().as_deref() {
+            Some("export") => PricesCommand::Export,
+            Some("import") => PricesCommand::Import {
+                file: args
+                    .next()
+                    .filter(|f| !f.starts_with("--"))
+                    .ok_or_else(|| {
+                        err("prices import", "needs a FILE (TSV or LiteLLM's JSON map)")
+                    })?,
+                dry_run: false,
+                valid_from: None,
+            },
+            _ => {
+                return Err(err(
+                    "prices",
+                    "expected `prices import FILE` or `prices export`",
+                ))
+            }
+        });
     }
     while let Some(a) = args.next() {
         match a.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
             "check-config" if flags.is_empty() && !check && reconcile.is_none() => check = true,
+            "--dry-run" if matches!(prices, Some(PricesCommand::Import { .. })) => {
+                if let Some(PricesCommand::Import { dry_run, .. }) = &mut prices {
+                    *dry_run = true;
+                }
+            }
+            "--valid-from" if matches!(prices, Some(PricesCommand::Import { .. })) => {
+                let v = args.next().ok_or_else(|| err(&a, "needs a value"))?;
+                if let Some(PricesCommand::Import { valid_from, .. }) = &mut prices {
+                    *valid_from = Some(v);
+                }
+            }
             "--from" | "--to" | "--threshold" if reconcile.is_some() => {
                 let i = ["--from", "--to", "--threshold"]
                     .iter()
@@ -1018,6 +1083,9 @@ pub fn parse(
     }
     if no_default_prices || env_no_defaults {
         c.default_prices = false;
+    }
+    if let Some(action) = prices {
+        return Ok(Command::Prices { config: c, action });
     }
     if let Some([from, to, threshold]) = reconcile {
         let from = from.ok_or_else(|| err("--from", "reconcile needs --from DAY"))?;

@@ -26,6 +26,7 @@ async fn main() -> ExitCode {
                 Err(e) => fail(&format!("reconcile: {e}")),
             }
         }
+        Ok(Command::Prices { config, action }) => return prices(config, action).await,
         Ok(Command::Help) => {
             print!("{}", config::help());
             return ExitCode::SUCCESS;
@@ -69,6 +70,75 @@ async fn main() -> ExitCode {
         Err(e) => return fail(&e),
     };
     tollgate::server::run(listener, app, shutdown).await;
+    ExitCode::SUCCESS
+}
+
+/// `tollgate prices import|export`.
+async fn prices(config: config::Config, action: config::PricesCommand) -> ExitCode {
+    let app = match tollgate::app::App::build(config) {
+        Ok(app) => app,
+        Err(e) => return fail(&e),
+    };
+    let now = tollgate::timestamp::now_ms();
+    let (file, dry_run, valid_from) = match action {
+        config::PricesCommand::Export => {
+            print!(
+                "{}",
+                tollgate::pricing::list::export_tsv(&app.store.prices(), now)
+            );
+            return ExitCode::SUCCESS;
+        }
+        config::PricesCommand::Import {
+            file,
+            dry_run,
+            valid_from,
+        } => (file, dry_run, valid_from),
+    };
+    let valid_from = match valid_from.as_deref().map(tollgate::timestamp::parse) {
+        None => now,
+        Some(Some(t)) => t,
+        Some(None) => {
+            return fail(&"--valid-from: not a timestamp with an offset, like 2026-12-01T00:00:00Z")
+        }
+    };
+    let list = match std::fs::read_to_string(&file)
+        .map_err(|e| format!("cannot read {file}: {e}"))
+        .and_then(|t| tollgate::pricing::list::parse(&t).map_err(|e| format!("{file}: {e}")))
+    {
+        Ok(l) => l,
+        Err(e) => return fail(&e),
+    };
+    let d = match app.import_prices(&list, valid_from, dry_run).await {
+        Ok(d) => d,
+        Err(e) => return fail(&format!("could not store the prices: {e}")),
+    };
+    let per_1m = |p: &tollgate::pricing::Price| {
+        let f =
+            |v: i64| tollgate::pricing::format_scaled(v.into(), tollgate::pricing::SCALE_PER_1M);
+        format!(
+            "input {} cached {} output {}",
+            f(p.query),
+            p.cached.map_or("-".into(), f),
+            f(p.answer)
+        )
+    };
+    for (m, p) in &d.added {
+        println!("+ {m}: {}", per_1m(p));
+    }
+    for (m, old, new) in &d.changed {
+        println!("~ {m}: {} -> {}", per_1m(old), per_1m(new));
+    }
+    let verb = if dry_run { "would add" } else { "added" };
+    println!(
+        "{} added, {} changed, {} unchanged; {verb} {} price rows valid from {}",
+        d.added.len(),
+        d.changed.len(),
+        d.unchanged.len(),
+        d.added.len() + d.changed.len(),
+        tollgate::timestamp::format_ms(valid_from)
+    );
+    // The writer stores what it was handed before the process ends.
+    app.store.flush().await;
     ExitCode::SUCCESS
 }
 

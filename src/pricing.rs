@@ -6,6 +6,8 @@
 
 use std::collections::HashMap;
 
+pub mod list;
+
 /// Pico-dollars in one dollar.
 pub const PICO_PER_DOLLAR: i128 = 1_000_000_000_000;
 
@@ -509,28 +511,7 @@ const DEFAULT_PRICES: &str = include_str!("prices.tsv");
 
 /// The built-in price list, valid from the epoch.
 pub fn default_prices() -> Vec<(String, Price)> {
-    DEFAULT_PRICES
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            assert_eq!(f.len(), 12, "built-in price row has 12 columns: {l}");
-            let p = |i: usize| match f[i] {
-                "-" => None,
-                s => Some(parse_scaled(s, SCALE_PER_1M).expect("built-in price parses")),
-            };
-            let extra = [p(4), p(5), p(6), p(7), p(8), p(9), p(10), p(11)];
-            let price = Price {
-                valid_from: 0,
-                query: p(1).unwrap_or(0),
-                cached: p(2),
-                answer: p(3).unwrap_or(0),
-                ..Price::default()
-            };
-            (f[0].to_owned(), price.with_extra_columns(extra))
-        })
-        .collect()
+    list::parse_tsv(DEFAULT_PRICES).expect("the built-in price list parses")
 }
 
 #[cfg(test)]

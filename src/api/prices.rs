@@ -136,30 +136,31 @@ fn tier_cost<T>(rates: Option<Rates>) -> Option<TierCost<T>> {
     })
 }
 
+impl Cost {
+    fn of(p: &Price) -> Cost {
+        let at = |scale| move |v: i64| Scaled(v.into(), scale);
+        let (k, m) = (at(SCALE_PER_1K), at(SCALE_PER_1M));
+        Cost {
+            valid_from: Time(p.valid_from),
+            query_1k: k(p.query),
+            answer_1k: k(p.answer),
+            cached_1k: p.cached.map(k),
+            query_1m: m(p.query),
+            answer_1m: m(p.answer),
+            cached_1m: p.cached.map(m),
+            audio_query_1k: p.audio_query.map(k),
+            audio_answer_1k: p.audio_answer.map(k),
+            audio_query_1m: p.audio_query.map(m),
+            audio_answer_1m: p.audio_answer.map(m),
+            flex: tier_cost(p.flex),
+            priority: tier_cost(p.priority),
+        }
+    }
+}
+
 impl<'a> Model<'a> {
     fn new(name: &'a str, rows: &[Price]) -> Model<'a> {
-        let costs = rows
-            .iter()
-            .map(|p| {
-                let at = |scale| move |v: i64| Scaled(v.into(), scale);
-                let (k, m) = (at(SCALE_PER_1K), at(SCALE_PER_1M));
-                Cost {
-                    valid_from: Time(p.valid_from),
-                    query_1k: k(p.query),
-                    answer_1k: k(p.answer),
-                    cached_1k: p.cached.map(k),
-                    query_1m: m(p.query),
-                    answer_1m: m(p.answer),
-                    cached_1m: p.cached.map(m),
-                    audio_query_1k: p.audio_query.map(k),
-                    audio_answer_1k: p.audio_answer.map(k),
-                    audio_query_1m: p.audio_query.map(m),
-                    audio_answer_1m: p.audio_answer.map(m),
-                    flex: tier_cost(p.flex),
-                    priority: tier_cost(p.priority),
-                }
-            })
-            .collect();
+        let costs = rows.iter().map(Cost::of).collect();
         Model {
             name,
             costs,
@@ -316,6 +317,128 @@ pub(super) async fn set_price(
         }
     };
     ok(&model)
+}
+
+/// The answer to an import: what was (or, dry, would be) added.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Imported {
+    dry_run: bool,
+    valid_from: Time,
+    added: Vec<Added>,
+    changed: Vec<Changed>,
+    unchanged: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Added {
+    name: String,
+    price: Cost,
+}
+
+#[derive(Serialize)]
+struct Changed {
+    name: String,
+    from: Cost,
+    to: Cost,
+}
+
+/// Largest price list taken by `POST /prices/import` (LiteLLM's map is
+/// about 1.5 MB).
+const MAX_LIST: usize = 16 << 20;
+
+/// `POST /prices/import?dryRun=true&validFrom=...`: the body is a list in
+/// the bundled TSV format or LiteLLM's JSON price map.
+pub(super) async fn import(
+    app: &Arc<App>,
+    query: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let (mut dry_run, mut valid_from) = (false, None);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = super::query::percent_decode(v, true)
+            .ok_or_else(|| ApiError::bad_param(k, "bad encoding"))?;
+        match k {
+            "dryRun" => {
+                dry_run = match v.as_str() {
+                    "true" | "" => true,
+                    "false" => false,
+                    _ => {
+                        return Err(ApiError::bad_param(
+                            "dryRun",
+                            "dryRun must be true or false",
+                        ))
+                    }
+                }
+            }
+            "validFrom" => {
+                valid_from = Some(crate::timestamp::parse(&v).ok_or_else(|| {
+                    ApiError::bad_param(
+                        "validFrom",
+                        "validFrom must be a timestamp with an offset, like 2026-12-01T00:00:00Z",
+                    )
+                })?)
+            }
+            _ => {
+                return Err(ApiError::bad_param(
+                    k,
+                    format!(
+                        "unknown parameter {} (allowed: dryRun, validFrom)",
+                        k.escape_default()
+                    ),
+                ))
+            }
+        }
+    }
+    use http_body_util::BodyExt;
+    let body = http_body_util::Limited::new(req.into_body(), MAX_LIST)
+        .collect()
+        .await
+        .map_err(|_| ApiError::bad_request("could not read the list (at most 16 MiB)"))?
+        .to_bytes();
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::bad_request("the list is not UTF-8 text"))?;
+    let list = crate::pricing::list::parse(text).map_err(|e| ApiError::bad_request(e.0))?;
+    let valid_from = valid_from.unwrap_or_else(crate::timestamp::now_ms);
+    let d = app
+        .import_prices(&list, valid_from, dry_run)
+        .await
+        .map_err(|e| ApiError::internal(format!("could not store the prices: {e}")))?;
+    let at = |p: &Price| Cost::of(&Price { valid_from, ..*p });
+    ok(&Imported {
+        dry_run,
+        valid_from: Time(valid_from),
+        added: d
+            .added
+            .iter()
+            .map(|(m, p)| Added {
+                name: m.clone(),
+                price: at(p),
+            })
+            .collect(),
+        changed: d
+            .changed
+            .iter()
+            .map(|(m, old, new)| Changed {
+                name: m.clone(),
+                from: Cost::of(old),
+                to: at(new),
+            })
+            .collect(),
+        unchanged: d.unchanged,
+    })
+}
+
+/// `GET /prices/export`: the prices in effect, in the TSV format.
+pub(super) fn export(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
+    let text = crate::pricing::list::export_tsv(&app.store.prices(), crate::timestamp::now_ms());
+    let mut r = Response::new(crate::http::full(text));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/tab-separated-values; charset=utf-8"),
+    );
+    Ok(r)
 }
 
 #[cfg(test)]
