@@ -24,7 +24,12 @@
 //! - `TOLLGATE_BENCH_LOG` tollgate's `RUST_LOG` (default `info`: an access
 //!   line per request, as in production),
 //! - `TOLLGATE_BENCH_SCENARIOS` subset of `chat,stream,stream+usage`, and
-//!   `TOLLGATE_BENCH_TARGETS` subset of `direct,tollgate,nginx` (for profiling one cell).
+//!   `TOLLGATE_BENCH_TARGETS` subset of `direct,tollgate,tollgate-pg,nginx` (for profiling one cell),
+//! - `--db postgres` (after `--`) or `TOLLGATE_BENCH_DB=postgres`: a second
+//!   tollgate on a fresh database of the PostgreSQL server at
+//!   `TOLLGATE_BENCH_PG` (or `TOLLGATE_TEST_PG`), measured right after the
+//!   SQLite one in every cell (target `tollgate-pg`), with a table of
+//!   PostgreSQL/SQLite ratios; its records are counted too.
 //!
 //! Exits non-zero when the database does not hold exactly one record per
 //! request completed through tollgate, or when answers are wrong; never
@@ -302,10 +307,24 @@ impl Drop for Proc {
     }
 }
 
-fn start_tollgate(dir: &Path, upstream: SocketAddr) -> (Proc, SocketAddr, PathBuf) {
+/// Starts tollgate on the SQLite file `dir/tollgate.db`, or with `pg` on
+/// that PostgreSQL URL.
+fn start_tollgate(
+    dir: &Path,
+    upstream: SocketAddr,
+    pg: Option<&str>,
+) -> (Proc, SocketAddr, PathBuf) {
     let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let db = dir.join("tollgate.db");
-    let log = std::fs::File::create(dir.join("tollgate.log")).expect("log file");
+    let db = match pg {
+        Some(url) => PathBuf::from(url),
+        None => dir.join("tollgate.db"),
+    };
+    let log_name = if pg.is_some() {
+        "tollgate-pg.log"
+    } else {
+        "tollgate.log"
+    };
+    let log = std::fs::File::create(dir.join(log_name)).expect("log file");
     // TOLLGATE_BENCH_BIN runs another build (say, before and after a change).
     let bin = std::env::var_os("TOLLGATE_BENCH_BIN")
         .map(PathBuf::from)
@@ -834,6 +853,97 @@ fn signed_us(v: f64) -> String {
     }
 }
 
+/// The PostgreSQL server to compare against, when asked for (`--db
+/// postgres` or `TOLLGATE_BENCH_DB=postgres`).
+fn pg_mode(args: &[String]) -> Option<String> {
+    let asked = args
+        .windows(2)
+        .any(|w| w[0] == "--db" && w[1] == "postgres")
+        || args.iter().any(|a| a == "--db=postgres")
+        || std::env::var("TOLLGATE_BENCH_DB").is_ok_and(|v| v == "postgres");
+    if !asked {
+        return None;
+    }
+    assert!(
+        !keys_mode(),
+        "--db postgres measures header mode only (each instance would need keys of its own)"
+    );
+    let url = std::env::var("TOLLGATE_BENCH_PG")
+        .or_else(|_| std::env::var("TOLLGATE_TEST_PG"))
+        .ok()
+        .filter(|u| !u.is_empty());
+    Some(url.expect(
+        "--db postgres needs TOLLGATE_BENCH_PG (or TOLLGATE_TEST_PG): eval \"$(.ci/pg-server start)\"",
+    ))
+}
+
+/// A fresh database on the server, dropped at the end.
+struct PgBenchDb {
+    server: String,
+    name: String,
+    url: String,
+}
+
+fn pg_sql<T>(url: &str, f: impl AsyncFnOnce(&tokio_postgres::Client) -> T) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the bench PostgreSQL");
+        let task = tokio::spawn(conn);
+        let out = f(&c).await;
+        drop(c);
+        let _ = task.await;
+        out
+    })
+}
+
+impl PgBenchDb {
+    fn create(server: &str) -> PgBenchDb {
+        let name = format!("tollgate_load_{}", std::process::id());
+        pg_sql(server, async |c| {
+            c.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
+            ))
+            .await
+            .expect("bench database")
+        });
+        let base = server.split('?').next().unwrap_or(server);
+        let after_scheme = base.find("://").map_or(0, |i| i + 3);
+        let host_part = match base[after_scheme..].find('/') {
+            Some(i) => &base[..after_scheme + i],
+            None => base,
+        };
+        PgBenchDb {
+            server: server.to_owned(),
+            url: format!("{host_part}/{name}"),
+            name,
+        }
+    }
+
+    fn rows(&self) -> u64 {
+        pg_sql(&self.url, async |c| {
+            c.query_one("SELECT count(*) FROM queries", &[])
+                .await
+                .map_or(0, |r| r.get::<_, i64>(0) as u64)
+        })
+    }
+}
+
+impl Drop for PgBenchDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        pg_sql(&self.server, async |c| {
+            let _ = c
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        });
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let bench = args.iter().any(|a| a == "--bench");
@@ -873,7 +983,11 @@ fn main() {
         let _ = std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755));
     }
     let mock = start_mock(mock_threads);
-    let (mut tollgate, tollgate_addr, db) = start_tollgate(dir.path(), mock);
+    let (mut tollgate, tollgate_addr, db) = start_tollgate(dir.path(), mock, None);
+    let pg = pg_mode(&args).map(|server| PgBenchDb::create(&server));
+    let mut tollgate_pg = pg
+        .as_ref()
+        .map(|d| start_tollgate(dir.path(), mock, Some(&d.url)));
     let mut nginx = (nginx_path.exists()).then(|| start_nginx(&nginx_path, dir.path(), mock));
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -888,6 +1002,9 @@ fn main() {
         ("direct", mock, None),
         ("tollgate", tollgate_addr, Some(tollgate.pid())),
     ];
+    if let Some((p, a, _)) = &tollgate_pg {
+        targets.push(("tollgate-pg", *a, Some(p.pid())));
+    }
     if let Some((p, a)) = &nginx {
         targets.push(("nginx", *a, Some(p.pid())));
     }
@@ -912,6 +1029,13 @@ fn main() {
         .filter(|s| wanted("TOLLGATE_BENCH_SCENARIOS", s.short()))
         .collect();
     let mut tollgate_completed = 0u64;
+    let mut pg_completed = 0u64;
+    let mut pg_ratios = String::new();
+    let _ = writeln!(
+        pg_ratios,
+        "| scenario | c | PostgreSQL/SQLite req/s | added p50 (PostgreSQL - SQLite) | added p99 |"
+    );
+    let _ = writeln!(pg_ratios, "|---|---|---|---|---|");
     let mut problems: Vec<String> = Vec::new();
     let mut report = String::new();
     let mut ratios = String::new();
@@ -952,6 +1076,9 @@ fn main() {
                 if name == "tollgate" {
                     tollgate_completed += cell.tally.completed;
                 }
+                if name == "tollgate-pg" {
+                    pg_completed += cell.tally.completed;
+                }
                 if cell.tally.errors > 0 || cell.tally.wrong > 0 || cell.total.is_empty() {
                     problems.push(format!(
                         "{} c={conc} {name}: {} errors, {} wrong answers, {} measured (first: {})",
@@ -984,6 +1111,16 @@ fn main() {
                 cells.push((name, cell));
             }
             let get = |n: &str| cells.iter().find(|(name, _)| *name == n).map(|(_, c)| c);
+            if let (Some(t), Some(p)) = (get("tollgate"), get("tollgate-pg")) {
+                let _ = writeln!(
+                    pg_ratios,
+                    "| {} | {conc} | {:.3} | {} | {} |",
+                    scenario.short(),
+                    p.rps / t.rps,
+                    signed_us(pct(&p.total, 0.5) - pct(&t.total, 0.5)),
+                    signed_us(pct(&p.total, 0.99) - pct(&t.total, 0.99)),
+                );
+            }
             let (Some(d), Some(t)) = (get("direct"), get("tollgate")) else {
                 continue;
             };
@@ -1041,6 +1178,15 @@ fn main() {
         }
     }
     let status = tollgate.stop(Duration::from_secs(30));
+    // PostgreSQL: exactly one record per request completed through it too.
+    let pg_check = tollgate_pg
+        .take()
+        .zip(pg.as_ref())
+        .map(|((mut p, _, _), d)| {
+            let st = p.stop(Duration::from_secs(30));
+            let rows = d.rows();
+            (st, rows)
+        });
     if let Some((mut p, _)) = nginx.take() {
         p.stop(Duration::from_secs(10));
     }
@@ -1079,10 +1225,28 @@ fn main() {
         rows.map_or("?".into(), |r| r.to_string()),
         estimated.map_or("?".into(), |r| r.to_string()),
     );
+    if let Some((st, rows)) = pg_check {
+        println!("### PostgreSQL beside SQLite (same run, back to back per cell)\n\n{pg_ratios}");
+        let ok = rows == pg_completed && st.is_some_and(|s| s.success());
+        println!(
+            "{}: PostgreSQL database holds {rows} records; {pg_completed} requests completed through tollgate-pg",
+            if ok { "PASS" } else { "FAIL" }
+        );
+        if !ok {
+            problems.push(format!(
+                "tollgate-pg: {rows} records for {pg_completed} requests (exit {st:?})"
+            ));
+        }
+    }
+    drop(pg);
     for p in &problems {
         println!("PROBLEM: {p}");
     }
     if !db_ok || !problems.is_empty() {
+        if let Ok(log) = std::fs::read_to_string(dir.path().join("tollgate-pg.log")) {
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            eprintln!("tollgate-pg log (newest first):\n{}", tail.join("\n"));
+        }
         if let Ok(log) = std::fs::read_to_string(dir.path().join("tollgate.log")) {
             let tail: Vec<&str> = log.lines().rev().take(20).collect();
             eprintln!(

@@ -4,11 +4,15 @@
 //! `cargo bench --bench reports` (TOLLGATE_BENCH_SMOKE=1 for a 200k-record
 //! run in seconds). The filled database is kept in `target/bench-reports-N.db`
 //! so later runs skip the fill.
+//!
+//! With `TOLLGATE_BENCH_PG=postgres://...` the same `/usage` queries also run
+//! on PostgreSQL, over the same records (database `tollgate_reports_N` on that
+//! server, filled once by `generate_series` in SQL and kept), side by side.
 
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
-use tollgate::store::{sqlite, Filter, GroupKey, Reports};
+use tollgate::store::{postgres, sqlite, Filter, GroupKey, Reports};
 
 const DAY: i64 = 86_400_000;
 /// 2025-01-01T00:00:00Z.
@@ -76,6 +80,99 @@ fn fill(path: &std::path::Path, n: u64) {
     );
 }
 
+/// The PostgreSQL twin of `fill`: the same records, by `generate_series`,
+/// in the monthly partitions the writer would have made, then the rollups
+/// from them in one `INSERT ... SELECT`.
+fn fill_pg(url: &tollgate::config::PgUrl, n: u64) {
+    let (mut backend, _, _) = postgres::open(url, false).expect("open PostgreSQL");
+    let step = 365 * DAY / n as i64;
+    let models = MODELS
+        .iter()
+        .enumerate()
+        .map(|(i, m)| format!("WHEN {i} THEN '{m}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let started = Instant::now();
+    backend
+        .execute_batch(&format!(
+            "TRUNCATE queries, usage_daily;
+             DO $$ DECLARE m int; s timestamptz; BEGIN
+             FOR m IN 0..12 LOOP
+                 s := timestamptz '2025-01-01 00:00:00+00' + make_interval(months => m);
+                 EXECUTE format('CREATE TABLE IF NOT EXISTS queries_y%sm%s PARTITION OF queries FOR VALUES FROM (%s) TO (%s)',
+                     extract(year FROM s AT TIME ZONE 'UTC')::int,
+                     lpad(extract(month FROM s AT TIME ZONE 'UTC')::int::text, 2, '0'),
+                     (extract(epoch FROM s) * 1000)::bigint,
+                     (extract(epoch FROM s + interval '1 month') * 1000)::bigint);
+             END LOOP; END $$;
+             INSERT INTO queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
+                                  query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id)
+             SELECT 'user-' || (i * 7919 % {USERS}), CASE i % 12 {models} END, 'gpt-4o', '/v1/chat/completions',
+                    {START} + i * {step}, 800000, 300000, 200, i % 2 = 1,
+                    500 + i % 1000, 100 + i % 300, i % 200, i % 50, (500 + i % 1000) * 2500000, true, false, NULL
+             FROM generate_series(0::bigint, {last}::bigint) AS i;
+             INSERT INTO usage_daily (day, username, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
+             SELECT ts / 86400000, username, model, count(*), sum(query_tokens), sum(answer_tokens), sum(cached_tokens),
+                    sum(reasoning_tokens), sum(cost), sum(CASE WHEN priced THEN 0 ELSE 1 END)
+             FROM queries GROUP BY 1, 2, 3;",
+            last = n - 1
+        ))
+        .expect("fill PostgreSQL");
+    // Each on its own: VACUUM refuses to run in the batch's transaction.
+    for sql in ["VACUUM ANALYZE queries", "VACUUM ANALYZE usage_daily"] {
+        backend.execute_batch(sql).expect("vacuum");
+    }
+    println!(
+        "filled {n} records into PostgreSQL in {:.1} s (generate_series in one INSERT ... SELECT, rollups by one INSERT ... SELECT ... GROUP BY)",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// The PostgreSQL database of the run: `tollgate_reports_N` on the server,
+/// made and filled when it does not hold `n` records yet.
+fn pg_reports(server: &str, n: u64) -> std::sync::Arc<postgres::PgReports> {
+    let name = format!("tollgate_reports_{n}");
+    let base = server.split('?').next().unwrap_or(server);
+    let after_scheme = base.find("://").map_or(0, |i| i + 3);
+    let host_part = match base[after_scheme..].find('/') {
+        Some(i) => &base[..after_scheme + i],
+        None => base,
+    };
+    let url = format!("{host_part}/{name}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let query = |url: String, sql: String| -> Option<i64> {
+        rt.block_on(async move {
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .ok()?;
+            let task = tokio::spawn(conn);
+            let out = c.query_one(&sql, &[]).await.ok().map(|r| r.get(0));
+            drop(c);
+            let _ = task.await;
+            out
+        })
+    };
+    let exists = query(
+        server.to_owned(),
+        format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'"),
+    )
+    .expect("connect to TOLLGATE_BENCH_PG");
+    if exists == 0 {
+        query(server.to_owned(), format!("CREATE DATABASE {name}"));
+    }
+    let pg = tollgate::config::PgUrl::parse(&url).expect("URL");
+    let have = query(url.clone(), "SELECT count(*) FROM queries".into()).unwrap_or(0);
+    if have != n as i64 {
+        fill_pg(&pg, n);
+    }
+    let (_, reports, _) = postgres::open(&pg, false).expect("open PostgreSQL");
+    println!("PostgreSQL database: {url} ({n} records over 365 days)");
+    reports
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -91,6 +188,10 @@ fn main() {
         .join("target")
         .join(format!("bench-reports-{n}.db"));
     if !path.exists() {
+        // `target/` of the checkout, which a CARGO_TARGET_DIR elsewhere leaves unmade.
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).expect("bench database folder");
+        }
         fill(&path, n);
     }
     let (_backend, reports, _) = sqlite::open(&path, false).expect("open");
@@ -155,10 +256,11 @@ fn main() {
             vec![GroupKey::Month],
         ),
     ];
-    println!("\n/usage (median of 21 runs; target < 50 ms at 20M records)");
-    println!("| query | rows | numQueries | median ms |");
-    println!("|---|---|---|---|");
-    for (name, f, g) in &cases {
+    let pg = std::env::var("TOLLGATE_BENCH_PG")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .map(|server| pg_reports(&server, n));
+    let time = |reports: &dyn Reports, f: &Filter, g: &[GroupKey]| {
         let mut times = Vec::new();
         let mut out = Vec::new();
         for _ in 0..21 {
@@ -167,11 +269,37 @@ fn main() {
             times.push(t.elapsed());
         }
         let total: u64 = out.iter().map(|(_, t)| t.queries).sum();
-        println!(
-            "| {name} | {} | {total} | {:.2} |",
-            out.len(),
-            median(times).as_secs_f64() * 1e3
-        );
+        (out, total, median(times))
+    };
+    println!("\n/usage (median of 21 runs; target < 50 ms at 20M records)");
+    if pg.is_some() {
+        println!("| query | rows | numQueries | SQLite median ms | PostgreSQL median ms | PostgreSQL/SQLite |");
+        println!("|---|---|---|---|---|---|");
+    } else {
+        println!("| query | rows | numQueries | median ms |");
+        println!("|---|---|---|---|");
+    }
+    for (name, f, g) in &cases {
+        let (out, total, m) = time(&*reports, f, g);
+        match &pg {
+            Some(pg) => {
+                let (pg_out, _, pm) = time(&**pg, f, g);
+                // The same records: the same answer, or the figures mean nothing.
+                assert_eq!(pg_out, out, "{name}: PostgreSQL answers differently");
+                println!(
+                    "| {name} | {} | {total} | {:.2} | {:.2} | {:.2} |",
+                    out.len(),
+                    m.as_secs_f64() * 1e3,
+                    pm.as_secs_f64() * 1e3,
+                    pm.as_secs_f64() / m.as_secs_f64()
+                );
+            }
+            None => println!(
+                "| {name} | {} | {total} | {:.2} |",
+                out.len(),
+                m.as_secs_f64() * 1e3
+            ),
+        }
     }
 
     // /queries through the real HTTP endpoint: a million rows streamed to a

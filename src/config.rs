@@ -461,6 +461,8 @@ pub enum Command {
         /// Dollars above which a difference is flagged.
         threshold: Option<String>,
     },
+    /// Copy a SQLite database into PostgreSQL (`tollgate migrate`).
+    Migrate(Migrate),
     /// Print usage.
     Help,
     /// Print the version.
@@ -482,6 +484,86 @@ pub enum PricesCommand {
     },
     /// Print the prices in effect in the TSV format.
     Export,
+}
+
+/// What `tollgate migrate` copies from where.
+#[derive(Debug, Clone)]
+pub struct Migrate {
+    /// The SQLite database file, opened read-only.
+    pub from: PathBuf,
+    /// The PostgreSQL database.
+    pub to: PgUrl,
+}
+
+/// The flags of `tollgate migrate`, in `--help` as the settings are.
+const MIGRATE_FLAGS: &[Setting] = &[
+    Setting {
+        flag: "--from",
+        value: "FILE",
+        env: "",
+        key: "",
+        default: "required",
+        help: "the SQLite database to copy (opened read-only; a proxy may keep running on it)",
+    },
+    Setting {
+        flag: "--to",
+        value: "URL",
+        env: "",
+        key: "",
+        default: "required",
+        help: "postgres://user@host:5432/name (password from the URL or PGPASSWORD)",
+    },
+];
+
+/// Parses the arguments after `migrate`.
+fn parse_migrate(args: impl Iterator<Item = String>) -> Result<Command, ConfigError> {
+    let (mut from, mut to) = (None, None);
+    let mut args = args;
+    while let Some(a) = args.next() {
+        let (name, inline) = match a.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(v.to_owned())),
+            _ => (a.clone(), None),
+        };
+        match name.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "--from" | "--to" => {
+                let value = match inline {
+                    Some(v) => v,
+                    None => args.next().ok_or_else(|| err(&name, "needs a value"))?,
+                };
+                if value.is_empty() {
+                    return Err(err(&name, "must not be empty"));
+                }
+                if name == "--from" {
+                    from = Some(value);
+                } else {
+                    to = Some(value);
+                }
+            }
+            _ => {
+                return Err(err(
+                    &name,
+                    "unknown option of migrate (it takes --from FILE --to URL)",
+                ))
+            }
+        }
+    }
+    let from = from.ok_or_else(|| err("--from", "migrate needs the SQLite file to copy"))?;
+    let to = to.ok_or_else(|| err("--to", "migrate needs the postgres:// URL to copy into"))?;
+    if PgUrl::is_pg(&from) {
+        return Err(err("--from", "must be a SQLite file, not a PostgreSQL URL"));
+    }
+    if !PgUrl::is_pg(&to) {
+        return Err(err(
+            "--to",
+            "must be a postgres:// URL like postgres://user@host:5432/tollgate",
+        ));
+    }
+    let to = PgUrl::parse(&to).map_err(|m| err("--to", m))?;
+    Ok(Command::Migrate(Migrate {
+        from: PathBuf::from(from),
+        to,
+    }))
 }
 
 /// One setting: where it can be given and what `--help` says of it.
@@ -705,6 +787,7 @@ pub fn help() -> String {
     let mut out = String::from(
         "tollgate: a metering proxy for the OpenAI API (tokens and cost per user)\n\n\
          Usage: tollgate [check-config] [OPTIONS]\n\
+         \x20      tollgate migrate --from FILE --to URL\n\
          \x20      tollgate prices import FILE [--dry-run] [--valid-from TIME] [OPTIONS]\n\
          \x20          (a list in the bundled TSV format or LiteLLM's JSON price map; the\n\
          \x20          prices that differ are added, valid from TIME, default now)\n\
@@ -729,6 +812,15 @@ pub fn help() -> String {
     }
     let _ = writeln!(out, "  {:<32} this text", "-h, --help");
     let _ = writeln!(out, "  {:<32} the version", "-V, --version");
+    out.push_str(
+        "\nmigrate: copies a SQLite database (records, rollups, rejections, prices, keys, limits)\n\
+         into PostgreSQL; safe to run again (copies only what came since):\n",
+    );
+    for s in MIGRATE_FLAGS {
+        let flag = format!("{} {}", s.flag, s.value);
+        let _ = writeln!(out, "  {:<32} [{}]", flag, s.default);
+        let _ = writeln!(out, "      {}", s.help);
+    }
     out.push_str("\nKeys are never taken from a flag:\n");
     for (env, key) in SECRETS {
         let _ = writeln!(out, "  {env} / TOML {key}");
@@ -757,9 +849,13 @@ pub fn parse(
     let mut config_file = env("TOLLGATE_CONFIG");
     let mut no_default_prices = false;
     let mut check = false;
+    let mut args = args.into_iter().peekable();
+    if args.peek().is_some_and(|a| a == "migrate") {
+        args.next();
+        return parse_migrate(args);
+    }
     let mut reconcile: Option<[Option<String>; 3]> = None;
     let mut prices: Option<PricesCommand> = None;
-    let mut args = args.into_iter().peekable();
     if args.peek().is_some_and(|a| a == "reconcile") {
         args.next();
         reconcile = Some([None, None, None]);

@@ -27,6 +27,7 @@ async fn main() -> ExitCode {
             }
         }
         Ok(Command::Prices { config, action }) => return prices(config, action).await,
+        Ok(Command::Migrate(m)) => return migrate(&m),
         Ok(Command::Help) => {
             print!("{}", config::help());
             return ExitCode::SUCCESS;
@@ -161,6 +162,54 @@ async fn reconcile(config: config::Config, period: tollgate::reconcile::Period) 
         }
         Err(e) => fail(&e),
     }
+}
+
+/// `tollgate migrate`: copies, then says what it copied.
+fn migrate(m: &config::Migrate) -> ExitCode {
+    let s = match tollgate::store::migrate::migrate(&m.from, &m.to) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("migrate: {e}")),
+    };
+    let c = &s.shared;
+    println!(
+        "migrated {} -> {}{}",
+        m.from.display(),
+        m.to.redacted(),
+        if s.new_source {
+            " (first run for this file)"
+        } else {
+            " (continuing an earlier run)"
+        }
+    );
+    println!(
+        "  records:       {} copied ({} copied before)",
+        s.records, s.records_before
+    );
+    println!("  daily rollups: {} rows copied", s.rollups);
+    println!("  rejections:    {} copied", s.rejections);
+    println!(
+        "  prices:        {} copied ({} there already{})",
+        c.prices,
+        c.prices_there,
+        if c.prices_differ > 0 {
+            format!(", {} of them differ: PostgreSQL's kept", c.prices_differ)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "  keys:          {} copied ({} there already, {} revoked now)",
+        c.keys, c.keys_there, c.keys_revoked
+    );
+    println!(
+        "  limits:        {} copied ({} there already: PostgreSQL's kept)",
+        c.limits, c.limits_there
+    );
+    println!(
+        "  rate limits:   {}",
+        if c.ratelimits { "copied" } else { "not copied" }
+    );
+    ExitCode::SUCCESS
 }
 
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {

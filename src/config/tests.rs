@@ -240,3 +240,38 @@ fn db_takes_a_postgres_url_and_never_shows_its_password() {
     assert!(msg.contains("--db"), "{msg}");
     assert!(!msg.contains("hunter2"), "{msg}");
 }
+
+#[test]
+fn migrate_takes_a_file_and_a_postgres_url() {
+    let parse_args = |a: &[&str]| parse(a.iter().map(|s| s.to_string()), &|_| None);
+    match parse_args(&[
+        "migrate",
+        "--from",
+        "old.db",
+        "--to=postgres://u:pw@db:5432/tollgate",
+    ]) {
+        Ok(Command::Migrate(m)) => {
+            assert_eq!(m.from, PathBuf::from("old.db"));
+            assert_eq!(m.to.redacted(), "postgres://u:<redacted>@db:5432/tollgate");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let e = parse_args(&["migrate", "--from", "a.db", "--to", "b.db"]).unwrap_err();
+    assert_eq!(e.setting, "--to");
+    let e = parse_args(&["migrate", "--to", "postgres://h/x"]).unwrap_err();
+    assert_eq!(e.setting, "--from");
+    let e = parse_args(&[
+        "migrate",
+        "--from",
+        "a.db",
+        "--to",
+        "postgres://h/x",
+        "--listen",
+        "x",
+    ])
+    .unwrap_err();
+    assert_eq!(e.setting, "--listen");
+    // Only as the first word: elsewhere it is not a subcommand.
+    assert!(parse_args(&["--listen", "127.0.0.1:1", "migrate"]).is_err());
+    assert!(help().contains("tollgate migrate --from FILE --to URL"));
+}

@@ -12,10 +12,12 @@
 pub mod access_log;
 mod backend;
 mod estimator;
+pub mod migrate;
 pub mod postgres;
 mod ratelimits;
 pub mod rollup;
 pub mod sqlite;
+pub mod transfer;
 mod writer;
 
 pub use backend::{

@@ -15,7 +15,7 @@ use std::pin::pin;
 use chrono::{Datelike, TimeZone, Utc};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 use super::schema::PARTITION_LOCK;
 use super::{connect, i, wait, DAY};
@@ -35,6 +35,7 @@ use crate::config::PgUrl;
 use crate::pricing::{self, Price, PriceTable, Tier};
 use crate::ratelimit::RateLimits;
 use crate::record::{Priced, Rejected};
+use crate::store::rollup::Daily;
 use crate::store::{Backend, StoreError};
 
 /// How long batch tokens are kept: far longer than any retry lasts.
@@ -135,25 +136,106 @@ ON CONFLICT (day, username, model) DO UPDATE SET
 /// The rollup rows of a batch as column arrays, sorted by key (instances
 /// upserting the same rows then lock them in the same order).
 #[derive(Default)]
-struct DailyColumns<'a> {
+pub(super) struct DailyColumns<'a> {
     day: Vec<i64>,
     user: Vec<&'a str>,
     model: Vec<&'a str>,
     sums: [Vec<i64>; 7],
 }
 
-fn daily_columns(batch: &[Priced]) -> DailyColumns<'_> {
-    let mut c = DailyColumns::default();
-    for ((day, user, model), d) in crate::store::rollup::daily(batch) {
-        c.day.push(day);
-        c.user.push(user);
-        c.model.push(model);
-        let v = d.columns();
-        for (col, x) in c.sums.iter_mut().zip(v) {
-            col.push(x);
+pub(super) fn daily_columns(batch: &[Priced]) -> DailyColumns<'_> {
+    DailyColumns::from_rows(
+        crate::store::rollup::daily(batch)
+            .into_iter()
+            .map(|((day, user, model), d)| (day, user, model, d)),
+    )
+}
+
+impl<'a> DailyColumns<'a> {
+    /// Columns of rows given in key order.
+    pub(super) fn from_rows(
+        rows: impl IntoIterator<Item = (i64, &'a str, &'a str, Daily)>,
+    ) -> Self {
+        let mut c = DailyColumns::default();
+        for (day, user, model, d) in rows {
+            c.day.push(day);
+            c.user.push(user);
+            c.model.push(model);
+            for (col, x) in c.sums.iter_mut().zip(d.columns()) {
+                col.push(x);
+            }
         }
+        c
     }
-    c
+}
+
+/// Writes records by binary `COPY` inside `tx`.
+pub(super) async fn copy_records(
+    tx: &Transaction<'_>,
+    batch: &[Priced],
+) -> Result<(), tokio_postgres::Error> {
+    let sink = tx.copy_in(COPY).await?;
+    let mut w = pin!(BinaryCopyInWriter::new(sink, COPY_TYPES));
+    for p in batch {
+        let r = &p.record;
+        let status = i32::from(r.status);
+        let tier = r.tier.map(|t| t.as_str());
+        let (audio_q, audio_a) = (i(r.usage.audio_query), i(r.usage.audio_answer));
+        let row: [&(dyn ToSql + Sync); 21] = [
+            &r.user,
+            &r.model_or_requested(),
+            &r.requested_model,
+            &r.endpoint,
+            &r.started_ms,
+            &i(r.duration_us),
+            &r.ttfb_us.map(i),
+            &status,
+            &r.stream,
+            &i(r.usage.query),
+            &i(r.usage.answer),
+            &i(r.usage.cached),
+            &i(r.usage.reasoning),
+            &p.cost,
+            &p.priced,
+            &r.estimated,
+            &r.request_id,
+            &r.client_aborted,
+            &tier,
+            &audio_q,
+            &audio_a,
+        ];
+        w.as_mut().write(&row).await?;
+    }
+    w.finish().await?;
+    Ok(())
+}
+
+/// Adds rollup increments inside `tx` (`ON CONFLICT` sums).
+pub(super) async fn upsert_daily(
+    tx: &Transaction<'_>,
+    daily: &DailyColumns<'_>,
+) -> Result<(), tokio_postgres::Error> {
+    if daily.day.is_empty() {
+        return Ok(());
+    }
+    let s = &daily.sums;
+    tx.execute(
+        UPSERT_DAILY,
+        &[
+            &daily.day,
+            &daily.user,
+            &daily.model,
+            &s[0],
+            &s[1],
+            &s[2],
+            &s[3],
+            &s[4],
+            &s[5],
+            &s[6],
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 /// The month (months since year 0) a time falls in.
@@ -211,7 +293,7 @@ impl PgBackend {
     }
 
     /// The connection, reopened if it was lost.
-    fn client(&mut self) -> Result<&mut Client, StoreError> {
+    pub(super) fn client(&mut self) -> Result<&mut Client, StoreError> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             self.client = None;
             self.client = Some(connect_writer(&self.url)?);
@@ -230,7 +312,7 @@ impl PgBackend {
     /// Makes sure the partitions of these months (and the month after the
     /// latest, so a month's first records never wait for one) exist. In a
     /// transaction of its own: creating a partition locks the whole table.
-    fn ensure_partitions(&mut self, batch: &[Priced]) -> Result<(), StoreError> {
+    pub(super) fn ensure_partitions(&mut self, batch: &[Priced]) -> Result<(), StoreError> {
         let mut want: Vec<i64> = batch
             .iter()
             .map(|p| month_of(p.record.started_ms))
@@ -301,56 +383,8 @@ impl PgBackend {
                     );
                     return tx.rollback().await;
                 }
-                let sink = tx.copy_in(COPY).await?;
-                let mut w = pin!(BinaryCopyInWriter::new(sink, COPY_TYPES));
-                for p in batch {
-                    let r = &p.record;
-                    let status = i32::from(r.status);
-                    let tier = r.tier.map(|t| t.as_str());
-                    let (audio_q, audio_a) = (i(r.usage.audio_query), i(r.usage.audio_answer));
-                    let row: [&(dyn ToSql + Sync); 21] = [
-                        &r.user,
-                        &r.model_or_requested(),
-                        &r.requested_model,
-                        &r.endpoint,
-                        &r.started_ms,
-                        &i(r.duration_us),
-                        &r.ttfb_us.map(i),
-                        &status,
-                        &r.stream,
-                        &i(r.usage.query),
-                        &i(r.usage.answer),
-                        &i(r.usage.cached),
-                        &i(r.usage.reasoning),
-                        &p.cost,
-                        &p.priced,
-                        &r.estimated,
-                        &r.request_id,
-                        &r.client_aborted,
-                        &tier,
-                        &audio_q,
-                        &audio_a,
-                    ];
-                    w.as_mut().write(&row).await?;
-                }
-                w.finish().await?;
-                let s = &daily.sums;
-                tx.execute(
-                    UPSERT_DAILY,
-                    &[
-                        &daily.day,
-                        &daily.user,
-                        &daily.model,
-                        &s[0],
-                        &s[1],
-                        &s[2],
-                        &s[3],
-                        &s[4],
-                        &s[5],
-                        &s[6],
-                    ],
-                )
-                .await?;
+                copy_records(&tx, batch).await?;
+                upsert_daily(&tx, &daily).await?;
                 if !last_used.is_empty() {
                     let ids: Vec<&str> = last_used.keys().copied().collect();
                     let ts: Vec<i64> = last_used.values().copied().collect();

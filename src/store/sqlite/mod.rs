@@ -4,11 +4,13 @@
 //! ([`SqliteAccounts`]). The schema is versioned (`schema.rs`).
 
 mod accounts;
+mod export;
 mod reports;
 mod schema;
 mod write;
 
 pub use accounts::SqliteAccounts;
+pub use export::{open_source, SqliteSource};
 pub use reports::SqliteReports;
 pub(crate) use reports::{plan, Piece};
 pub use write::SqliteBackend;
