@@ -12,11 +12,13 @@
 //! a blocking-pool thread or a server worker, like SQLite's calls are.
 
 mod accounts;
+mod leases;
 mod reports;
 mod schema;
 mod write;
 
 pub use accounts::PgAccounts;
+pub use leases::PgLeases;
 pub use reports::PgReports;
 pub use schema::LATEST as SCHEMA_VERSION;
 pub use write::PgBackend;
