@@ -175,9 +175,10 @@ impl UserState {
     }
 
     /// Below this much unused lease, the lease thread asks for more ahead
-    /// of need: two of the largest requests seen.
+    /// of need: the largest request seen (more would strand budget in
+    /// leases of instances whose requests already ended).
     fn low_water(&self) -> i128 {
-        self.need.saturating_mul(2).max(1)
+        self.need.max(1)
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tokio::sync::oneshot;
 
-use super::Budgets;
+use super::{Budgets, Hold, Refusal};
 
 /// How long a lease lives without renewal: a killed instance's slice
 /// returns to the pool this long after its last renewal.
@@ -73,8 +73,7 @@ pub trait LeaseSource: Send + Sync + 'static {
     /// Grants a slice of `user`'s remaining budget in the period starting at
     /// `period_start` under `limit`, sized by [`lease_size`] with `need`,
     /// living [`LEASE_TTL`]; in one atomic statement.
-    fn take(&self, user: &str, period_start: i64, limit: i64, need: i64)
-        -> Result<Taken, String>;
+    fn take(&self, user: &str, period_start: i64, limit: i64, need: i64) -> Result<Taken, String>;
     /// Gives back `amount` of this instance's lease of `user`.
     fn give_back(&self, user: &str, period_start: i64, amount: i64) -> Result<(), String>;
     /// Renews every live lease of this instance; returns the (user, period
@@ -86,10 +85,15 @@ pub trait LeaseSource: Send + Sync + 'static {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Away;
 
+/// What a request's check gives: its reservation, or why not.
+pub type Checked = Result<Option<Hold>, Refusal>;
+
 struct Ask {
     user: String,
-    need: i128,
-    reply: oneshot::Sender<Result<(), Away>>,
+    cost: i128,
+    tokens: u64,
+    now_ms: i64,
+    reply: oneshot::Sender<Result<Checked, Away>>,
 }
 
 /// The handle the budgets hold while leasing.
@@ -133,17 +137,28 @@ impl Budgets {
         self.leasing.get().is_some()
     }
 
-    /// Asks the lease thread for a grant of at least `need` for `user`,
-    /// waiting up to `wait`. `Ok`: check again (a grant may have been
-    /// nothing: the pool is empty). `Err`: the database could not be asked.
-    pub async fn refill(&self, user: &str, need: i128, wait: Duration) -> Result<(), Away> {
+    /// A request its lease did not cover ([`Refusal::Unleased`]): the lease
+    /// thread grows the lease (one database round trip) and makes the
+    /// request's reservation itself, so that no request checking meanwhile
+    /// takes what was granted for this one. Nothing left in the pool: over
+    /// budget. `Err`: the database could not be asked within `wait`.
+    pub async fn check_leased(
+        &self,
+        user: &str,
+        cost: i128,
+        tokens: u64,
+        now_ms: i64,
+        wait: Duration,
+    ) -> Result<Checked, Away> {
         let Some(l) = self.leasing.get() else {
-            return Ok(());
+            return Err(Away);
         };
         let (reply, rx) = oneshot::channel();
         l.tx.send(Ask {
             user: user.to_owned(),
-            need,
+            cost,
+            tokens,
+            now_ms,
             reply,
         })
         .map_err(|_| Away)?;
@@ -164,9 +179,8 @@ impl Budgets {
     /// Whether a request of `need` fits the user's live lease now.
     fn lease_fits(&self, user: &str, period_start: i64, need: i128, mono: i64) -> bool {
         let st = self.state.lock();
-        st.get(user).is_some_and(|s| {
-            s.period_start == period_start && s.lease_until > mono && s.fits(need)
-        })
+        st.get(user)
+            .is_some_and(|s| s.period_start == period_start && s.lease_until > mono && s.fits(need))
     }
 
     /// Whether a grant for `user` found the pool empty lately.
@@ -175,6 +189,14 @@ impl Budgets {
             .lock()
             .get(user)
             .is_some_and(|s| s.backoff_until > mono)
+    }
+
+    /// What the user's live lease has left (0 without one).
+    fn lease_left(&self, user: &str, period_start: i64, mono: i64) -> i128 {
+        let st = self.state.lock();
+        st.get(user)
+            .filter(|s| s.period_start == period_start && s.lease_until > mono)
+            .map_or(0, |s| s.avail())
     }
 
     /// Holds back background grants of `user` until `until` (monotonic ms).
@@ -223,14 +245,24 @@ fn run(budgets: Weak<Budgets>, source: Arc<dyn LeaseSource>, rx: Receiver<Ask>) 
         };
         let failing = failing_until.is_some_and(|t| Instant::now() < t);
         if let Some(a) = ask {
-            let r = if failing {
-                Err(Away)
-            } else if b.backing_off(&a.user, leasing.mono_ms()) {
-                // The pool was empty just now: the request is refused
-                // without asking again (a burst asks once).
-                Ok(())
-            } else {
-                take(&b, leasing, &*source, &a.user, a.need)
+            let r = match b.check(&a.user, a.cost, a.tokens, a.now_ms) {
+                Err(Refusal::Unleased { .. }) if failing => Err(Away),
+                Err(Refusal::Unleased { need }) => {
+                    let over = || b.over_budget(&a.user, a.now_ms);
+                    // The pool was empty just now: refused without asking
+                    // again (a burst asks once).
+                    let took = if b.backing_off(&a.user, leasing.mono_ms()) {
+                        Ok(())
+                    } else {
+                        take(&b, leasing, &*source, &a.user, need)
+                    };
+                    took.map(|()| match b.check(&a.user, a.cost, a.tokens, a.now_ms) {
+                        Err(Refusal::Unleased { .. }) => Err(over()),
+                        r => r,
+                    })
+                }
+                // Covered by a grant made for an earlier ask.
+                r => Ok(r),
             };
             if r.is_err() {
                 failing_until = Some(Instant::now() + BACKOFF);
@@ -271,15 +303,22 @@ fn take(
     need: i128,
 ) -> Result<(), Away> {
     let now_ms = crate::timestamp::now_ms();
-    let Some(limit) = b.limits_of(user).and_then(|(l, _)| Some((l.budget?, l.period))) else {
+    let Some(limit) = b
+        .limits_of(user)
+        .and_then(|(l, _)| Some((l.budget?, l.period)))
+    else {
         return Ok(());
     };
     let period_start = limit.1.start(now_ms);
-    if b.lease_fits(user, period_start, need, leasing.mono_ms()) {
+    let mono = leasing.mono_ms();
+    if b.lease_fits(user, period_start, need, mono) {
         return Ok(());
     }
+    // Only what the live lease lacks: its rest and the grant together
+    // cover the request, so no slice too small for one request is stranded.
+    let short = need.saturating_sub(b.lease_left(user, period_start, mono).max(0));
     let sent = Instant::now();
-    let need = i64::try_from(need.max(1)).unwrap_or(i64::MAX);
+    let need = i64::try_from(short.max(1)).unwrap_or(i64::MAX);
     match source.take(user, period_start, limit.0, need) {
         Ok(t) => {
             b.add_lease(user, period_start, t, leasing.at(sent + LEASE_TTL));
@@ -407,7 +446,10 @@ mod tests {
         assert_eq!(lease_size(0, 1, 0), 0);
         // A zero need still asks for something.
         assert_eq!(lease_size(1, 1, 0), 1);
-        assert_eq!(lease_size(i128::from(i64::MAX), 1, 1), i128::from(i64::MAX) / 2);
+        assert_eq!(
+            lease_size(i128::from(i64::MAX), 1, 1),
+            i128::from(i64::MAX) / 2
+        );
     }
 
     #[test]
@@ -415,7 +457,9 @@ mod tests {
         // Three instances taking in turn from a budget of 100 requests of
         // 1: the grants shrink and their sum never exceeds the budget.
         let (mut room, mut taken) = (100i128, Vec::new());
-        for holders in [1u64, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3] {
+        for holders in [
+            1u64, 2, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3,
+        ] {
             let g = lease_size(room, holders, 1);
             room -= g;
             taken.push(g);

@@ -67,22 +67,20 @@ enum Refused {
 }
 
 /// The budget check; a leased budget whose lease does not cover the
-/// request asks the lease thread for more (one database round trip) and
-/// checks again. Nothing granted: over budget. The database away: 503, or
+/// request hands the check to the lease thread, which asks the database
+/// for more (one round trip). Nothing granted: over budget. The database away: 503, or
 /// with `--budget-offline admit` the whole budget as this instance knows it.
 async fn check(app: &App, ctx: &Ctx, cost: i128, tokens: u64) -> Result<Option<Hold>, Refused> {
     let b = &app.budgets;
-    let need = match b.check(&ctx.user, cost, tokens, ctx.started_ms) {
-        Err(Refusal::Unleased { need }) => need,
+    match b.check(&ctx.user, cost, tokens, ctx.started_ms) {
+        Err(Refusal::Unleased { .. }) => {}
         r => return r.map_err(Refused::Limit),
-    };
-    match b.refill(&ctx.user, need, LEASE_WAIT).await {
-        Ok(()) => match b.check(&ctx.user, cost, tokens, ctx.started_ms) {
-            Err(Refusal::Unleased { .. }) => {
-                Err(Refused::Limit(b.over_budget(&ctx.user, ctx.started_ms)))
-            }
-            r => r.map_err(Refused::Limit),
-        },
+    }
+    match b
+        .check_leased(&ctx.user, cost, tokens, ctx.started_ms, LEASE_WAIT)
+        .await
+    {
+        Ok(r) => r.map_err(Refused::Limit),
         Err(_) if app.config.budget_offline == BudgetOffline::Admit => b
             .check_unleased(&ctx.user, cost, tokens, ctx.started_ms)
             .map_err(Refused::Limit),

@@ -54,13 +54,7 @@ fn ttl_ms() -> i64 {
 }
 
 impl LeaseSource for PgLeases {
-    fn take(
-        &self,
-        user: &str,
-        period_start: i64,
-        limit: i64,
-        need: i64,
-    ) -> Result<Taken, String> {
+    fn take(&self, user: &str, period_start: i64, limit: i64, need: i64) -> Result<Taken, String> {
         self.with(|c| {
             let row = wait(c.query_one(
                 "SELECT granted, reset FROM tollgate_lease_take($1, $2, $3, $4, $5, $6, $7)",
@@ -95,7 +89,7 @@ impl LeaseSource for PgLeases {
     fn renew(&self) -> Result<Vec<(String, i64)>, String> {
         self.with(|c| {
             let rows = wait(c.query(
-                "UPDATE budget_leases SET expires_at = now() + make_interval(secs => $2 / 1000.0)
+                "UPDATE budget_leases SET expires_at = now() + make_interval(secs => $2::bigint / 1000.0)
                  WHERE instance = $1 AND expires_at > now() RETURNING username, period_start",
                 &[&self.instance, &ttl_ms()],
             ))?;

@@ -321,11 +321,8 @@ impl PgBackend {
                 )
                 .await?;
                 if s[5].iter().any(|&c| c != 0) {
-                    tx.execute(
-                        SPEND_LEASES,
-                        &[&daily.day, &daily.user, &s[5], &instance],
-                    )
-                    .await?;
+                    tx.execute(SPEND_LEASES, &[&daily.day, &daily.user, &s[5], &instance])
+                        .await?;
                 }
                 if !last_used.is_empty() {
                     let ids: Vec<&str> = last_used.keys().copied().collect();
