@@ -140,6 +140,9 @@ struct UserState {
     last_check: i64,
     /// Background grants of this user wait until then (monotonic ms).
     backoff_until: i64,
+    /// The shortfall a grant found no room for: until `backoff_until`,
+    /// requests short of as much are refused without asking again.
+    backoff_need: i128,
 }
 
 impl UserState {
@@ -163,15 +166,14 @@ impl UserState {
             .saturating_sub(self.reserved)
     }
 
-    /// Whether a reservation of `cost` fits the lease; a request reserving
-    /// nothing needs some lease left, as it needs some budget left.
+    /// Whether a reservation of `cost` (more than 0) fits the lease.
     fn fits(&self, cost: i128) -> bool {
-        let avail = self.avail();
-        if cost > 0 {
-            cost <= avail
-        } else {
-            avail > 0
-        }
+        cost <= self.avail()
+    }
+
+    /// Leased or not, limits changed: a pool found empty may have room.
+    fn limits_changed(&mut self) {
+        self.backoff_until = 0;
     }
 
     /// Below this much unused lease, the lease thread asks for more ahead
@@ -285,12 +287,14 @@ impl Budgets {
             None => self.limits.write().remove(user),
         };
         self.refresh_active();
+        self.forget_backoffs();
     }
 
     /// Sets (or removes) the limits of users without their own.
     pub fn set_default(&self, l: Option<Limits>) {
         *self.default.write() = l;
         self.refresh_active();
+        self.forget_backoffs();
     }
 
     /// Replaces every user's own limits and the default at once (as read
@@ -302,6 +306,7 @@ impl Budgets {
             *self.limits.write() = users;
             *self.default.write() = default;
             self.refresh_active();
+            self.forget_backoffs();
         }
         changed
     }
@@ -407,7 +412,13 @@ impl Budgets {
             if cost <= i128::from(b) {
                 s.need = s.need.max(cost);
             }
-            if s.lease_until <= mono || !s.fits(cost) {
+            if cost == 0 {
+                // Spends nothing: refused, as on one instance, only once
+                // the spend known here reached the budget.
+                if s.spent >= i128::from(b) {
+                    return Err(self.over_budget_of(&l, now_ms));
+                }
+            } else if s.lease_until <= mono || !s.fits(cost) {
                 return Err(Refusal::Unleased { need: cost });
             }
         } else if let Some(b) = l.budget {
@@ -457,11 +468,25 @@ impl Budgets {
     /// The refusal of a request over the user's budget (a leased budget
     /// whose pool had nothing left for it).
     pub fn over_budget(&self, user: &str, now_ms: i64) -> Refusal {
+        match self.limits_of(user) {
+            Some((l, _)) => self.over_budget_of(&l, now_ms),
+            None => Refusal::Budget { retry_after: None },
+        }
+    }
+
+    fn over_budget_of(&self, l: &Limits, now_ms: i64) -> Refusal {
         Refusal::Budget {
-            retry_after: self
-                .limits_of(user)
-                .and_then(|(l, _)| l.period.end(now_ms))
+            retry_after: l
+                .period
+                .end(now_ms)
                 .map(|e| ((e - now_ms + 999) / 1000).max(1) as u64),
+        }
+    }
+
+    /// Limits changed: grants found no room under the old ones.
+    fn forget_backoffs(&self) {
+        for s in self.state.lock().values_mut() {
+            s.limits_changed();
         }
     }
 

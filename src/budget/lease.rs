@@ -183,12 +183,18 @@ impl Budgets {
             .is_some_and(|s| s.period_start == period_start && s.lease_until > mono && s.fits(need))
     }
 
-    /// Whether a grant for `user` found the pool empty lately.
-    fn backing_off(&self, user: &str, mono: i64) -> bool {
+    /// Whether a grant for `user` found no room for `need` or less lately.
+    fn backing_off(&self, user: &str, need: i128, mono: i64) -> bool {
         self.state
             .lock()
             .get(user)
-            .is_some_and(|s| s.backoff_until > mono)
+            .is_some_and(|s| s.backoff_until > mono && need >= s.backoff_need)
+    }
+
+    /// The start of the user's current budget period.
+    fn period_of(&self, user: &str, now_ms: i64) -> i64 {
+        self.limits_of(user)
+            .map_or(0, |(l, _)| l.period.start(now_ms))
     }
 
     /// What the user's live lease has left (0 without one).
@@ -199,10 +205,12 @@ impl Budgets {
             .map_or(0, |s| s.avail())
     }
 
-    /// Holds back background grants of `user` until `until` (monotonic ms).
-    fn backoff(&self, user: &str, until: i64) {
+    /// Holds back grants of `user` of `need` or more until `until`
+    /// (monotonic ms).
+    fn backoff(&self, user: &str, need: i128, until: i64) {
         if let Some(s) = self.state.lock().get_mut(user) {
             s.backoff_until = until;
+            s.backoff_need = need;
         }
     }
 
@@ -251,7 +259,10 @@ fn run(budgets: Weak<Budgets>, source: Arc<dyn LeaseSource>, rx: Receiver<Ask>) 
                     let over = || b.over_budget(&a.user, a.now_ms);
                     // The pool was empty just now: refused without asking
                     // again (a burst asks once).
-                    let took = if b.backing_off(&a.user, leasing.mono_ms()) {
+                    let mono = leasing.mono_ms();
+                    let period = b.period_of(&a.user, a.now_ms);
+                    let short = need.saturating_sub(b.lease_left(&a.user, period, mono).max(0));
+                    let took = if b.backing_off(&a.user, short, mono) {
                         Ok(())
                     } else {
                         take(&b, leasing, &*source, &a.user, need)
@@ -323,7 +334,11 @@ fn take(
         Ok(t) => {
             b.add_lease(user, period_start, t, leasing.at(sent + LEASE_TTL));
             if t.granted == 0 {
-                b.backoff(user, leasing.mono_ms() + BACKOFF.as_millis() as i64);
+                b.backoff(
+                    user,
+                    i128::from(need),
+                    leasing.mono_ms() + BACKOFF.as_millis() as i64,
+                );
             }
             Ok(())
         }
