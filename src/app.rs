@@ -111,6 +111,7 @@ impl App {
         let retain = config
             .retain_days
             .map(|d| std::time::Duration::from_secs(u64::from(d) * 86_400));
+        let mut leases: Option<Arc<dyn crate::budget::LeaseSource>> = None;
         let (store, versions) = match &config.db {
             Db::Sqlite(path) => {
                 let (backend, reports, accounts) =
@@ -127,6 +128,8 @@ impl App {
                 // is reloaded at the first poll rather than missed.
                 let versions = crate::store::Reports::state_versions(&*reports)
                     .map_err(|e| db_error(e.to_string()))?;
+                // Instances on one database lease their budgets from it.
+                leases = Some(Arc::new(backend.leases()));
                 (
                     Store::start(backend, reports, accounts, metrics.clone(), retain),
                     versions,
@@ -176,6 +179,11 @@ impl App {
         app.load_accounts()
             .map_err(|e| db_error(format!("cannot load keys and limits: {e}")))?;
         let app = Arc::new(app);
+        if let Some(source) = leases {
+            app.budgets
+                .start_leasing(source)
+                .map_err(|e| db_error(format!("cannot start the lease thread: {e}")))?;
+        }
         if let Some(v) = versions {
             let weak = Arc::downgrade(&app);
             std::thread::Builder::new()

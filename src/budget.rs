@@ -6,16 +6,22 @@
 //! record is priced by the writer. Concurrent requests therefore see each
 //! other's reservations: a budget is never overrun by requests that all
 //! passed the check at once ("check first, charge later").
+//!
+//! With several instances on one database, budgets are leased
+//! (`lease.rs`): each instance admits against its slice of the remaining
+//! budget rather than against the whole.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use chrono::{Datelike, TimeZone, Utc};
 use parking_lot::{Mutex, RwLock};
 
+pub mod lease;
 mod recent;
 
+pub use lease::{lease_size, Away, LeaseSource, Taken};
 pub use recent::RecentCosts;
 
 /// Budget period, calendar-aligned in UTC.
@@ -119,6 +125,63 @@ struct UserState {
     minute: i64,
     requests: u64,
     tokens: u64,
+    /// Leased budgets only: pico-dollars granted to this instance in the
+    /// period (less what it gave back).
+    granted: i128,
+    /// Leased budgets only: real cost settled here in the period.
+    used: i128,
+    /// The largest reservation since the user was last idle: the least a
+    /// grant gives.
+    need: i128,
+    /// When the lease stops being admitted against unless renewed
+    /// (monotonic ms of the lease thread; 0: no lease).
+    lease_until: i64,
+    /// When the user last asked to be admitted (monotonic ms).
+    last_check: i64,
+    /// Background grants of this user wait until then (monotonic ms).
+    backoff_until: i64,
+    /// The shortfall a grant found no room for: until `backoff_until`,
+    /// requests short of as much are refused without asking again.
+    backoff_need: i128,
+}
+
+impl UserState {
+    /// A new period starts from zero (the minute's counters stay).
+    fn start_period(&mut self, period_start: i64) {
+        *self = UserState {
+            period_start,
+            minute: self.minute,
+            requests: self.requests,
+            tokens: self.tokens,
+            last_check: self.last_check,
+            ..UserState::default()
+        };
+    }
+
+    /// Lease not yet reserved or spent (negative after a request cost more
+    /// than it reserved).
+    fn avail(&self) -> i128 {
+        self.granted
+            .saturating_sub(self.used)
+            .saturating_sub(self.reserved)
+    }
+
+    /// Whether a reservation of `cost` (more than 0) fits the lease.
+    fn fits(&self, cost: i128) -> bool {
+        cost <= self.avail()
+    }
+
+    /// Leased or not, limits changed: a pool found empty may have room.
+    fn limits_changed(&mut self) {
+        self.backoff_until = 0;
+    }
+
+    /// Below this much unused lease, the lease thread asks for more ahead
+    /// of need: the largest request seen (more would strand budget in
+    /// leases of instances whose requests already ended).
+    fn low_water(&self) -> i128 {
+        self.need.max(1)
+    }
 }
 
 /// Why a request was refused.
@@ -136,13 +199,19 @@ pub enum Refusal {
         /// Seconds until the next minute.
         retry_after: u64,
     },
+    /// Leased budgets: the request does not fit this instance's lease (or
+    /// the lease lapsed); ask the lease thread for more and check again.
+    Unleased {
+        /// The least the grant must give.
+        need: i128,
+    },
 }
 
 impl Refusal {
     /// The error code answered and counted.
     pub fn code(&self) -> &'static str {
         match self {
-            Refusal::Budget { .. } => "budget_exceeded",
+            Refusal::Budget { .. } | Refusal::Unleased { .. } => "budget_exceeded",
             Refusal::Rate { .. } => "rate_limit_exceeded",
         }
     }
@@ -158,6 +227,8 @@ pub struct Budgets {
     state: Mutex<HashMap<String, UserState>>,
     /// Costs seen on endpoints whose reservation is learnt from them.
     pub recent: Arc<RecentCosts>,
+    /// Set when budgets are leased from a shared database.
+    leasing: OnceLock<lease::Leasing>,
 }
 
 /// A reservation held by a request until its record is priced.
@@ -216,12 +287,14 @@ impl Budgets {
             None => self.limits.write().remove(user),
         };
         self.refresh_active();
+        self.forget_backoffs();
     }
 
     /// Sets (or removes) the limits of users without their own.
     pub fn set_default(&self, l: Option<Limits>) {
         *self.default.write() = l;
         self.refresh_active();
+        self.forget_backoffs();
     }
 
     /// Replaces every user's own limits and the default at once (as read
@@ -233,6 +306,7 @@ impl Budgets {
             *self.limits.write() = users;
             *self.default.write() = default;
             self.refresh_active();
+            self.forget_backoffs();
         }
         changed
     }
@@ -272,8 +346,7 @@ impl Budgets {
         let mut st = self.state.lock();
         let s = st.entry(user.to_owned()).or_default();
         if s.period_start != period_start {
-            s.period_start = period_start;
-            s.reserved = 0;
+            s.start_period(period_start);
         }
         s.spent = spent;
     }
@@ -293,6 +366,8 @@ impl Budgets {
     /// Checks a request and reserves its worst case. `Ok(None)`: the user
     /// has no limits. Sums saturate: the amounts come from client numbers,
     /// and a sum past every limit must refuse, never wrap around to pass.
+    /// Leased budgets check against this instance's lease, and answer
+    /// [`Refusal::Unleased`] when it does not fit.
     pub fn check(
         self: &Arc<Self>,
         user: &str,
@@ -300,30 +375,65 @@ impl Budgets {
         tokens: u64,
         now_ms: i64,
     ) -> Result<Option<Hold>, Refusal> {
+        self.check_as(user, cost, tokens, now_ms, true)
+    }
+
+    /// [`Budgets::check`] against the whole budget as this instance knows
+    /// its spend, leased or not: with the database away and the setting
+    /// that keeps admitting then.
+    pub fn check_unleased(
+        self: &Arc<Self>,
+        user: &str,
+        cost: i128,
+        tokens: u64,
+        now_ms: i64,
+    ) -> Result<Option<Hold>, Refusal> {
+        self.check_as(user, cost, tokens, now_ms, false)
+    }
+
+    fn check_as(
+        self: &Arc<Self>,
+        user: &str,
+        cost: i128,
+        tokens: u64,
+        now_ms: i64,
+        leased: bool,
+    ) -> Result<Option<Hold>, Refusal> {
         let Some((l, _)) = self.limits_of(user) else {
             return Ok(None);
         };
         let period_start = l.period.start(now_ms);
         let minute = now_ms.div_euclid(60_000);
         let next_minute = || (((minute + 1) * 60_000 - now_ms + 999) / 1000).max(1) as u64;
+        let leasing = self.leasing.get().filter(|_| leased);
+        let mono = leasing.map_or(0, |l| l.mono_ms());
         let mut st = self.state.lock();
         let s = st.entry(user.to_owned()).or_default();
         if s.period_start != period_start {
-            // A new period starts from zero.
-            *s = UserState {
-                period_start,
-                minute: s.minute,
-                requests: s.requests,
-                tokens: s.tokens,
-                ..UserState::default()
-            };
+            s.start_period(period_start);
         }
+        s.last_check = mono;
         if s.minute != minute {
             s.minute = minute;
             s.requests = 0;
             s.tokens = 0;
         }
-        if let Some(b) = l.budget {
+        if let (Some(b), Some(_)) = (l.budget, leasing) {
+            // A request over the whole budget never fits: it must not make
+            // every later grant that large.
+            if cost <= i128::from(b) {
+                s.need = s.need.max(cost);
+            }
+            if cost == 0 {
+                // Spends nothing: refused, as on one instance, only once
+                // the spend known here reached the budget.
+                if s.spent >= i128::from(b) {
+                    return Err(self.over_budget_of(&l, now_ms));
+                }
+            } else if s.lease_until <= mono || !s.fits(cost) {
+                return Err(Refusal::Unleased { need: cost });
+            }
+        } else if let Some(b) = l.budget {
             // Saturating: a reservation may be as large as a request's
             // fields make it.
             if s.spent.saturating_add(s.reserved).saturating_add(cost) > i128::from(b)
@@ -389,6 +499,31 @@ impl Budgets {
             .collect()
     }
 
+    /// The refusal of a request over the user's budget (a leased budget
+    /// whose pool had nothing left for it).
+    pub fn over_budget(&self, user: &str, now_ms: i64) -> Refusal {
+        match self.limits_of(user) {
+            Some((l, _)) => self.over_budget_of(&l, now_ms),
+            None => Refusal::Budget { retry_after: None },
+        }
+    }
+
+    fn over_budget_of(&self, l: &Limits, now_ms: i64) -> Refusal {
+        Refusal::Budget {
+            retry_after: l
+                .period
+                .end(now_ms)
+                .map(|e| ((e - now_ms + 999) / 1000).max(1) as u64),
+        }
+    }
+
+    /// Limits changed: grants found no room under the old ones.
+    fn forget_backoffs(&self) {
+        for s in self.state.lock().values_mut() {
+            s.limits_changed();
+        }
+    }
+
     fn release(&self, h: &Hold, cost: i128, tokens: u64) {
         let mut st = self.state.lock();
         let Some(s) = st.get_mut(&h.user) else {
@@ -397,6 +532,7 @@ impl Budgets {
         if s.period_start == h.period_start {
             s.reserved = s.reserved.saturating_sub(h.cost);
             s.spent = s.spent.saturating_add(cost);
+            s.used = s.used.saturating_add(cost);
         }
         if s.minute == h.minute {
             s.tokens = s.tokens.saturating_add(tokens).saturating_sub(h.tokens);

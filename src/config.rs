@@ -69,6 +69,9 @@ pub struct Config {
     /// cannot be bounded from its body (see the README's budget section);
     /// 0 reserves nothing.
     pub reserve_floor: i64,
+    /// Leased budgets (PostgreSQL) with the database away and a request
+    /// that its instance's lease does not cover.
+    pub budget_offline: BudgetOffline,
 }
 
 /// Shows every setting but the two keys, which print as `<redacted>`.
@@ -107,6 +110,7 @@ impl std::fmt::Debug for Config {
             .field("auth", &self.auth)
             .field("reserve_answer_tokens", &self.reserve_answer_tokens)
             .field("reserve_floor", &self.reserve_floor)
+            .field("budget_offline", &self.budget_offline)
             .finish()
     }
 }
@@ -304,6 +308,18 @@ pub enum ClientAbort {
     Cancel,
 }
 
+/// What a leased budget does when the database is away and a request does
+/// not fit its instance's lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BudgetOffline {
+    /// Refuse with 503 until the database is back (never overruns).
+    #[default]
+    Refuse,
+    /// Admit against the whole budget as this instance last knew its spend
+    /// (each instance may then spend the whole remaining budget).
+    Admit,
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -405,6 +421,7 @@ impl Default for Config {
             auth: crate::access::AuthMode::Header,
             reserve_answer_tokens: 4096,
             reserve_floor: DEFAULT_RESERVE_FLOOR,
+            budget_offline: BudgetOffline::Refuse,
         }
     }
 }
@@ -751,6 +768,14 @@ const SETTINGS: &[Setting] = &[
         help: "dollars reserved against a budget by a request whose cost its body does not bound (audio, image edits, other paid endpoints); 0: none",
     },
     Setting {
+        flag: "--budget-offline",
+        value: "refuse|admit",
+        env: "TOLLGATE_BUDGET_OFFLINE",
+        key: "budget_offline",
+        default: "refuse",
+        help: "PostgreSQL away and a request past this instance's budget lease: refuse answers 503; admit checks the whole budget as this instance last knew it (instances may overrun it)",
+    },
+    Setting {
         flag: "--no-default-prices",
         value: "",
         env: "TOLLGATE_NO_DEFAULT_PRICES=1",
@@ -1023,6 +1048,18 @@ pub fn parse(
                 return Err(err(
                     "--client-abort",
                     format!("`{v}` is not finish or cancel"),
+                ))
+            }
+        };
+    }
+    if let Some(v) = raw("--budget-offline")? {
+        c.budget_offline = match v.as_str() {
+            "refuse" => BudgetOffline::Refuse,
+            "admit" => BudgetOffline::Admit,
+            _ => {
+                return Err(err(
+                    "--budget-offline",
+                    format!("`{v}` is not refuse or admit"),
                 ))
             }
         };

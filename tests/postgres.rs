@@ -589,3 +589,235 @@ async fn upstream_rate_limits_seen_by_one_instance_are_reported_by_the_others() 
     .await;
     assert_eq!(b.get("/ratelimits").await.text(), seen);
 }
+
+/// A request whose reservation is exactly its cost: no prompt price, 1000
+/// answer tokens asked for and answered, at $1 per 1M answer tokens: $0.001.
+const LEASED_COST: i64 = 1_000_000_000;
+const LEASED_PRICE: &str =
+    r#"{"validFrom":"2020-01-01T00:00:00Z","per1MQueryTokens":0,"per1MAnswerTokens":1}"#;
+
+fn leased_req(user: &str) -> hyper::Request<ReqBody> {
+    chat_req(
+        user,
+        r#"{"model":"m-lease","max_tokens":1000,"messages":[{"role":"user","content":"hi"}]}"#,
+    )
+}
+
+async fn leased_mock() -> Mock {
+    Mock::start(|_| Reply::json(completion("m-lease", "ok", Tok::new(3, 1000)))).await
+}
+
+fn pg_count(url: &str, sql: &str) -> i64 {
+    pg_query(url, sql)[0].get(0)
+}
+
+/// Three instances on one database, 300 concurrent requests of one user
+/// spread over them under a budget of 100 such requests: the instances
+/// together admit no more than the budget (each admits against its lease,
+/// not against the whole budget: without leases each admits about 100),
+/// about all of it is admitted (leases adapt, nobody starves), every
+/// request that reached upstream left exactly one record, and the refused
+/// get budget 429s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_share_one_budget_without_overrun() {
+    let Some(_) = pg_or_skip("three_instances_share_one_budget_without_overrun") else {
+        return;
+    };
+    let db = PgDb::create();
+    let mock = leased_mock().await;
+    let start = || {
+        let url = PgUrl::parse(&db.url).unwrap();
+        Proxy::builder(&mock.url())
+            .default_prices(false)
+            .with(move |c| c.db = Db::Postgres(url))
+            .start()
+    };
+    let a = start().await;
+    assert_eq!(a.set_price("m-lease", LEASED_PRICE).await.status, 200);
+    let r = a
+        .admin_call(
+            Method::PUT,
+            "/users/pat/limits",
+            r#"{"budget":0.1,"period":"month"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let b = start().await;
+    let c = start().await;
+    let addrs = [a.addr, b.addr, c.addr];
+    let sends = (0..300).map(|i| async move { send(addrs[i % 3], leased_req("pat")).await });
+    let answers = futures_util::future::join_all(sends).await;
+    let admitted = answers.iter().filter(|r| r.status == 200).count();
+    for r in answers.iter().filter(|r| r.status != 200) {
+        assert_openai_error(r, 429, "requests", None, Some("budget_exceeded"));
+    }
+    let upstream = mock.seen().len();
+    assert_eq!(upstream, admitted, "only admitted requests reach upstream");
+    eventually("every record written", STEP, || async {
+        (pg_count(&db.url, "SELECT count(*) FROM queries") == admitted as i64).then_some(())
+    })
+    .await;
+    let spent = pg_count(&db.url, "SELECT sum(cost)::bigint FROM queries");
+    eprintln!(
+        "three instances: admitted {admitted} of 300, spent {spent} pico-dollars of a {} budget",
+        100 * LEASED_COST
+    );
+    // Reservations equal costs here, so the per-request bound is 0.
+    assert!(spent <= 100 * LEASED_COST, "spent {spent} over the budget");
+    assert!(admitted >= 90, "only {admitted} admitted: starved");
+    let (records, rollups) = sums(&db.url);
+    assert_eq!(records, rollups);
+}
+
+/// The real binary, on PostgreSQL.
+struct Bin(std::process::Child, std::net::SocketAddr);
+
+impl Drop for Bin {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_pg_bin(upstream: &str, db: &str) -> Bin {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            upstream,
+            "--db",
+            db,
+        ])
+        .arg("--no-default-prices")
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .env_remove("TOLLGATE_UPSTREAM_TOKEN")
+        .env_remove("FORWARD_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tollgate");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let Some(at) = line.find("tollgate listening") else {
+                continue;
+            };
+            let rest = &line[at..];
+            let Some(i) = rest.find("127.0.0.1:") else {
+                continue;
+            };
+            let port: String = rest[i + 10..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            if let (Some(tx), Ok(addr)) = (tx.take(), format!("127.0.0.1:{port}").parse()) {
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = rx.recv_timeout(STEP).expect("tollgate logs its address");
+    Bin(child, addr)
+}
+
+fn admin_req(method: Method, path: &str, body: &str) -> hyper::Request<ReqBody> {
+    hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(full(body.to_owned()))
+        .unwrap()
+}
+
+/// Sends requests to `addr` one after another until one is refused;
+/// returns how many were admitted.
+async fn admitted_until_refused(addr: std::net::SocketAddr, user: &str) -> usize {
+    let mut n = 0;
+    loop {
+        let r = send(addr, leased_req(user)).await;
+        if r.status != 200 {
+            assert_openai_error(&r, 429, "requests", None, Some("budget_exceeded"));
+            return n;
+        }
+        n += 1;
+        assert!(n <= 100, "never refused");
+    }
+}
+
+/// `kill -9` of a tollgate process holding a lease: its slice stays out of
+/// the pool until the lease expires (the other instance admits only what
+/// is left beside it), then returns, and the budget is spent exactly, no
+/// more. Without leases the other instance admits the whole remaining
+/// budget at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instances_lease_returns_after_its_expiry() {
+    let Some(_) = pg_or_skip("a_killed_instances_lease_returns_after_its_expiry") else {
+        return;
+    };
+    let db = PgDb::create();
+    let mock = leased_mock().await;
+    let mut a = spawn_pg_bin(&mock.url(), &db.url);
+    let r = send(a.1, admin_req(Method::POST, "/model/m-lease", LEASED_PRICE)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = send(
+        a.1,
+        admin_req(
+            Method::PUT,
+            "/users/kim/limits",
+            r#"{"budget":0.02,"period":"total"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A's first request takes half of the 20 requests' budget as its lease.
+    assert_eq!(send(a.1, leased_req("kim")).await.status, 200);
+    eventually("A's record written, its lease less it", STEP, || async {
+        let rows = pg_query(
+            &db.url,
+            "SELECT amount FROM budget_leases WHERE username = 'kim' AND expires_at > now()",
+        );
+        let amounts: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        (pg_count(&db.url, "SELECT count(*) FROM queries") == 1 && amounts == [9 * LEASED_COST])
+            .then_some(())
+    })
+    .await;
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+
+    let url = PgUrl::parse(&db.url).unwrap();
+    let b = Proxy::builder(&mock.url())
+        .default_prices(false)
+        .with(move |c| c.db = Db::Postgres(url))
+        .start()
+        .await;
+    // A's 9 stay leased: of 20, 1 spent, B gets the other 10.
+    let before = admitted_until_refused(b.addr, "kim").await;
+    let a_live = pg_count(
+        &db.url,
+        "SELECT count(*) FROM budget_leases WHERE username = 'kim' AND amount > 0 AND expires_at > now()",
+    );
+    eprintln!("B admitted {before} while A's lease was held (A's lease live after: {a_live})");
+    assert_eq!(before, 10, "B spent A's leased slice before it expired");
+    // A's lease expires, and B can spend its slice.
+    eventually("A's lease returns to the pool", STEP, || async {
+        (send(b.addr, leased_req("kim")).await.status == 200).then_some(())
+    })
+    .await;
+    let after = 1 + admitted_until_refused(b.addr, "kim").await;
+    eprintln!("B admitted {after} more after A's lease expired");
+    assert_eq!(1 + before + after, 20, "the whole budget, and no more");
+    b.wait_records(20).await;
+    assert_eq!(
+        pg_count(&db.url, "SELECT sum(cost)::bigint FROM queries"),
+        20 * LEASED_COST
+    );
+    assert_eq!(mock.seen().len(), 20);
+}

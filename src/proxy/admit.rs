@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::app::App;
 use crate::budget::{Hold, Refusal};
+use crate::config::BudgetOffline;
 use crate::error::ApiError;
 use crate::record::Rejected;
 use crate::store::Slot;
@@ -14,6 +15,9 @@ use super::Ctx;
 
 /// Longest a request waits for room in the usage queue before a 503.
 const QUEUE_WAIT: Duration = Duration::from_secs(10);
+
+/// Longest a request waits for a grant of budget lease before a 503.
+const LEASE_WAIT: Duration = Duration::from_secs(3);
 
 /// What an admitted request holds until its record is written.
 pub struct Admission {
@@ -28,9 +32,15 @@ pub struct Admission {
 pub async fn admit(app: &App, ctx: &Ctx) -> Result<Admission, ApiError> {
     let hold = if app.budgets.active() {
         let (cost, tokens) = super::reserve::reservation(app, ctx);
-        match app.budgets.check(&ctx.user, cost, tokens, ctx.started_ms) {
+        match check(app, ctx, cost, tokens).await {
             Ok(h) => h,
-            Err(refusal) => {
+            Err(Refused::Unavailable) => {
+                return Err(ApiError::unavailable(
+                    "the budget database is unreachable and this instance's budget lease is used up; try again shortly",
+                )
+                .with_code("service_unavailable"))
+            }
+            Err(Refused::Limit(refusal)) => {
                 if matches!(refusal, Refusal::Budget { .. }) {
                     app.alerts.refused(&ctx.user);
                 }
@@ -54,6 +64,33 @@ pub async fn admit(app: &App, ctx: &Ctx) -> Result<Admission, ApiError> {
     Ok(Admission { hold, slot })
 }
 
+enum Refused {
+    Limit(Refusal),
+    Unavailable,
+}
+
+/// The budget check; a leased budget whose lease does not cover the
+/// request hands the check to the lease thread, which asks the database
+/// for more (one round trip). Nothing granted: over budget. The database away: 503, or
+/// with `--budget-offline admit` the whole budget as this instance knows it.
+async fn check(app: &App, ctx: &Ctx, cost: i128, tokens: u64) -> Result<Option<Hold>, Refused> {
+    let b = &app.budgets;
+    match b.check(&ctx.user, cost, tokens, ctx.started_ms) {
+        Err(Refusal::Unleased { .. }) => {}
+        r => return r.map_err(Refused::Limit),
+    }
+    match b
+        .check_leased(&ctx.user, cost, tokens, ctx.started_ms, LEASE_WAIT)
+        .await
+    {
+        Ok(r) => r.map_err(Refused::Limit),
+        Err(_) if app.config.budget_offline == BudgetOffline::Admit => b
+            .check_unleased(&ctx.user, cost, tokens, ctx.started_ms)
+            .map_err(Refused::Limit),
+        Err(_) => Err(Refused::Unavailable),
+    }
+}
+
 impl From<Refusal> for ApiError {
     fn from(r: Refusal) -> ApiError {
         let code = r.code();
@@ -62,6 +99,12 @@ impl From<Refusal> for ApiError {
                 code,
                 "This user has used up their budget for this period.",
                 retry_after,
+            ),
+            // Never answered as such: `check` asks for a lease first.
+            Refusal::Unleased { .. } => ApiError::too_many(
+                code,
+                "This user has used up their budget for this period.",
+                None,
             ),
             Refusal::Rate { what, retry_after } => ApiError::too_many(
                 code,

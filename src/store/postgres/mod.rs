@@ -13,12 +13,14 @@
 
 mod accounts;
 mod import;
+mod leases;
 mod reports;
 mod schema;
 mod write;
 
 pub use accounts::PgAccounts;
 pub use import::{open_target, PgTarget, PROGRESS_PREFIX};
+pub use leases::PgLeases;
 pub use reports::PgReports;
 pub use schema::LATEST as SCHEMA_VERSION;
 pub use write::PgBackend;

@@ -46,6 +46,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         what: "budget alerts sent, once per threshold and period",
         sql: SCHEMA_V4,
     },
+    Migration {
+        version: 5,
+        what: "budget leases: each instance's slice of a user's remaining budget",
+        sql: SCHEMA_V5,
+    },
 ];
 
 /// The version this build brings a database to.
@@ -205,6 +210,69 @@ ALTER TABLE prices
     ADD COLUMN priority_answer bigint,
     ADD COLUMN audio_query bigint,
     ADD COLUMN audio_answer bigint;
+";
+
+/// Budget leases (`budget::lease`). A row is one instance's slice of one
+/// user's budget in one period: `amount` is what it was granted less its
+/// records already written (the writer subtracts them in the batch's own
+/// transaction), so `spent + sum(live amounts)` only moves when a slice is
+/// granted, given back or expires. `tollgate_lease_take` grants a slice in
+/// one statement: it serializes the grants of one user on an advisory
+/// transaction lock, and as a volatile function its next statements read a
+/// snapshot taken after that lock, so two grants never both see the same
+/// room. The size rule is `budget::lease::lease_size`'s:
+/// `least(room, greatest(need, room / (div * holders)))`, nothing when
+/// `room < need`.
+const SCHEMA_V5: &str = "
+CREATE TABLE budget_leases (
+    username     text        NOT NULL,
+    instance     text        NOT NULL,
+    period_start bigint      NOT NULL,
+    amount       bigint      NOT NULL,
+    expires_at   timestamptz NOT NULL,
+    PRIMARY KEY (username, instance)
+);
+CREATE INDEX budget_leases_instance ON budget_leases (instance);
+CREATE FUNCTION tollgate_lease_take(p_user text, p_instance text, p_period bigint,
+        p_limit bigint, p_need bigint, p_div bigint, p_ttl_ms bigint,
+        OUT granted bigint, OUT room bigint, OUT holders bigint, OUT reset boolean)
+    LANGUAGE plpgsql AS $$
+DECLARE
+    v_spent  numeric;
+    v_leased numeric;
+    v_others bigint;
+    v_mine   boolean;
+    v_room   numeric;
+    v_grant  numeric;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('tollgate_lease:' || p_user, 0));
+    SELECT coalesce(sum(cost), 0) INTO v_spent
+        FROM usage_daily WHERE username = p_user AND day >= p_period / 86400000;
+    SELECT coalesce(sum(greatest(amount, 0)), 0),
+           count(*) FILTER (WHERE instance <> p_instance AND amount > 0),
+           bool_or(instance = p_instance)
+        INTO v_leased, v_others, v_mine
+        FROM budget_leases
+        WHERE username = p_user AND period_start = p_period AND expires_at > now();
+    v_room := greatest(p_limit - v_spent - v_leased, 0);
+    holders := v_others + 1;
+    IF v_room < greatest(p_need, 1) THEN
+        v_grant := 0;
+    ELSE
+        v_grant := least(v_room, greatest(p_need, floor(v_room / (p_div * holders))));
+    END IF;
+    granted := v_grant;
+    room := v_room - v_grant;
+    reset := NOT coalesce(v_mine, false);
+    INSERT INTO budget_leases AS l (username, instance, period_start, amount, expires_at)
+        VALUES (p_user, p_instance, p_period, granted,
+                now() + make_interval(secs => p_ttl_ms / 1000.0))
+        ON CONFLICT (username, instance) DO UPDATE SET
+            amount = CASE WHEN reset THEN excluded.amount ELSE l.amount + excluded.amount END,
+            period_start = excluded.period_start,
+            expires_at = excluded.expires_at;
+END
+$$;
 ";
 
 fn refuse_newer(version: i32) -> Result<(), StoreError> {

@@ -133,6 +133,17 @@ ON CONFLICT (day, username, model) DO UPDATE SET
     cost = d.cost + excluded.cost,
     unpriced = d.unpriced + excluded.unpriced";
 
+/// This instance's leases shrink by what its records written in the same
+/// transaction cost (those of the lease's period: rollup days are day numbers, period
+/// starts milliseconds at a day's start),
+/// so a lease's amount plus the spend written stays what was granted.
+const SPEND_LEASES: &str = "UPDATE budget_leases l SET amount = l.amount - s.cost
+FROM (SELECT b.username, sum(v.cost) AS cost
+      FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS v(day, username, cost)
+      JOIN budget_leases b ON b.username = v.username AND b.instance = $4 AND v.day >= b.period_start / 86400000
+      GROUP BY b.username) s
+WHERE l.username = s.username AND l.instance = $4";
+
 /// The rollup rows of a batch as column arrays, sorted by key (instances
 /// upserting the same rows then lock them in the same order).
 #[derive(Default)]
@@ -278,6 +289,12 @@ pub(super) fn partition_month(name: &str) -> Option<i64> {
 }
 
 impl PgBackend {
+    /// The budget leases of this instance (the writer subtracts what it
+    /// writes from them).
+    pub fn leases(&self) -> super::PgLeases {
+        super::PgLeases::new(self.url.clone(), self.instance.clone())
+    }
+
     pub(super) fn new(url: PgUrl, client: Client) -> Result<PgBackend, StoreError> {
         wait(client.batch_execute(WRITER_SETTINGS))?;
         let mut id = [0u8; 8];
@@ -365,6 +382,7 @@ impl PgBackend {
                 *t = (*t).max(p.record.started_ms);
             }
         }
+        let instance = self.instance.clone();
         let c = self.client()?;
         wait(async {
             let tx = c.transaction().await?;
@@ -385,6 +403,11 @@ impl PgBackend {
                 }
                 copy_records(&tx, batch).await?;
                 upsert_daily(&tx, &daily).await?;
+                let s = &daily.sums;
+                if s[5].iter().any(|&c| c != 0) {
+                    tx.execute(SPEND_LEASES, &[&daily.day, &daily.user, &s[5], &instance])
+                        .await?;
+                }
                 if !last_used.is_empty() {
                     let ids: Vec<&str> = last_used.keys().copied().collect();
                     let ts: Vec<i64> = last_used.values().copied().collect();

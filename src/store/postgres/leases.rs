@@ -1,0 +1,106 @@
+//! Budget leases in the database (`budget_leases`, schema step 3), over a
+//! connection of their own used only by the lease thread: a grant is one
+//! call of `tollgate_lease_take`, a give-back and a renewal one statement
+//! each. The writer subtracts written records from this instance's leases
+//! in its batch transaction (`write.rs`).
+
+use parking_lot::Mutex;
+use tokio_postgres::Client;
+
+use super::{connect, wait};
+use crate::budget::{lease, LeaseSource, Taken};
+use crate::config::PgUrl;
+use crate::store::StoreError;
+
+/// A lease call that waits longer fails: the request waiting on it gets its
+/// answer (503) rather than hanging on a stuck database.
+const LEASE_SETTINGS: &str = "SET lock_timeout = '2s'; SET statement_timeout = '3s'";
+
+/// Leases of one instance.
+pub struct PgLeases {
+    url: PgUrl,
+    instance: String,
+    client: Mutex<Option<Client>>,
+}
+
+impl PgLeases {
+    pub(super) fn new(url: PgUrl, instance: String) -> PgLeases {
+        PgLeases {
+            url,
+            instance,
+            client: Mutex::new(None),
+        }
+    }
+
+    /// Runs `f` on the connection, reopened if it was lost.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&Client) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, String> {
+        let mut c = self.client.lock();
+        if c.as_ref().is_none_or(Client::is_closed) {
+            *c = None;
+            let client = connect(&self.url).map_err(|e| e.0)?;
+            wait(client.batch_execute(LEASE_SETTINGS)).map_err(|e| StoreError::from(e).0)?;
+            *c = Some(client);
+        }
+        let client = c.as_ref().expect("connected just now");
+        f(client).map_err(|e| StoreError::from(e).0)
+    }
+}
+
+fn ttl_ms() -> i64 {
+    i64::try_from(lease::LEASE_TTL.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl LeaseSource for PgLeases {
+    fn take(&self, user: &str, period_start: i64, limit: i64, need: i64) -> Result<Taken, String> {
+        self.with(|c| {
+            let row = wait(c.query_one(
+                "SELECT granted, reset FROM tollgate_lease_take($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &user,
+                    &self.instance,
+                    &period_start,
+                    &limit,
+                    &need,
+                    &lease::SHARE_DIV,
+                    &ttl_ms(),
+                ],
+            ))?;
+            Ok(Taken {
+                granted: row.try_get(0)?,
+                reset: row.try_get(1)?,
+            })
+        })
+    }
+
+    fn give_back(&self, user: &str, period_start: i64, amount: i64) -> Result<(), String> {
+        self.with(|c| {
+            wait(c.execute(
+                "UPDATE budget_leases SET amount = amount - $4
+                 WHERE username = $1 AND instance = $2 AND period_start = $3 AND expires_at > now()",
+                &[&user, &self.instance, &period_start, &amount],
+            ))?;
+            Ok(())
+        })
+    }
+
+    fn renew(&self) -> Result<Vec<(String, i64)>, String> {
+        self.with(|c| {
+            let rows = wait(c.query(
+                "UPDATE budget_leases SET expires_at = now() + make_interval(secs => $2::bigint / 1000.0)
+                 WHERE instance = $1 AND expires_at > now() RETURNING username, period_start",
+                &[&self.instance, &ttl_ms()],
+            ))?;
+            // Lapsed leases of any instance, long past mattering.
+            wait(c.execute(
+                "DELETE FROM budget_leases WHERE expires_at < now() - interval '10 minutes'",
+                &[],
+            ))?;
+            rows.iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect()
+        })
+    }
+}
