@@ -78,6 +78,9 @@ pub struct Record {
     pub key_id: Option<String>,
     /// The budget reservation to settle once the cost is known.
     pub hold: Option<Hold>,
+    /// The request's tags in canonical form (see [`crate::tags`]); empty
+    /// when it has none.
+    pub tags: String,
 }
 
 impl Record {
@@ -208,6 +211,8 @@ pub struct StoredRecord {
     pub request_id: Option<String>,
     /// See [`Record::client_aborted`].
     pub client_aborted: bool,
+    /// See [`Record::tags`].
+    pub tags: String,
 }
 
 #[cfg(test)]

@@ -81,8 +81,31 @@ pub fn parse_params(query: &str, allowed: &[&str]) -> Result<Params, ApiError> {
             "before" => f.before = Some(time(&v)?),
             "limit" => f.limit = Some(number(&v)?),
             "offset" => f.offset = number(&v)?,
+            "tag" => {
+                if f.tag.is_some() {
+                    return Err(ApiError::bad_param("tag", "give one tag filter at most"));
+                }
+                let t = crate::tags::TagFilter::parse(&v)
+                    .map_err(|e| ApiError::bad_param("tag", e.0))?;
+                f.tag = Some(t);
+            }
             "group_by" => {
                 for g in v.split(',').map(str::trim).filter(|g| !g.is_empty()) {
+                    if let Some(k) = g.strip_prefix("tag:") {
+                        crate::tags::check_key(k)
+                            .map_err(|e| ApiError::bad_param("group_by", e.0))?;
+                        if f.group_tag.as_deref().is_some_and(|old| old != k) {
+                            return Err(ApiError::bad_param(
+                                "group_by",
+                                "group by one tag key at most",
+                            ));
+                        }
+                        f.group_tag = Some(k.to_owned());
+                        if !p.group.contains(&GroupKey::Tag) {
+                            p.group.push(GroupKey::Tag);
+                        }
+                        continue;
+                    }
                     let key = match g {
                         "user" => GroupKey::User,
                         "model" => GroupKey::Model,
@@ -91,7 +114,7 @@ pub fn parse_params(query: &str, allowed: &[&str]) -> Result<Params, ApiError> {
                         other => {
                             return Err(ApiError::bad_param(
                                 "group_by",
-                                format!("cannot group by {other} (user, model, day, month)"),
+                                format!("cannot group by {other} (user, model, day, month, tag:<key>)"),
                             ))
                         }
                     };
@@ -106,6 +129,19 @@ pub fn parse_params(query: &str, allowed: &[&str]) -> Result<Params, ApiError> {
                 _ => return Err(ApiError::bad_param("format", "format must be json or csv")),
             },
             _ => unreachable!("checked against allowed"),
+        }
+    }
+    // The tag rollups hold one tag key per row: a filter on one key and
+    // groups by another would need every record read.
+    if let (Some(t), Some(k)) = (&f.tag, &f.group_tag) {
+        if t.key != *k {
+            return Err(ApiError::bad_param(
+                "group_by",
+                format!(
+                    "group_by=tag:{k} cannot be combined with a filter on another tag key ({}); filter on {k} or group by tag:{}",
+                    t.key, t.key
+                ),
+            ));
         }
     }
     Ok(p)

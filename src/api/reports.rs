@@ -36,6 +36,9 @@ struct Usage<'a> {
     day: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     month: Option<&'a str>,
+    /// `{"<key>": value or null}` when grouped by a tag key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tags: Option<TagGroup<'a>>,
     num_queries: u64,
     query_tokens: u64,
     answer_tokens: u64,
@@ -45,6 +48,19 @@ struct Usage<'a> {
     reasoning_tokens: u64,
     unpriced_queries: u64,
     rejected_queries: u64,
+}
+
+/// The tag a `/usage` row is grouped under: its key and the value (`None`
+/// for the records without the key).
+struct TagGroup<'a>(&'a str, Option<&'a str>);
+
+impl Serialize for TagGroup<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(1))?;
+        m.serialize_entry(self.0, &self.1)?;
+        m.end()
+    }
 }
 
 impl<'a> Usage<'a> {
@@ -60,6 +76,7 @@ impl<'a> Usage<'a> {
             model: g.model.as_deref(),
             day: g.day.as_deref(),
             month: g.month.as_deref(),
+            tags: None,
             num_queries: t.queries,
             query_tokens: t.query_tokens,
             answer_tokens: t.answer_tokens,
@@ -79,6 +96,7 @@ impl<'a> Usage<'a> {
             model: None,
             day: None,
             month: None,
+            tag: None,
         };
         Usage::new(&NONE, t)
     }
@@ -91,7 +109,15 @@ pub fn usage_json(t: &UsageTotals) -> String {
 
 /// `GET /usage`: one object, or an array of them with `group_by`.
 pub(super) async fn usage(app: &Arc<App>, query: &str) -> Result<Response<Body>, ApiError> {
-    let p = parse_params(query, &["user", "model", "after", "before", "group_by"])?;
+    let p = parse_params(
+        query,
+        &["user", "model", "after", "before", "tag", "group_by"],
+    )?;
+    let tag_key = p
+        .filter
+        .group_tag
+        .clone()
+        .filter(|_| p.group.contains(&crate::store::GroupKey::Tag));
     catch_up(app).await;
     let reports = app.store.reports();
     let grouped = !p.group.is_empty();
@@ -102,7 +128,14 @@ pub(super) async fn usage(app: &Arc<App>, query: &str) -> Result<Response<Body>,
         let t = rows.into_iter().next().map(|r| r.1).unwrap_or_default();
         return ok(&Usage::totals(&t));
     }
-    let all: Vec<Usage> = rows.iter().map(|(g, t)| Usage::new(g, t)).collect();
+    let all: Vec<Usage> = rows
+        .iter()
+        .map(|(g, t)| {
+            let mut u = Usage::new(g, t);
+            u.tags = tag_key.as_deref().map(|k| TagGroup(k, g.tag.as_deref()));
+            u
+        })
+        .collect();
     ok(&all)
 }
 
@@ -142,7 +175,7 @@ pub(super) async fn queries(app: &Arc<App>, query: &str) -> Result<Response<Body
     let p = parse_params(
         query,
         &[
-            "user", "model", "after", "before", "limit", "offset", "format",
+            "user", "model", "after", "before", "tag", "limit", "offset", "format",
         ],
     )?;
     catch_up(app).await;
@@ -257,10 +290,19 @@ pub fn record_json(out: &mut String, r: &StoredRecord) {
     }
     out.push_str(",\"clientAborted\":");
     out.push_str(if r.client_aborted { "true" } else { "false" });
-    out.push('}');
+    out.push_str(",\"tags\":{");
+    for (i, (k, v)) in crate::tags::pairs(&r.tags).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_str(out, k);
+        out.push(':');
+        push_json_str(out, v);
+    }
+    out.push_str("}}");
 }
 
-const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,clientAborted\r\n";
+const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,clientAborted,tags\r\n";
 
 /// Leading characters that make a spreadsheet read a cell as a formula
 /// (OWASP, "CSV Injection").
@@ -317,6 +359,8 @@ pub fn record_csv(out: &mut String, r: &StoredRecord) {
     }
     out.push(',');
     out.push_str(if r.client_aborted { "true" } else { "false" });
+    out.push(',');
+    push_csv(out, &r.tags);
     out.push_str("\r\n");
 }
 

@@ -57,6 +57,8 @@ pub struct KeyInfo {
     pub last_used_ms: Option<i64>,
     /// Revocation, ms since the epoch.
     pub revoked_ms: Option<i64>,
+    /// Default tags of its requests, canonical (see [`crate::tags`]).
+    pub tags: String,
 }
 
 /// Users' keys and limits.
@@ -100,6 +102,10 @@ pub struct Filter {
     pub limit: Option<u64>,
     /// Skip this many rows (`/queries`).
     pub offset: u64,
+    /// Only records carrying this tag (`tag=key` or `tag=key=value`).
+    pub tag: Option<crate::tags::TagFilter>,
+    /// The tag key [`GroupKey::Tag`] groups by (`group_by=tag:<key>`).
+    pub group_tag: Option<String>,
 }
 
 /// Totals of `/usage`.
@@ -134,6 +140,9 @@ pub enum GroupKey {
     Day,
     /// Per UTC month.
     Month,
+    /// Per value of the tag key [`Filter::group_tag`] (records without it
+    /// apart, under no value).
+    Tag,
 }
 
 /// The values of the group keys of one `/usage` row (`None` where not grouped).
@@ -147,6 +156,9 @@ pub struct GroupValues {
     pub day: Option<String>,
     /// `YYYY-MM`.
     pub month: Option<String>,
+    /// The value of the grouped tag key (`""` for a bare word); `None`
+    /// where not grouped or for records without the key.
+    pub tag: Option<String>,
 }
 
 impl GroupValues {
@@ -157,6 +169,7 @@ impl GroupValues {
             GroupKey::Model => self.model = v,
             GroupKey::Day => self.day = v,
             GroupKey::Month => self.month = v,
+            GroupKey::Tag => self.tag = v,
         }
     }
 }
