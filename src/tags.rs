@@ -104,7 +104,10 @@ fn parse_one(tag: &str) -> Result<(&str, &str), TagError> {
         }
         None => (tag, ""),
     };
-    check_key(key).map_err(|e| TagError(format!("bad tag {}: {e}", quoted(tag))))?;
+    check_key(key).map_err(|e| match tag.contains('=') {
+        true => TagError(format!("bad tag {}: {e}", quoted(tag))),
+        false => e,
+    })?;
     Ok((key, value))
 }
 
@@ -124,10 +127,7 @@ impl Tags {
             }
             let (k, v) = parse_one(tag)?;
             if out.insert(k.to_owned(), v.to_owned()).is_some() {
-                return Err(TagError(format!(
-                    "tag key {} is given twice",
-                    quoted(k)
-                )));
+                return Err(TagError(format!("tag key {} is given twice", quoted(k))));
             }
             if out.len() > MAX_TAGS {
                 return Err(TagError(format!(
@@ -269,7 +269,7 @@ mod tests {
         assert!(err("=x").contains("bad tag \"=x\""));
         assert!(err("a=b=c").contains("\"a=b=c\""));
         assert!(err("team=se arch").contains("\"team=se arch\""));
-        assert!(err("sp ace").contains("\"sp ace\""));
+        assert!(err("sp ace").contains("tag key \"sp ace\" may only hold"));
         let long_key = "k".repeat(33);
         assert!(err(&long_key).contains("longer than 32 bytes"));
         assert!(Tags::parse(&"k".repeat(32)).is_ok());
@@ -286,7 +286,7 @@ mod tests {
         assert!(e.contains(r#""a=\u{7}<b>\"\u{e9}""#), "{e}");
         assert!(!e.contains('\u{7}'));
         let e = err(&format!("{}!", "x".repeat(200)));
-        assert!(e.len() < 200, "{e}");
+        assert!(e.len() < 150, "{e}");
         assert!(e.contains("..."));
     }
 

@@ -287,7 +287,11 @@ fn piece_totals(
         return Ok(());
     }
     match (&f.tag, tag_group) {
-        (None, None) => add(read_piece(c, piece, f, &plain, Source::Daily, false)?, sign, &|_| None),
+        (None, None) => add(
+            read_piece(c, piece, f, &plain, Source::Daily, false)?,
+            sign,
+            &|_| None,
+        ),
         (Some(t), _) => {
             let src = Source::Tagged(&t.key, t.value.as_deref());
             let rows = read_piece(c, piece, f, &plain, src, tag_group.is_some())?;
@@ -298,7 +302,11 @@ fn piece_totals(
             // records less those with it.
             let with = read_piece(c, piece, f, &plain, Source::Tagged(k, None), true)?;
             add(with, sign, &|t| t);
-            add(read_piece(c, piece, f, &plain, Source::Daily, false)?, sign, &|_| None);
+            add(
+                read_piece(c, piece, f, &plain, Source::Daily, false)?,
+                sign,
+                &|_| None,
+            );
             let with = read_piece(c, piece, f, &plain, Source::Tagged(k, None), false)?;
             add(with, -sign, &|_| None);
         }

@@ -359,7 +359,11 @@ fn piece_totals(
         return Ok(());
     }
     match (&f.tag, tag_group) {
-        (None, None) => add(read_piece(c, piece, f, &plain, Source::Daily, false)?, sign, &|_| None),
+        (None, None) => add(
+            read_piece(c, piece, f, &plain, Source::Daily, false)?,
+            sign,
+            &|_| None,
+        ),
         (Some(t), _) => {
             let src = Source::Tagged(&t.key, t.value.as_deref());
             let rows = read_piece(c, piece, f, &plain, src, tag_group.is_some())?;
@@ -370,7 +374,11 @@ fn piece_totals(
             // records less those with it.
             let with = read_piece(c, piece, f, &plain, Source::Tagged(k, None), true)?;
             add(with, sign, &|t| t);
-            add(read_piece(c, piece, f, &plain, Source::Daily, false)?, sign, &|_| None);
+            add(
+                read_piece(c, piece, f, &plain, Source::Daily, false)?,
+                sign,
+                &|_| None,
+            );
             let with = read_piece(c, piece, f, &plain, Source::Tagged(k, None), false)?;
             add(with, -sign, &|_| None);
         }
@@ -391,7 +399,9 @@ fn acc_add(acc: &mut BTreeMap<GroupValues, Acc>, g: GroupValues, t: [i128; 7], s
 }
 
 /// The `tag` filter of the records, as SQL on their canonical tag list.
-pub(super) fn tag_condition(t: &crate::tags::TagFilter) -> (&'static str, Vec<rusqlite::types::Value>) {
+pub(super) fn tag_condition(
+    t: &crate::tags::TagFilter,
+) -> (&'static str, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value;
     // Canonical lists hold no spaces or commas inside a tag: `,k=v,` is
     // found in `,list,` exactly when the record has that tag.
