@@ -104,9 +104,12 @@ fn parse_one(tag: &str) -> Result<(&str, &str), TagError> {
         }
         None => (tag, ""),
     };
-    check_key(key).map_err(|e| match tag.contains('=') {
-        true => TagError(format!("bad tag {}: {e}", quoted(tag))),
-        false => e,
+    check_key(key).map_err(|e| {
+        if tag.contains('=') {
+            TagError(format!("bad tag {}: {e}", quoted(tag)))
+        } else {
+            e
+        }
     })?;
     Ok((key, value))
 }

@@ -106,19 +106,20 @@ pub fn parse_params(query: &str, allowed: &[&str]) -> Result<Params, ApiError> {
                         }
                         continue;
                     }
-                    let key =
-                        match g {
-                            "user" => GroupKey::User,
-                            "model" => GroupKey::Model,
-                            "day" => GroupKey::Day,
-                            "month" => GroupKey::Month,
-                            other => return Err(ApiError::bad_param(
+                    let key = match g {
+                        "user" => GroupKey::User,
+                        "model" => GroupKey::Model,
+                        "day" => GroupKey::Day,
+                        "month" => GroupKey::Month,
+                        other => {
+                            return Err(ApiError::bad_param(
                                 "group_by",
                                 format!(
                                     "cannot group by {other} (user, model, day, month, tag:<key>)"
                                 ),
-                            )),
-                        };
+                            ))
+                        }
+                    };
                     if !p.group.contains(&key) {
                         p.group.push(key);
                     }

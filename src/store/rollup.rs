@@ -82,6 +82,10 @@ pub fn tagged(batch: &[Priced]) -> BTreeMap<TagRow<'_>, Daily> {
     out
 }
 
+/// A tag rollup row's key, owned (re-pricing collects them from records):
+/// tag key, day, tag value, user, model.
+pub type OwnedTagRow = (String, i64, String, String, String);
+
 impl Daily {
     /// Adds one record.
     fn add(&mut self, p: &Priced) {

@@ -416,7 +416,7 @@ impl PgBackend {
                 .await?;
             let (mut ids, mut tss, mut costs, mut priced) = (vec![], vec![], vec![], vec![]);
             let mut deltas: BTreeMap<(i64, String, String), (i64, i64)> = BTreeMap::new();
-            let mut tag_deltas: BTreeMap<(String, i64, String, String, String), (i64, i64)> =
+            let mut tag_deltas: BTreeMap<crate::store::rollup::OwnedTagRow, (i64, i64)> =
                 BTreeMap::new();
             for row in &rows {
                 let m: String = row.get(1);

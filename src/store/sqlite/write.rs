@@ -162,7 +162,7 @@ impl Backend for SqliteBackend {
             )?;
             let mut upd = tx.prepare("UPDATE queries SET cost = ?2, priced = ?3 WHERE id = ?1")?;
             let mut deltas: HashMap<(i64, String, String), (i64, i64)> = HashMap::new();
-            let mut tag_deltas: HashMap<(String, i64, String, String, String), (i64, i64)> =
+            let mut tag_deltas: HashMap<crate::store::rollup::OwnedTagRow, (i64, i64)> =
                 HashMap::new();
             let mut rows = sel.query(params![price.valid_from, model, like_dated])?;
             while let Some(row) = rows.next()? {
