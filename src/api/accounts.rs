@@ -32,6 +32,8 @@ struct Key<'a> {
     created_at: Time,
     last_used_at: Option<Time>,
     revoked_at: Option<Time>,
+    /// Only for a key with default tags: the answer stays as it was for others.
+    #[serde(skip_serializing_if = "super::TagsJson::is_empty")]
     tags: super::TagsJson<'a>,
 }
 
@@ -43,6 +45,7 @@ struct NewKey<'a> {
     user: &'a str,
     key: &'a str,
     created_at: Time,
+    #[serde(skip_serializing_if = "super::TagsJson::is_empty")]
     tags: super::TagsJson<'a>,
 }
 

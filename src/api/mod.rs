@@ -224,6 +224,13 @@ impl Serialize for Scaled {
 #[derive(Debug, Clone, Copy)]
 struct TagsJson<'a>(&'a str);
 
+impl TagsJson<'_> {
+    /// Whether the list holds no tag.
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 impl Serialize for TagsJson<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
