@@ -60,15 +60,25 @@ fn fill(path: &std::path::Path, n: u64) {
              BEGIN;
              WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {last})
              INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
-                                  query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id)
+                                  query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, tags)
              SELECT 'user-' || (i * 7919 % {USERS}), CASE i % 12 {models} END, 'gpt-4o', '/v1/chat/completions',
                     {START} + i * {step}, 800000, 300000, 200, i % 2,
-                    500 + i % 1000, 100 + i % 300, i % 200, i % 50, (500 + i % 1000) * 2500000, 1, 0, NULL
+                    500 + i % 1000, 100 + i % 300, i % 200, i % 50, (500 + i % 1000) * 2500000, 1, 0, NULL,
+                    CASE i % 5 WHEN 0 THEN 'feature=autocomplete,team=search' WHEN 1 THEN 'feature=chat'
+                               WHEN 2 THEN 'feature=summary,team=ads' WHEN 3 THEN 'team=search' ELSE '' END
              FROM n;
              INSERT INTO usage_daily (day, user, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
              SELECT ts / 86400000, user, model, COUNT(*), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens),
                     SUM(reasoning_tokens), SUM(cost), SUM(1 - priced)
              FROM queries GROUP BY 1, 2, 3;
+             INSERT INTO usage_daily_tags (tag_key, day, tag_value, user, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
+             SELECT 'feature', ts / 86400000, substr(tags, 9, instr(tags || ',', ',') - 9), user, model, COUNT(*), SUM(query_tokens),
+                    SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost), SUM(1 - priced)
+             FROM queries WHERE tags LIKE 'feature=%' GROUP BY 1, 2, 3, 4, 5;
+             INSERT INTO usage_daily_tags (tag_key, day, tag_value, user, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
+             SELECT 'team', ts / 86400000, substr(tags, instr(tags, 'team=') + 5), user, model, COUNT(*), SUM(query_tokens),
+                    SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost), SUM(1 - priced)
+             FROM queries WHERE instr(tags, 'team=') > 0 GROUP BY 1, 2, 3, 4, 5;
              COMMIT;
              PRAGMA synchronous = NORMAL;",
             last = n - 1
@@ -186,7 +196,7 @@ fn main() {
     let n: u64 = if smoke { 200_000 } else { 20_000_000 };
     let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("target")
-        .join(format!("bench-reports-{n}.db"));
+        .join(format!("bench-reports-tags-{n}.db"));
     if !path.exists() {
         // `target/` of the checkout, which a CARGO_TARGET_DIR elsewhere leaves unmade.
         if let Some(dir) = path.parent() {
@@ -254,6 +264,23 @@ fn main() {
             "all time, group_by=month",
             Filter::default(),
             vec![GroupKey::Month],
+        ),
+        (
+            "month, group_by=tag:feature",
+            Filter {
+                group_tag: Some("feature".into()),
+                ..month(None, None)
+            },
+            vec![GroupKey::Tag],
+        ),
+        (
+            "month, tag=team=search, group_by=tag:team,model",
+            Filter {
+                tag: Some(tollgate::tags::TagFilter::parse("team=search").expect("tag")),
+                group_tag: Some("team".into()),
+                ..month(None, None)
+            },
+            vec![GroupKey::Tag, GroupKey::Model],
         ),
     ];
     let pg = std::env::var("TOLLGATE_BENCH_PG")

@@ -94,6 +94,8 @@ pub struct KeyEntry {
     pub digest: Digest,
     /// Last use, ms since the epoch (0: never).
     pub last_used: AtomicI64,
+    /// Tags every request with this key carries unless it sets the same key.
+    pub tags: crate::tags::Tags,
 }
 
 /// The active user keys.

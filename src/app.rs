@@ -259,6 +259,9 @@ impl App {
                     user: info.user,
                     digest,
                     last_used: AtomicI64::new(info.last_used_ms.unwrap_or(0)),
+                    // Checked when the key was made; a row edited by hand
+                    // to something unreadable tags nothing.
+                    tags: crate::tags::Tags::parse(&info.tags).unwrap_or_default(),
                 })
                 .collect(),
         );

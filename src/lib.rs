@@ -56,7 +56,8 @@
 //! - [`metrics`]: Prometheus metrics with bounded labels.
 //! - [`error`]: errors answered in OpenAI's error shape.
 //! - Leaves: [`http`] (body and error types), [`ratelimit`] (upstream's
-//!   rate-limit headers), [`duration`] and [`timestamp`] (time formats).
+//!   rate-limit headers), [`tags`] (request tags and their canonical
+//!   form), [`duration`] and [`timestamp`] (time formats).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -81,6 +82,7 @@ pub mod reconcile;
 pub mod record;
 pub mod server;
 pub mod store;
+pub mod tags;
 pub mod timestamp;
 pub mod tokens;
 pub mod upstream;

@@ -92,6 +92,9 @@ pub struct Record {
     pub key_id: Option<String>,
     /// The budget reservation to settle once the cost is known.
     pub hold: Option<Hold>,
+    /// The request's tags in canonical form (see [`crate::tags`]); empty
+    /// when it has none.
+    pub tags: String,
 }
 
 impl Record {
@@ -236,6 +239,8 @@ pub struct StoredRecord {
     pub audio_query_tokens: i64,
     /// Audio completion tokens.
     pub audio_answer_tokens: i64,
+    /// See [`Record::tags`].
+    pub tags: String,
 }
 
 impl StoredRecord {

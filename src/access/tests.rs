@@ -27,6 +27,7 @@ fn find_and_revoke() {
         user: "ann".into(),
         digest: digest(&k),
         last_used: AtomicI64::new(0),
+        tags: Default::default(),
     });
     assert_eq!(keys.find(&k).unwrap().user, "ann");
     assert!(keys.find("tg-wrong").is_none());

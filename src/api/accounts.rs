@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
-use http::Response;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use serde::Serialize;
 
-use super::{blocking, created, internal, ok, Time};
+use super::{blocking, created, internal, ok, read_body, Time};
 use crate::app::App;
 use crate::error::ApiError;
 use crate::http::Body;
@@ -31,6 +32,9 @@ struct Key<'a> {
     created_at: Time,
     last_used_at: Option<Time>,
     revoked_at: Option<Time>,
+    /// Only for a key with default tags: the answer stays as it was for others.
+    #[serde(skip_serializing_if = "super::TagsJson::is_empty")]
+    tags: super::TagsJson<'a>,
 }
 
 /// A new key: the only answer that ever holds the key itself.
@@ -41,6 +45,8 @@ struct NewKey<'a> {
     user: &'a str,
     key: &'a str,
     created_at: Time,
+    #[serde(skip_serializing_if = "super::TagsJson::is_empty")]
+    tags: super::TagsJson<'a>,
 }
 
 /// A revoked key.
@@ -51,8 +57,32 @@ struct Revoked<'a> {
     revoked: bool,
 }
 
-/// `POST /users/{user}/keys`.
-pub(super) async fn create_key(app: &Arc<App>, user: String) -> Result<Response<Body>, ApiError> {
+/// The body of `POST /users/{user}/keys`: nothing, or `{"tags": "k=v,word"}`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NewKeyBody {
+    #[serde(default)]
+    tags: Option<String>,
+}
+
+/// `POST /users/{user}/keys`, with the key's default tags in the body.
+pub(super) async fn create_key(
+    app: &Arc<App>,
+    user: String,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body = read_body(req).await?;
+    let asked: NewKeyBody = if body.iter().all(u8::is_ascii_whitespace) {
+        NewKeyBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "body must be empty or a JSON object like {{\"tags\": \"team=search\"}}: {e}"
+            ))
+        })?
+    };
+    let tags = crate::tags::Tags::parse(asked.tags.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::bad_param("tags", e.0))?;
     let key = crate::access::new_key();
     let digest = crate::access::digest(&key);
     let info = KeyInfo {
@@ -61,6 +91,7 @@ pub(super) async fn create_key(app: &Arc<App>, user: String) -> Result<Response<
         created_ms: crate::timestamp::now_ms(),
         last_used_ms: None,
         revoked_ms: None,
+        tags: tags.canonical(),
     };
     let info = accounts(app, move |a| a.create_key(&info, &digest).map(|()| info)).await?;
     app.keys.insert(crate::access::KeyEntry {
@@ -68,12 +99,14 @@ pub(super) async fn create_key(app: &Arc<App>, user: String) -> Result<Response<
         user: info.user.clone(),
         digest,
         last_used: std::sync::atomic::AtomicI64::new(0),
+        tags,
     });
     created(&NewKey {
         id: &info.id,
         user: &info.user,
         key: &key,
         created_at: Time(info.created_ms),
+        tags: super::TagsJson(&info.tags),
     })
 }
 
@@ -88,6 +121,7 @@ pub(super) async fn list_keys(app: &Arc<App>, user: String) -> Result<Response<B
             created_at: Time(k.created_ms),
             last_used_at: k.last_used_ms.max(app.keys.last_used(&k.id)).map(Time),
             revoked_at: k.revoked_ms.map(Time),
+            tags: super::TagsJson(&k.tags),
         })
         .collect();
     ok(&listed)

@@ -154,7 +154,7 @@ async fn route(
         (Route::Reconcile, _) if get => reconcile::reconcile(app, &query).await,
         (Route::PricesImport, Method::POST) => prices::import(app, &query, req).await,
         (Route::PricesExport, _) if get => prices::export(app),
-        (Route::UserKeys(user), Method::POST) => accounts::create_key(app, user).await,
+        (Route::UserKeys(user), Method::POST) => accounts::create_key(app, user, req).await,
         (Route::UserKeys(user), _) if get => accounts::list_keys(app, user).await,
         (Route::Key(id), Method::DELETE) => accounts::revoke_key(app, id).await,
         (Route::UserLimits(user), _) if get => limits::get(app, Some(&user)),
@@ -241,6 +241,29 @@ impl Serialize for Scaled {
         RawValue::from_string(text)
             .map_err(serde::ser::Error::custom)?
             .serialize(s)
+    }
+}
+
+/// A canonical tag list (see [`crate::tags`]) as a JSON object:
+/// `{"team":"search","urgent":""}` (a bare word's value is empty).
+#[derive(Debug, Clone, Copy)]
+struct TagsJson<'a>(&'a str);
+
+impl TagsJson<'_> {
+    /// Whether the list holds no tag.
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for TagsJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        for (k, v) in crate::tags::pairs(self.0) {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
     }
 }
 

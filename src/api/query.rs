@@ -91,13 +91,36 @@ pub fn parse_params(query: &str, allowed: &[&str]) -> Result<Params, ApiError> {
             "before" => f.before = Some(time(&v)?),
             "limit" => f.limit = Some(number(&v)?),
             "offset" => f.offset = number(&v)?,
+            "tag" => {
+                if f.tag.is_some() {
+                    return Err(ApiError::bad_param("tag", "give one tag filter at most"));
+                }
+                let t = crate::tags::TagFilter::parse(&v)
+                    .map_err(|e| ApiError::bad_param("tag", e.0))?;
+                f.tag = Some(t);
+            }
             "group_by" => {
                 for g in v.split(',').map(str::trim).filter(|g| !g.is_empty()) {
+                    if let Some(k) = g.strip_prefix("tag:") {
+                        crate::tags::check_key(k)
+                            .map_err(|e| ApiError::bad_param("group_by", e.0))?;
+                        if f.group_tag.as_deref().is_some_and(|old| old != k) {
+                            return Err(ApiError::bad_param(
+                                "group_by",
+                                "group by one tag key at most",
+                            ));
+                        }
+                        f.group_tag = Some(k.to_owned());
+                        if !p.group.contains(&GroupKey::Tag) {
+                            p.group.push(GroupKey::Tag);
+                        }
+                        continue;
+                    }
                     let Some(&(_, key)) = GROUP_KEYS.iter().find(|(name, _)| *name == g) else {
                         let names: Vec<&str> = GROUP_KEYS.iter().map(|(n, _)| *n).collect();
                         return Err(ApiError::bad_param(
                             "group_by",
-                            format!("cannot group by {g} ({})", names.join(", ")),
+                            format!("cannot group by {g} ({}, tag:<key>)", names.join(", ")),
                         ));
                     };
                     if !p.group.contains(&key) {
@@ -145,6 +168,19 @@ pub fn parse_params(query: &str, allowed: &[&str]) -> Result<Params, ApiError> {
                 _ => return Err(ApiError::bad_param("format", "format must be json or csv")),
             },
             _ => unreachable!("checked against allowed"),
+        }
+    }
+    // The tag rollups hold one tag key per row: a filter on one key and
+    // groups by another would need every record read.
+    if let (Some(t), Some(k)) = (&f.tag, &f.group_tag) {
+        if t.key != *k {
+            return Err(ApiError::bad_param(
+                "group_by",
+                format!(
+                    "group_by=tag:{k} cannot be combined with a filter on another tag key ({}); filter on {k} or group by tag:{}",
+                    t.key, t.key
+                ),
+            ));
         }
     }
     Ok(p)

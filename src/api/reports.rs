@@ -39,6 +39,9 @@ struct Usage<'a> {
     /// Grouped by tier: the tier, `null` for records without one.
     #[serde(rename = "serviceTier", skip_serializing_if = "Option::is_none")]
     tier: Option<Option<&'a str>>,
+    /// `{"<key>": value or null}` when grouped by a tag key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tags: Option<TagGroup<'a>>,
     num_queries: u64,
     query_tokens: u64,
     answer_tokens: u64,
@@ -48,6 +51,19 @@ struct Usage<'a> {
     reasoning_tokens: u64,
     unpriced_queries: u64,
     rejected_queries: u64,
+}
+
+/// The tag a `/usage` row is grouped under: its key and the value (`None`
+/// for the records without the key).
+struct TagGroup<'a>(&'a str, Option<&'a str>);
+
+impl Serialize for TagGroup<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(1))?;
+        m.serialize_entry(self.0, &self.1)?;
+        m.end()
+    }
 }
 
 impl<'a> Usage<'a> {
@@ -69,6 +85,7 @@ impl<'a> Usage<'a> {
             day: g.day.as_deref(),
             month: g.month.as_deref(),
             tier: by_tier.then_some(g.tier.as_deref()),
+            tags: None,
             num_queries: t.queries,
             query_tokens: t.query_tokens,
             answer_tokens: t.answer_tokens,
@@ -89,6 +106,7 @@ impl<'a> Usage<'a> {
             day: None,
             month: None,
             tier: None,
+            tag: None,
         };
         Usage::new(&NONE, t)
     }
@@ -122,8 +140,16 @@ pub(super) async fn usage(
     query: &str,
     only: Option<&str>,
 ) -> Result<Response<Body>, ApiError> {
-    let mut p = parse_params(query, &["user", "model", "after", "before", "group_by"])?;
+    let mut p = parse_params(
+        query,
+        &["user", "model", "after", "before", "tag", "group_by"],
+    )?;
     scope(&mut p.filter, only)?;
+    let tag_key = p
+        .filter
+        .group_tag
+        .clone()
+        .filter(|_| p.group.contains(&crate::store::GroupKey::Tag));
     catch_up(app).await;
     let reports = app.store.reports();
     let grouped = !p.group.is_empty();
@@ -137,7 +163,11 @@ pub(super) async fn usage(
     }
     let all: Vec<Usage> = rows
         .iter()
-        .map(|(g, t)| Usage::grouped(g, t, by_tier))
+        .map(|(g, t)| {
+            let mut u = Usage::grouped(g, t, by_tier);
+            u.tags = tag_key.as_deref().map(|k| TagGroup(k, g.tag.as_deref()));
+            u
+        })
         .collect();
     ok(&all)
 }
@@ -187,6 +217,7 @@ pub(super) async fn queries(
             "model",
             "after",
             "before",
+            "tag",
             "limit",
             "offset",
             "format",
@@ -365,7 +396,16 @@ pub fn record_json(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdow
     push_dollars(out, parts.tier_adjustment);
     out.push_str(",\"clientAborted\":");
     out.push_str(if r.client_aborted { "true" } else { "false" });
-    out.push('}');
+    out.push_str(",\"tags\":{");
+    for (i, (k, v)) in crate::tags::pairs(&r.tags).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_json_str(out, k);
+        out.push(':');
+        push_json_str(out, v);
+    }
+    out.push_str("}}");
 }
 
 /// Appends a tier as a JSON string, or `null`.
@@ -380,7 +420,7 @@ fn push_tier(out: &mut String, t: Option<pricing::Tier>) {
     }
 }
 
-const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment,clientAborted\r\n";
+const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment,clientAborted,tags\r\n";
 
 /// Leading characters that make a spreadsheet read a cell as a formula
 /// (OWASP, "CSV Injection").
@@ -457,6 +497,8 @@ pub fn record_csv(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdown
     push_dollars(out, parts.tier_adjustment);
     out.push(',');
     out.push_str(if r.client_aborted { "true" } else { "false" });
+    out.push(',');
+    push_csv(out, &r.tags);
     out.push_str("\r\n");
 }
 

@@ -1,5 +1,5 @@
 //! What crosses the proxy in each direction: hop-by-hop headers never do,
-//! tollgate's own headers (`x-user`, a tollgate key) stay here, upstream's
+//! tollgate's own headers (`x-user`, `x-tollgate-tags`, a tollgate key) stay here, upstream's
 //! cookies stay there.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -54,6 +54,7 @@ pub fn to_upstream(h: &mut HeaderMap, auth: AuthMode, upstream_auth: Option<&Hea
     strip_hop_by_hop(h);
     h.remove(header::HOST);
     h.remove("x-user");
+    h.remove(crate::tags::HEADER);
     match upstream_auth {
         Some(v) => {
             h.insert(header::AUTHORIZATION, v.clone());

@@ -36,6 +36,7 @@ use crate::error::ApiError;
 use crate::http::Body;
 use crate::meter::{self, JsonScanner, Meter, Observer, RequestError, SseScanner, Upload};
 use crate::record::Record;
+use crate::tags::Tags;
 use crate::upstream::{UpstreamBody, UpstreamError};
 
 /// Forwards one API request upstream and meters it.
@@ -148,6 +149,8 @@ struct Ctx {
     started_ms: i64,
     user: String,
     key_id: Option<String>,
+    /// The request's tags (its own over its key's defaults), canonical.
+    tags: String,
     endpoint: Endpoint,
     /// Whether the method is POST (the only one that spends).
     post: bool,
@@ -191,19 +194,22 @@ impl Ctx {
             ))
             .with_code("unmetered_endpoint"));
         }
-        let (user, key_id) = match app.config.auth {
-            AuthMode::Header => (user_of(req.headers())?, None),
+        let (user, key_id, defaults) = match app.config.auth {
+            AuthMode::Header => (user_of(req.headers())?, None, None),
             AuthMode::Keys => {
                 let k = crate::access::user_from_key(&app.keys, req.headers(), started_ms)
                     .inspect_err(|_| app.metrics.rejected("invalid_api_key"))?;
-                (k.user.clone(), Some(k.id.clone()))
+                (k.user.clone(), Some(k.id.clone()), Some(k.clone()))
             }
         };
+        let tags = request_tags(req.headers(), defaults.as_ref().map(|k| &k.tags))
+            .inspect_err(|_| app.metrics.rejected("invalid_tags"))?;
         Ok(Ctx {
             started: Instant::now(),
             started_ms,
             user,
             key_id,
+            tags,
             endpoint: Endpoint::classify(req.method(), &path),
             post: req.method() == http::Method::POST,
             path: path.into_owned(),
@@ -312,6 +318,7 @@ impl Ctx {
             stream: r.stream,
             tier: r.tier,
             key_id: self.key_id.take(),
+            tags: std::mem::take(&mut self.tags),
             hold: admission.hold,
             ..Record::default()
         };
@@ -400,6 +407,17 @@ fn user_of(h: &HeaderMap) -> Result<String, ApiError> {
         )
         .with_code("missing_user")),
     }
+}
+
+/// The request's `x-tollgate-tags` over its key's default tags, canonical.
+fn request_tags(h: &HeaderMap, defaults: Option<&Tags>) -> Result<String, ApiError> {
+    let bad = |e: crate::tags::TagError| ApiError::bad_param(crate::tags::HEADER, e.0);
+    let own = Tags::from_headers(h.get_all(crate::tags::HEADER).iter()).map_err(bad)?;
+    let all = match defaults {
+        Some(d) => own.over(d).map_err(bad)?,
+        None => own,
+    };
+    Ok(all.canonical())
 }
 
 /// Longest wait for room among the buffered bodies (`--max-buffered`)

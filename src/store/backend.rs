@@ -57,6 +57,8 @@ pub struct KeyInfo {
     pub last_used_ms: Option<i64>,
     /// Revocation, ms since the epoch.
     pub revoked_ms: Option<i64>,
+    /// Default tags of its requests, canonical (see [`crate::tags`]).
+    pub tags: String,
 }
 
 /// Users' keys and limits.
@@ -107,6 +109,10 @@ pub struct Filter {
     pub estimated: Option<bool>,
     /// Newest first (`/queries`); oldest first otherwise.
     pub newest_first: bool,
+    /// Only records carrying this tag (`tag=key` or `tag=key=value`).
+    pub tag: Option<crate::tags::TagFilter>,
+    /// The tag key [`GroupKey::Tag`] groups by (`group_by=tag:<key>`).
+    pub group_tag: Option<String>,
 }
 
 /// Totals of `/usage`.
@@ -144,6 +150,9 @@ pub enum GroupKey {
     /// Per service tier. Tiers are not in the daily rollups: grouped by
     /// tier, totals are summed from the records (those retention kept).
     Tier,
+    /// Per value of the tag key [`Filter::group_tag`] (records without it
+    /// apart, under no value).
+    Tag,
 }
 
 /// The values of the group keys of one `/usage` row (`None` where not grouped).
@@ -159,6 +168,9 @@ pub struct GroupValues {
     pub month: Option<String>,
     /// Service tier (`None` also for records without one).
     pub tier: Option<String>,
+    /// The value of the grouped tag key (`""` for a bare word); `None`
+    /// where not grouped or for records without the key.
+    pub tag: Option<String>,
 }
 
 impl GroupValues {
@@ -170,6 +182,7 @@ impl GroupValues {
             GroupKey::Day => self.day = v,
             GroupKey::Month => self.month = v,
             GroupKey::Tier => self.tier = v,
+            GroupKey::Tag => self.tag = v,
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The daily rollup rows of a batch: one per (UTC day, user, model), summed
-//! the same way whichever backend adds them to its table. Sums saturate, so
+//! The daily rollup rows of a batch: one per (UTC day, user, model), and
+//! one per (tag key, UTC day, tag value, user, model) for every tag a record
+//! carries, summed the same way whichever backend adds them to its tables. Sums saturate, so
 //! a count no upstream should send can clamp a row but never wrap it.
 
 use std::collections::BTreeMap;
@@ -47,7 +48,6 @@ impl Daily {
 /// A batch's rollup increments by (day, user, model), in key order (so
 /// instances upserting the same rows lock them in the same order).
 pub fn daily(batch: &[Priced]) -> BTreeMap<(i64, &str, &str), Daily> {
-    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let mut out: BTreeMap<(i64, &str, &str), Daily> = BTreeMap::new();
     for p in batch {
         let r = &p.record;
@@ -56,14 +56,47 @@ pub fn daily(batch: &[Priced]) -> BTreeMap<(i64, &str, &str), Daily> {
             r.user.as_str(),
             r.model_or_requested(),
         );
-        let d = out.entry(key).or_default();
-        d.queries = d.queries.saturating_add(1);
-        d.query_tokens = d.query_tokens.saturating_add(n(r.usage.query));
-        d.answer_tokens = d.answer_tokens.saturating_add(n(r.usage.answer));
-        d.cached_tokens = d.cached_tokens.saturating_add(n(r.usage.cached));
-        d.reasoning_tokens = d.reasoning_tokens.saturating_add(n(r.usage.reasoning));
-        d.cost = d.cost.saturating_add(p.cost);
-        d.unpriced = d.unpriced.saturating_add(i64::from(!p.priced));
+        out.entry(key).or_default().add(p);
     }
     out
+}
+
+/// The key of a tag rollup row: tag key, day, tag value, user, model (the
+/// order of the tables' primary keys, so `/usage` by one tag key reads one
+/// range).
+pub type TagRow<'a> = (&'a str, i64, &'a str, &'a str, &'a str);
+
+/// A batch's tag rollup increments, one row per tag of each record, in key
+/// order. A record's tag keys are distinct, so each record is counted once
+/// under any one tag key.
+pub fn tagged(batch: &[Priced]) -> BTreeMap<TagRow<'_>, Daily> {
+    let mut out: BTreeMap<TagRow<'_>, Daily> = BTreeMap::new();
+    for p in batch {
+        let r = &p.record;
+        let day = r.started_ms.div_euclid(DAY_MS);
+        for (k, v) in crate::tags::pairs(&r.tags) {
+            let key = (k, day, v, r.user.as_str(), r.model_or_requested());
+            out.entry(key).or_default().add(p);
+        }
+    }
+    out
+}
+
+/// A tag rollup row's key, owned (re-pricing collects them from records):
+/// tag key, day, tag value, user, model.
+pub type OwnedTagRow = (String, i64, String, String, String);
+
+impl Daily {
+    /// Adds one record.
+    fn add(&mut self, p: &Priced) {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let r = &p.record;
+        self.queries = self.queries.saturating_add(1);
+        self.query_tokens = self.query_tokens.saturating_add(n(r.usage.query));
+        self.answer_tokens = self.answer_tokens.saturating_add(n(r.usage.answer));
+        self.cached_tokens = self.cached_tokens.saturating_add(n(r.usage.cached));
+        self.reasoning_tokens = self.reasoning_tokens.saturating_add(n(r.usage.reasoning));
+        self.cost = self.cost.saturating_add(p.cost);
+        self.unpriced = self.unpriced.saturating_add(i64::from(!p.priced));
+    }
 }

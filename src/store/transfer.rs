@@ -83,6 +83,8 @@ pub struct KeyRow {
     pub last_used: Option<i64>,
     /// Revocation, ms since the epoch.
     pub revoked: Option<i64>,
+    /// Default tags (canonical).
+    pub tags: String,
 }
 
 /// One stored limit row (user `""` holds the default limits).

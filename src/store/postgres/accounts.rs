@@ -28,6 +28,7 @@ fn key_info(r: &tokio_postgres::Row) -> Result<KeyInfo, tokio_postgres::Error> {
         created_ms: r.try_get(2)?,
         last_used_ms: r.try_get(3)?,
         revoked_ms: r.try_get(4)?,
+        tags: r.try_get(5)?,
     })
 }
 
@@ -51,8 +52,8 @@ impl Accounts for PgAccounts {
     fn create_key(&self, info: &KeyInfo, digest: &[u8; 32]) -> Result<(), StoreError> {
         self.pool.with(|c| {
             wait(c.client.execute(
-                "INSERT INTO api_keys (id, username, digest, created) VALUES ($1, $2, $3, $4)",
-                &[&info.id, &info.user, &&digest[..], &info.created_ms],
+                "INSERT INTO api_keys (id, username, digest, created, tags) VALUES ($1, $2, $3, $4, $5)",
+                &[&info.id, &info.user, &&digest[..], &info.created_ms, &info.tags],
             ))?;
             Ok(())
         })
@@ -61,7 +62,7 @@ impl Accounts for PgAccounts {
     fn list_keys(&self, user: &str) -> Result<Vec<KeyInfo>, StoreError> {
         self.pool.with(|c| {
             let rows = wait(c.client.query(
-                "SELECT id, username, created, last_used, revoked FROM api_keys WHERE username = $1 ORDER BY created, id",
+                "SELECT id, username, created, last_used, revoked, tags FROM api_keys WHERE username = $1 ORDER BY created, id",
                 &[&user],
             ))?;
             Ok(rows.iter().map(key_info).collect::<Result<Vec<_>, _>>()?)
@@ -81,12 +82,12 @@ impl Accounts for PgAccounts {
     fn active_keys(&self) -> Result<Vec<(KeyInfo, [u8; 32])>, StoreError> {
         self.pool.with(|c| {
             let rows = wait(c.client.query(
-                "SELECT id, username, created, last_used, revoked, digest FROM api_keys WHERE revoked IS NULL",
+                "SELECT id, username, created, last_used, revoked, tags, digest FROM api_keys WHERE revoked IS NULL",
                 &[],
             ))?;
             let mut out = Vec::with_capacity(rows.len());
             for r in &rows {
-                let d: Vec<u8> = r.try_get(5)?;
+                let d: Vec<u8> = r.try_get(6)?;
                 let mut digest = [0u8; 32];
                 if d.len() == 32 {
                     digest.copy_from_slice(&d);

@@ -7,7 +7,9 @@
 use std::collections::HashMap;
 
 use super::schema::MIGRATION_LOCK;
-use super::write::{copy_records, daily_columns, upsert_daily, DailyColumns};
+use super::write::{
+    copy_records, daily_columns, tag_columns, upsert_daily, upsert_tags, DailyColumns,
+};
 use super::{connect, schema, wait, PgBackend};
 use crate::config::PgUrl;
 use crate::pricing::Price;
@@ -126,11 +128,15 @@ impl PgTarget {
         let value = save(key, &next)?;
         self.backend.ensure_partitions(batch)?;
         let daily = daily_columns(unrolled);
+        // The tag rollups are not copied whole: they come from every
+        // record copied (none of those retention deleted).
+        let tagged = tag_columns(batch);
         let c = self.backend.client()?;
         wait(async {
             let tx = c.transaction().await?;
             copy_records(&tx, batch).await?;
             upsert_daily(&tx, &daily).await?;
+            upsert_tags(&tx, &tagged).await?;
             tx.execute(SAVE_PROGRESS, &[&key, &value]).await?;
             tx.commit().await
         })?;
@@ -227,8 +233,8 @@ impl PgTarget {
                     None => {
                         out.keys += tx
                             .execute(
-                                "INSERT INTO api_keys (id, username, digest, created, last_used, revoked) VALUES ($1, $2, $3, $4, $5, $6)",
-                                &[&k.id, &k.user, &k.digest, &k.created, &k.last_used, &k.revoked],
+                                "INSERT INTO api_keys (id, username, digest, created, last_used, revoked, tags) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                                &[&k.id, &k.user, &k.digest, &k.created, &k.last_used, &k.revoked, &k.tags],
                             )
                             .await?;
                     }

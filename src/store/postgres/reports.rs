@@ -134,6 +134,9 @@ impl Reports for PgReports {
         if let Some(e) = f.estimated {
             q.push("estimated =", Box::new(e));
         }
+        if let Some(t) = &f.tag {
+            tag_condition(&mut q, t);
+        }
         let limit: Option<i64> = f.limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX));
         let offset = i64::try_from(f.offset).unwrap_or(i64::MAX);
         let n = q.args.len();
@@ -145,7 +148,7 @@ impl Reports for PgReports {
         let sql = format!(
             "SELECT id, username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier,
-                    audio_query_tokens, audio_answer_tokens
+                    audio_query_tokens, audio_answer_tokens, tags
              FROM queries{} ORDER BY {order} LIMIT ${} OFFSET ${}",
             q.where_sql(),
             n + 1,
@@ -183,6 +186,7 @@ impl Reports for PgReports {
                         tier: r.try_get::<_, Option<&str>>(19)?.and_then(Tier::parse),
                         audio_query_tokens: r.try_get(20)?,
                         audio_answer_tokens: r.try_get(21)?,
+                        tags: r.try_get(22)?,
                     };
                     if !sink(rec) {
                         break;
@@ -259,6 +263,20 @@ impl Reports for PgReports {
     }
 }
 
+/// Rows read for one piece: the group values (tag aside), the raw tag
+/// column when one was read, and the seven quantities.
+type PieceRows = Vec<(GroupValues, Option<String>, [i128; 7])>;
+
+/// Where a piece's rows are read from (as in SQLite's reports).
+enum Source<'a> {
+    /// `usage_daily`.
+    Daily,
+    /// `usage_daily_tags`, one tag key (and perhaps one value).
+    Tagged(&'a str, Option<&'a str>),
+    /// The records.
+    Records,
+}
+
 fn piece_totals(
     c: &mut Conn,
     piece: &Piece,
@@ -266,41 +284,150 @@ fn piece_totals(
     group: &[GroupKey],
     acc: &mut BTreeMap<GroupValues, [i128; 8]>,
 ) -> Result<(), StoreError> {
-    let rollup = matches!(piece, Piece::Days(..));
-    let mut q = Conds::default();
+    let plain: Vec<GroupKey> = group
+        .iter()
+        .copied()
+        .filter(|g| *g != GroupKey::Tag)
+        .collect();
+    let tag_group = f
+        .group_tag
+        .as_deref()
+        .filter(|_| group.contains(&GroupKey::Tag));
     let sign = match *piece {
-        Piece::Days(from, to, sign) => {
+        Piece::Days(_, _, s) | Piece::Records(_, _, s) => s,
+    };
+    let mut add = |rows: PieceRows, sign: i64, tag: &dyn Fn(Option<String>) -> Option<String>| {
+        for (mut g, t, sums) in rows {
+            g.tag = tag(t);
+            let e = acc.entry(g).or_default();
+            for (a, v) in e.iter_mut().zip(sums) {
+                *a += i128::from(sign) * v;
+            }
+        }
+    };
+    if matches!(piece, Piece::Records(..)) {
+        let rows = read_piece(c, piece, f, &plain, Source::Records, tag_group.is_some())?;
+        let k = tag_group.unwrap_or("");
+        add(rows, sign, &|t| {
+            t.and_then(|t| crate::tags::value_of(&t, k).map(str::to_owned))
+        });
+        return Ok(());
+    }
+    match (&f.tag, tag_group) {
+        (None, None) => add(
+            read_piece(c, piece, f, &plain, Source::Daily, false)?,
+            sign,
+            &|_| None,
+        ),
+        (Some(t), _) => {
+            let src = Source::Tagged(&t.key, t.value.as_deref());
+            let rows = read_piece(c, piece, f, &plain, src, tag_group.is_some())?;
+            add(rows, sign, &|t| t);
+        }
+        (None, Some(k)) => {
+            // Those with the key by value; those without it are all the
+            // records less those with it.
+            let with = read_piece(c, piece, f, &plain, Source::Tagged(k, None), true)?;
+            add(with, sign, &|t| t);
+            add(
+                read_piece(c, piece, f, &plain, Source::Daily, false)?,
+                sign,
+                &|_| None,
+            );
+            let with = read_piece(c, piece, f, &plain, Source::Tagged(k, None), false)?;
+            add(with, -sign, &|_| None);
+        }
+    }
+    Ok(())
+}
+
+/// The `tag` filter of the records, on their canonical tag list (`,k=v,`
+/// is found in `,list,` exactly when the record has that tag).
+fn tag_condition(q: &mut Conds, t: &crate::tags::TagFilter) {
+    let mut found = |needle: String| {
+        q.args.push(Box::new(needle));
+        format!("strpos(',' || tags || ',', ${}) > 0", q.args.len())
+    };
+    let cond = match &t.value {
+        Some(v) if v.is_empty() => found(format!(",{},", t.key)),
+        Some(v) => found(format!(",{}={v},", t.key)),
+        None => {
+            let bare = found(format!(",{},", t.key));
+            let valued = found(format!(",{}=", t.key));
+            format!("({bare} OR {valued})")
+        }
+    };
+    q.conds.push(cond);
+}
+
+/// Reads one piece of a source, grouped by `plain` (and by the tag column,
+/// returned raw, with `tag_col`).
+fn read_piece(
+    c: &mut Conn,
+    piece: &Piece,
+    f: &Filter,
+    plain: &[GroupKey],
+    src: Source<'_>,
+    tag_col: bool,
+) -> Result<PieceRows, StoreError> {
+    let rollup = !matches!(src, Source::Records);
+    let mut q = Conds::default();
+    match *piece {
+        Piece::Days(from, to, _) => {
             if let Some(d) = from {
                 q.push("day >=", Box::new(d));
             }
             if let Some(d) = to {
                 q.push("day <", Box::new(d));
             }
-            sign
         }
-        Piece::Records(from, to, sign) => {
+        Piece::Records(from, to, _) => {
             q.push("ts >=", Box::new(from));
             q.push("ts <", Box::new(to));
-            sign
+        }
+    }
+    q.filter(f, false);
+    let table = match src {
+        Source::Daily => "usage_daily",
+        Source::Tagged(key, value) => {
+            q.push("tag_key =", Box::new(key.to_owned()));
+            if let Some(v) = value {
+                q.push("tag_value =", Box::new(v.to_owned()));
+            }
+            "usage_daily_tags"
+        }
+        Source::Records => {
+            if let Some(t) = &f.tag {
+                tag_condition(&mut q, t);
+            }
+            "queries"
         }
     };
-    q.filter(f, false);
-    let keys: Vec<&str> = group.iter().map(|g| key_expr(*g, rollup)).collect();
+    let mut keys: Vec<&str> = plain.iter().map(|g| key_expr(*g, rollup)).collect();
+    if tag_col {
+        keys.push(if rollup { "tag_value" } else { "tags" });
+    }
     // Sums as text: `sum(bigint)` is numeric, exact past i64, read as i128.
     let sums = if rollup {
         "sum(queries)::text, sum(query_tokens)::text, sum(answer_tokens)::text, sum(cached_tokens)::text, sum(reasoning_tokens)::text, sum(cost)::text, sum(unpriced)::text"
     } else {
         "count(*)::text, sum(query_tokens)::text, sum(answer_tokens)::text, sum(cached_tokens)::text, sum(reasoning_tokens)::text, sum(cost)::text, sum(CASE WHEN priced THEN 0 ELSE 1 END)::text"
     };
-    let table = if rollup { "usage_daily" } else { "queries" };
-    grouped(c, &keys, group, sums, table, &q, |g, r| {
-        let n = keys.len();
-        let e = acc.entry(g).or_default();
-        for (i, a) in e.iter_mut().take(7).enumerate() {
-            *a += i128::from(sign) * int(r, n + i)?;
+    let mut out: PieceRows = Vec::new();
+    grouped(c, &keys, plain, sums, table, &q, |g, r| {
+        let t: Option<String> = if tag_col {
+            r.try_get(plain.len())?
+        } else {
+            None
+        };
+        let mut v = [0i128; 7];
+        for (i, x) in v.iter_mut().enumerate() {
+            *x = int(r, keys.len() + i)?;
         }
+        out.push((g, t, v));
         Ok(())
-    })
+    })?;
+    Ok(out)
 }
 
 /// A text column holding a whole number (a sum), 0 when null.
@@ -328,6 +455,8 @@ fn key_expr(g: GroupKey, rollup: bool) -> &'static str {
         }
         // Only ever read from the records (see `plan`).
         (GroupKey::Tier, _) => "service_tier",
+        // Read apart (see `piece_totals`); only rejections, untagged, get here.
+        (GroupKey::Tag, _) => "NULL::text",
     }
 }
 
@@ -379,6 +508,10 @@ fn rejection_counts(
     group: &[GroupKey],
     acc: &mut BTreeMap<GroupValues, [i128; 8]>,
 ) -> Result<(), StoreError> {
+    if f.tag.is_some() {
+        // Refused requests keep no tags: none carries the one asked for.
+        return Ok(());
+    }
     let mut q = Conds::default();
     q.filter(f, true);
     // Refusals come before any answer: they have no tier.

@@ -51,6 +51,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         what: "budget leases: each instance's slice of a user's remaining budget",
         sql: SCHEMA_V5,
     },
+    Migration {
+        version: 6,
+        what: "request tags on records and keys, daily rollups per tag",
+        sql: SCHEMA_V6,
+    },
 ];
 
 /// The version this build brings a database to.
@@ -65,6 +70,30 @@ CREATE TABLE alerts_sent (
     kind         text   NOT NULL,
     at           bigint NOT NULL,
     PRIMARY KEY (subject, period_start, kind)
+);
+";
+
+/// Request tags (canonical, see `crate::tags`) on records and as keys'
+/// defaults, and their daily rollups: one row per tag key, day, tag value,
+/// user and model, written with the records (empty for those written
+/// before). Adding a column with a constant default touches no row.
+const SCHEMA_V6: &str = "
+ALTER TABLE queries ADD COLUMN tags text NOT NULL DEFAULT '';
+ALTER TABLE api_keys ADD COLUMN tags text NOT NULL DEFAULT '';
+CREATE TABLE usage_daily_tags (
+    tag_key          text   NOT NULL,
+    day              bigint NOT NULL,
+    tag_value        text   NOT NULL,
+    username         text   NOT NULL,
+    model            text   NOT NULL,
+    queries          bigint NOT NULL,
+    query_tokens     bigint NOT NULL,
+    answer_tokens    bigint NOT NULL,
+    cached_tokens    bigint NOT NULL,
+    reasoning_tokens bigint NOT NULL,
+    cost             bigint NOT NULL,
+    unpriced         bigint NOT NULL,
+    PRIMARY KEY (tag_key, day, tag_value, username, model)
 );
 ";
 

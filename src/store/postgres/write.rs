@@ -55,7 +55,7 @@ pub struct PgBackend {
     retry: Option<String>,
 }
 
-const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens) FROM STDIN (FORMAT binary)";
+const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags) FROM STDIN (FORMAT binary)";
 
 /// Inserts a price row (standard and tier rates); its parameters are
 /// those of [`UPSERT_PRICE`].
@@ -120,6 +120,7 @@ const COPY_TYPES: &[Type] = &[
     Type::TEXT,
     Type::INT8,
     Type::INT8,
+    Type::TEXT,
 ];
 
 const UPSERT_DAILY: &str = "INSERT INTO usage_daily AS d (day, username, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
@@ -143,6 +144,73 @@ FROM (SELECT b.username, sum(v.cost) AS cost
       JOIN budget_leases b ON b.username = v.username AND b.instance = $4 AND v.day >= b.period_start / 86400000
       GROUP BY b.username) s
 WHERE l.username = s.username AND l.instance = $4";
+/// The tag rollup rows of a batch, added as [`UPSERT_DAILY`] adds its rows.
+const UPSERT_TAGS: &str = "INSERT INTO usage_daily_tags AS d (tag_key, day, tag_value, username, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])
+ON CONFLICT (tag_key, day, tag_value, username, model) DO UPDATE SET
+    queries = d.queries + excluded.queries,
+    query_tokens = d.query_tokens + excluded.query_tokens,
+    answer_tokens = d.answer_tokens + excluded.answer_tokens,
+    cached_tokens = d.cached_tokens + excluded.cached_tokens,
+    reasoning_tokens = d.reasoning_tokens + excluded.reasoning_tokens,
+    cost = d.cost + excluded.cost,
+    unpriced = d.unpriced + excluded.unpriced";
+
+/// The tag rollup rows of a batch as column arrays, in key order.
+#[derive(Default)]
+pub(super) struct TagColumns<'a> {
+    key: Vec<&'a str>,
+    day: Vec<i64>,
+    value: Vec<&'a str>,
+    user: Vec<&'a str>,
+    model: Vec<&'a str>,
+    sums: [Vec<i64>; 7],
+}
+
+/// Adds a batch's tag rollup increments inside `tx`.
+pub(super) async fn upsert_tags(
+    tx: &Transaction<'_>,
+    tagged: &TagColumns<'_>,
+) -> Result<(), tokio_postgres::Error> {
+    if tagged.key.is_empty() {
+        return Ok(());
+    }
+    let s = &tagged.sums;
+    tx.execute(
+        UPSERT_TAGS,
+        &[
+            &tagged.key,
+            &tagged.day,
+            &tagged.value,
+            &tagged.user,
+            &tagged.model,
+            &s[0],
+            &s[1],
+            &s[2],
+            &s[3],
+            &s[4],
+            &s[5],
+            &s[6],
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+pub(super) fn tag_columns(batch: &[Priced]) -> TagColumns<'_> {
+    let mut c = TagColumns::default();
+    for ((key, day, value, user, model), d) in crate::store::rollup::tagged(batch) {
+        c.key.push(key);
+        c.day.push(day);
+        c.value.push(value);
+        c.user.push(user);
+        c.model.push(model);
+        for (col, x) in c.sums.iter_mut().zip(d.columns()) {
+            col.push(x);
+        }
+    }
+    c
+}
 
 /// The rollup rows of a batch as column arrays, sorted by key (instances
 /// upserting the same rows then lock them in the same order).
@@ -192,7 +260,7 @@ pub(super) async fn copy_records(
         let status = i32::from(r.status);
         let tier = r.tier.map(|t| t.as_str());
         let (audio_q, audio_a) = (i(r.usage.audio_query), i(r.usage.audio_answer));
-        let row: [&(dyn ToSql + Sync); 21] = [
+        let row: [&(dyn ToSql + Sync); 22] = [
             &r.user,
             &r.model_or_requested(),
             &r.requested_model,
@@ -214,6 +282,7 @@ pub(super) async fn copy_records(
             &tier,
             &audio_q,
             &audio_a,
+            &r.tags,
         ];
         w.as_mut().write(&row).await?;
     }
@@ -375,6 +444,7 @@ impl PgBackend {
             .transpose()
             .map_err(|e| StoreError(e.to_string()))?;
         let daily = daily_columns(batch);
+        let tagged = tag_columns(batch);
         let mut last_used: BTreeMap<&str, i64> = BTreeMap::new();
         for p in batch {
             if let Some(k) = &p.record.key_id {
@@ -408,6 +478,7 @@ impl PgBackend {
                     tx.execute(SPEND_LEASES, &[&daily.day, &daily.user, &s[5], &instance])
                         .await?;
                 }
+                upsert_tags(&tx, &tagged).await?;
                 if !last_used.is_empty() {
                     let ids: Vec<&str> = last_used.keys().copied().collect();
                     let ts: Vec<i64> = last_used.values().copied().collect();
@@ -446,7 +517,7 @@ impl PgBackend {
             let like_dated = format!("{}-%", escape_like(model));
             let rows = tx
                 .query(
-                    "SELECT id, model, requested_model, ts, query_tokens, cached_tokens, answer_tokens, cost, priced, username, service_tier, audio_query_tokens, audio_answer_tokens FROM queries
+                    "SELECT id, model, requested_model, ts, query_tokens, cached_tokens, answer_tokens, cost, priced, username, service_tier, audio_query_tokens, audio_answer_tokens, tags FROM queries
                      WHERE ts >= $1 AND (model = $2 OR requested_model = $2
                         OR model LIKE $3 ESCAPE '\\' OR requested_model LIKE $3 ESCAPE '\\'
                         OR model LIKE 'ft:%' OR requested_model LIKE 'ft:%')",
@@ -455,6 +526,8 @@ impl PgBackend {
                 .await?;
             let (mut ids, mut tss, mut costs, mut priced) = (vec![], vec![], vec![], vec![]);
             let mut deltas: BTreeMap<(i64, String, String), (i64, i64)> = BTreeMap::new();
+            let mut tag_deltas: BTreeMap<crate::store::rollup::OwnedTagRow, (i64, i64)> =
+                BTreeMap::new();
             for row in &rows {
                 let m: String = row.get(1);
                 let req: String = row.get(2);
@@ -474,11 +547,18 @@ impl PgBackend {
                     tss.push(ts);
                     costs.push(new.0);
                     priced.push(new.1);
-                    let d = deltas
-                        .entry((ts.div_euclid(DAY), row.get(9), m))
-                        .or_default();
-                    d.0 += new.0 - old.0;
-                    d.1 += i64::from(old.1) - i64::from(new.1);
+                    let (cost, unpriced) = (new.0 - old.0, i64::from(old.1) - i64::from(new.1));
+                    let (day, user, tags): (i64, String, &str) =
+                        (ts.div_euclid(DAY), row.get(9), row.get(13));
+                    for (k, v) in crate::tags::pairs(tags) {
+                        let key = (k.to_owned(), day, v.to_owned(), user.clone(), m.clone());
+                        let d = tag_deltas.entry(key).or_default();
+                        d.0 += cost;
+                        d.1 += unpriced;
+                    }
+                    let d = deltas.entry((day, user, m)).or_default();
+                    d.0 += cost;
+                    d.1 += unpriced;
                 }
             }
             if !ids.is_empty() {
@@ -505,6 +585,28 @@ impl PgBackend {
                     &[&day, &user, &m, &cost, &unpriced],
                 )
                 .await?;
+                if !tag_deltas.is_empty() {
+                    let (mut key, mut day, mut value, mut user, mut m, mut cost, mut unpriced) =
+                        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+                    for ((k, d, v, u, mo), (c, n)) in tag_deltas {
+                        key.push(k);
+                        day.push(d);
+                        value.push(v);
+                        user.push(u);
+                        m.push(mo);
+                        cost.push(c);
+                        unpriced.push(n);
+                    }
+                    tx.execute(
+                        "UPDATE usage_daily_tags d SET cost = d.cost + v.cost, unpriced = d.unpriced + v.unpriced
+                         FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::bigint[])
+                             AS v(tag_key, day, tag_value, username, model, cost, unpriced)
+                         WHERE d.tag_key = v.tag_key AND d.day = v.day AND d.tag_value = v.tag_value
+                           AND d.username = v.username AND d.model = v.model",
+                        &[&key, &day, &value, &user, &m, &cost, &unpriced],
+                    )
+                    .await?;
+                }
             }
             tx.commit().await?;
             Ok(ids.len() as u64)

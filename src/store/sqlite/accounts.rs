@@ -38,6 +38,7 @@ fn key_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
         created_ms: r.get(2)?,
         last_used_ms: r.get(3)?,
         revoked_ms: r.get(4)?,
+        tags: r.get(5)?,
     })
 }
 
@@ -61,8 +62,8 @@ impl Accounts for SqliteAccounts {
     fn create_key(&self, info: &KeyInfo, digest: &[u8; 32]) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO api_keys (id, user, digest, created) VALUES (?1, ?2, ?3, ?4)",
-                params![info.id, info.user, &digest[..], info.created_ms],
+                "INSERT INTO api_keys (id, user, digest, created, tags) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![info.id, info.user, &digest[..], info.created_ms, info.tags],
             )?;
             Ok(())
         })
@@ -71,7 +72,7 @@ impl Accounts for SqliteAccounts {
     fn list_keys(&self, user: &str) -> Result<Vec<KeyInfo>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare_cached(
-                "SELECT id, user, created, last_used, revoked FROM api_keys WHERE user = ?1 ORDER BY created, id",
+                "SELECT id, user, created, last_used, revoked, tags FROM api_keys WHERE user = ?1 ORDER BY created, id",
             )?;
             let rows = st.query_map([user], key_info)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -94,10 +95,10 @@ impl Accounts for SqliteAccounts {
     fn active_keys(&self) -> Result<Vec<(KeyInfo, [u8; 32])>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT id, user, created, last_used, revoked, digest FROM api_keys WHERE revoked IS NULL",
+                "SELECT id, user, created, last_used, revoked, tags, digest FROM api_keys WHERE revoked IS NULL",
             )?;
             let rows = st.query_map([], |r| {
-                let d: Vec<u8> = r.get(5)?;
+                let d: Vec<u8> = r.get(6)?;
                 let mut digest = [0u8; 32];
                 if d.len() == 32 {
                     digest.copy_from_slice(&d);

@@ -134,7 +134,7 @@ impl SqliteSource {
         let mut st = self.conn.prepare_cached(
             "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated,
-                    request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens
+                    request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags
              FROM queries WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
         )?;
         let n = |v: i64| v.max(0) as u64;
@@ -162,6 +162,7 @@ impl SqliteSource {
                                 audio_query: n(r.get(20)?),
                                 audio_answer: n(r.get(21)?),
                             },
+                            tags: r.get(22)?,
                             tier: r
                                 .get::<_, Option<String>>(19)?
                                 .as_deref()
@@ -236,7 +237,7 @@ impl SqliteSource {
             })?
             .collect::<Result<_, _>>()?;
         let mut st = c.prepare(
-            "SELECT id, user, digest, created, last_used, revoked FROM api_keys ORDER BY created, id",
+            "SELECT id, user, digest, created, last_used, revoked, tags FROM api_keys ORDER BY created, id",
         )?;
         let keys = st
             .query_map([], |r| {
@@ -247,6 +248,7 @@ impl SqliteSource {
                     created: r.get(3)?,
                     last_used: r.get(4)?,
                     revoked: r.get(5)?,
+                    tags: r.get(6)?,
                 })
             })?
             .collect::<Result<_, _>>()?;

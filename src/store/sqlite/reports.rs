@@ -48,7 +48,12 @@ impl SqliteReports {
 /// The WHERE clause of a filter (the tests' reference totals read with it).
 #[cfg(test)]
 pub(super) fn where_clause(f: &Filter) -> (String, Vec<rusqlite::types::Value>) {
-    let (conds, args) = conditions(f, true);
+    let (mut conds, mut args) = conditions(f, true);
+    if let Some(t) = &f.tag {
+        let (cond, a) = tag_condition(t);
+        conds.push(cond);
+        args.extend(a);
+    }
     let sql = if conds.is_empty() {
         String::new()
     } else {
@@ -124,7 +129,7 @@ impl Reports for SqliteReports {
             "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     CAST(query_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cached_tokens AS INTEGER),
                     CAST(reasoning_tokens AS INTEGER), CAST(cost AS INTEGER), priced, estimated, request_id, client_aborted, service_tier,
-                    CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER)
+                    CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER), tags
              FROM queries{w} ORDER BY {order} LIMIT ? OFFSET ?"
         );
         args.push(rusqlite::types::Value::Integer(
@@ -162,6 +167,7 @@ impl Reports for SqliteReports {
                         .and_then(|t| Tier::parse(&t)),
                     audio_query_tokens: r.get(20)?,
                     audio_answer_tokens: r.get(21)?,
+                    tags: r.get(22)?,
                 };
                 if !sink(rec) {
                     break;
@@ -356,6 +362,20 @@ fn split_sums(exprs: &[&str]) -> String {
         .join(", ")
 }
 
+/// Rows read for one piece: the group values (tag aside), the raw tag
+/// column when one was read, and the seven quantities.
+type PieceRows = Vec<(GroupValues, Option<String>, [i128; 7])>;
+
+/// Where a piece's rows are read from.
+enum Source<'a> {
+    /// `usage_daily`.
+    Daily,
+    /// `usage_daily_tags`, one tag key (and perhaps one value).
+    Tagged(&'a str, Option<&'a str>),
+    /// The records.
+    Records,
+}
+
 fn piece_totals(
     c: &Connection,
     piece: &Piece,
@@ -363,12 +383,110 @@ fn piece_totals(
     group: &[GroupKey],
     acc: &mut BTreeMap<GroupValues, Acc>,
 ) -> Result<(), StoreError> {
+    // The tag is grouped apart: its column differs between the sources.
+    let plain: Vec<GroupKey> = group
+        .iter()
+        .copied()
+        .filter(|g| *g != GroupKey::Tag)
+        .collect();
+    let tag_group = f
+        .group_tag
+        .as_deref()
+        .filter(|_| group.contains(&GroupKey::Tag));
+    let sign = match *piece {
+        Piece::Days(_, _, s) | Piece::Records(_, _, s) => s,
+    };
+    let mut add = |rows: PieceRows, sign: i64, tag: &dyn Fn(Option<String>) -> Option<String>| {
+        for (mut g, t, sums) in rows {
+            g.tag = tag(t);
+            acc_add(acc, g, sums, sign);
+        }
+    };
+    if matches!(piece, Piece::Records(..)) {
+        let rows = read_piece(c, piece, f, &plain, Source::Records, tag_group.is_some())?;
+        let k = tag_group.unwrap_or("");
+        add(rows, sign, &|t| {
+            t.and_then(|t| crate::tags::value_of(&t, k).map(str::to_owned))
+        });
+        return Ok(());
+    }
+    match (&f.tag, tag_group) {
+        (None, None) => add(
+            read_piece(c, piece, f, &plain, Source::Daily, false)?,
+            sign,
+            &|_| None,
+        ),
+        (Some(t), _) => {
+            let src = Source::Tagged(&t.key, t.value.as_deref());
+            let rows = read_piece(c, piece, f, &plain, src, tag_group.is_some())?;
+            add(rows, sign, &|t| t);
+        }
+        (None, Some(k)) => {
+            // Those with the key by value; those without it are all the
+            // records less those with it.
+            let with = read_piece(c, piece, f, &plain, Source::Tagged(k, None), true)?;
+            add(with, sign, &|t| t);
+            add(
+                read_piece(c, piece, f, &plain, Source::Daily, false)?,
+                sign,
+                &|_| None,
+            );
+            let with = read_piece(c, piece, f, &plain, Source::Tagged(k, None), false)?;
+            add(with, -sign, &|_| None);
+        }
+    }
+    Ok(())
+}
+
+/// Adds one row's quantities to its group, `sign` times.
+fn acc_add(acc: &mut BTreeMap<GroupValues, Acc>, g: GroupValues, t: [i128; 7], sign: i64) {
+    let e = acc.entry(g).or_default();
+    for (k, v) in t.into_iter().enumerate() {
+        // Cost totals may pass i64::MAX legitimately; counts may not.
+        if k != 5 && v >= i128::from(i64::MAX) {
+            e.saturated[k] = true;
+        }
+        e.sum[k] += i128::from(sign) * v;
+    }
+}
+
+/// The `tag` filter of the records, as SQL on their canonical tag list.
+pub(super) fn tag_condition(
+    t: &crate::tags::TagFilter,
+) -> (&'static str, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value;
-    let rollup = matches!(piece, Piece::Days(..));
+    // Canonical lists hold no spaces or commas inside a tag: `,k=v,` is
+    // found in `,list,` exactly when the record has that tag.
+    let wrapped = "instr(',' || tags || ',', ?) > 0";
+    match &t.value {
+        Some(v) if v.is_empty() => (wrapped, vec![Value::Text(format!(",{},", t.key))]),
+        Some(v) => (wrapped, vec![Value::Text(format!(",{}={v},", t.key))]),
+        None => (
+            "(instr(',' || tags || ',', ?) > 0 OR instr(',' || tags || ',', ?) > 0)",
+            vec![
+                Value::Text(format!(",{},", t.key)),
+                Value::Text(format!(",{}=", t.key)),
+            ],
+        ),
+    }
+}
+
+/// Reads one piece of a source, grouped by `plain` (and by the tag column,
+/// returned raw, with `tag_col`).
+fn read_piece(
+    c: &Connection,
+    piece: &Piece,
+    f: &Filter,
+    plain: &[GroupKey],
+    src: Source<'_>,
+    tag_col: bool,
+) -> Result<PieceRows, StoreError> {
+    use rusqlite::types::Value;
+    let rollup = !matches!(src, Source::Records);
     let mut conds: Vec<&str> = Vec::new();
     let mut args: Vec<Value> = Vec::new();
-    let sign = match *piece {
-        Piece::Days(from, to, sign) => {
+    match *piece {
+        Piece::Days(from, to, _) => {
             if let Some(d) = from {
                 conds.push("day >= ?");
                 args.push(Value::Integer(d));
@@ -377,33 +495,54 @@ fn piece_totals(
                 conds.push("day < ?");
                 args.push(Value::Integer(d));
             }
-            sign
         }
-        Piece::Records(from, to, sign) => {
+        Piece::Records(from, to, _) => {
             conds.push("ts >= ?");
             args.push(Value::Integer(from));
             conds.push("ts < ?");
             args.push(Value::Integer(to));
-            sign
         }
-    };
+    }
     let (more, more_args) = conditions(f, false);
     conds.extend(more);
     args.extend(more_args);
-    let keys: Vec<&str> = group.iter().map(|g| key_expr(*g, rollup)).collect();
-    let table = if rollup { "usage_daily" } else { "queries" };
+    let table = match src {
+        Source::Daily => "usage_daily",
+        Source::Tagged(key, value) => {
+            conds.push("tag_key = ?");
+            args.push(Value::Text(key.to_owned()));
+            if let Some(v) = value {
+                conds.push("tag_value = ?");
+                args.push(Value::Text(v.to_owned()));
+            }
+            "usage_daily_tags"
+        }
+        Source::Records => {
+            if let Some(t) = &f.tag {
+                let (cond, a) = tag_condition(t);
+                conds.push(cond);
+                args.extend(a);
+            }
+            "queries"
+        }
+    };
+    let mut keys: Vec<&str> = plain.iter().map(|g| key_expr(*g, rollup)).collect();
+    if tag_col {
+        keys.push(if rollup { "tag_value" } else { "tags" });
+    }
     let read = |sums: Sums| {
-        let mut out: Vec<(GroupValues, [i128; 7])> = Vec::new();
+        let mut out: PieceRows = Vec::new();
         grouped(
             c,
             &keys,
-            group,
+            plain,
             &sums.sql(rollup),
             table,
             &conds,
             args.clone(),
             |g, r| {
-                out.push((g, sums.decode(r, keys.len())?));
+                let t: Option<String> = if tag_col { r.get(plain.len())? } else { None };
+                out.push((g, t, sums.decode(r, keys.len())?));
                 Ok(())
             },
         )
@@ -412,25 +551,14 @@ fn piece_totals(
     // The rollups are few rows: always read robustly. The records of a
     // partial day may be many: plain sums first, and the robust ones only
     // when stored values make those fail (`integer overflow`, a REAL).
-    let rows = if rollup {
-        read(Sums::Split)?
+    if rollup {
+        read(Sums::Split)
     } else {
         match read(Sums::Plain) {
-            Ok(rows) => rows,
-            Err(_) => read(Sums::Split)?,
-        }
-    };
-    for (g, t) in rows {
-        let e = acc.entry(g).or_default();
-        for (k, v) in t.into_iter().enumerate() {
-            // Cost totals may pass i64::MAX legitimately; counts may not.
-            if k != 5 && v >= i128::from(i64::MAX) {
-                e.saturated[k] = true;
-            }
-            e.sum[k] += i128::from(sign) * v;
+            Ok(rows) => Ok(rows),
+            Err(_) => read(Sums::Split),
         }
     }
-    Ok(())
 }
 
 /// How a piece's quantities are summed in SQL.
@@ -490,6 +618,8 @@ fn key_expr(g: GroupKey, rollup: bool) -> &'static str {
         (GroupKey::Month, false) => "strftime('%Y-%m', ts / 1000, 'unixepoch')",
         // Only ever read from the records (see `plan`).
         (GroupKey::Tier, _) => "service_tier",
+        // Read apart (see `piece_totals`); only rejections, untagged, get here.
+        (GroupKey::Tag, _) => "NULL",
     }
 }
 
@@ -543,6 +673,10 @@ fn rejection_counts(
     group: &[GroupKey],
     acc: &mut BTreeMap<GroupValues, Acc>,
 ) -> Result<(), StoreError> {
+    if f.tag.is_some() {
+        // Refused requests keep no tags: none carries the one asked for.
+        return Ok(());
+    }
     let (conds, args) = conditions(f, true);
     // Refusals come before any answer: they have no tier.
     let keys: Vec<&str> = group

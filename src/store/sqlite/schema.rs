@@ -70,6 +70,12 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         sql: SCHEMA_V7,
         adds_column: None,
     },
+    Migration {
+        version: 8,
+        what: "request tags on records and keys, daily rollups per tag",
+        sql: SCHEMA_V8,
+        adds_column: Some(("queries", "tags")),
+    },
 ];
 
 /// The version this build brings a database to.
@@ -223,6 +229,29 @@ CREATE TABLE IF NOT EXISTS alerts_sent (
     kind         TEXT    NOT NULL,
     at           INTEGER NOT NULL,
     PRIMARY KEY (subject, period_start, kind)
+) WITHOUT ROWID;
+";
+
+/// Request tags (canonical, see `crate::tags`) on records and as keys'
+/// defaults, and their daily rollups: one row per tag key, day, tag value,
+/// user and model, written with the records (empty for those written before).
+const SCHEMA_V8: &str = "
+ALTER TABLE queries ADD COLUMN tags TEXT NOT NULL DEFAULT '';
+ALTER TABLE api_keys ADD COLUMN tags TEXT NOT NULL DEFAULT '';
+CREATE TABLE IF NOT EXISTS usage_daily_tags (
+    tag_key          TEXT    NOT NULL,
+    day              INTEGER NOT NULL,
+    tag_value        TEXT    NOT NULL,
+    user             TEXT    NOT NULL,
+    model            TEXT    NOT NULL,
+    queries          INTEGER NOT NULL,
+    query_tokens     INTEGER NOT NULL,
+    answer_tokens    INTEGER NOT NULL,
+    cached_tokens    INTEGER NOT NULL,
+    reasoning_tokens INTEGER NOT NULL,
+    cost             INTEGER NOT NULL,
+    unpriced         INTEGER NOT NULL,
+    PRIMARY KEY (tag_key, day, tag_value, user, model)
 ) WITHOUT ROWID;
 ";
 

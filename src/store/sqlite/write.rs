@@ -23,7 +23,7 @@ impl SqliteBackend {
     }
 }
 
-const INSERT: &str = "INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)";
+const INSERT: &str = "INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)";
 
 /// Inserts a price row (standard and tier rates); its parameters are
 /// those of [`UPSERT_PRICE`].
@@ -69,6 +69,19 @@ ON CONFLICT (day, user, model) DO UPDATE SET
     cost = MIN(MAX(cost, 0) + excluded.cost, 9223372036854775807),
     unpriced = MIN(MAX(unpriced, 0) + excluded.unpriced, 9223372036854775807)";
 
+/// Adds a batch's increments to the tag rollups, saturating like
+/// [`UPSERT_DAILY`].
+const UPSERT_TAGS: &str = "INSERT INTO usage_daily_tags (tag_key, day, tag_value, user, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+ON CONFLICT (tag_key, day, tag_value, user, model) DO UPDATE SET
+    queries = MIN(MAX(queries, 0) + excluded.queries, 9223372036854775807),
+    query_tokens = MIN(MAX(query_tokens, 0) + excluded.query_tokens, 9223372036854775807),
+    answer_tokens = MIN(MAX(answer_tokens, 0) + excluded.answer_tokens, 9223372036854775807),
+    cached_tokens = MIN(MAX(cached_tokens, 0) + excluded.cached_tokens, 9223372036854775807),
+    reasoning_tokens = MIN(MAX(reasoning_tokens, 0) + excluded.reasoning_tokens, 9223372036854775807),
+    cost = MIN(MAX(cost, 0) + excluded.cost, 9223372036854775807),
+    unpriced = MIN(MAX(unpriced, 0) + excluded.unpriced, 9223372036854775807)";
+
 impl Backend for SqliteBackend {
     fn write(
         &mut self,
@@ -103,6 +116,7 @@ impl Backend for SqliteBackend {
                     r.tier.map(|t| t.as_str()),
                     i(r.usage.audio_query),
                     i(r.usage.audio_answer),
+                    r.tags,
                 ])?;
                 if let Some(k) = &r.key_id {
                     let mut st = tx.prepare_cached(
@@ -115,6 +129,23 @@ impl Backend for SqliteBackend {
             for ((day, user, model), d) in crate::store::rollup::daily(batch) {
                 up.execute(params![
                     day,
+                    user,
+                    model,
+                    d.queries,
+                    d.query_tokens,
+                    d.answer_tokens,
+                    d.cached_tokens,
+                    d.reasoning_tokens,
+                    d.cost,
+                    d.unpriced
+                ])?;
+            }
+            let mut up = tx.prepare_cached(UPSERT_TAGS)?;
+            for ((key, day, value, user, model), d) in crate::store::rollup::tagged(batch) {
+                up.execute(params![
+                    key,
+                    day,
+                    value,
                     user,
                     model,
                     d.queries,
@@ -155,13 +186,15 @@ impl Backend for SqliteBackend {
         {
             let like_dated = format!("{}-%", escape_like(model));
             let mut sel = tx.prepare(
-                "SELECT id, model, requested_model, ts, CAST(query_tokens AS INTEGER), CAST(cached_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cost AS INTEGER), priced, user, service_tier, CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER) FROM queries
+                "SELECT id, model, requested_model, ts, CAST(query_tokens AS INTEGER), CAST(cached_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cost AS INTEGER), priced, user, service_tier, CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER), tags FROM queries
                  WHERE ts >= ?1 AND (model = ?2 OR requested_model = ?2
                     OR model LIKE ?3 ESCAPE '\\' OR requested_model LIKE ?3 ESCAPE '\\'
                     OR model LIKE 'ft:%' OR requested_model LIKE 'ft:%')",
             )?;
             let mut upd = tx.prepare("UPDATE queries SET cost = ?2, priced = ?3 WHERE id = ?1")?;
             let mut deltas: HashMap<(i64, String, String), (i64, i64)> = HashMap::new();
+            let mut tag_deltas: HashMap<crate::store::rollup::OwnedTagRow, (i64, i64)> =
+                HashMap::new();
             let mut rows = sel.query(params![price.valid_from, model, like_dated])?;
             while let Some(row) = rows.next()? {
                 let id: i64 = row.get(0)?;
@@ -169,6 +202,7 @@ impl Backend for SqliteBackend {
                 let req: String = row.get(2)?;
                 let ts: i64 = row.get(3)?;
                 let user: String = row.get(9)?;
+                let tags: String = row.get(13)?;
                 let tokens = pricing::Tokens {
                     query: row.get::<_, i64>(4)?.max(0) as u64,
                     cached: row.get::<_, i64>(5)?.max(0) as u64,
@@ -184,9 +218,18 @@ impl Backend for SqliteBackend {
                 if new != old {
                     upd.execute(params![id, new.0, new.1])?;
                     changed += 1;
-                    let d = deltas.entry((ts.div_euclid(DAY), user, m)).or_default();
-                    d.0 = d.0.saturating_add(new.0.saturating_sub(old.0));
-                    d.1 += i64::from(old.1) - i64::from(new.1);
+                    let cost = new.0.saturating_sub(old.0);
+                    let unpriced = i64::from(old.1) - i64::from(new.1);
+                    let day = ts.div_euclid(DAY);
+                    for (k, v) in crate::tags::pairs(&tags) {
+                        let key = (k.to_owned(), day, v.to_owned(), user.clone(), m.clone());
+                        let d = tag_deltas.entry(key).or_default();
+                        d.0 = d.0.saturating_add(cost);
+                        d.1 += unpriced;
+                    }
+                    let d = deltas.entry((day, user, m)).or_default();
+                    d.0 = d.0.saturating_add(cost);
+                    d.1 += unpriced;
                 }
             }
             drop(rows);
@@ -195,6 +238,12 @@ impl Backend for SqliteBackend {
             )?;
             for ((day, user, m), (cost, unpriced)) in deltas {
                 roll.execute(params![day, user, m, cost, unpriced])?;
+            }
+            let mut roll = tx.prepare(
+                "UPDATE usage_daily_tags SET cost = MAX(MIN(cost + ?6, 9223372036854775807), 0), unpriced = unpriced + ?7 WHERE tag_key = ?1 AND day = ?2 AND tag_value = ?3 AND user = ?4 AND model = ?5",
+            )?;
+            for ((k, day, v, user, m), (cost, unpriced)) in tag_deltas {
+                roll.execute(params![k, day, v, user, m, cost, unpriced])?;
             }
         }
         tx.commit()?;
