@@ -115,6 +115,11 @@ impl Reports for SqliteReports {
             conds.push("estimated = ?");
             args.push(rusqlite::types::Value::Integer(e.into()));
         }
+        if let Some(t) = &f.tag {
+            let (cond, a) = tag_condition(t);
+            conds.push(cond);
+            args.extend(a);
+        }
         let w = if conds.is_empty() {
             String::new()
         } else {
