@@ -113,9 +113,19 @@ impl App {
                 .unwrap_or(usize::MAX)
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
         ));
+        let upstream = crate::upstream::Upstream::new(
+            &config.upstream,
+            &config.upstream_trust,
+            &config,
+            workers,
+        )
+        .map_err(|message| StartError {
+            setting: "--upstream-ca-file",
+            message,
+        })?;
         let app = App {
             buffered,
-            upstream: crate::upstream::Upstream::new(&config, workers),
+            upstream,
             workers,
             admin_digest: config.admin_token.as_deref().map(access::digest),
             config,

@@ -17,6 +17,8 @@ pub struct Config {
     pub upstream: UpstreamUrl,
     /// Where records go: a SQLite file or a PostgreSQL server.
     pub db: Db,
+    /// Roots trusted for an HTTPS `upstream` beyond the built-in ones.
+    pub upstream_trust: Trust,
     /// Key injected as `Authorization: Bearer` upstream; `None` passes the
     /// client's own `Authorization` through.
     pub upstream_token: Option<String>,
@@ -73,6 +75,7 @@ impl std::fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("upstream", &self.upstream)
             .field("db", &self.db)
+            .field("upstream_trust", &self.upstream_trust)
             .field("upstream_token", &redacted(&self.upstream_token))
             .field("upstream_connect_timeout", &self.upstream_connect_timeout)
             .field("upstream_idle_timeout", &self.upstream_idle_timeout)
@@ -298,6 +301,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// Which certificates an HTTPS upstream may present, beyond the built-in
+/// (Mozilla's, from webpki-roots) roots.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Trust {
+    /// A PEM file of further trusted roots (a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// Also trust the operating system's store.
+    pub system_roots: bool,
+}
+
 /// An upstream base URL, split for fast per-request URI building.
 #[derive(Debug, Clone)]
 pub struct UpstreamUrl {
@@ -368,6 +381,7 @@ impl Default for Config {
             listen: "127.0.0.1:8080".parse().expect("valid default"),
             upstream: UpstreamUrl::parse("https://api.openai.com").expect("valid default"),
             db: Db::Sqlite(PathBuf::from("openai-queries.db")),
+            upstream_trust: Trust::default(),
             upstream_token: None,
             upstream_connect_timeout: Duration::from_secs(10),
             upstream_idle_timeout: Duration::from_secs(600),
@@ -494,6 +508,22 @@ const SETTINGS: &[Setting] = &[
         key: "upstream_keepalive",
         default: "90s",
         help: "how long an idle upstream connection is kept for reuse",
+    },
+    Setting {
+        flag: "--upstream-ca-file",
+        value: "FILE",
+        env: "TOLLGATE_UPSTREAM_CA_FILE",
+        key: "upstream_ca_file",
+        default: "none",
+        help: "PEM file of further roots trusted for an HTTPS upstream (a private CA), beside the built-in ones",
+    },
+    Setting {
+        flag: "--upstream-system-roots",
+        value: "true|false",
+        env: "TOLLGATE_UPSTREAM_SYSTEM_ROOTS",
+        key: "upstream_system_roots",
+        default: "false",
+        help: "also trust the operating system's certificate store for an HTTPS upstream",
     },
     Setting {
         flag: "--max-body",
@@ -742,6 +772,7 @@ pub fn parse(
             Some(toml::Value::String(s)) => Ok(Some(s.clone())),
             Some(toml::Value::Integer(i)) => Ok(Some(i.to_string())),
             Some(toml::Value::Float(f)) => Ok(Some(f.to_string())),
+            Some(toml::Value::Boolean(b)) => Ok(Some(b.to_string())),
             Some(other) => Err(err(flag, format!("unexpected TOML value {other}"))),
         }
     };
@@ -759,6 +790,20 @@ pub fn parse(
             // Never echo credentials back.
             let shown = if v.contains('@') { "the URL" } else { &v };
             err("--upstream", format!("`{shown}`: {m}"))
+        })?;
+    }
+    if let Some(v) = raw("--upstream-ca-file")? {
+        if v.is_empty() {
+            return Err(err("--upstream-ca-file", "must not be empty"));
+        }
+        c.upstream_trust.ca_file = Some(PathBuf::from(v));
+    }
+    if let Some(v) = raw("--upstream-system-roots")? {
+        c.upstream_trust.system_roots = parse_bool(&v).ok_or_else(|| {
+            err(
+                "--upstream-system-roots",
+                format!("`{v}` is not true or false"),
+            )
         })?;
     }
     if let Some(v) = raw("--db")? {
@@ -918,6 +963,15 @@ pub fn parse(
     } else {
         Command::Run(c)
     })
+}
+
+/// `true`/`false` (also `1`/`0`, `yes`/`no`).
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim() {
+        "true" | "1" | "yes" => Some(true),
+        "false" | "0" | "no" => Some(false),
+        _ => None,
+    }
 }
 
 /// `500ms`, `2s`, `10m`, `1h30m`, or plain seconds.

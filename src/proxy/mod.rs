@@ -558,8 +558,12 @@ async fn send(
         } else if upload.is_some_and(|u| u.failed()) {
             SendError::ClientUpload
         } else if matches!(e, UpstreamError::Connect(_)) {
+            // The client's 502 says only "unreachable"; the operator needs
+            // the reason (refused, timed out, which certificate check failed).
+            tracing::warn!(upstream = %app.config.upstream, error = %error_chain(&e), "cannot connect to upstream");
             SendError::Unreachable
         } else {
+            tracing::warn!(upstream = %app.config.upstream, error = %error_chain(&e), "upstream failed before answering");
             SendError::Upstream(e)
         }
     })
