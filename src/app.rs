@@ -7,8 +7,6 @@ use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use http::HeaderValue;
-
 use crate::access::{self, Keys};
 use crate::budget::{Budgets, Period};
 use crate::config::{Config, Db};
@@ -19,14 +17,12 @@ use crate::store::{postgres, sqlite, Filter, GroupKey, StateVersions, Store, Sto
 pub struct App {
     /// The validated settings.
     pub config: Config,
-    /// The upstream and its idle connections.
-    pub upstream: crate::upstream::Upstream,
+    /// The upstreams, their keys and idle connections.
+    pub upstreams: crate::upstreams::Upstreams,
     /// Server worker threads (one per available core).
     pub workers: usize,
     /// Where records go and reports come from.
     pub store: Arc<Store>,
-    /// `Bearer <upstream token>`, prepared once.
-    pub auth_header: Option<HeaderValue>,
     /// SHA-256 of the admin key, if one is set.
     pub admin_digest: Option<access::Digest>,
     /// Active user keys.
@@ -95,42 +91,36 @@ impl App {
             }
         };
         let store = store.map_err(|e| db_error(e.to_string()))?;
-        let auth_header = match &config.upstream_token {
-            Some(t) => {
-                let mut v =
-                    HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| StartError {
-                        setting: "TOLLGATE_UPSTREAM_TOKEN",
-                        message: "not a valid header value".into(),
-                    })?;
-                v.set_sensitive(true);
-                Some(v)
-            }
-            None => None,
-        };
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         let buffered = Arc::new(tokio::sync::Semaphore::new(
             usize::try_from(config.max_buffered.div_ceil(1024))
                 .unwrap_or(usize::MAX)
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
         ));
-        let upstream = crate::upstream::Upstream::new(
-            &config.upstream,
-            &config.upstream_trust,
-            &config,
-            workers,
-        )
-        .map_err(|message| StartError {
-            setting: "--upstream-ca-file",
-            message,
+        let upstreams = crate::upstreams::Upstreams::new(&config, workers).map_err(|e| {
+            let shorthand = config.upstreams.is_empty();
+            StartError {
+                setting: if shorthand && e.key {
+                    "TOLLGATE_UPSTREAM_TOKEN"
+                } else if shorthand {
+                    "--upstream-ca-file"
+                } else {
+                    "[[upstream]]"
+                },
+                message: if shorthand {
+                    e.message
+                } else {
+                    format!("{}: {}", e.upstream, e.message)
+                },
+            }
         })?;
         let app = App {
             buffered,
-            upstream,
+            upstreams,
             workers,
             admin_digest: config.admin_token.as_deref().map(access::digest),
             config,
             store,
-            auth_header,
             keys: Keys::default(),
             budgets: Arc::new(Budgets::default()),
             metrics,

@@ -254,7 +254,10 @@ async fn client_leaving_before_the_head_finish_records_the_real_usage() {
     assert_eq!(rec["clientAborted"], true, "{rec}");
     let csv = p.get("/queries?format=csv").await.text();
     assert!(
-        csv.lines().next().unwrap().ends_with(",clientAborted"),
+        csv.lines()
+            .next()
+            .unwrap()
+            .ends_with(",clientAborted,upstream"),
         "{csv}"
     );
     assert!(csv.lines().nth(1).unwrap().ends_with(",true"), "{csv}");

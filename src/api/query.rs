@@ -88,10 +88,13 @@ pub fn parse_params(query: &str, allowed: &[&str]) -> Result<Params, ApiError> {
                         "model" => GroupKey::Model,
                         "day" => GroupKey::Day,
                         "month" => GroupKey::Month,
+                        "upstream" => GroupKey::Upstream,
                         other => {
                             return Err(ApiError::bad_param(
                                 "group_by",
-                                format!("cannot group by {other} (user, model, day, month)"),
+                                format!(
+                                    "cannot group by {other} (user, model, day, month, upstream)"
+                                ),
                             ))
                         }
                     };

@@ -36,6 +36,10 @@ struct Usage<'a> {
     day: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     month: Option<&'a str>,
+    /// Grouped by upstream: `null` for refused requests (no upstream) and
+    /// records older than named upstreams, so the key is always there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream: Option<Option<&'a str>>,
     num_queries: u64,
     query_tokens: u64,
     answer_tokens: u64,
@@ -60,6 +64,7 @@ impl<'a> Usage<'a> {
             model: g.model.as_deref(),
             day: g.day.as_deref(),
             month: g.month.as_deref(),
+            upstream: None,
             num_queries: t.queries,
             query_tokens: t.query_tokens,
             answer_tokens: t.answer_tokens,
@@ -79,6 +84,7 @@ impl<'a> Usage<'a> {
             model: None,
             day: None,
             month: None,
+            upstream: None,
         };
         Usage::new(&NONE, t)
     }
@@ -95,6 +101,7 @@ pub(super) async fn usage(app: &Arc<App>, query: &str) -> Result<Response<Body>,
     catch_up(app).await;
     let reports = app.store.reports();
     let grouped = !p.group.is_empty();
+    let by_upstream = p.group.contains(&crate::store::GroupKey::Upstream);
     let rows = blocking(move || reports.usage(&p.filter, &p.group))
         .await?
         .map_err(|e| ApiError::internal(format!("could not read usage: {e}")))?;
@@ -102,7 +109,16 @@ pub(super) async fn usage(app: &Arc<App>, query: &str) -> Result<Response<Body>,
         let t = rows.into_iter().next().map(|r| r.1).unwrap_or_default();
         return ok(&Usage::totals(&t));
     }
-    let all: Vec<Usage> = rows.iter().map(|(g, t)| Usage::new(g, t)).collect();
+    let all: Vec<Usage> = rows
+        .iter()
+        .map(|(g, t)| {
+            let mut u = Usage::new(g, t);
+            if by_upstream {
+                u.upstream = Some(g.upstream.as_deref());
+            }
+            u
+        })
+        .collect();
     ok(&all)
 }
 
@@ -257,10 +273,15 @@ pub fn record_json(out: &mut String, r: &StoredRecord) {
     }
     out.push_str(",\"clientAborted\":");
     out.push_str(if r.client_aborted { "true" } else { "false" });
+    out.push_str(",\"upstream\":");
+    match &r.upstream {
+        Some(u) => push_json_str(out, u),
+        None => out.push_str("null"),
+    }
     out.push('}');
 }
 
-const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,clientAborted\r\n";
+const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,clientAborted,upstream\r\n";
 
 /// Leading characters that make a spreadsheet read a cell as a formula
 /// (OWASP, "CSV Injection").
@@ -317,6 +338,10 @@ pub fn record_csv(out: &mut String, r: &StoredRecord) {
     }
     out.push(',');
     out.push_str(if r.client_aborted { "true" } else { "false" });
+    out.push(',');
+    if let Some(u) = &r.upstream {
+        push_csv(out, u);
+    }
     out.push_str("\r\n");
 }
 

@@ -124,6 +124,9 @@ pub enum GroupKey {
     Day,
     /// Per UTC month.
     Month,
+    /// Per upstream that served (summed from the per-query records: the
+    /// daily rollups do not keep it).
+    Upstream,
 }
 
 /// The values of the group keys of one `/usage` row (`None` where not grouped).
@@ -137,6 +140,8 @@ pub struct GroupValues {
     pub day: Option<String>,
     /// `YYYY-MM`.
     pub month: Option<String>,
+    /// Upstream name.
+    pub upstream: Option<String>,
 }
 
 impl GroupValues {
@@ -147,6 +152,7 @@ impl GroupValues {
             GroupKey::Model => self.model = v,
             GroupKey::Day => self.day = v,
             GroupKey::Month => self.month = v,
+            GroupKey::Upstream => self.upstream = v,
         }
     }
 }

@@ -14,7 +14,7 @@ use super::{wait, Conn, Pool};
 use crate::pricing::{Price, PriceTable};
 use crate::ratelimit::RateLimits;
 use crate::record::StoredRecord;
-use crate::store::sqlite::{pieces, Piece};
+use crate::store::sqlite::{plan, Piece};
 use crate::store::{
     Filter, GroupKey, GroupValues, Reports, StateVersions, StoreError, UsageTotals,
 };
@@ -89,7 +89,7 @@ impl Reports for PgReports {
     ) -> Result<Vec<(GroupValues, UsageTotals)>, StoreError> {
         let mut acc: BTreeMap<GroupValues, [i128; 8]> = BTreeMap::new();
         self.pool.with(|c| {
-            for piece in pieces(f.after, f.before) {
+            for piece in plan(f.after, f.before, group) {
                 piece_totals(c, &piece, f, group, &mut acc)?;
             }
             rejection_counts(c, f, group, &mut acc)
@@ -132,7 +132,7 @@ impl Reports for PgReports {
         let n = q.args.len();
         let sql = format!(
             "SELECT id, username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
-                    query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted
+                    query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, upstream
              FROM queries{} ORDER BY ts, id LIMIT ${} OFFSET ${}",
             q.where_sql(),
             n + 1,
@@ -167,6 +167,7 @@ impl Reports for PgReports {
                         estimated: r.try_get(16)?,
                         request_id: r.try_get(17)?,
                         client_aborted: r.try_get(18)?,
+                        upstream: r.try_get(19)?,
                     };
                     if !sink(rec) {
                         break;
@@ -299,6 +300,7 @@ fn key_expr(g: GroupKey, rollup: bool) -> &'static str {
         (GroupKey::Month, false) => {
             "to_char(timestamp '1970-01-01' + (ts / 1000) * interval '1 second', 'YYYY-MM')"
         }
+        (GroupKey::Upstream, _) => "upstream",
     }
 }
 
@@ -352,7 +354,14 @@ fn rejection_counts(
 ) -> Result<(), StoreError> {
     let mut q = Conds::default();
     q.filter(f, true);
-    let keys: Vec<&str> = group.iter().map(|g| key_expr(*g, false)).collect();
+    // A refused request reached no upstream.
+    let keys: Vec<&str> = group
+        .iter()
+        .map(|g| match g {
+            GroupKey::Upstream => "NULL::text",
+            g => key_expr(*g, false),
+        })
+        .collect();
     grouped(c, &keys, group, "count(*)", "rejections", &q, |g, r| {
         let n: i64 = r.try_get(keys.len())?;
         if n > 0 {

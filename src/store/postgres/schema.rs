@@ -36,6 +36,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         what: "versions of prices, keys, limits and rate limits, for instances to follow",
         sql: SCHEMA_V2,
     },
+    Migration {
+        version: 3,
+        what: "records name the upstream that served them",
+        sql: SCHEMA_V3,
+    },
 ];
 
 /// The version this build brings a database to.
@@ -133,6 +138,11 @@ CREATE TABLE write_batches (
     token text   PRIMARY KEY,
     at_ms bigint NOT NULL
 );
+";
+
+/// The upstream that served a record (NULL for the records written before).
+const SCHEMA_V3: &str = "
+ALTER TABLE queries ADD COLUMN IF NOT EXISTS upstream text;
 ";
 
 /// A version per kind of shared state (the latest upstream rate limits too), bumped by triggers in the

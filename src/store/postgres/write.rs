@@ -54,7 +54,7 @@ pub struct PgBackend {
     retry: Option<String>,
 }
 
-const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted) FROM STDIN (FORMAT binary)";
+const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, upstream) FROM STDIN (FORMAT binary)";
 
 const COPY_TYPES: &[Type] = &[
     Type::TEXT,
@@ -75,6 +75,7 @@ const COPY_TYPES: &[Type] = &[
     Type::BOOL,
     Type::TEXT,
     Type::BOOL,
+    Type::TEXT,
 ];
 
 const UPSERT_DAILY: &str = "INSERT INTO usage_daily AS d (day, username, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
@@ -262,7 +263,8 @@ impl PgBackend {
                 for p in batch {
                     let r = &p.record;
                     let status = i32::from(r.status);
-                    let row: [&(dyn ToSql + Sync); 18] = [
+                    let upstream = r.upstream.as_deref();
+                    let row: [&(dyn ToSql + Sync); 19] = [
                         &r.user,
                         &r.model_or_requested(),
                         &r.requested_model,
@@ -281,6 +283,7 @@ impl PgBackend {
                         &r.estimated,
                         &r.request_id,
                         &r.client_aborted,
+                        &upstream,
                     ];
                     w.as_mut().write(&row).await?;
                 }

@@ -10,7 +10,7 @@ mod write;
 
 pub use accounts::SqliteAccounts;
 pub use reports::SqliteReports;
-pub(crate) use reports::{pieces, Piece};
+pub(crate) use reports::{plan, Piece};
 pub use write::SqliteBackend;
 
 use std::path::Path;

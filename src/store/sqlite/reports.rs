@@ -64,7 +64,7 @@ impl Reports for SqliteReports {
     ) -> Result<Vec<(GroupValues, UsageTotals)>, StoreError> {
         let mut acc: BTreeMap<GroupValues, Acc> = BTreeMap::new();
         self.with(|c| {
-            for piece in pieces(f.after, f.before) {
+            for piece in plan(f.after, f.before, group) {
                 piece_totals(c, &piece, f, group, &mut acc)?;
             }
             rejection_counts(c, f, group, &mut acc)
@@ -103,7 +103,7 @@ impl Reports for SqliteReports {
         let sql = format!(
             "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     CAST(query_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cached_tokens AS INTEGER),
-                    CAST(reasoning_tokens AS INTEGER), CAST(cost AS INTEGER), priced, estimated, request_id, client_aborted
+                    CAST(reasoning_tokens AS INTEGER), CAST(cost AS INTEGER), priced, estimated, request_id, client_aborted, upstream
              FROM queries{w} ORDER BY ts, id LIMIT ? OFFSET ?"
         );
         args.push(rusqlite::types::Value::Integer(
@@ -136,6 +136,7 @@ impl Reports for SqliteReports {
                     estimated: r.get(16)?,
                     request_id: r.get(17)?,
                     client_aborted: r.get(18)?,
+                    upstream: r.get(19)?,
                 };
                 if !sink(rec) {
                     break;
@@ -205,6 +206,20 @@ pub(crate) enum Piece {
     Days(Option<i64>, Option<i64>, i64),
     /// Records with `from <= ts < to` (ms), added (1) or removed (-1).
     Records(i64, i64, i64),
+}
+
+/// The pieces a `/usage` query reads: [`pieces`], or only records when it
+/// groups by what the rollups do not keep (the upstream).
+pub(crate) fn plan(after: Option<i64>, before: Option<i64>, group: &[GroupKey]) -> Vec<Piece> {
+    if !group.contains(&GroupKey::Upstream) {
+        return pieces(after, before);
+    }
+    let lo = after.map_or(i64::MIN, |a| a.saturating_add(1));
+    let hi = before.unwrap_or(i64::MAX);
+    if lo >= hi {
+        return Vec::new();
+    }
+    vec![Piece::Records(lo, hi, 1)]
 }
 
 /// Splits the exclusive range (`after`, `before`) into whole days read from
@@ -436,6 +451,7 @@ fn key_expr(g: GroupKey, rollup: bool) -> &'static str {
         (GroupKey::Day, false) => "date(ts / 1000, 'unixepoch')",
         (GroupKey::Month, true) => "strftime('%Y-%m', day * 86400, 'unixepoch')",
         (GroupKey::Month, false) => "strftime('%Y-%m', ts / 1000, 'unixepoch')",
+        (GroupKey::Upstream, _) => "upstream",
     }
 }
 
@@ -490,7 +506,14 @@ fn rejection_counts(
     acc: &mut BTreeMap<GroupValues, Acc>,
 ) -> Result<(), StoreError> {
     let (conds, args) = conditions(f, true);
-    let keys: Vec<&str> = group.iter().map(|g| key_expr(*g, false)).collect();
+    // A refused request reached no upstream.
+    let keys: Vec<&str> = group
+        .iter()
+        .map(|g| match g {
+            GroupKey::Upstream => "NULL",
+            g => key_expr(*g, false),
+        })
+        .collect();
     grouped(
         c,
         &keys,

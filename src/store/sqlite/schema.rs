@@ -58,6 +58,12 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         sql: SCHEMA_V5,
         adds_column: Some(("queries", "client_aborted")),
     },
+    Migration {
+        version: 6,
+        what: "records name the upstream that served them",
+        sql: SCHEMA_V6,
+        adds_column: Some(("queries", "upstream")),
+    },
 ];
 
 /// The version this build brings a database to.
@@ -183,6 +189,11 @@ DROP INDEX IF EXISTS queries_user_ts;
 /// records written before).
 const SCHEMA_V5: &str = "
 ALTER TABLE queries ADD COLUMN client_aborted INTEGER NOT NULL DEFAULT 0;
+";
+
+/// The upstream that served a record (NULL for the records written before).
+const SCHEMA_V6: &str = "
+ALTER TABLE queries ADD COLUMN upstream TEXT;
 ";
 
 /// Whether `table` has `column`.
@@ -361,7 +372,7 @@ CREATE INDEX IF NOT EXISTS rejections_user_ts ON rejections (user, ts);
 
     fn fresh(dir: &std::path::Path) -> Connection {
         let mut c = Connection::open(dir.join("fresh.db")).unwrap();
-        assert_eq!(migrate(&mut c).unwrap(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(migrate(&mut c).unwrap(), (1..=LATEST).collect::<Vec<_>>());
         c
     }
 
@@ -424,7 +435,7 @@ CREATE INDEX IF NOT EXISTS rejections_user_ts ON rejections (user, ts);
                 [],
             )
             .unwrap();
-            assert_eq!(migrate(&mut c).unwrap(), vec![4, 5]);
+            assert_eq!(migrate(&mut c).unwrap(), (4..=LATEST).collect::<Vec<_>>());
             assert_eq!(schema(&c), want);
             let n: i64 = c
                 .query_row("SELECT COUNT(*) FROM queries", [], |r| r.get(0))
@@ -459,9 +470,10 @@ CREATE INDEX IF NOT EXISTS rejections_user_ts ON rejections (user, ts);
         let mut c = fresh(dir.path());
         let want = schema(&c);
         c.pragma_update(None, "user_version", 1).unwrap();
-        assert_eq!(migrate(&mut c).unwrap(), vec![2, 3, 4, 5]);
+        assert_eq!(migrate(&mut c).unwrap(), (2..=LATEST).collect::<Vec<_>>());
         assert_eq!(schema(&c), want);
         assert!(has_column(&c, "queries", "client_aborted").unwrap());
+        assert!(has_column(&c, "queries", "upstream").unwrap());
     }
 
     #[test]

@@ -23,7 +23,7 @@ impl SqliteBackend {
     }
 }
 
-const INSERT: &str = "INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
+const INSERT: &str = "INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, upstream) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)";
 
 /// Adds a batch's increments to the daily rollups. Sums saturate at
 /// `i64::MAX` instead of overflowing: SQLite would turn an overflowing `+`
@@ -71,6 +71,7 @@ impl Backend for SqliteBackend {
                     r.estimated,
                     r.request_id,
                     r.client_aborted,
+                    r.upstream.as_deref(),
                 ])?;
                 if let Some(k) = &r.key_id {
                     let mut st = tx.prepare_cached(
