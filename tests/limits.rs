@@ -260,7 +260,10 @@ async fn client_leaving_before_the_head_finish_records_the_real_usage() {
             .ends_with(",clientAborted,upstream"),
         "{csv}"
     );
-    assert!(csv.lines().nth(1).unwrap().ends_with(",true"), "{csv}");
+    assert!(
+        csv.lines().nth(1).unwrap().ends_with(",true,default"),
+        "{csv}"
+    );
 }
 
 /// `cancel`: today's behaviour, a 499 record with an estimate of the prompt.

@@ -32,7 +32,10 @@ async fn answering(model: &'static str) -> Mock {
 
 async fn proxy_of(ups: Vec<NamedUpstream>) -> Proxy {
     Proxy::builder("http://127.0.0.1:9")
-        .with(move |c| c.upstreams = ups)
+        .with(move |c| {
+            c.upstreams = ups;
+            c.upstream_retries = 2;
+        })
         .start()
         .await
 }
