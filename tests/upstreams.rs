@@ -157,6 +157,7 @@ async fn keys_of_a_pool_are_used_in_turn() {
             ("Bearer k3".to_owned(), 2)
         ])
     );
+    assert_eq!(proxy.wait_records(6).await.len(), 6);
 }
 
 /// Key `k1` is rate limited: its 429 (with a minute's `retry-after`) is
