@@ -7,8 +7,6 @@ use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use http::HeaderValue;
-
 use crate::access::{self, Keys};
 use crate::budget::{Budgets, Period};
 use crate::config::{Config, Db};
@@ -19,14 +17,12 @@ use crate::store::{postgres, sqlite, Filter, GroupKey, StateVersions, Store, Sto
 pub struct App {
     /// The validated settings.
     pub config: Config,
-    /// The upstream and its idle connections.
-    pub upstream: crate::upstream::Upstream,
+    /// The upstreams, their keys and idle connections.
+    pub upstreams: crate::upstreams::Upstreams,
     /// Server worker threads (one per available core).
     pub workers: usize,
     /// Where records go and reports come from.
     pub store: Arc<Store>,
-    /// `Bearer <upstream token>`, prepared once.
-    pub auth_header: Option<HeaderValue>,
     /// SHA-256 of the admin key, if one is set.
     pub admin_digest: Option<access::Digest>,
     /// Active user keys.
@@ -85,15 +81,17 @@ impl App {
         Ok(d)
     }
 
-    /// OpenAI's Costs API beside this store's costs for `period`.
+    /// OpenAI's Costs API (on the first upstream) beside this store's
+    /// costs for `period`.
     pub async fn reconcile(
         &self,
         period: &crate::reconcile::Period,
     ) -> Result<Vec<crate::reconcile::Line>, crate::reconcile::Error> {
+        let first = &self.upstreams.all()[0];
         crate::reconcile::reconcile(
             period,
-            &self.upstream,
-            &|pq| self.config.upstream.uri_for(pq),
+            &first.conn,
+            &|pq| first.url().uri_for(pq),
             self.config.openai_admin_key.as_deref(),
             self.store.reports(),
         )
@@ -137,18 +135,6 @@ impl App {
             }
         };
         let store = store.map_err(|e| db_error(e.to_string()))?;
-        let auth_header = match &config.upstream_token {
-            Some(t) => {
-                let mut v =
-                    HeaderValue::from_str(&format!("Bearer {t}")).map_err(|_| StartError {
-                        setting: "TOLLGATE_UPSTREAM_TOKEN",
-                        message: "not a valid header value".into(),
-                    })?;
-                v.set_sensitive(true);
-                Some(v)
-            }
-            None => None,
-        };
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         let buffered = Arc::new(tokio::sync::Semaphore::new(
             usize::try_from(config.max_buffered.div_ceil(1024))
@@ -162,15 +148,31 @@ impl App {
             budgets.clone(),
             store.accounts(),
         );
+        let upstreams = crate::upstreams::Upstreams::new(&config, workers).map_err(|e| {
+            let shorthand = config.upstreams.is_empty();
+            StartError {
+                setting: if shorthand && e.key {
+                    "TOLLGATE_UPSTREAM_TOKEN"
+                } else if shorthand {
+                    "--upstream-ca-file"
+                } else {
+                    "[[upstream]]"
+                },
+                message: if shorthand {
+                    e.message
+                } else {
+                    format!("{}: {}", e.upstream, e.message)
+                },
+            }
+        })?;
         let app = App {
             buffered,
             alerts,
-            upstream: crate::upstream::Upstream::new(&config, workers),
+            upstreams,
             workers,
             admin_digest: config.admin_token.as_deref().map(access::digest),
             config,
             store,
-            auth_header,
             keys: Keys::default(),
             sessions: access::session::Sessions::default(),
             budgets,

@@ -294,9 +294,11 @@ impl HttpBody for ChannelBody {
 
 /// A buffered request body on its way upstream, holding its room in
 /// `--max-buffered` until hyper drops it (sent, or the request refused).
+/// A clone is the same bytes again, for a retry, holding the same room.
+#[derive(Clone)]
 pub struct HeldBody {
     inner: Option<Bytes>,
-    _room: tokio::sync::OwnedSemaphorePermit,
+    _room: Arc<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl HeldBody {
@@ -304,7 +306,7 @@ impl HeldBody {
     pub fn new(bytes: Bytes, room: tokio::sync::OwnedSemaphorePermit) -> HeldBody {
         HeldBody {
             inner: (!bytes.is_empty()).then_some(bytes),
-            _room: room,
+            _room: Arc::new(room),
         }
     }
 }

@@ -17,6 +17,15 @@ pub struct Config {
     pub upstream: UpstreamUrl,
     /// Where records go: a SQLite file or a PostgreSQL server.
     pub db: Db,
+    /// Roots trusted for an HTTPS `upstream` beyond the built-in ones.
+    pub upstream_trust: Trust,
+    /// Named upstreams (`[[upstream]]` tables); empty: the one `upstream`
+    /// with `upstream_token` and `upstream_trust`.
+    pub upstreams: Vec<NamedUpstream>,
+    /// How many times a request answered 429 or 5xx, or whose connection
+    /// failed, before anything reached the client, is sent again (on
+    /// another key when there is one).
+    pub upstream_retries: u32,
     /// Key injected as `Authorization: Bearer` upstream; `None` passes the
     /// client's own `Authorization` through.
     pub upstream_token: Option<String>,
@@ -82,6 +91,9 @@ impl std::fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("upstream", &self.upstream)
             .field("db", &self.db)
+            .field("upstream_trust", &self.upstream_trust)
+            .field("upstreams", &self.upstreams)
+            .field("upstream_retries", &self.upstream_retries)
             .field("upstream_token", &redacted(&self.upstream_token))
             .field("upstream_connect_timeout", &self.upstream_connect_timeout)
             .field("upstream_idle_timeout", &self.upstream_idle_timeout)
@@ -329,6 +341,206 @@ pub enum LogFormat {
     Json,
 }
 
+/// One `[[upstream]]` table.
+#[derive(Clone)]
+pub struct NamedUpstream {
+    /// Its name in records, `/usage` and logs.
+    pub name: String,
+    /// Base URL.
+    pub url: UpstreamUrl,
+    /// Its keys, used in turn; none: the client's `Authorization` passes
+    /// through in header mode (a self-hosted server without keys).
+    pub keys: Vec<String>,
+    /// Models it serves, as names or glob patterns (`*`, `?`); empty: all.
+    pub models: Vec<String>,
+    /// Roots trusted beyond the built-in ones.
+    pub trust: Trust,
+}
+
+impl NamedUpstream {
+    /// Whether it serves `model` (a request without a model goes to the
+    /// first upstream that serves every model, else to the first).
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|p| glob(p, model))
+    }
+}
+
+/// Shows the keys as a count.
+impl std::fmt::Debug for NamedUpstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NamedUpstream")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("keys", &self.keys.len())
+            .field("models", &self.models)
+            .field("trust", &self.trust)
+            .finish()
+    }
+}
+
+/// `*` (any run of characters) and `?` (one character) glob matching.
+pub fn glob(pattern: &str, s: &str) -> bool {
+    let (p, s): (Vec<char>, Vec<char>) = (pattern.chars().collect(), s.chars().collect());
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == s[si]) {
+            pi += 1;
+            si += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, si));
+            pi += 1;
+        } else if let Some((sp, ss)) = star {
+            pi = sp + 1;
+            si = ss + 1;
+            star = Some((sp, ss + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// The `[[upstream]]` tables of a TOML file; keys come from the variables
+/// `env` reads and from files, never from the TOML text itself.
+fn named_upstreams(
+    tables: &[toml::Value],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<NamedUpstream>, ConfigError> {
+    const KNOWN: [&str; 7] = [
+        "name",
+        "url",
+        "models",
+        "key_env",
+        "key_files",
+        "ca_file",
+        "system_roots",
+    ];
+    let mut out: Vec<NamedUpstream> = Vec::new();
+    for (n, t) in tables.iter().enumerate() {
+        let at = format!("upstream[{n}]");
+        let t = t
+            .as_table()
+            .ok_or_else(|| err(&at, "must be a table ([[upstream]])"))?;
+        if let Some(k) = t.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(err(
+                &at,
+                format!("unknown key `{k}` (known: {})", KNOWN.join(", ")),
+            ));
+        }
+        let text = |k: &str| -> Result<Option<&str>, ConfigError> {
+            match t.get(k) {
+                None => Ok(None),
+                Some(toml::Value::String(s)) if !s.is_empty() => Ok(Some(s)),
+                Some(_) => Err(err(&format!("{at}.{k}"), "must be a non-empty string")),
+            }
+        };
+        let list = |k: &str| -> Result<Vec<String>, ConfigError> {
+            match t.get(k) {
+                None => Ok(Vec::new()),
+                Some(toml::Value::Array(a)) => a
+                    .iter()
+                    .map(|v| match v {
+                        toml::Value::String(s) if !s.is_empty() => Ok(s.clone()),
+                        _ => Err(err(
+                            &format!("{at}.{k}"),
+                            "must be a list of non-empty strings",
+                        )),
+                    })
+                    .collect(),
+                Some(_) => Err(err(&format!("{at}.{k}"), "must be a list of strings")),
+            }
+        };
+        let name = text("name")?
+            .ok_or_else(|| err(&at, "needs a name"))?
+            .to_owned();
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            || name.len() > 64
+        {
+            return Err(err(
+                &format!("{at}.name"),
+                "must be up to 64 letters, digits, `-`, `_` or `.`",
+            ));
+        }
+        let at = format!("upstream {name}");
+        if out.iter().any(|u| u.name == name) {
+            return Err(err(&at, "the name is used twice"));
+        }
+        let url = text("url")?.ok_or_else(|| err(&at, "needs a url"))?;
+        let url = UpstreamUrl::parse(url).map_err(|m| err(&format!("{at}.url"), m))?;
+        let mut keys = Vec::new();
+        for var in list("key_env")? {
+            let k = env(&var).filter(|k| !k.trim().is_empty()).ok_or_else(|| {
+                err(
+                    &format!("{at}.key_env"),
+                    format!("environment variable {var} is not set"),
+                )
+            })?;
+            keys.push(k.trim().to_owned());
+        }
+        for path in list("key_files")? {
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                err(
+                    &format!("{at}.key_files"),
+                    format!("cannot read {path}: {e}"),
+                )
+            })?;
+            let before = keys.len();
+            // One key a line; blank lines and `#` comments are skipped.
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_owned),
+            );
+            if keys.len() == before {
+                return Err(err(
+                    &format!("{at}.key_files"),
+                    format!("{path} holds no key"),
+                ));
+            }
+        }
+        if keys
+            .iter()
+            .any(|k| !k.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            // Never shows the key.
+            return Err(err(
+                &at,
+                "a key holds a character that is not visible ASCII",
+            ));
+        }
+        let system_roots = match t.get("system_roots") {
+            None => false,
+            Some(toml::Value::Boolean(b)) => *b,
+            Some(_) => return Err(err(&format!("{at}.system_roots"), "must be true or false")),
+        };
+        out.push(NamedUpstream {
+            name,
+            url,
+            keys,
+            models: list("models")?,
+            trust: Trust {
+                ca_file: text("ca_file")?.map(PathBuf::from),
+                system_roots,
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// Which certificates an HTTPS upstream may present, beyond the built-in
+/// (Mozilla's, from webpki-roots) roots.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Trust {
+    /// A PEM file of further trusted roots (a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// Also trust the operating system's store.
+    pub system_roots: bool,
+}
+
 /// An upstream base URL, split for fast per-request URI building.
 #[derive(Debug, Clone)]
 pub struct UpstreamUrl {
@@ -383,6 +595,21 @@ impl std::fmt::Display for UpstreamUrl {
 }
 
 impl Config {
+    /// The upstreams requests go to, in order: the `[[upstream]]` tables,
+    /// or `upstream` named `default` with `upstream_token` as its one key.
+    pub fn named_upstreams(&self) -> Vec<NamedUpstream> {
+        if !self.upstreams.is_empty() {
+            return self.upstreams.clone();
+        }
+        vec![NamedUpstream {
+            name: "default".to_owned(),
+            url: self.upstream.clone(),
+            keys: self.upstream_token.iter().cloned().collect(),
+            models: Vec::new(),
+            trust: self.upstream_trust.clone(),
+        }]
+    }
+
     /// Whether requests to an endpoint family tollgate cannot meter are
     /// forwarded.
     pub fn allows_unmetered(&self, family: &str) -> bool {
@@ -399,6 +626,9 @@ impl Default for Config {
             listen: "127.0.0.1:8080".parse().expect("valid default"),
             upstream: UpstreamUrl::parse("https://api.openai.com").expect("valid default"),
             db: Db::Sqlite(PathBuf::from("openai-queries.db")),
+            upstream_trust: Trust::default(),
+            upstreams: Vec::new(),
+            upstream_retries: 2,
             upstream_token: None,
             upstream_connect_timeout: Duration::from_secs(10),
             upstream_idle_timeout: Duration::from_secs(600),
@@ -646,6 +876,30 @@ const SETTINGS: &[Setting] = &[
         key: "upstream_keepalive",
         default: "90s",
         help: "how long an idle upstream connection is kept for reuse",
+    },
+    Setting {
+        flag: "--upstream-ca-file",
+        value: "FILE",
+        env: "TOLLGATE_UPSTREAM_CA_FILE",
+        key: "upstream_ca_file",
+        default: "none",
+        help: "PEM file of further roots trusted for an HTTPS upstream (a private CA), beside the built-in ones",
+    },
+    Setting {
+        flag: "--upstream-system-roots",
+        value: "true|false",
+        env: "TOLLGATE_UPSTREAM_SYSTEM_ROOTS",
+        key: "upstream_system_roots",
+        default: "false",
+        help: "also trust the operating system's certificate store for an HTTPS upstream",
+    },
+    Setting {
+        flag: "--upstream-retries",
+        value: "N",
+        env: "TOLLGATE_UPSTREAM_RETRIES",
+        key: "upstream_retries",
+        default: "2",
+        help: "times a request is sent again (on another key when there is one) after a 429, a 5xx or a failed connection, only while nothing reached the client",
     },
     Setting {
         flag: "--max-body",
@@ -992,6 +1246,7 @@ pub fn parse(
             Some(toml::Value::String(s)) => Ok(Some(s.clone())),
             Some(toml::Value::Integer(i)) => Ok(Some(i.to_string())),
             Some(toml::Value::Float(f)) => Ok(Some(f.to_string())),
+            Some(toml::Value::Boolean(b)) => Ok(Some(b.to_string())),
             Some(other) => Err(err(flag, format!("unexpected TOML value {other}"))),
         }
     };
@@ -1004,11 +1259,35 @@ pub fn parse(
             )
         })?;
     }
-    if let Some(v) = raw("--upstream")? {
+    if let Some(toml::Value::Array(tables)) = file.get("upstream") {
+        let shorthand = flags.iter().any(|(n, _)| n == "--upstream")
+            || env("TOLLGATE_UPSTREAM").is_some_and(|v| !v.is_empty());
+        if shorthand {
+            return Err(err(
+                "--upstream",
+                "give either --upstream (TOLLGATE_UPSTREAM) or [[upstream]] tables in the config file, not both",
+            ));
+        }
+        c.upstreams = named_upstreams(tables, env)?;
+    } else if let Some(v) = raw("--upstream")? {
         c.upstream = UpstreamUrl::parse(&v).map_err(|m| {
             // Never echo credentials back.
             let shown = if v.contains('@') { "the URL" } else { &v };
             err("--upstream", format!("`{shown}`: {m}"))
+        })?;
+    }
+    if let Some(v) = raw("--upstream-ca-file")? {
+        if v.is_empty() {
+            return Err(err("--upstream-ca-file", "must not be empty"));
+        }
+        c.upstream_trust.ca_file = Some(PathBuf::from(v));
+    }
+    if let Some(v) = raw("--upstream-system-roots")? {
+        c.upstream_trust.system_roots = parse_bool(&v).ok_or_else(|| {
+            err(
+                "--upstream-system-roots",
+                format!("`{v}` is not true or false"),
+            )
         })?;
     }
     if let Some(v) = raw("--db")? {
@@ -1104,6 +1383,14 @@ pub fn parse(
             None => {}
             Some(_) => return Err(err("openai_admin_key", "must be a non-empty string")),
         }
+    }
+    if let Some(v) = raw("--upstream-retries")? {
+        c.upstream_retries = v.parse().ok().filter(|&n| n <= 10).ok_or_else(|| {
+            err(
+                "--upstream-retries",
+                format!("`{v}` is not a whole number from 0 to 10"),
+            )
+        })?;
     }
     if let Some(v) = raw("--retain-days")? {
         c.retain_days = Some(v.parse::<u32>().ok().filter(|&d| d > 0).ok_or_else(|| {
@@ -1235,6 +1522,15 @@ pub fn parse(
     } else {
         Command::Run(c)
     })
+}
+
+/// `true`/`false` (also `1`/`0`, `yes`/`no`).
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim() {
+        "true" | "1" | "yes" => Some(true),
+        "false" | "0" | "no" => Some(false),
+        _ => None,
+    }
 }
 
 /// `500ms`, `2s`, `10m`, `1h30m`, or plain seconds.

@@ -41,6 +41,8 @@
 //!   frames to the meter and ends it at the end, on error or when the client
 //!   leaves; [`body::UploadBody`] streams uploads; [`body::ChannelBody`] streams
 //!   answers built on another thread.
+//! - [`upstreams`]: the configured upstreams, which serves a model, and
+//!   each one's pool of keys (in turn; a key answered 429 rests).
 //! - [`upstream`]: keep-alive connections to the upstream, driven inside the
 //!   request's own task so a burst of events reaches the client in one write.
 //! - [`record`]: the usage record, its token counts and what an estimate is made from.
@@ -86,3 +88,4 @@ pub mod tags;
 pub mod timestamp;
 pub mod tokens;
 pub mod upstream;
+pub mod upstreams;

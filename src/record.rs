@@ -88,6 +88,8 @@ pub struct Record {
     pub overhead_us: u64,
     /// Work left for the estimator thread, when upstream reported no usage.
     pub estimate: Option<Box<Estimate>>,
+    /// The name of the upstream that served the request.
+    pub upstream: Option<std::sync::Arc<str>>,
     /// The tollgate key the request came with (its last use is stored).
     pub key_id: Option<String>,
     /// The budget reservation to settle once the cost is known.
@@ -241,6 +243,9 @@ pub struct StoredRecord {
     pub audio_answer_tokens: i64,
     /// See [`Record::tags`].
     pub tags: String,
+    /// The name of the upstream that served it (`None` for records written
+    /// before tollgate had several upstreams).
+    pub upstream: Option<String>,
 }
 
 impl StoredRecord {

@@ -252,7 +252,7 @@ async fn worker(
             return;
         }
     };
-    app.upstream.spawn_reaper();
+    app.upstreams.spawn_reapers();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -34,7 +34,7 @@ use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use tower_service::Service;
 
-use crate::config::Config;
+use crate::config::{Config, Trust, UpstreamUrl};
 use crate::http::{Body, BoxError};
 
 type Io = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
@@ -47,6 +47,49 @@ const MAX_IDLE: usize = 1024;
 
 /// How often idle connections are checked for closure and age.
 const REAP_EVERY: Duration = Duration::from_secs(5);
+
+/// The TLS client settings for an upstream: ring, TLS 1.2 and 1.3, the
+/// built-in (webpki) roots plus the operating system's store and the PEM
+/// file that `trust` names. Host names and validity are checked by rustls.
+fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if trust.system_roots {
+        let found = rustls_native_certs::load_native_certs();
+        if found.certs.is_empty() {
+            let why = found
+                .errors
+                .first()
+                .map_or_else(|| "none found".to_owned(), ToString::to_string);
+            return Err(format!("cannot load the system's trusted roots: {why}"));
+        }
+        // A store commonly holds a few certificates rustls cannot use
+        // (expired, odd encodings): those are skipped, as browsers do.
+        roots.add_parsable_certificates(found.certs);
+    }
+    if let Some(path) = &trust.ca_file {
+        use rustls_pki_types::pem::PemObject;
+        let shown = path.display();
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("cannot read {shown}: {e}"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{shown} is not a PEM certificate file: {e}"))?;
+        if certs.is_empty() {
+            return Err(format!("{shown} holds no PEM certificate"));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| format!("{shown}: unusable certificate: {e}"))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
 
 /// The upstream: where requests go and the idle connections to it, one
 /// idle list per server worker thread (a connection belongs to the reactor
@@ -116,19 +159,25 @@ impl std::error::Error for UpstreamError {
 }
 
 impl Upstream {
-    /// The upstream of `config` for `workers` server threads, with no
-    /// connection open yet.
-    pub fn new(config: &Config, workers: usize) -> Upstream {
+    /// The upstream at `url` for `workers` server threads, with no
+    /// connection open yet; HTTPS trusts the built-in roots and what `trust`
+    /// adds. An error says why `trust` cannot be used.
+    pub fn new(
+        url: &UpstreamUrl,
+        trust: &Trust,
+        config: &Config,
+        workers: usize,
+    ) -> Result<Upstream, String> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.upstream_connect_timeout));
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
+            .with_tls_config(tls_config(trust)?)
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let up = &config.upstream;
+        let up = url;
         let origin = Uri::builder()
             .scheme(up.scheme.clone())
             .authority(up.authority.clone())
@@ -148,7 +197,7 @@ impl Upstream {
                 })
             })
             .collect();
-        Upstream { pools }
+        Ok(Upstream { pools })
     }
 
     fn pool(&self) -> &Arc<Pool> {

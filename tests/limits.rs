@@ -254,11 +254,17 @@ async fn client_leaving_before_the_head_finish_records_the_real_usage() {
     assert_eq!(rec["clientAborted"], true, "{rec}");
     let csv = p.get("/queries?format=csv").await.text();
     assert!(
-        csv.lines().next().unwrap().ends_with(",clientAborted,tags"),
+        csv.lines()
+            .next()
+            .unwrap()
+            .ends_with(",clientAborted,tags,upstream"),
         "{csv}"
     );
-    // clientAborted, then the (empty) tags.
-    assert!(csv.lines().nth(1).unwrap().ends_with(",true,"), "{csv}");
+    // clientAborted, then the (empty) tags, then the upstream.
+    assert!(
+        csv.lines().nth(1).unwrap().ends_with(",true,,default"),
+        "{csv}"
+    );
 }
 
 /// `cancel`: today's behaviour, a 499 record with an estimate of the prompt.

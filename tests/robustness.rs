@@ -984,7 +984,15 @@ async fn keys_never_leak_into_answers_or_logs() {
         "127.0.0.1:0",
         &mock.url(),
         &dir.path().join("a.db"),
-        &["--upstream-idle-timeout", "1s", "--max-body", "4KiB"],
+        // One attempt per request: the record count below is per request.
+        &[
+            "--upstream-idle-timeout",
+            "1s",
+            "--max-body",
+            "4KiB",
+            "--upstream-retries",
+            "0",
+        ],
         &keys,
     );
     let closed = {

@@ -37,6 +37,7 @@ pub const GROUP_KEYS: &[(&str, GroupKey)] = &[
     ("day", GroupKey::Day),
     ("month", GroupKey::Month),
     ("tier", GroupKey::Tier),
+    ("upstream", GroupKey::Upstream),
 ];
 
 /// Parameters of the report endpoints.

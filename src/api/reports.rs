@@ -42,6 +42,10 @@ struct Usage<'a> {
     /// `{"<key>": value or null}` when grouped by a tag key.
     #[serde(skip_serializing_if = "Option::is_none")]
     tags: Option<TagGroup<'a>>,
+    /// Grouped by upstream: `null` for refused requests (no upstream) and
+    /// records older than named upstreams, so the key is always there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream: Option<Option<&'a str>>,
     num_queries: u64,
     query_tokens: u64,
     answer_tokens: u64,
@@ -86,6 +90,7 @@ impl<'a> Usage<'a> {
             month: g.month.as_deref(),
             tier: by_tier.then_some(g.tier.as_deref()),
             tags: None,
+            upstream: None,
             num_queries: t.queries,
             query_tokens: t.query_tokens,
             answer_tokens: t.answer_tokens,
@@ -107,6 +112,7 @@ impl<'a> Usage<'a> {
             month: None,
             tier: None,
             tag: None,
+            upstream: None,
         };
         Usage::new(&NONE, t)
     }
@@ -154,6 +160,7 @@ pub(super) async fn usage(
     let reports = app.store.reports();
     let grouped = !p.group.is_empty();
     let by_tier = p.group.contains(&crate::store::GroupKey::Tier);
+    let by_upstream = p.group.contains(&crate::store::GroupKey::Upstream);
     let rows = blocking(move || reports.usage(&p.filter, &p.group))
         .await?
         .map_err(|e| ApiError::internal(format!("could not read usage: {e}")))?;
@@ -166,6 +173,9 @@ pub(super) async fn usage(
         .map(|(g, t)| {
             let mut u = Usage::grouped(g, t, by_tier);
             u.tags = tag_key.as_deref().map(|k| TagGroup(k, g.tag.as_deref()));
+            if by_upstream {
+                u.upstream = Some(g.upstream.as_deref());
+            }
             u
         })
         .collect();
@@ -405,7 +415,13 @@ pub fn record_json(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdow
         out.push(':');
         push_json_str(out, v);
     }
-    out.push_str("}}");
+    out.push('}');
+    out.push_str(",\"upstream\":");
+    match &r.upstream {
+        Some(u) => push_json_str(out, u),
+        None => out.push_str("null"),
+    }
+    out.push('}');
 }
 
 /// Appends a tier as a JSON string, or `null`.
@@ -420,7 +436,7 @@ fn push_tier(out: &mut String, t: Option<pricing::Tier>) {
     }
 }
 
-const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment,clientAborted,tags\r\n";
+const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment,clientAborted,tags,upstream\r\n";
 
 /// Leading characters that make a spreadsheet read a cell as a formula
 /// (OWASP, "CSV Injection").
@@ -499,6 +515,10 @@ pub fn record_csv(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdown
     out.push_str(if r.client_aborted { "true" } else { "false" });
     out.push(',');
     push_csv(out, &r.tags);
+    out.push(',');
+    if let Some(u) = &r.upstream {
+        push_csv(out, u);
+    }
     out.push_str("\r\n");
 }
 

@@ -275,3 +275,96 @@ fn migrate_takes_a_file_and_a_postgres_url() {
     assert!(parse_args(&["--listen", "127.0.0.1:1", "migrate"]).is_err());
     assert!(help().contains("tollgate migrate --from FILE --to URL"));
 }
+
+#[test]
+fn upstream_tables_name_several_upstreams_with_keys_from_env_and_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "# pool\nsk-file-1\n\n  sk-file-2  \n").unwrap();
+    let file = dir.path().join("t.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"upstream_retries = 3
+[[upstream]]
+name = "openai"
+url = "https://api.openai.com"
+models = ["gpt-4o*", "o1"]
+key_env = ["KEY_A"]
+key_files = ["{}"]
+system_roots = true
+
+[[upstream]]
+name = "vllm"
+url = "http://10.0.0.5:8000"
+models = ["llama-*"]
+ca_file = "/etc/ca.pem"
+"#,
+            keys.display()
+        ),
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let c = run(&["--config", f], &[("KEY_A", "sk-env")]).unwrap();
+    assert_eq!(c.upstream_retries, 3);
+    let [openai, vllm] = &c.upstreams[..] else {
+        panic!("{:?}", c.upstreams)
+    };
+    assert_eq!(openai.name, "openai");
+    assert_eq!(openai.keys, ["sk-env", "sk-file-1", "sk-file-2"]);
+    assert!(openai.trust.system_roots);
+    assert!(openai.serves("gpt-4o-mini") && openai.serves("o1") && !openai.serves("o1-mini"));
+    assert!(vllm.keys.is_empty());
+    assert_eq!(vllm.url.to_string(), "http://10.0.0.5:8000");
+    assert_eq!(
+        vllm.trust.ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/ca.pem"))
+    );
+    let shown = format!("{c:?}");
+    assert!(
+        !shown.contains("sk-env") && !shown.contains("sk-file"),
+        "{shown}"
+    );
+    assert_eq!(c.named_upstreams().len(), 2);
+
+    // Errors name the upstream and the key, never a key's value.
+    let e = run(&["--config", f], &[]).unwrap_err();
+    assert_eq!(e.setting, "upstream openai.key_env");
+    assert!(e.message.contains("KEY_A"), "{e}");
+    let e = run(
+        &["--config", f, "--upstream", "http://x"],
+        &[("KEY_A", "sk-env")],
+    )
+    .unwrap_err();
+    assert_eq!(e.setting, "--upstream");
+    std::fs::write(
+        &file,
+        "[[upstream]]\nname = \"a\"\nurl = \"http://a\"\nkey = \"sk-inline\"\n",
+    )
+    .unwrap();
+    let e = run(&["--config", f], &[]).unwrap_err();
+    assert!(e.message.contains("unknown key `key`"), "{e}");
+    std::fs::write(
+        &file,
+        "[[upstream]]\nname = \"a\"\nurl = \"http://a\"\n[[upstream]]\nname = \"a\"\nurl = \"http://b\"\n",
+    )
+    .unwrap();
+    assert!(run(&["--config", f], &[])
+        .unwrap_err()
+        .message
+        .contains("used twice"));
+}
+
+#[test]
+fn without_upstream_tables_the_shorthand_is_one_upstream_named_default() {
+    let c = run(
+        &["--upstream", "http://local:1"],
+        &[("TOLLGATE_UPSTREAM_TOKEN", "sk-one")],
+    )
+    .unwrap();
+    let ups = c.named_upstreams();
+    assert_eq!(ups.len(), 1);
+    assert_eq!(ups[0].name, "default");
+    assert_eq!(ups[0].keys, ["sk-one"]);
+    assert!(ups[0].serves("anything"));
+}

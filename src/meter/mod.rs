@@ -136,6 +136,32 @@ impl Meter {
         self.record.status = status;
     }
 
+    /// Submits the record of an attempt that reached upstream and was
+    /// retried (a 429, a 5xx, a connection that failed before the head):
+    /// this request's user, model and path, `status`, no tokens.
+    pub async fn attempt(&self, status: u16, request_id: Option<String>) {
+        let r = &self.record;
+        let rec = Record {
+            user: r.user.clone(),
+            requested_model: r.requested_model.clone(),
+            endpoint: r.endpoint.clone(),
+            started_ms: r.started_ms,
+            duration_us: self.started.elapsed().as_micros() as u64,
+            status,
+            stream: r.stream,
+            request_id,
+            upstream: r.upstream.clone(),
+            ..Record::default()
+        };
+        match self.store.reserve(Duration::from_secs(1)).await {
+            Some(slot) => self.store.submit(rec, slot),
+            None => tracing::warn!(
+                status,
+                "usage queue full: the record of a retried attempt is lost"
+            ),
+        }
+    }
+
     /// The request never reached upstream: no record.
     pub fn cancel(mut self) {
         if self.slot.take().is_some() {

@@ -51,6 +51,7 @@ async fn forward(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body
     let mut ctx = Ctx::authenticate(app, &req)?;
     let (mut parts, body) = req.into_parts();
     let body = ctx.read_body(app, &mut parts.headers, body).await?;
+    ctx.route(app)?;
     let admission = match admit::admit(app, &ctx).await {
         Ok(a) => a,
         Err(e) => {
@@ -69,7 +70,8 @@ async fn forward(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body
     {
         return detached(app, ctx, meter, up).await;
     }
-    let answer = match send(app, up, ctx.upload.as_deref()).await {
+    let again = ctx.again.take();
+    let answer = match exchange(app, ctx.route, up, again, ctx.upload.as_deref(), &meter).await {
         Ok(a) => a,
         Err(e) => {
             settle_failed(meter, &e);
@@ -112,7 +114,9 @@ async fn detached(
     // Spawned on this worker's own runtime: the upstream connection it
     // opens belongs to this thread's reactor, like the client's.
     tokio::spawn(async move {
-        let out = match send(&app, up, None).await {
+        let mut ctx = ctx;
+        let again = ctx.again.take();
+        let out = match exchange(&app, ctx.route, up, again, None, &meter).await {
             Ok(answer) => Ok(ctx.wrap_answer(&app, meter, answer, true)),
             Err(e) => {
                 if tx.is_closed() {
@@ -159,6 +163,11 @@ struct Ctx {
     request: RequestFacts,
     /// Progress of a streamed (unbuffered) upload.
     upload: Option<Arc<Upload>>,
+    /// The buffered body again, for a retry (none for streamed uploads,
+    /// which cannot be sent twice).
+    again: Option<HeldBody>,
+    /// Which of `app.upstreams` serves the request.
+    route: usize,
 }
 
 /// What the request body said (JSON APIs; empty for streamed uploads).
@@ -218,7 +227,24 @@ impl Ctx {
                 ..RequestFacts::default()
             },
             upload: None,
+            again: None,
+            route: 0,
         })
+    }
+
+    /// Phase 2b: the upstream serving the request's model, the first
+    /// whose `models` match.
+    fn route(&mut self, app: &App) -> Result<(), ApiError> {
+        let model = &self.request.model;
+        let Some(i) = app.upstreams.route(model) else {
+            return Err(ApiError::not_found(format!(
+                "The model `{model}` is not served here: no upstream is configured for it."
+            ))
+            .with_param("model")
+            .with_code("model_not_found"));
+        };
+        self.route = i;
+        Ok(())
     }
 
     /// Phase 2: JSON APIs and image generations are read whole (within
@@ -261,7 +287,9 @@ impl Ctx {
             r.body = bytes;
             headers.remove(header::CONTENT_LENGTH);
             headers::ask_identity(headers);
-            return Ok(HeldBody::new(r.body.clone(), room).boxed_unsync());
+            let held = HeldBody::new(r.body.clone(), room);
+            self.again = Some(held.clone());
+            return Ok(held.boxed_unsync());
         }
         let info = meter::parse_request(&bytes)?;
         r.body = bytes;
@@ -278,9 +306,11 @@ impl Ctx {
         r.tier = info.tier;
         headers.remove(header::CONTENT_LENGTH);
         headers::ask_identity(headers);
-        // The room in --max-buffered is held by the forwarded body and given
-        // back when hyper drops it (sent, or the request refused).
-        Ok(HeldBody::new(r.body.clone(), room).boxed_unsync())
+        // The room in --max-buffered is held by the forwarded body (and its
+        // copy for a retry) and given back when both are dropped.
+        let held = HeldBody::new(r.body.clone(), room);
+        self.again = Some(held.clone());
+        Ok(held.boxed_unsync())
     }
 
     /// Phase 4: the request as upstream gets it.
@@ -294,16 +324,16 @@ impl Ctx {
             Some(q) => Cow::Owned(format!("{}?{q}", self.path)),
             None => Cow::Borrowed(self.path.as_str()),
         };
-        let uri = app
-            .config
-            .upstream
+        let uri = app.upstreams.all()[self.route]
+            .url()
             .uri_for(&path_and_query)
             .map_err(|e| ApiError::bad_request(format!("bad request path: {e}")))?;
         let mut up = Request::new(body);
         *up.method_mut() = parts.method;
         *up.uri_mut() = uri;
         *up.headers_mut() = parts.headers;
-        headers::to_upstream(up.headers_mut(), app.config.auth, app.auth_header.as_ref());
+        // The key goes in per attempt (`exchange`).
+        headers::to_upstream(up.headers_mut(), app.config.auth, None);
         Ok(up)
     }
 
@@ -319,6 +349,7 @@ impl Ctx {
             tier: r.tier,
             key_id: self.key_id.take(),
             tags: std::mem::take(&mut self.tags),
+            upstream: Some(app.upstreams.all()[self.route].name.clone()),
             hold: admission.hold,
             ..Record::default()
         };
@@ -552,16 +583,110 @@ impl From<RequestError> for ApiError {
     }
 }
 
-/// Phase 5: sends the request and waits for upstream's answer head. The idle
+/// Phase 5: sends the request to upstream `route` with the next key of its
+/// pool and waits for the answer head. An answer 429 (the key then rests
+/// until its reset), a 5xx, or a connection that failed before the head is
+/// retried, up to `--upstream-retries` times, while the body can be sent
+/// again (`again`): nothing has reached the client yet. Each retried
+/// attempt that reached upstream leaves its own record; the last attempt's
+/// goes on in `meter`.
+async fn exchange(
+    app: &App,
+    route: usize,
+    up: Request<Body>,
+    again: Option<HeldBody>,
+    upload: Option<&Upload>,
+    meter: &Meter,
+) -> Result<Response<UpstreamBody>, SendError> {
+    let route = &app.upstreams.all()[route];
+    let (head, body) = up.into_parts();
+    let mut body = Some(body);
+    let mut tried: Vec<usize> = Vec::new();
+    let mut retries = 0;
+    loop {
+        let now = crate::timestamp::now_ms();
+        let key = route.pick(now, &tried);
+        let body = match body.take() {
+            Some(b) => b,
+            None => again.clone().map_or_else(
+                || {
+                    http_body_util::Empty::new()
+                        .map_err(|e| match e {})
+                        .boxed_unsync()
+                },
+                BodyExt::boxed_unsync,
+            ),
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = head.method.clone();
+        *req.uri_mut() = head.uri.clone();
+        *req.headers_mut() = head.headers.clone();
+        if let Some(k) = key {
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, route.key(k).header.clone());
+        }
+        let out = send(app, route, req, upload).await;
+        let may_retry = again.is_some() && retries < app.config.upstream_retries;
+        if !may_retry {
+            return out;
+        }
+        if let Some(k) = key {
+            tried.push(k);
+        }
+        let status = match &out {
+            Ok(a) if a.status() == http::StatusCode::TOO_MANY_REQUESTS => {
+                let now = crate::timestamp::now_ms();
+                if let Some(k) = key {
+                    route.rest(k, now, a.headers());
+                }
+                // Another key may take it now; with none, the client gets
+                // this 429 (and its reset) rather than a wait here.
+                match route.pick(now, &tried) {
+                    Some(next) if !route.resting(next, now) => 429,
+                    _ => return out,
+                }
+            }
+            Ok(a) if a.status().is_server_error() => a.status().as_u16(),
+            Ok(_) => return out,
+            Err(SendError::Unreachable) => 0,
+            Err(SendError::Upstream(_)) => 502,
+            Err(_) => return out,
+        };
+        if tried.len() >= route.key_count() {
+            // Every key had its turn: a 5xx or a failed connection may
+            // still pass on one of them.
+            tried.clear();
+        }
+        if status != 0 {
+            let request_id = out.as_ref().ok().and_then(|a| {
+                a.headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            });
+            meter.attempt(status, request_id).await;
+        }
+        tracing::info!(
+            upstream = %route.name,
+            status,
+            retry = retries + 1,
+            "upstream attempt failed before the answer; sending again"
+        );
+        retries += 1;
+    }
+}
+
+/// Sends one attempt and waits for upstream's answer head. The idle
 /// timeout counts from the request's last byte: a streamed upload that keeps
 /// moving is never cut.
 async fn send(
     app: &App,
+    route: &crate::upstreams::Route,
     up: Request<Body>,
     upload: Option<&Upload>,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let idle = app.config.upstream_idle_timeout;
-    let fut = app.upstream.send(up);
+    let fut = route.conn.send(up);
     tokio::pin!(fut);
     let mut deadline = Instant::now() + idle;
     let sent = loop {
@@ -579,8 +704,12 @@ async fn send(
         } else if upload.is_some_and(|u| u.failed()) {
             SendError::ClientUpload
         } else if matches!(e, UpstreamError::Connect(_)) {
+            // The client's 502 says only "unreachable"; the operator needs
+            // the reason (refused, timed out, which certificate check failed).
+            tracing::warn!(upstream = %route.name, url = %route.url(), error = %error_chain(&e), "cannot connect to upstream");
             SendError::Unreachable
         } else {
+            tracing::warn!(upstream = %route.name, url = %route.url(), error = %error_chain(&e), "upstream failed before answering");
             SendError::Upstream(e)
         }
     })

@@ -153,6 +153,9 @@ pub enum GroupKey {
     /// Per value of the tag key [`Filter::group_tag`] (records without it
     /// apart, under no value).
     Tag,
+    /// Per upstream that served (summed from the per-query records: the
+    /// daily rollups do not keep it).
+    Upstream,
 }
 
 /// The values of the group keys of one `/usage` row (`None` where not grouped).
@@ -171,6 +174,8 @@ pub struct GroupValues {
     /// The value of the grouped tag key (`""` for a bare word); `None`
     /// where not grouped or for records without the key.
     pub tag: Option<String>,
+    /// Upstream name.
+    pub upstream: Option<String>,
 }
 
 impl GroupValues {
@@ -183,6 +188,7 @@ impl GroupValues {
             GroupKey::Month => self.month = v,
             GroupKey::Tier => self.tier = v,
             GroupKey::Tag => self.tag = v,
+            GroupKey::Upstream => self.upstream = v,
         }
     }
 }

@@ -94,7 +94,7 @@ fn upstream_at(port: u16) -> Upstream {
         upstream: crate::config::UpstreamUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap(),
         ..Config::default()
     };
-    Upstream::new(&config, 1)
+    Upstream::new(&config.upstream, &config.upstream_trust, &config, 1).unwrap()
 }
 
 fn get() -> Request<Body> {

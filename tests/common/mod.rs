@@ -274,6 +274,8 @@ impl MockInner {
 /// responder, and that records every request it received.
 pub struct Mock {
     pub addr: SocketAddr,
+    /// Serves HTTPS rather than plain HTTP.
+    tls: bool,
     inner: Arc<MockInner>,
     accept: JoinHandle<()>,
 }
@@ -286,6 +288,22 @@ impl Drop for Mock {
 
 impl Mock {
     pub async fn start(responder: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Mock {
+        Mock::start_with(None, responder).await
+    }
+
+    /// A mock serving HTTPS with `tls` (its certificate and key).
+    pub async fn start_tls(
+        tls: Arc<tokio_rustls::rustls::ServerConfig>,
+        responder: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> Mock {
+        Mock::start_with(Some(tokio_rustls::TlsAcceptor::from(tls)), responder).await
+    }
+
+    async fn start_with(
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        responder: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> Mock {
+        let https = tls.is_some();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
         let addr = listener.local_addr().unwrap();
         let inner = Arc::new(MockInner {
@@ -298,16 +316,28 @@ impl Mock {
             while let Ok((stream, _)) = listener.accept().await {
                 let _ = stream.set_nodelay(true);
                 let inner = acc_inner.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| mock_handle(inner.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        Some(tls) => {
+                            // A failed handshake (the client refused the
+                            // certificate) just ends the connection.
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });
         Mock {
             addr,
+            tls: https,
             inner,
             accept,
         }
@@ -315,7 +345,8 @@ impl Mock {
 
     /// The base URL to give tollgate as `--upstream`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -743,6 +774,10 @@ impl Proxy {
             shutdown_grace: Duration::from_secs(5),
             header_timeout: Duration::from_secs(2),
             default_prices: false,
+            // One attempt per request, as the tests written before retries
+            // expect (an upstream 5xx passes straight through); the tests
+            // of retries set their own count.
+            upstream_retries: 0,
             ..Config::default()
         };
         ProxyBuilder {

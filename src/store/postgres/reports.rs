@@ -148,7 +148,7 @@ impl Reports for PgReports {
         let sql = format!(
             "SELECT id, username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier,
-                    audio_query_tokens, audio_answer_tokens, tags
+                    audio_query_tokens, audio_answer_tokens, tags, upstream
              FROM queries{} ORDER BY {order} LIMIT ${} OFFSET ${}",
             q.where_sql(),
             n + 1,
@@ -187,6 +187,7 @@ impl Reports for PgReports {
                         audio_query_tokens: r.try_get(20)?,
                         audio_answer_tokens: r.try_get(21)?,
                         tags: r.try_get(22)?,
+                        upstream: r.try_get(23)?,
                     };
                     if !sink(rec) {
                         break;
@@ -457,6 +458,7 @@ fn key_expr(g: GroupKey, rollup: bool) -> &'static str {
         (GroupKey::Tier, _) => "service_tier",
         // Read apart (see `piece_totals`); only rejections, untagged, get here.
         (GroupKey::Tag, _) => "NULL::text",
+        (GroupKey::Upstream, _) => "upstream",
     }
 }
 
@@ -519,6 +521,7 @@ fn rejection_counts(
         .iter()
         .map(|g| match g {
             GroupKey::Tier => "NULL::text",
+            GroupKey::Upstream => "NULL::text",
             g => key_expr(*g, false),
         })
         .collect();

@@ -56,6 +56,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         what: "request tags on records and keys, daily rollups per tag",
         sql: SCHEMA_V6,
     },
+    Migration {
+        version: 7,
+        what: "records name the upstream that served them",
+        sql: SCHEMA_V7,
+    },
 ];
 
 /// The version this build brings a database to.
@@ -189,6 +194,11 @@ CREATE TABLE write_batches (
     token text   PRIMARY KEY,
     at_ms bigint NOT NULL
 );
+";
+
+/// The upstream that served a record (NULL for the records written before).
+const SCHEMA_V7: &str = "
+ALTER TABLE queries ADD COLUMN IF NOT EXISTS upstream text;
 ";
 
 /// A version per kind of shared state (the latest upstream rate limits too), bumped by triggers in the

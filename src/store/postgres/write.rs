@@ -55,7 +55,7 @@ pub struct PgBackend {
     retry: Option<String>,
 }
 
-const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags) FROM STDIN (FORMAT binary)";
+const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream) FROM STDIN (FORMAT binary)";
 
 /// Inserts a price row (standard and tier rates); its parameters are
 /// those of [`UPSERT_PRICE`].
@@ -120,6 +120,7 @@ const COPY_TYPES: &[Type] = &[
     Type::TEXT,
     Type::INT8,
     Type::INT8,
+    Type::TEXT,
     Type::TEXT,
 ];
 
@@ -260,7 +261,8 @@ pub(super) async fn copy_records(
         let status = i32::from(r.status);
         let tier = r.tier.map(|t| t.as_str());
         let (audio_q, audio_a) = (i(r.usage.audio_query), i(r.usage.audio_answer));
-        let row: [&(dyn ToSql + Sync); 22] = [
+        let upstream = r.upstream.as_deref();
+        let row: [&(dyn ToSql + Sync); 23] = [
             &r.user,
             &r.model_or_requested(),
             &r.requested_model,
@@ -283,6 +285,7 @@ pub(super) async fn copy_records(
             &audio_q,
             &audio_a,
             &r.tags,
+            &upstream,
         ];
         w.as_mut().write(&row).await?;
     }

@@ -134,7 +134,7 @@ impl Reports for SqliteReports {
             "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     CAST(query_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cached_tokens AS INTEGER),
                     CAST(reasoning_tokens AS INTEGER), CAST(cost AS INTEGER), priced, estimated, request_id, client_aborted, service_tier,
-                    CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER), tags
+                    CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER), tags, upstream
              FROM queries{w} ORDER BY {order} LIMIT ? OFFSET ?"
         );
         args.push(rusqlite::types::Value::Integer(
@@ -173,6 +173,7 @@ impl Reports for SqliteReports {
                     audio_query_tokens: r.get(20)?,
                     audio_answer_tokens: r.get(21)?,
                     tags: r.get(22)?,
+                    upstream: r.get(23)?,
                 };
                 if !sink(rec) {
                     break;
@@ -257,9 +258,9 @@ pub(crate) enum Piece {
 }
 
 /// The pieces a `/usage` range is read in: [`pieces`], or, grouped by a key
-/// the rollups lack (the tier), the records of the whole range.
+/// the rollups lack (the tier, the upstream), the records of the whole range.
 pub(crate) fn plan(f: &Filter, group: &[GroupKey]) -> Vec<Piece> {
-    if !group.contains(&GroupKey::Tier) {
+    if !group.contains(&GroupKey::Tier) && !group.contains(&GroupKey::Upstream) {
         return pieces(f.after, f.before);
     }
     let lo = f.after.map_or(i64::MIN, |a| a.saturating_add(1));
@@ -625,6 +626,7 @@ fn key_expr(g: GroupKey, rollup: bool) -> &'static str {
         (GroupKey::Tier, _) => "service_tier",
         // Read apart (see `piece_totals`); only rejections, untagged, get here.
         (GroupKey::Tag, _) => "NULL",
+        (GroupKey::Upstream, _) => "upstream",
     }
 }
 
@@ -688,6 +690,7 @@ fn rejection_counts(
         .iter()
         .map(|g| match g {
             GroupKey::Tier => "NULL",
+            GroupKey::Upstream => "NULL",
             g => key_expr(*g, false),
         })
         .collect();

@@ -76,6 +76,12 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         sql: SCHEMA_V8,
         adds_column: Some(("queries", "tags")),
     },
+    Migration {
+        version: 9,
+        what: "records name the upstream that served them",
+        sql: SCHEMA_V9,
+        adds_column: Some(("queries", "upstream")),
+    },
 ];
 
 /// The version this build brings a database to.
@@ -253,6 +259,11 @@ CREATE TABLE IF NOT EXISTS usage_daily_tags (
     unpriced         INTEGER NOT NULL,
     PRIMARY KEY (tag_key, day, tag_value, user, model)
 ) WITHOUT ROWID;
+";
+
+/// The upstream that served a record (NULL for the records written before).
+const SCHEMA_V9: &str = "
+ALTER TABLE queries ADD COLUMN upstream TEXT;
 ";
 
 /// Whether `table` has `column`.
@@ -534,6 +545,7 @@ CREATE INDEX IF NOT EXISTS rejections_user_ts ON rejections (user, ts);
         assert!(has_column(&c, "queries", "client_aborted").unwrap());
         assert!(has_column(&c, "queries", "service_tier").unwrap());
         assert!(has_column(&c, "prices", "priority_answer").unwrap());
+        assert!(has_column(&c, "queries", "upstream").unwrap());
     }
 
     #[test]

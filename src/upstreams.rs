@@ -1,0 +1,243 @@
+//! The configured upstreams: which one serves a model (the first whose
+//! `models` match), and each one's pool of keys, used in turn, with a key
+//! answered 429 resting until upstream's reset.
+
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue};
+
+use crate::config::{Config, NamedUpstream};
+use crate::upstream::Upstream;
+
+/// Every upstream, in the configured order.
+pub struct Upstreams {
+    routes: Vec<Route>,
+}
+
+/// One upstream: its name, the models it serves, its connections and keys.
+pub struct Route {
+    /// The name records carry.
+    pub name: Arc<str>,
+    conf: NamedUpstream,
+    /// Connections to it.
+    pub conn: Upstream,
+    keys: Vec<Key>,
+    next: AtomicUsize,
+}
+
+/// One key of a pool.
+pub struct Key {
+    /// `Bearer <key>`, marked sensitive.
+    pub header: HeaderValue,
+    /// When it may be used again after a 429 (ms since the epoch; 0: now).
+    rest_until_ms: AtomicI64,
+}
+
+/// Why the upstreams could not be built.
+pub struct BuildError {
+    /// The upstream's name.
+    pub upstream: String,
+    /// Whether a key was at fault (else its trusted roots).
+    pub key: bool,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl Upstreams {
+    /// The upstreams of `config` for `workers` server threads.
+    pub fn new(config: &Config, workers: usize) -> Result<Upstreams, BuildError> {
+        let routes = config
+            .named_upstreams()
+            .into_iter()
+            .map(|conf| {
+                let fail = |key: bool, message: String| BuildError {
+                    upstream: conf.name.clone(),
+                    key,
+                    message,
+                };
+                let conn = Upstream::new(&conf.url, &conf.trust, config, workers)
+                    .map_err(|m| fail(false, m))?;
+                let keys = conf
+                    .keys
+                    .iter()
+                    .map(|k| {
+                        let mut header = HeaderValue::from_str(&format!("Bearer {k}"))
+                            .map_err(|_| fail(true, "a key is not a valid header value".into()))?;
+                        header.set_sensitive(true);
+                        Ok(Key {
+                            header,
+                            rest_until_ms: AtomicI64::new(0),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, BuildError>>()?;
+                Ok(Route {
+                    name: Arc::from(conf.name.as_str()),
+                    conn,
+                    keys,
+                    next: AtomicUsize::new(0),
+                    conf,
+                })
+            })
+            .collect::<Result<Vec<_>, BuildError>>()?;
+        Ok(Upstreams { routes })
+    }
+
+    /// The upstream serving `model`, by index: the first whose patterns
+    /// match it. A request without a model goes to the first upstream.
+    pub fn route(&self, model: &str) -> Option<usize> {
+        if model.is_empty() {
+            return Some(0);
+        }
+        self.routes.iter().position(|r| r.conf.serves(model))
+    }
+
+    /// Every upstream, in order.
+    pub fn all(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// Starts each upstream's reaper of idle connections on this worker.
+    pub fn spawn_reapers(&self) {
+        for r in &self.routes {
+            r.conn.spawn_reaper();
+        }
+    }
+
+    /// Idle connections right now, all upstreams together.
+    pub fn idle_connections(&self) -> usize {
+        self.routes.iter().map(|r| r.conn.idle_connections()).sum()
+    }
+}
+
+impl Route {
+    /// The base URL, for logs.
+    pub fn url(&self) -> &crate::config::UpstreamUrl {
+        &self.conf.url
+    }
+
+    /// The key for the next attempt, by index: in turn, skipping keys
+    /// already `tried` by this request and keys resting after a 429 (when
+    /// every untried key rests, the one whose rest ends first). `None`:
+    /// no key left to try (or the upstream has none).
+    pub fn pick(&self, now_ms: i64, tried: &[usize]) -> Option<usize> {
+        let n = self.keys.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let untried = (0..n)
+            .map(|off| (start + off) % n)
+            .filter(|i| !tried.contains(i));
+        let mut soonest: Option<(i64, usize)> = None;
+        for i in untried {
+            let rest = self.keys[i].rest_until_ms.load(Ordering::Relaxed);
+            if rest <= now_ms {
+                return Some(i);
+            }
+            if soonest.is_none_or(|(r, _)| rest < r) {
+                soonest = Some((rest, i));
+            }
+        }
+        soonest.map(|(_, i)| i)
+    }
+
+    /// Key `i`.
+    pub fn key(&self, i: usize) -> &Key {
+        &self.keys[i]
+    }
+
+    /// How many keys it has.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Rests key `i` until upstream's reset after a 429 (at least a second).
+    pub fn rest(&self, i: usize, now_ms: i64, answer: &HeaderMap) {
+        let until = now_ms + reset_after_ms(answer).unwrap_or(1_000).max(1_000);
+        self.keys[i]
+            .rest_until_ms
+            .fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Whether key `i` rests at `now_ms`.
+    pub fn resting(&self, i: usize, now_ms: i64) -> bool {
+        self.keys[i].rest_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+}
+
+/// Longest rest a 429's headers can impose: a broken or hostile value must
+/// not take a key out for good.
+const MAX_REST_MS: i64 = 10 * 60 * 1000;
+
+/// How long a 429 asks to wait, from `retry-after` (seconds),
+/// `retry-after-ms`, or the later of OpenAI's `x-ratelimit-reset-requests`
+/// / `x-ratelimit-reset-tokens` (durations like `1s`, `6m0s`, `20ms`).
+pub fn reset_after_ms(h: &HeaderMap) -> Option<i64> {
+    let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
+    let ms = if let Some(v) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        Some(v as i64)
+    } else if let Some(v) = text("retry-after").and_then(|v| v.parse::<f64>().ok()) {
+        Some((v * 1000.0) as i64)
+    } else {
+        ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"]
+            .iter()
+            .filter_map(|n| text(n))
+            .filter_map(crate::duration::parse_go_duration_ns)
+            .map(|ns| i64::try_from(ns / 1_000_000).unwrap_or(i64::MAX))
+            .max()
+    };
+    ms.map(|m| m.clamp(0, MAX_REST_MS))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_reset_comes_from_retry_after_or_openai_headers() {
+        assert_eq!(
+            reset_after_ms(&headers(&[("retry-after", "3")])),
+            Some(3000)
+        );
+        assert_eq!(
+            reset_after_ms(&headers(&[("retry-after-ms", "250")])),
+            Some(250)
+        );
+        assert_eq!(
+            reset_after_ms(&headers(&[
+                ("x-ratelimit-reset-requests", "1s"),
+                ("x-ratelimit-reset-tokens", "6m0s")
+            ])),
+            Some(360_000)
+        );
+        assert_eq!(
+            reset_after_ms(&headers(&[("retry-after", "999999")])),
+            Some(MAX_REST_MS)
+        );
+        assert_eq!(reset_after_ms(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn globs_match_names_and_patterns() {
+        use crate::config::glob;
+        assert!(glob("gpt-4o*", "gpt-4o-mini"));
+        assert!(glob("gpt-4o*", "gpt-4o"));
+        assert!(!glob("gpt-4o*", "gpt-4"));
+        assert!(glob("llama-?b", "llama-8b"));
+        assert!(!glob("llama-?b", "llama-70b"));
+        assert!(glob("*", ""));
+        assert!(glob("a*b*c", "a-x-b-y-c"));
+        assert!(!glob("a*b*c", "a-x-c"));
+        assert!(glob("o1", "o1"));
+        assert!(!glob("o1", "o1-mini"));
+    }
+}
