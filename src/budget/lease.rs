@@ -79,6 +79,9 @@ pub trait LeaseSource: Send + Sync + 'static {
     /// Renews every live lease of this instance; returns the (user, period
     /// start) of those renewed.
     fn renew(&self) -> Result<Vec<(String, i64)>, String>;
+    /// Drops every lease of this instance (at shutdown, once its records
+    /// are written: a restarted instance need not wait for them to expire).
+    fn release_all(&self) -> Result<(), String>;
 }
 
 /// Why a grant could not be asked for.
@@ -100,6 +103,9 @@ struct Ask {
 pub(super) struct Leasing {
     tx: Sender<Ask>,
     base: Instant,
+    source: Arc<dyn LeaseSource>,
+    /// Set at shutdown: the lease thread stops taking and renewing.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Leasing {
@@ -121,6 +127,8 @@ impl Budgets {
         let leasing = Leasing {
             tx,
             base: Instant::now(),
+            source: source.clone(),
+            closed: std::sync::atomic::AtomicBool::new(false),
         };
         if self.leasing.set(leasing).is_err() {
             return Ok(());
@@ -130,6 +138,24 @@ impl Budgets {
             .name("tollgate-lease".into())
             .spawn(move || run(weak, source, rx))?;
         Ok(())
+    }
+
+    /// Gives every lease of this instance back to the pool, and admits
+    /// nothing more against them; for shutdown, after the last records
+    /// were written (the database counts them as spent by then).
+    pub fn release_leases(&self) {
+        let Some(leasing) = self.leasing.get() else {
+            return;
+        };
+        leasing
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        for s in self.state.lock().values_mut() {
+            s.lease_until = i64::MIN;
+        }
+        if let Err(e) = leasing.source.release_all() {
+            tracing::warn!(error = %e, "cannot give back the budget leases; they expire on their own");
+        }
     }
 
     /// Whether budgets are leased.
@@ -251,6 +277,9 @@ fn run(budgets: Weak<Budgets>, source: Arc<dyn LeaseSource>, rx: Receiver<Ask>) 
         let Some(leasing) = b.leasing.get() else {
             return;
         };
+        if leasing.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let failing = failing_until.is_some_and(|t| Instant::now() < t);
         if let Some(a) = ask {
             let r = match b.check(&a.user, a.cost, a.tokens, a.now_ms) {

@@ -86,6 +86,16 @@ impl LeaseSource for PgLeases {
         })
     }
 
+    fn release_all(&self) -> Result<(), String> {
+        self.with(|c| {
+            wait(c.execute(
+                "DELETE FROM budget_leases WHERE instance = $1",
+                &[&self.instance],
+            ))?;
+            Ok(())
+        })
+    }
+
     fn renew(&self) -> Result<Vec<(String, i64)>, String> {
         self.with(|c| {
             let rows = wait(c.query(
