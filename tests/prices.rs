@@ -105,6 +105,19 @@ async fn a_litellm_map_is_diffed_then_imported_from_an_instant() {
         serde_json::json!(["gpt-a", "gpt-b"]),
         "{back}"
     );
+    // A change in any one rate is a change (here the cached price alone).
+    let v = import(&p, "?dryRun=true", "gpt-a 2 0.25 8 1 - 4 - - - - -\n")
+        .await
+        .json();
+    assert_eq!(v["changed"][0]["name"], "gpt-a", "{v}");
+    assert_eq!(
+        v["changed"][0]["from"]["per1MCachedQueryTokens"].to_string(),
+        "0.5"
+    );
+    assert_eq!(
+        v["changed"][0]["to"]["per1MCachedQueryTokens"].to_string(),
+        "0.25"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
