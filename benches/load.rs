@@ -904,12 +904,15 @@ fn pg_sql<T>(url: &str, f: impl AsyncFnOnce(&tokio_postgres::Client) -> T) -> T 
 impl PgBenchDb {
     fn create(server: &str) -> PgBenchDb {
         let name = format!("tollgate_load_{}", std::process::id());
+        // Two statements: several in one batch run as one transaction,
+        // which DROP/CREATE DATABASE refuse.
         pg_sql(server, async |c| {
-            c.batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}"
-            ))
-            .await
-            .expect("bench database")
+            for sql in [
+                format!("DROP DATABASE IF EXISTS {name}"),
+                format!("CREATE DATABASE {name}"),
+            ] {
+                c.batch_execute(&sql).await.expect("bench database");
+            }
         });
         let base = server.split('?').next().unwrap_or(server);
         let after_scheme = base.find("://").map_or(0, |i| i + 3);
