@@ -7,7 +7,6 @@ use std::path::Path;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 use super::schema::LATEST;
-use crate::pricing::Price;
 use crate::record::{Priced, Record, Usage};
 use crate::store::rollup::Daily;
 use crate::store::transfer::{Anchor, KeyRow, LimitRow, RejectionRow, RollupRow, SharedRows};
@@ -208,35 +207,7 @@ impl SqliteSource {
     /// Prices, keys, limits, rate limits and the built-in-prices marker.
     pub fn shared(&self) -> Result<SharedRows, StoreError> {
         let c = &self.conn;
-        let mut st = c.prepare(
-            "SELECT model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer,
-                    priority_query, priority_cached, priority_answer, audio_query, audio_answer
-             FROM prices ORDER BY model, valid_from",
-        )?;
-        let prices = st
-            .query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    Price {
-                        valid_from: r.get(1)?,
-                        query: r.get(2)?,
-                        cached: r.get(3)?,
-                        answer: r.get(4)?,
-                        ..Price::default()
-                    }
-                    .with_extra_columns([
-                        r.get(5)?,
-                        r.get(6)?,
-                        r.get(7)?,
-                        r.get(8)?,
-                        r.get(9)?,
-                        r.get(10)?,
-                        r.get(11)?,
-                        r.get(12)?,
-                    ]),
-                ))
-            })?
-            .collect::<Result<_, _>>()?;
+        let prices = super::reports::price_rows(c)?;
         let mut st = c.prepare(
             "SELECT id, user, digest, created, last_used, revoked, tags FROM api_keys ORDER BY created, id",
         )?;

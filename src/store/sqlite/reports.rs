@@ -45,6 +45,39 @@ impl SqliteReports {
     }
 }
 
+/// Every price row (standard, tier and audio rates), by model and
+/// `valid_from`; the reports and `tollgate migrate` read them alike.
+pub(super) fn price_rows(c: &Connection) -> Result<Vec<(String, Price)>, StoreError> {
+    let mut st = c.prepare(
+        "SELECT model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer,
+                priority_query, priority_cached, priority_answer, audio_query, audio_answer
+         FROM prices ORDER BY model, valid_from",
+    )?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get(0)?,
+            Price {
+                valid_from: r.get(1)?,
+                query: r.get(2)?,
+                cached: r.get(3)?,
+                answer: r.get(4)?,
+                ..Price::default()
+            }
+            .with_extra_columns([
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+                r.get(8)?,
+                r.get(9)?,
+                r.get(10)?,
+                r.get(11)?,
+                r.get(12)?,
+            ]),
+        ))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// The WHERE clause of a filter (the tests' reference totals read with it).
 #[cfg(test)]
 pub(super) fn where_clause(f: &Filter) -> (String, Vec<rusqlite::types::Value>) {
@@ -185,33 +218,9 @@ impl Reports for SqliteReports {
 
     fn prices(&self) -> Result<PriceTable, StoreError> {
         self.with(|c| {
-            let mut st = c.prepare(
-                "SELECT model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer FROM prices",
-            )?;
-            let mut rows = st.query([])?;
             let mut t = PriceTable::default();
-            while let Some(r) = rows.next()? {
-                let model: String = r.get(0)?;
-                t.insert(
-                    &model,
-                    Price {
-                        valid_from: r.get(1)?,
-                        query: r.get(2)?,
-                        cached: r.get(3)?,
-                        answer: r.get(4)?,
-                        ..Price::default()
-                    }
-                    .with_extra_columns([
-                        r.get(5)?,
-                        r.get(6)?,
-                        r.get(7)?,
-                        r.get(8)?,
-                        r.get(9)?,
-                        r.get(10)?,
-                        r.get(11)?,
-                        r.get(12)?,
-                    ]),
-                );
+            for (model, p) in price_rows(c)? {
+                t.insert(&model, p);
             }
             Ok(t)
         })
