@@ -1040,13 +1040,22 @@ async fn settling_below_the_reservation_frees_room() {
         &format!(r#"{{"budget":{},"period":"total"}}"#, dollars(budget)),
     )
     .await;
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut wave = Vec::new();
     for _ in 0..30 {
-        let (addr, b) = (p.addr, b.clone());
+        let (addr, b, done) = (p.addr, b.clone(), done.clone());
         wave.push(tokio::spawn(async move {
-            send(addr, chat_req("dave", &b)).await
+            let r = send(addr, chat_req("dave", &b)).await;
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            r
         }));
     }
+    // The gate opens only once the other 20 were refused: a request the
+    // proxy had not yet read when the first 10 settled would fit.
+    eventually("20 refusals while 10 are upstream", STEP, || async {
+        (done.load(std::sync::atomic::Ordering::SeqCst) >= 20).then_some(())
+    })
+    .await;
     mock.wait_seen(10).await;
     let l = limits(&p, "dave").await;
     assert_eq!(l["reserved"], dollars(budget));
