@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::*;
 use hyper::Method;
 use tokio::net::{TcpListener, TcpStream};
-use tollgate::config::{Db, PgUrl};
+use tollgate::config::{BudgetOffline, Db, PgUrl};
 use tollgate::record::{Priced, Record, Usage};
 use tollgate::store::{postgres, Backend, Filter, GroupKey, Reports};
 
@@ -284,6 +284,28 @@ struct Relay {
 }
 
 impl Relay {
+    /// A relay to the database at `url`, and the URL through the relay.
+    async fn to(url: &str, server: &str) -> (Relay, String) {
+        let cfg: tokio_postgres::Config = url.parse().unwrap();
+        let (host, port) = match (&cfg.get_hosts()[0], cfg.get_ports()[0]) {
+            (tokio_postgres::config::Host::Tcp(h), p) => (h.clone(), p),
+            _ => panic!("TOLLGATE_TEST_PG must be a TCP URL: {server}"),
+        };
+        let target = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .unwrap()
+            .next()
+            .unwrap();
+        let relay = Relay::start(target).await;
+        let relayed = format!(
+            "postgres://{}@127.0.0.1:{}/{}",
+            cfg.get_user().unwrap_or("postgres"),
+            relay.port,
+            cfg.get_dbname().unwrap()
+        );
+        (relay, relayed)
+    }
+
     async fn start(target: std::net::SocketAddr) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -331,23 +353,7 @@ async fn database_away_under_load_loses_no_record() {
         return;
     };
     let db = PgDb::create();
-    let cfg: tokio_postgres::Config = db.url.parse().unwrap();
-    let (host, port) = match (&cfg.get_hosts()[0], cfg.get_ports()[0]) {
-        (tokio_postgres::config::Host::Tcp(h), p) => (h.clone(), p),
-        _ => panic!("TOLLGATE_TEST_PG must be a TCP URL: {server}"),
-    };
-    let target = tokio::net::lookup_host((host.as_str(), port))
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let relay = Relay::start(target).await;
-    let relayed = format!(
-        "postgres://{}@127.0.0.1:{}/{}",
-        cfg.get_user().unwrap_or("postgres"),
-        relay.port,
-        cfg.get_dbname().unwrap()
-    );
+    let (relay, relayed) = Relay::to(&db.url, &server).await;
     let mock = Mock::start(|seen| {
         Reply::json(completion("gpt-m", "ok", Tok::new(10, 3)))
             .header("x-request-id", &format!("req-{}", seen.n))
@@ -665,6 +671,90 @@ async fn three_instances_share_one_budget_without_overrun() {
     // Reservations equal costs here, so the per-request bound is 0.
     assert!(spent <= 100 * LEASED_COST, "spent {spent} over the budget");
     assert!(admitted >= 90, "only {admitted} admitted: starved");
+    let (records, rollups) = sums(&db.url);
+    assert_eq!(records, rollups);
+}
+
+/// The database away with budgets leased: each instance goes on admitting
+/// against the lease it holds; once that lease has lapsed (it cannot be
+/// renewed), an instance refuses with 503 (`--budget-offline refuse`, the
+/// default) or admits against the budget as it knows it (`admit`). When the
+/// database is back, leases are granted again and every record is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_with_the_database_away_spend_the_lease_then_refuse() {
+    let Some(server) = pg_or_skip("budgets_with_the_database_away_spend_the_lease_then_refuse")
+    else {
+        return;
+    };
+    let db = PgDb::create();
+    let (relay, relayed) = Relay::to(&db.url, &server).await;
+    let mock = leased_mock().await;
+    let start = |offline: BudgetOffline| {
+        let url = PgUrl::parse(&relayed).unwrap();
+        Proxy::builder(&mock.url())
+            .default_prices(false)
+            .with(move |c| {
+                c.db = Db::Postgres(url);
+                c.budget_offline = offline;
+            })
+            .start()
+    };
+    let refuse = start(BudgetOffline::Refuse).await;
+    let admit = start(BudgetOffline::Admit).await;
+    assert_eq!(refuse.set_price("m-lease", LEASED_PRICE).await.status, 200);
+    let r = refuse
+        .admin_call(
+            Method::PUT,
+            "/users/pat/limits",
+            r#"{"budget":0.1,"period":"month"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Both instances learn the limit and the price, then hold a lease.
+    for p in [&refuse, &admit] {
+        eventually("limit and price shared", STEP, || async {
+            let r = send(p.addr, leased_req("pat")).await;
+            (r.status == 200 && p.state.budgets.lease_of("pat").0 > 0).then_some(())
+        })
+        .await;
+    }
+    let mut admitted = mock.seen().len();
+
+    relay.cut();
+    // Right after the cut both still admit, against the lease they hold.
+    for p in [&refuse, &admit] {
+        let r = send(p.addr, leased_req("pat")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        admitted += 1;
+    }
+    // Every lease lapses within its time to live of the cut (none can be
+    // renewed after it).
+    tokio::time::sleep(tollgate::budget::lease::LEASE_TTL + Duration::from_secs(1)).await;
+    let r = send(refuse.addr, leased_req("pat")).await;
+    assert_openai_error(&r, 503, "server_error", None, Some("service_unavailable"));
+    assert!(r.text().contains("budget database"), "{}", r.text());
+    let r = send(admit.addr, leased_req("pat")).await;
+    assert_eq!(r.status, 200, "--budget-offline admit: {}", r.text());
+    admitted += 1;
+    let why = send(refuse.addr, get("/readyz")).await;
+    assert_eq!(why.status, 503);
+    assert!(why.text().contains("database"), "{}", why.text());
+    assert_eq!(mock.seen().len(), admitted, "the refused did not go upstream");
+
+    relay.restore();
+    eventually("leases granted again", STEP, || async {
+        (send(refuse.addr, leased_req("pat")).await.status == 200).then_some(())
+    })
+    .await;
+    admitted += 1;
+    assert_eq!(mock.seen().len(), admitted);
+    eventually("every record written", STEP, || async {
+        (pg_count(&db.url, "SELECT count(*) FROM queries") == admitted as i64).then_some(())
+    })
+    .await;
+    let spent = pg_count(&db.url, "SELECT sum(cost)::bigint FROM queries");
+    assert_eq!(spent, admitted as i64 * LEASED_COST);
+    assert!(spent <= 100 * LEASED_COST);
     let (records, rollups) = sums(&db.url);
     assert_eq!(records, rollups);
 }
