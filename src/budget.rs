@@ -21,7 +21,7 @@ use parking_lot::{Mutex, RwLock};
 pub mod lease;
 mod recent;
 
-pub use lease::{lease_size, Away, LeaseSource, Taken};
+pub use lease::{lease_size, Away, LeaseSource, RateAsk, Taken};
 pub use recent::RecentCosts;
 
 /// Budget period, calendar-aligned in UTC.
@@ -143,6 +143,17 @@ struct UserState {
     /// The shortfall a grant found no room for: until `backoff_until`,
     /// requests short of as much are refused without asking again.
     backoff_need: i128,
+    /// Leased rates only: requests and tokens of `minute` granted to this
+    /// instance (less what it gave back).
+    rate_requests: u64,
+    rate_tokens: u64,
+    /// The largest token reservation since the user was last idle: the
+    /// least a token grant gives.
+    token_need: u64,
+    /// A minute whose pool a rate grant found empty: whether of requests,
+    /// and the token shortfall it found no room for (`u64::MAX`: none). The
+    /// rest of that minute, such asks are refused without asking again.
+    rate_empty: Option<(i64, bool, u64)>,
 }
 
 impl UserState {
@@ -153,6 +164,10 @@ impl UserState {
             minute: self.minute,
             requests: self.requests,
             tokens: self.tokens,
+            rate_requests: self.rate_requests,
+            rate_tokens: self.rate_tokens,
+            token_need: self.token_need,
+            rate_empty: self.rate_empty,
             last_check: self.last_check,
             ..UserState::default()
         };
@@ -174,6 +189,16 @@ impl UserState {
     /// Leased or not, limits changed: a pool found empty may have room.
     fn limits_changed(&mut self) {
         self.backoff_until = 0;
+        self.rate_empty = None;
+    }
+
+    /// A new minute: its counters and rate grants start from zero.
+    fn start_minute(&mut self, minute: i64) {
+        self.minute = minute;
+        self.requests = 0;
+        self.tokens = 0;
+        self.rate_requests = 0;
+        self.rate_tokens = 0;
     }
 
     /// Below this much unused lease, the lease thread asks for more ahead
@@ -413,11 +438,12 @@ impl Budgets {
             s.start_period(period_start);
         }
         s.last_check = mono;
-        if s.minute != minute {
-            s.minute = minute;
-            s.requests = 0;
-            s.tokens = 0;
+        // Only forward: a request stamped just before a new minute began
+        // here counts in the new one (its slices are the live ones).
+        if s.minute < minute {
+            s.start_minute(minute);
         }
+        let minute = s.minute;
         if let (Some(b), Some(_)) = (l.budget, leasing) {
             // A request over the whole budget never fits: it must not make
             // every later grant that large.
@@ -454,6 +480,10 @@ impl Budgets {
                     retry_after: next_minute(),
                 });
             }
+            // Leased: within this instance's slice of the minute.
+            if leasing.is_some() && s.requests.saturating_add(1) > s.rate_requests {
+                return Err(Refusal::Unleased { need: cost });
+            }
         }
         if let Some(tpm) = l.tpm {
             if s.tokens.saturating_add(tokens) > tpm {
@@ -461,6 +491,12 @@ impl Budgets {
                     what: "tokens",
                     retry_after: next_minute(),
                 });
+            }
+            if leasing.is_some() {
+                s.token_need = s.token_need.max(tokens);
+                if s.tokens.saturating_add(tokens) > s.rate_tokens {
+                    return Err(Refusal::Unleased { need: cost });
+                }
             }
         }
         s.reserved = s.reserved.saturating_add(cost);
@@ -505,6 +541,40 @@ impl Budgets {
         match self.limits_of(user) {
             Some((l, _)) => self.over_budget_of(&l, now_ms),
             None => Refusal::Budget { retry_after: None },
+        }
+    }
+
+    /// Why a leased request is refused after its grants were asked for:
+    /// the budget's pool, else the minute's requests, else its tokens.
+    pub fn short_refusal(&self, user: &str, cost: i128, tokens: u64, now_ms: i64) -> Refusal {
+        let Some((l, _)) = self.limits_of(user) else {
+            return Refusal::Budget { retry_after: None };
+        };
+        let minute = now_ms.div_euclid(60_000);
+        let rate = |what| Refusal::Rate {
+            what,
+            retry_after: (((minute + 1) * 60_000 - now_ms + 999) / 1000).max(1) as u64,
+        };
+        let st = self.state.lock();
+        let Some(s) = st.get(user) else {
+            return self.over_budget_of(&l, now_ms);
+        };
+        let budget_short = l.budget.is_some()
+            && cost > 0
+            && (s.period_start != l.period.start(now_ms) || !s.fits(cost));
+        let (used_requests, used_tokens, got_requests, got_tokens) = if s.minute >= minute {
+            (s.requests, s.tokens, s.rate_requests, s.rate_tokens)
+        } else {
+            (0, 0, 0, 0)
+        };
+        if budget_short {
+            self.over_budget_of(&l, now_ms)
+        } else if l.rpm.is_some() && used_requests.saturating_add(1) > got_requests {
+            rate("requests")
+        } else if l.tpm.is_some() && used_tokens.saturating_add(tokens) > got_tokens {
+            rate("tokens")
+        } else {
+            self.over_budget_of(&l, now_ms)
         }
     }
 

@@ -712,7 +712,11 @@ async fn budgets_with_the_database_away_spend_the_lease_then_refuse() {
     assert_eq!(r.status, 200, "{}", r.text());
     // Both instances learn the limit and the price, then hold a lease.
     for p in [&refuse, &admit] {
-        eventually("limit and price shared", STEP, || async {
+        eventually("price shared", STEP, || async {
+            (p.get("/model/m-lease").await.status == 200).then_some(())
+        })
+        .await;
+        eventually("limit shared and a lease taken", STEP, || async {
             let r = send(p.addr, leased_req("pat")).await;
             (r.status == 200 && p.state.budgets.lease_of("pat").0 > 0).then_some(())
         })
@@ -739,7 +743,11 @@ async fn budgets_with_the_database_away_spend_the_lease_then_refuse() {
     let why = send(refuse.addr, get("/readyz")).await;
     assert_eq!(why.status, 503);
     assert!(why.text().contains("database"), "{}", why.text());
-    assert_eq!(mock.seen().len(), admitted, "the refused did not go upstream");
+    assert_eq!(
+        mock.seen().len(),
+        admitted,
+        "the refused did not go upstream"
+    );
 
     relay.restore();
     eventually("leases granted again", STEP, || async {
@@ -757,6 +765,94 @@ async fn budgets_with_the_database_away_spend_the_lease_then_refuse() {
     assert!(spent <= 100 * LEASED_COST);
     let (records, rollups) = sums(&db.url);
     assert_eq!(records, rollups);
+}
+
+/// Three instances, one user with per-minute limits, 90 concurrent
+/// requests spread over them: each instance admits against its slice of
+/// the minute's allowance, so together they admit no more than the limit
+/// (without leases each would admit the whole limit), and no instance is
+/// starved. Requests first (`requestsPerMinute`), then tokens
+/// (`tokensPerMinute`: what the records used stays within it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_minute_limits_hold_across_instances() {
+    let Some(_) = pg_or_skip("per_minute_limits_hold_across_instances") else {
+        return;
+    };
+    let db = PgDb::create();
+    let mock = leased_mock().await;
+    let start = || {
+        let url = PgUrl::parse(&db.url).unwrap();
+        Proxy::builder(&mock.url())
+            .with(move |c| c.db = Db::Postgres(url))
+            .start()
+    };
+    let a = start().await;
+    let b = start().await;
+    let c = start().await;
+    let addrs = [a.addr, b.addr, c.addr];
+    // Every instance knows the limits before the burst.
+    let all = [&a, &b, &c];
+    let set = |user: &'static str, limits: &'static str| async move {
+        let r = all[0]
+            .admin_call(Method::PUT, &format!("/users/{user}/limits"), limits)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        for p in all {
+            eventually("limits shared", STEP, || async {
+                p.state.budgets.limits_of(user).is_some().then_some(())
+            })
+            .await;
+        }
+    };
+    // The burst stays inside one calendar minute.
+    let in_minute = || async {
+        let into = now_ms().rem_euclid(60_000);
+        if into > 45_000 {
+            tokio::time::sleep(Duration::from_millis((61_000 - into) as u64)).await;
+        }
+    };
+    let burst = |user: &'static str| async move {
+        let sends = (0..90).map(|i| async move { send(addrs[i % 3], leased_req(user)).await });
+        futures_util::future::join_all(sends).await
+    };
+    let check = |answers: &[Resp]| {
+        let ok = answers.iter().filter(|r| r.status == 200).count();
+        for r in answers.iter().filter(|r| r.status != 200) {
+            assert_openai_error(r, 429, "requests", None, Some("rate_limit_exceeded"));
+            let after: u64 = r.header("retry-after").unwrap().parse().unwrap();
+            assert!((1..=60).contains(&after), "retry-after {after}");
+        }
+        ok
+    };
+
+    set("rita", r#"{"requestsPerMinute":30}"#).await;
+    in_minute().await;
+    let ok = check(&burst("rita").await);
+    eprintln!("requestsPerMinute 30 over three instances: {ok} of 90 admitted");
+    assert!(ok <= 30, "{ok} admitted: over the limit");
+    assert!(ok >= 20, "only {ok} admitted: starved");
+    assert_eq!(mock.seen().len(), ok);
+
+    // Each request reserves its prompt estimate and max_tokens (1000).
+    let tpm = 30 * 1000;
+    set("tom", r#"{"tokensPerMinute":30000}"#).await;
+    in_minute().await;
+    let ok = check(&burst("tom").await);
+    eprintln!("tokensPerMinute {tpm} over three instances: {ok} of 90 admitted");
+    assert!(ok >= 15, "only {ok} admitted: starved");
+    eventually("records written", STEP, || async {
+        (pg_count(
+            &db.url,
+            "SELECT count(*) FROM queries WHERE username = 'tom'",
+        ) == ok as i64)
+            .then_some(())
+    })
+    .await;
+    let used = pg_count(
+        &db.url,
+        "SELECT sum(query_tokens + answer_tokens)::bigint FROM queries WHERE username = 'tom'",
+    );
+    assert!(used <= tpm, "{used} tokens used of {tpm}");
 }
 
 /// The real binary, on PostgreSQL.

@@ -11,6 +11,11 @@
 //! of every lease of this instance (a lease expires, so a killed instance's
 //! slice returns to the pool). A lease this instance could not renew in
 //! time is no longer admitted against.
+//!
+//! Per-minute request and token limits are leased the same way, per
+//! calendar minute: a slice of the minute's allowance, sized by the same
+//! rule, refilled ahead of need and given back when the user goes idle. A
+//! rate slice needs no renewal: it ends with its minute.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -18,7 +23,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tokio::sync::oneshot;
 
-use super::{Budgets, Hold, Refusal};
+use super::{Budgets, Hold, Limits, Refusal};
 
 /// How long a lease lives without renewal: a killed instance's slice
 /// returns to the pool this long after its last renewal.
@@ -44,7 +49,7 @@ const BACKOFF: Duration = Duration::from_millis(500);
 pub const SHARE_DIV: i64 = 2;
 
 /// The lease size rule, as `tollgate_lease_take` applies it in the database
-/// (schema step 3): of `room` (the budget less the spend written and every
+/// (schema step 5): of `room` (the budget less the spend written and every
 /// live lease), a grant is `room / (SHARE_DIV * holders)` (`holders`: the
 /// instances with a lease of this user, this one counted), at least `need`
 /// (the largest reservation seen of the user, so one worst-case request
@@ -68,6 +73,23 @@ pub struct Taken {
     pub reset: bool,
 }
 
+/// A rate grant asked for: of `minute`'s allowance under `rpm` and `tpm`
+/// (`None`: no such limit), at least `requests` and `tokens` (0: none
+/// asked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateAsk {
+    /// The calendar minute (ms since the epoch / 60,000).
+    pub minute: i64,
+    /// Requests per minute.
+    pub rpm: Option<u64>,
+    /// Tokens per minute.
+    pub tpm: Option<u64>,
+    /// The least number of requests a grant gives, if any.
+    pub requests: u64,
+    /// The least number of tokens a grant gives, if any.
+    pub tokens: u64,
+}
+
 /// The database side of leases (PostgreSQL implements it).
 pub trait LeaseSource: Send + Sync + 'static {
     /// Grants a slice of `user`'s remaining budget in the period starting at
@@ -76,6 +98,18 @@ pub trait LeaseSource: Send + Sync + 'static {
     fn take(&self, user: &str, period_start: i64, limit: i64, need: i64) -> Result<Taken, String>;
     /// Gives back `amount` of this instance's lease of `user`.
     fn give_back(&self, user: &str, period_start: i64, amount: i64) -> Result<(), String>;
+    /// Grants slices of `user`'s requests and tokens in a minute, each
+    /// sized by [`lease_size`], in one atomic statement: (requests, tokens).
+    fn take_rate(&self, user: &str, ask: RateAsk) -> Result<(u64, u64), String>;
+    /// Gives back unused requests and tokens of this instance's slice of
+    /// `user`'s `minute`.
+    fn give_back_rate(
+        &self,
+        user: &str,
+        minute: i64,
+        requests: u64,
+        tokens: u64,
+    ) -> Result<(), String>;
     /// Renews every live lease of this instance; returns the (user, period
     /// start) of those renewed.
     fn renew(&self) -> Result<Vec<(String, i64)>, String>;
@@ -254,12 +288,77 @@ impl Budgets {
         s.granted = s.granted.saturating_add(i128::from(t.granted));
         s.lease_until = until;
     }
+
+    /// What to ask for so that a request of `tokens` fits the user's rate
+    /// slices of `minute`; `None` when they fit, or when the pool of that
+    /// minute was found empty for as much.
+    fn rate_shortfall(&self, user: &str, minute: i64, l: &Limits, tokens: u64) -> Option<RateAsk> {
+        let mut st = self.state.lock();
+        let s = st.entry(user.to_owned()).or_default();
+        if s.minute < minute {
+            s.start_minute(minute);
+        }
+        let minute = s.minute;
+        let requests = if l.rpm.is_some() && s.requests.saturating_add(1) > s.rate_requests {
+            1
+        } else {
+            0
+        };
+        let tokens = match l.tpm {
+            Some(_) => s
+                .tokens
+                .saturating_add(tokens)
+                .saturating_sub(s.rate_tokens),
+            None => 0,
+        };
+        if requests == 0 && tokens == 0 {
+            return None;
+        }
+        if let Some((m, no_requests, no_tokens)) = s.rate_empty {
+            if m == minute && ((requests > 0 && no_requests) || tokens >= no_tokens) {
+                return None;
+            }
+        }
+        Some(RateAsk {
+            minute,
+            rpm: l.rpm,
+            tpm: l.tpm,
+            requests,
+            tokens,
+        })
+    }
+
+    /// Adds rate grants to the user's slices of their minute.
+    fn add_rate(&self, user: &str, ask: RateAsk, requests: u64, tokens: u64) {
+        let mut st = self.state.lock();
+        let s = st.entry(user.to_owned()).or_default();
+        if s.minute < ask.minute {
+            s.start_minute(ask.minute);
+        } else if s.minute > ask.minute {
+            // A grant for a minute already over: it ends unused.
+            return;
+        }
+        s.rate_requests = s.rate_requests.saturating_add(requests);
+        s.rate_tokens = s.rate_tokens.saturating_add(tokens);
+        let no_requests = ask.requests > 0 && requests == 0;
+        let no_tokens = if ask.tokens > 0 && tokens == 0 {
+            ask.tokens
+        } else {
+            u64::MAX
+        };
+        if no_requests || no_tokens < u64::MAX {
+            s.rate_empty = Some((ask.minute, no_requests, no_tokens));
+        }
+    }
 }
 
 /// Per user: what the thread does with it on this tick.
 enum Chore {
     Refill(i128),
     GiveBack,
+    /// Rate slices for the current minute, ahead of the next request.
+    RefillRate(u64),
+    GiveBackRate(i64),
 }
 
 fn run(budgets: Weak<Budgets>, source: Arc<dyn LeaseSource>, rx: Receiver<Ask>) {
@@ -285,7 +384,6 @@ fn run(budgets: Weak<Budgets>, source: Arc<dyn LeaseSource>, rx: Receiver<Ask>) 
             let r = match b.check(&a.user, a.cost, a.tokens, a.now_ms) {
                 Err(Refusal::Unleased { .. }) if failing => Err(Away),
                 Err(Refusal::Unleased { need }) => {
-                    let over = || b.over_budget(&a.user, a.now_ms);
                     // The pool was empty just now: refused without asking
                     // again (a burst asks once).
                     let mono = leasing.mono_ms();
@@ -296,10 +394,13 @@ fn run(budgets: Weak<Budgets>, source: Arc<dyn LeaseSource>, rx: Receiver<Ask>) 
                     } else {
                         take(&b, leasing, &*source, &a.user, need)
                     };
-                    took.map(|()| match b.check(&a.user, a.cost, a.tokens, a.now_ms) {
-                        Err(Refusal::Unleased { .. }) => Err(over()),
-                        r => r,
-                    })
+                    took.and_then(|()| take_rate(&b, &*source, &a.user, a.tokens, a.now_ms))
+                        .map(|()| match b.check(&a.user, a.cost, a.tokens, a.now_ms) {
+                            Err(Refusal::Unleased { .. }) => {
+                                Err(b.short_refusal(&a.user, a.cost, a.tokens, a.now_ms))
+                            }
+                            r => r,
+                        })
                 }
                 // Covered by a grant made for an earlier ask.
                 r => Ok(r),
@@ -378,6 +479,37 @@ fn take(
     }
 }
 
+/// Asks the database for rate slices so that a request of `tokens` fits
+/// (unless it fits now, or the minute's pool was found empty for it).
+fn take_rate(
+    b: &Budgets,
+    source: &dyn LeaseSource,
+    user: &str,
+    tokens: u64,
+    now_ms: i64,
+) -> Result<(), Away> {
+    let Some((l, _)) = b.limits_of(user) else {
+        return Ok(());
+    };
+    if l.rpm.is_none() && l.tpm.is_none() {
+        return Ok(());
+    }
+    let minute = now_ms.div_euclid(60_000);
+    let Some(ask) = b.rate_shortfall(user, minute, &l, tokens) else {
+        return Ok(());
+    };
+    match source.take_rate(user, ask) {
+        Ok((requests, tokens)) => {
+            b.add_rate(user, ask, requests, tokens);
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take a rate lease");
+            Err(Away)
+        }
+    }
+}
+
 /// After a renewal: the leases renewed live on; any other this instance
 /// held has lapsed in the database, so it is not admitted against.
 fn renewed(b: &Budgets, until: i64, live: &[(String, i64)]) {
@@ -395,9 +527,11 @@ fn renewed(b: &Budgets, until: i64, live: &[(String, i64)]) {
 }
 
 /// Refills leases below their low-water mark of users still active, and
-/// gives back the unused lease of idle users.
+/// gives back the unused lease of idle users; rate slices likewise (an
+/// active user's slices of a new minute are taken as it begins).
 fn chores(b: &Budgets, leasing: &Leasing, source: &dyn LeaseSource) {
     let now_ms = crate::timestamp::now_ms();
+    let minute = now_ms.div_euclid(60_000);
     let mono = leasing.mono_ms();
     let mut work = Vec::new();
     {
@@ -405,6 +539,18 @@ fn chores(b: &Budgets, leasing: &Leasing, source: &dyn LeaseSource) {
         for (user, s) in st.iter() {
             let avail = s.avail();
             let idle = mono - s.last_check >= IDLE.as_millis() as i64;
+            if idle {
+                if s.minute == minute && (s.rate_requests > s.requests || s.rate_tokens > s.tokens)
+                {
+                    work.push((user.clone(), s.period_start, Chore::GiveBackRate(minute)));
+                }
+            } else {
+                work.push((
+                    user.clone(),
+                    s.period_start,
+                    Chore::RefillRate(s.token_need),
+                ));
+            }
             if idle {
                 if avail > 0 && s.lease_until > mono {
                     work.push((user.clone(), s.period_start, Chore::GiveBack));
@@ -419,6 +565,19 @@ fn chores(b: &Budgets, leasing: &Leasing, source: &dyn LeaseSource) {
         }
     }
     for (user, period_start, chore) in work {
+        match chore {
+            Chore::RefillRate(tokens) => {
+                if take_rate(b, source, &user, tokens, now_ms).is_err() {
+                    return;
+                }
+                continue;
+            }
+            Chore::GiveBackRate(minute) => {
+                give_back_rate(b, source, &user, minute);
+                continue;
+            }
+            _ => {}
+        }
         let current = b
             .limits_of(&user)
             .and_then(|(l, _)| l.budget.map(|_| l.period.start(now_ms)))
@@ -433,6 +592,7 @@ fn chores(b: &Budgets, leasing: &Leasing, source: &dyn LeaseSource) {
                 }
             }
             Chore::GiveBack => give_back(b, source, &user, period_start, mono),
+            Chore::RefillRate(_) | Chore::GiveBackRate(_) => {}
         }
     }
 }
@@ -459,6 +619,39 @@ fn give_back(b: &Budgets, source: &dyn LeaseSource, user: &str, period_start: i6
         if let Some(s) = st.get_mut(user) {
             if s.period_start == period_start {
                 s.granted = s.granted.saturating_add(i128::from(n));
+            }
+        }
+    }
+}
+
+/// Gives back the unused part of an idle user's rate slices of `minute`,
+/// restored if the database did not take it back.
+fn give_back_rate(b: &Budgets, source: &dyn LeaseSource, user: &str, minute: i64) {
+    let (requests, tokens) = {
+        let mut st = b.state.lock();
+        let Some(s) = st.get_mut(user) else { return };
+        if s.minute != minute {
+            return;
+        }
+        let unused = (
+            s.rate_requests.saturating_sub(s.requests),
+            s.rate_tokens.saturating_sub(s.tokens),
+        );
+        s.rate_requests -= unused.0;
+        s.rate_tokens -= unused.1;
+        s.token_need = 0;
+        unused
+    };
+    if requests == 0 && tokens == 0 {
+        return;
+    }
+    if let Err(e) = source.give_back_rate(user, minute, requests, tokens) {
+        tracing::warn!(error = %e, "cannot give back a rate lease; keeping it");
+        let mut st = b.state.lock();
+        if let Some(s) = st.get_mut(user) {
+            if s.minute == minute {
+                s.rate_requests = s.rate_requests.saturating_add(requests);
+                s.rate_tokens = s.rate_tokens.saturating_add(tokens);
             }
         }
     }

@@ -1,14 +1,14 @@
-//! Budget leases in the database (`budget_leases`, schema step 3), over a
-//! connection of their own used only by the lease thread: a grant is one
-//! call of `tollgate_lease_take`, a give-back and a renewal one statement
-//! each. The writer subtracts written records from this instance's leases
+//! Budget leases in the database (`budget_leases`, schema step 5; rate
+//! leases `rate_leases`, step 8), over a connection of their own used only
+//! by the lease thread: a grant is one call of `tollgate_lease_take` (or
+//! `tollgate_rate_take`), a give-back and a renewal one statement each. The writer subtracts written records from this instance's leases
 //! in its batch transaction (`write.rs`).
 
 use parking_lot::Mutex;
 use tokio_postgres::Client;
 
 use super::{connect, wait};
-use crate::budget::{lease, LeaseSource, Taken};
+use crate::budget::{lease, LeaseSource, RateAsk, Taken};
 use crate::config::PgUrl;
 use crate::store::StoreError;
 
@@ -86,6 +86,46 @@ impl LeaseSource for PgLeases {
         })
     }
 
+    fn take_rate(&self, user: &str, ask: RateAsk) -> Result<(u64, u64), String> {
+        let limit = |l: Option<u64>| l.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+        let need = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.with(|c| {
+            let row = wait(c.query_one(
+                "SELECT requests, tokens FROM tollgate_rate_take($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    &user,
+                    &self.instance,
+                    &ask.minute,
+                    &limit(ask.rpm),
+                    &limit(ask.tpm),
+                    &need(ask.requests),
+                    &need(ask.tokens),
+                    &lease::SHARE_DIV,
+                ],
+            ))?;
+            let part = |v: i64| u64::try_from(v).unwrap_or(0);
+            Ok((part(row.try_get(0)?), part(row.try_get(1)?)))
+        })
+    }
+
+    fn give_back_rate(
+        &self,
+        user: &str,
+        minute: i64,
+        requests: u64,
+        tokens: u64,
+    ) -> Result<(), String> {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.with(|c| {
+            wait(c.execute(
+                "UPDATE rate_leases SET requests = requests - $4, tokens = tokens - $5
+                 WHERE username = $1 AND instance = $2 AND minute = $3",
+                &[&user, &self.instance, &minute, &n(requests), &n(tokens)],
+            ))?;
+            Ok(())
+        })
+    }
+
     fn release_all(&self) -> Result<(), String> {
         self.with(|c| {
             wait(c.execute(
@@ -103,10 +143,17 @@ impl LeaseSource for PgLeases {
                  WHERE instance = $1 AND expires_at > now() RETURNING username, period_start",
                 &[&self.instance, &ttl_ms()],
             ))?;
-            // Lapsed leases of any instance, long past mattering.
+            // Lapsed leases of any instance, long past mattering. Rate
+            // slices are kept to the end of their minute: what they admitted
+            // counts until then (also after a stop).
             wait(c.execute(
                 "DELETE FROM budget_leases WHERE expires_at < now() - interval '10 minutes'",
                 &[],
+            ))?;
+            let minute = crate::timestamp::now_ms().div_euclid(60_000);
+            wait(c.execute(
+                "DELETE FROM rate_leases WHERE minute < $1",
+                &[&(minute - 1)],
             ))?;
             rows.iter()
                 .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))

@@ -61,6 +61,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         what: "records name the upstream that served them",
         sql: SCHEMA_V7,
     },
+    Migration {
+        version: 8,
+        what: "rate leases: each instance's slice of a user's requests and tokens per minute",
+        sql: SCHEMA_V8,
+    },
 ];
 
 /// The version this build brings a database to.
@@ -310,6 +315,58 @@ BEGIN
             amount = CASE WHEN reset THEN excluded.amount ELSE l.amount + excluded.amount END,
             period_start = excluded.period_start,
             expires_at = excluded.expires_at;
+END
+$$;
+";
+
+/// Rate leases (`budget::lease`): a row is one instance's slice of one
+/// user's requests and tokens in one calendar minute. Unlike budget leases
+/// nothing is settled into them: a slice counts as used for its whole
+/// minute (less what an idle instance gives back), so the sum of slices of
+/// a minute is what all instances may admit in it, and a killed instance's
+/// slice ends with its minute. `tollgate_rate_take` sizes each part as
+/// `tollgate_lease_take` does, under the same kind of per-user lock; a part
+/// not asked for (`need` 0) or without a limit (`NULL`) grants nothing.
+const SCHEMA_V8: &str = "
+CREATE TABLE rate_leases (
+    username text   NOT NULL,
+    instance text   NOT NULL,
+    minute   bigint NOT NULL,
+    requests bigint NOT NULL,
+    tokens   bigint NOT NULL,
+    PRIMARY KEY (username, minute, instance)
+);
+CREATE FUNCTION tollgate_rate_part(p_limit bigint, p_used numeric, p_need bigint,
+        p_div bigint, p_holders bigint) RETURNS bigint
+    LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN p_limit IS NULL OR p_need <= 0 OR p_limit - p_used < p_need THEN 0
+        ELSE least(p_limit - p_used,
+                   greatest(p_need, floor((p_limit - p_used) / (p_div * p_holders))))::bigint
+    END
+$$;
+CREATE FUNCTION tollgate_rate_take(p_user text, p_instance text, p_minute bigint,
+        p_rpm bigint, p_tpm bigint, p_need_requests bigint, p_need_tokens bigint,
+        p_div bigint, OUT requests bigint, OUT tokens bigint)
+    LANGUAGE plpgsql AS $$
+DECLARE
+    v_requests numeric;
+    v_tokens   numeric;
+    v_others   bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('tollgate_rate:' || p_user, 0));
+    DELETE FROM rate_leases WHERE username = p_user AND minute < p_minute;
+    SELECT coalesce(sum(greatest(l.requests, 0)), 0), coalesce(sum(greatest(l.tokens, 0)), 0),
+           count(*) FILTER (WHERE l.instance <> p_instance)
+        INTO v_requests, v_tokens, v_others
+        FROM rate_leases l WHERE l.username = p_user AND l.minute = p_minute;
+    requests := tollgate_rate_part(p_rpm, v_requests, p_need_requests, p_div, v_others + 1);
+    tokens := tollgate_rate_part(p_tpm, v_tokens, p_need_tokens, p_div, v_others + 1);
+    INSERT INTO rate_leases AS l (username, instance, minute, requests, tokens)
+        VALUES (p_user, p_instance, p_minute, requests, tokens)
+        ON CONFLICT (username, minute, instance) DO UPDATE SET
+            requests = l.requests + excluded.requests,
+            tokens = l.tokens + excluded.tokens;
 END
 $$;
 ";
