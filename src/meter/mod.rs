@@ -7,6 +7,7 @@
 //! - `sse`, `json`: usage and model of SSE and plain JSON answers.
 //! - `multipart`: the `model` of a multipart upload.
 //! - `upload`: what a streamed upload reports while it passes.
+//! - `tools`: the built-in tool calls of a Responses answer.
 //! - `scan`, `window`: the byte-level JSON scanning and the bounded
 //!   window the answer scanners share.
 
@@ -27,11 +28,12 @@ mod multipart;
 mod request;
 mod scan;
 mod sse;
+mod tools;
 mod upload;
 mod window;
 
 pub use image::{parse_image_request, ImageRequest};
-pub use json::{parse_usage, JsonScanner};
+pub use json::{parse_seconds, parse_usage, JsonScanner};
 pub(crate) use multipart::find_multipart_model;
 pub use request::{
     parse_request, splice_include_usage, RequestError, RequestInfo, MAX_ANSWER_TOKENS, MAX_CHOICES,
@@ -51,6 +53,9 @@ pub struct Found {
     pub done: bool,
     /// The service tier the answer says it was processed in.
     pub tier: Option<crate::pricing::Tier>,
+    /// Counts priced per unit that the answer reports: built-in tool calls
+    /// and a transcription's seconds.
+    pub units: crate::pricing::Units,
 }
 
 /// How the answer body is read.
@@ -78,6 +83,9 @@ pub struct Meter {
     upload: Option<Arc<Upload>>,
     /// Where the costs of image and audio requests are learnt.
     recent: Option<Arc<RecentCosts>>,
+    /// The images an image request asked for, priced per image when the
+    /// answer reports no tokens (dall-e-2, dall-e-3).
+    images: Option<crate::pricing::Units>,
 }
 
 impl Meter {
@@ -106,7 +114,14 @@ impl Meter {
             observer: Observer::Ignore,
             upload: None,
             recent: None,
+            images: None,
         }
+    }
+
+    /// The images asked for (`n`, `size`, `quality`): the price when the
+    /// answer reports no tokens.
+    pub fn per_image(&mut self, units: crate::pricing::Units) {
+        self.images = Some(units);
     }
 
     /// The request's body streams: its model may be read from it as it passes.
@@ -251,8 +266,25 @@ impl Meter {
             );
             rec.estimated = true;
         }
+        rec.units.tools = found.units.tools;
+        rec.units.seconds = found.units.seconds;
+        let image_api = matches!(self.endpoint, Endpoint::Images | Endpoint::ImageUpload);
         match found.usage.filter(Usage::is_plausible) {
-            Some(u) => rec.usage = u,
+            Some(mut u) => {
+                // Image APIs' output tokens are image tokens unless split.
+                if image_api && u.image_answer == 0 {
+                    u.image_answer = u.answer.saturating_sub(u.audio_answer);
+                }
+                rec.usage = u;
+            }
+            // An image model priced per image: its answer has no usage.
+            None if image_api && matches!(rec.status, 200..=299) && broken.is_none() => {
+                if let Some(i) = self.images {
+                    rec.units.images = i.images;
+                    rec.units.image_size = i.image_size;
+                    rec.units.image_quality = i.image_quality;
+                }
+            }
             None if self.should_estimate(rec.status) => {
                 rec.estimate = Some(Box::new(Estimate {
                     endpoint: self.endpoint,

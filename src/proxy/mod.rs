@@ -365,6 +365,14 @@ impl Ctx {
         if let Some(u) = &self.upload {
             meter.upload(u.clone());
         }
+        if let Some(i) = &r.image {
+            meter.per_image(crate::pricing::Units {
+                images: i.n,
+                image_size: i.size.as_deref().and_then(crate::pricing::units::parse_size),
+                image_quality: i.quality.as_deref().and_then(crate::pricing::Quality::parse),
+                ..Default::default()
+            });
+        }
         if matches!(
             self.endpoint,
             Endpoint::Images | Endpoint::ImageUpload | Endpoint::Audio
@@ -419,6 +427,8 @@ fn observer_for(endpoint: Endpoint, h: &HeaderMap, strip: bool) -> Observer {
         .unwrap_or("");
     if content_type.starts_with("text/event-stream") {
         Observer::Sse(SseScanner::new(endpoint.stream_kind(), strip))
+    } else if content_type.contains("json") && endpoint == Endpoint::Responses {
+        Observer::Json(JsonScanner::with_tools())
     } else if content_type.contains("json") {
         Observer::Json(JsonScanner::default())
     } else {
