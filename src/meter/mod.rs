@@ -32,7 +32,7 @@ mod tools;
 mod upload;
 mod window;
 
-pub use image::{parse_image_request, ImageRequest};
+pub use image::{parse_image_request, parse_speech_request, ImageRequest, SpeechRequest};
 pub use json::{parse_seconds, parse_usage, JsonScanner};
 pub(crate) use multipart::find_multipart_model;
 pub use request::{
@@ -86,6 +86,8 @@ pub struct Meter {
     /// The images an image request asked for, priced per image when the
     /// answer reports no tokens (dall-e-2, dall-e-3).
     images: Option<crate::pricing::Units>,
+    /// Characters of a speech request's input.
+    speech: Option<u64>,
 }
 
 impl Meter {
@@ -115,7 +117,14 @@ impl Meter {
             upload: None,
             recent: None,
             images: None,
+            speech: None,
         }
+    }
+
+    /// A speech request of so many input characters: priced by them where
+    /// the model has a per-character price, else by its estimated tokens.
+    pub fn speech(&mut self, characters: u64) {
+        self.speech = Some(characters);
     }
 
     /// The images asked for (`n`, `size`, `quality`): the price when the
@@ -291,6 +300,24 @@ impl Meter {
                     request_body: std::mem::take(&mut self.request_body),
                     capture: capture.filter(|c: &Capture| !c.bytes.is_empty()),
                 }));
+            }
+            // Speech: audio, no usage.
+            None if self.endpoint == Endpoint::Speech && matches!(rec.status, 200..=299) => {
+                let prices = self.store.prices();
+                let per_char = prices
+                    .lookup(&rec.model, &rec.requested_model, rec.started_ms)
+                    .is_some_and(|(_, p)| p.unit.is_some());
+                if per_char {
+                    rec.units.characters = self.speech.unwrap_or(0);
+                } else {
+                    // Token-priced speech: the input's tokens, estimated
+                    // (the audio it became is not counted).
+                    rec.estimate = Some(Box::new(Estimate {
+                        endpoint: self.endpoint,
+                        request_body: std::mem::take(&mut self.request_body),
+                        capture: None,
+                    }));
+                }
             }
             // No tokens to count (an upstream error, a model list, ...).
             None => {}
