@@ -263,7 +263,10 @@ async fn client_leaving_before_the_head_finish_records_the_real_usage() {
     // clientAborted, then the (empty) tags, then the upstream, then no
     // image tokens, image or tool costs and units.
     assert!(
-        csv.lines().nth(1).unwrap().ends_with(",true,,default,0,0,0,0,0,"),
+        csv.lines()
+            .nth(1)
+            .unwrap()
+            .ends_with(",true,,default,0,0,0,0,0,"),
         "{csv}"
     );
 }

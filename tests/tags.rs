@@ -115,7 +115,11 @@ async fn tags_are_recorded_and_never_forwarded() {
         "{}",
         lines[1]
     );
-    assert!(lines[2].ends_with(",false,,default,0,0,0,0,0,"), "{}", lines[2]);
+    assert!(
+        lines[2].ends_with(",false,,default,0,0,0,0,0,"),
+        "{}",
+        lines[2]
+    );
     // /queries filters by tag too.
     assert_eq!(p.queries("tag=team=search").await.len(), 1);
     assert_eq!(p.queries("tag=urgent").await.len(), 1);

@@ -537,11 +537,7 @@ pub fn record_csv(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdown
     if let Some(u) = &r.upstream {
         push_csv(out, u);
     }
-    let _ = write!(
-        out,
-        ",{},{}",
-        r.image_query_tokens, r.image_answer_tokens
-    );
+    let _ = write!(out, ",{},{}", r.image_query_tokens, r.image_answer_tokens);
     for v in [parts.image_input, parts.image_output, parts.tool] {
         out.push(',');
         push_dollars(out, v);

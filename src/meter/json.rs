@@ -54,7 +54,11 @@ pub fn parse_usage(obj: &[u8]) -> Option<Usage> {
         &u.input_tokens_details,
         &u.input_token_details,
     ];
-    let output = [&u.completion_tokens_details, &u.output_tokens_details, &None];
+    let output = [
+        &u.completion_tokens_details,
+        &u.output_tokens_details,
+        &None,
+    ];
     let find = |ds: [&Option<Details>; 3], f: fn(&Details) -> Option<u64>| {
         ds.into_iter().flatten().find_map(f).unwrap_or(0)
     };

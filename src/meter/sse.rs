@@ -8,11 +8,11 @@ use bytes::Bytes;
 use memchr::memmem::Finder;
 
 use super::json::{parse_seconds, parse_usage};
-use super::tools::ToolCounter;
 use super::scan::{
     choices_empty, find_model, find_tier, find_usage_object, skip_string, value_after_key,
     ERROR_KEY,
 };
+use super::tools::ToolCounter;
 use super::window::Window;
 use super::Found;
 use crate::endpoint::StreamKind;

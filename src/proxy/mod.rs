@@ -385,8 +385,14 @@ impl Ctx {
         if let Some(i) = &r.image {
             meter.per_image(crate::pricing::Units {
                 images: i.n,
-                image_size: i.size.as_deref().and_then(crate::pricing::units::parse_size),
-                image_quality: i.quality.as_deref().and_then(crate::pricing::Quality::parse),
+                image_size: i
+                    .size
+                    .as_deref()
+                    .and_then(crate::pricing::units::parse_size),
+                image_quality: i
+                    .quality
+                    .as_deref()
+                    .and_then(crate::pricing::Quality::parse),
                 ..Default::default()
             });
         }
