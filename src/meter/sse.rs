@@ -39,7 +39,9 @@ pub struct SseScanner {
     /// What has been found so far.
     pub found: Found,
     /// Tool calls of the `response.output_item.done` events so far.
-    items_done: ToolCounter,
+    /// Boxed, and only for streams that have such events: the scanner
+    /// stays small for all the others.
+    items_done: Option<Box<ToolCounter>>,
     /// Text kept for estimation.
     pub capture: Capture,
 }
@@ -54,7 +56,7 @@ impl SseScanner {
             event: Window::new(EVENT_HEAD, EVENT_TAIL),
             held: Vec::new(),
             found: Found::default(),
-            items_done: ToolCounter::default(),
+            items_done: None,
             capture: Capture::default(),
         }
     }
@@ -282,10 +284,11 @@ impl SseScanner {
     fn count_tools(&mut self, parts: &[&[u8]], item_done: bool) {
         let counts = if item_done {
             // Each item's own event: a tally across them (containers stay distinct).
+            let tally = self.items_done.get_or_insert_with(Box::default);
             for p in parts {
-                self.items_done.add(p);
+                tally.add(p);
             }
-            self.items_done.counts()
+            tally.counts()
         } else {
             let mut c = ToolCounter::default();
             for p in parts {

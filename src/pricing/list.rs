@@ -264,6 +264,57 @@ mod tests {
     }
 
     #[test]
+    fn tsv_rows_of_15_columns_carry_image_and_unit_prices() {
+        let l = parse_tsv(
+            "gpt-image-1 5 1.25 40 - - - - - - - - 10 40 -\ndall-e-3/1024x1024/standard 0 - 0 - - - - - - - - - - 0.04\nwhisper-1 0 - 0 - - - - - - - - - - 0.0001\n",
+        )
+        .unwrap();
+        assert_eq!(l[0].1.image_query, Some(10 * PICO_PER_1M));
+        assert_eq!(l[0].1.image_answer, Some(40 * PICO_PER_1M));
+        assert_eq!(l[0].1.unit, None);
+        // The unit column is USD per unit, not per 1M.
+        assert_eq!(l[1].1.unit, Some(40_000_000_000));
+        assert_eq!(l[2].1.unit, Some(100_000_000));
+        let mut t = PriceTable::default();
+        for (m, p) in &l {
+            t.insert(m, *p);
+        }
+        let text = export_tsv(&t, 1);
+        assert!(
+            text.contains(
+                "dall-e-3/1024x1024/standard\t0\t-\t0\t-\t-\t-\t-\t-\t-\t-\t-\t-\t-\t0.04\n"
+            ),
+            "{text}"
+        );
+        // Exported sorted by model.
+        let mut sorted = l.clone();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(parse_tsv(&text).unwrap(), sorted);
+        for bad in [
+            "m 1 - 2 - - - - - - - - - -",
+            "m 1 - 2 - - - - - - - - - - x",
+        ] {
+            assert!(parse_tsv(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn litellm_per_second_and_per_character_prices_are_unit_prices() {
+        let map = r#"{
+          "whisper-1": {"input_cost_per_second": 0.0001, "output_cost_per_second": 0.0001, "litellm_provider": "openai", "mode": "audio_transcription"},
+          "tts-1": {"input_cost_per_character": 1.5e-05, "litellm_provider": "openai", "mode": "audio_speech"},
+          "gpt-image-1": {"input_cost_per_token": 5e-06, "output_cost_per_token": 4e-05, "input_cost_per_image_token": 1e-05, "output_cost_per_image_token": 4e-05, "litellm_provider": "openai"}
+        }"#;
+        let l = parse(map).unwrap();
+        let get = |m: &str| l.iter().find(|(n, _)| n == m).unwrap().1;
+        assert_eq!(get("whisper-1").unit, Some(100_000_000));
+        assert_eq!(get("whisper-1").query, 0);
+        assert_eq!(get("tts-1").unit, Some(15_000_000));
+        assert_eq!(get("gpt-image-1").image_query, Some(10_000_000));
+        assert_eq!(get("gpt-image-1").image_answer, Some(40_000_000));
+    }
+
+    #[test]
     fn the_bundled_list_reads_and_exports_back_to_itself() {
         let mut t = PriceTable::default();
         for (m, p) in super::super::default_prices() {
