@@ -506,3 +506,74 @@ async fn budgets_settle_on_tool_costs() {
     assert_eq!(spent().await, want);
     assert_eq!(mock.seen().len(), admitted);
 }
+
+/// Image and unit prices set through the API: `per1MImage...Tokens` and
+/// `perUnit` (here a tool's own row, which wins for every model without a
+/// family row), shown back by `GET /model/{name}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_and_unit_prices_are_set_through_the_api() {
+    let mock = invoice_mock().await;
+    let proxy = Proxy::start(&mock.url()).await;
+    let r = proxy
+        .set_price(
+            "gpt-image-1",
+            r#"{"validFrom":"2020-01-01T00:00:00Z","per1MQueryTokens":4,"per1MAnswerTokens":30,"per1MImageQueryTokens":8,"per1MImageAnswerTokens":32}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    for (model, body) in [
+        (
+            "gpt-5",
+            r#"{"validFrom":"2020-01-01T00:00:00Z","per1MQueryTokens":1,"per1MAnswerTokens":10}"#,
+        ),
+        (
+            "web_search_call",
+            r#"{"validFrom":"2020-01-01T00:00:00Z","per1MQueryTokens":0,"per1MAnswerTokens":0,"perUnit":0.02}"#,
+        ),
+        (
+            "code_interpreter_call",
+            r#"{"validFrom":"2020-01-01T00:00:00Z","per1MQueryTokens":0,"per1MAnswerTokens":0,"perUnit":0.05}"#,
+        ),
+        (
+            "image_generation_call",
+            r#"{"validFrom":"2020-01-01T00:00:00Z","per1MQueryTokens":0,"per1MAnswerTokens":0,"perUnit":0.1}"#,
+        ),
+    ] {
+        let r = proxy.set_price(model, body).await;
+        assert_eq!(r.status, 200, "{model}: {}", r.text());
+    }
+    let shown = proxy.get("/model/web_search_call").await.text();
+    assert!(shown.contains(r#""perUnit":0.02"#), "{shown}");
+    let shown = proxy.get("/model/gpt-image-1").await.text();
+    assert!(shown.contains(r#""per1MImageAnswerTokens":32"#), "{shown}");
+    let r = proxy
+        .set_price(
+            "x",
+            r#"{"validFrom":"2020-01-01T00:00:00Z","per1MQueryTokens":0,"per1MAnswerTokens":0,"perUnit":-1}"#,
+        )
+        .await;
+    assert_openai_error(&r, 400, "invalid_request_error", Some("perUnit"), None);
+
+    let img = post(
+        "/v1/images/generations",
+        "ann",
+        json!({"model": "gpt-image-1", "prompt": "a cat", "x_case": "image"}),
+    );
+    assert_eq!(send(proxy.addr, img).await.status, 200);
+    let tools = post(
+        "/v1/responses",
+        "ann",
+        json!({"model": "gpt-5", "input": "x", "x_case": "tools_stream", "stream": true}),
+    );
+    assert_eq!(send(proxy.addr, tools).await.status, 200);
+    proxy.wait_records(2).await;
+    let raw = proxy.queries_raw("").await;
+    // 40 x $4 + 10 x $8 + 4160 x $32 per 1M.
+    assert_eq!(raw[0]["inputCost"], "0.00016");
+    assert_eq!(raw[0]["imageInputCost"], "0.00008");
+    assert_eq!(raw[0]["imageOutputCost"], "0.13312");
+    assert_eq!(raw[0]["cost"], "0.13336");
+    // 1000 x $1 + 100 x $10 per 1M, then 0.02 + 0.05 + 0.1 of tools.
+    assert_eq!(raw[1]["toolCost"], "0.17");
+    assert_eq!(raw[1]["cost"], "0.172");
+}
