@@ -87,11 +87,11 @@ async fn invoice_mock() -> Mock {
                 "gpt-4o-2024-08-06",
                 &[WEB, WEB, FILE, MESSAGE],
             )),
-            // A generated image far larger than the windows usage is read
-            // from, with a call after it.
+            // Generated images far larger than the windows usage is read
+            // from, with a call between them: in neither window.
             "tools_big" => {
                 let img = image_call(3 << 20);
-                Reply::json(response("gpt-5", &[&img, WEB, MESSAGE]))
+                Reply::json(response("gpt-5", &[&img, WEB, &img, MESSAGE]))
             }
             "tools_stream" => {
                 let img = image_call(16);
@@ -261,17 +261,17 @@ fn cases() -> Vec<Case> {
             ],
         },
         // gpt-5: 1000 x $1.25 + 100 x $10 per 1M; one web search at the
-        // generic $10/1K, one image generation call at $0.042, counted past
-        // a 3 MiB image.
+        // generic $10/1K, two image generation calls at $0.042, the search
+        // and the second image 3 MiB into the answer.
         Case {
-            what: "Responses JSON, a call after a large image",
+            what: "Responses JSON, calls between large images",
             req: resp("gpt-5", "tools_big", false),
             expect: vec![
                 ("inputCost", "0.00125"),
                 ("outputCost", "0.001"),
-                ("toolCost", "0.052"),
-                ("cost", "0.05425"),
-                ("units", r#""web_search_call=1 image_generation_call=1""#),
+                ("toolCost", "0.094"),
+                ("cost", "0.09625"),
+                ("units", r#""web_search_call=1 image_generation_call=2""#),
             ],
         },
         // Streamed: one web search ($0.01), two code interpreter calls in
@@ -406,8 +406,8 @@ async fn images_tools_transcriptions_and_speech_are_priced_per_part() {
     assert_eq!(usage["numQueries"], (n + 1).to_string());
     let ann = proxy.usage_raw("user=ann").await;
     assert_eq!(pico(&ann["cost"]), total);
-    // Known figure: the cases above add up to $0.861175.
-    assert_eq!(total, pico("0.861175"));
+    // Known figure: the cases above add up to $0.903175.
+    assert_eq!(total, pico("0.903175"));
 
     // The CSV shows the same parts and units.
     let csv = proxy.get("/queries?format=csv").await.text();
