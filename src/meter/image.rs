@@ -1,6 +1,8 @@
 //! The fields of an image generation request that its budget reservation
-//! depends on (`model`, `n`, `size`, `quality`, `partial_images`, `stream`),
-//! read from its JSON body without re-serializing it.
+//! and per-image price depend on (`model`, `n`, `size`, `quality`,
+//! `partial_images`, `stream`), and of a speech request its price depends
+//! on (`model`, the characters of `input`), read from their JSON bodies
+//! without re-serializing them.
 
 use serde::Deserialize;
 use serde_json::Value;

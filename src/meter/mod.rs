@@ -3,7 +3,7 @@
 //! [`Record`], submitted exactly once.
 //!
 //! - `request`: the request fields and the `include_usage` splice.
-//! - `image`: the fields of an image generation request.
+//! - `image`: the fields of an image generation request and of a speech request.
 //! - `sse`, `json`: usage and model of SSE and plain JSON answers.
 //! - `multipart`: the `model` of a multipart upload.
 //! - `upload`: what a streamed upload reports while it passes.
