@@ -21,6 +21,9 @@ pub enum Endpoint {
     /// `POST /v1/audio/transcriptions` and `/v1/audio/translations`:
     /// multipart uploads, streamed; answers may carry usage.
     Audio,
+    /// `POST /v1/audio/speech`: a small JSON body, read whole (its `input`
+    /// is what speech is priced by); the answer is audio without usage.
+    Speech,
     /// Everything else under `/v1/`: streamed through, recorded with zero tokens.
     Other,
 }
@@ -38,6 +41,7 @@ impl Endpoint {
             "/v1/embeddings" => Endpoint::Embeddings,
             "/v1/audio/transcriptions" | "/v1/audio/translations" => Endpoint::Audio,
             "/v1/images/generations" => Endpoint::Images,
+            "/v1/audio/speech" => Endpoint::Speech,
             "/v1/images/edits" | "/v1/images/variations" => Endpoint::ImageUpload,
             _ => Endpoint::Other,
         }
@@ -54,7 +58,7 @@ impl Endpoint {
     /// Whether the request body is read whole (within `--max-body`) before
     /// the request is admitted; every other body streams through.
     pub fn reads_body(self) -> bool {
-        self.needs_model() || self == Endpoint::Images
+        self.needs_model() || matches!(self, Endpoint::Images | Endpoint::Speech)
     }
 
     /// Whether the request body is an upload streamed through unread, whose

@@ -50,7 +50,9 @@
 //!   threads, the backend-neutral traits; [`store::sqlite`] (the default)
 //!   and [`store::postgres`] (several instances on one database) implement them.
 //! - [`tokens`]: tiktoken estimates for answers without usage, off the request path.
-//! - [`pricing`]: exact integer prices and costs, the model lookup chain, the built-in list.
+//! - [`pricing`]: exact integer prices and costs, the model lookup chain, the
+//!   built-in list, and what is priced per unit (images, tool calls, audio
+//!   seconds, speech characters).
 //! - [`reconcile`]: OpenAI's Costs API per day and model beside tollgate's
 //!   own costs (`tollgate reconcile`, `GET /reconcile`).
 //! - [`api`]: the REST API by resource (prices, reports, accounts, limits,

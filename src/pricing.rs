@@ -7,6 +7,9 @@
 use std::collections::HashMap;
 
 pub mod list;
+pub mod units;
+
+pub use units::{Quality, Tool, Units};
 
 /// Pico-dollars in one dollar.
 pub const PICO_PER_DOLLAR: i128 = 1_000_000_000_000;
@@ -82,6 +85,14 @@ pub struct Price {
     pub audio_query: Option<i64>,
     /// Pico-dollars per audio completion token; `None`: the answer price.
     pub audio_answer: Option<i64>,
+    /// Pico-dollars per image prompt token; `None`: the query price.
+    pub image_query: Option<i64>,
+    /// Pico-dollars per image output token; `None`: the answer price.
+    pub image_answer: Option<i64>,
+    /// Pico-dollars per unit of what the row prices by unit: per second of
+    /// audio (whisper-1), per character (tts-1), per image (a rule row
+    /// `dall-e-3/1024x1024/standard`) or per tool call (`web_search_call`).
+    pub unit: Option<i64>,
 }
 
 /// Tokens of one request, as priced.
@@ -97,8 +108,14 @@ pub struct Tokens {
     pub audio_query: u64,
     /// The audio subset of `answer`.
     pub audio_answer: u64,
+    /// The image subset of `query` (uncached image input, as priced).
+    pub image_query: u64,
+    /// The image subset of `answer`.
+    pub image_answer: u64,
     /// The service tier the request was processed in, if known.
     pub tier: Option<Tier>,
+    /// What is priced per unit (images, tool calls, seconds, characters).
+    pub units: Units,
 }
 
 /// A cost split into the parts a price list names, pico-dollars each; the
@@ -115,6 +132,12 @@ pub struct Breakdown {
     pub audio_input: i64,
     /// Audio completion tokens.
     pub audio_output: i64,
+    /// Image prompt tokens.
+    pub image_input: i64,
+    /// Image output tokens, or images priced per image.
+    pub image_output: i64,
+    /// Built-in tool calls, priced per call.
+    pub tool: i64,
     /// The tier whose own rates were applied (`None`: standard rates).
     pub tier: Option<Tier>,
     /// What the tier's rates changed against the standard ones (negative
@@ -130,6 +153,9 @@ impl Breakdown {
             .saturating_add(self.output)
             .saturating_add(self.audio_input)
             .saturating_add(self.audio_output)
+            .saturating_add(self.image_input)
+            .saturating_add(self.image_output)
+            .saturating_add(self.tool)
     }
 }
 
@@ -166,10 +192,10 @@ impl Price {
         }
     }
 
-    /// The optional rates as eight nullable columns, as both backends
+    /// The optional rates as eleven nullable columns, as both backends
     /// store them: flex query, cached, answer, then priority's, then audio
-    /// query and answer.
-    pub fn extra_columns(&self) -> [Option<i64>; 8] {
+    /// query and answer, image query and answer, and the unit rate.
+    pub fn extra_columns(&self) -> [Option<i64>; 11] {
         let cols = |r: Option<Rates>| match r {
             Some(r) => [Some(r.query), r.cached, Some(r.answer)],
             None => [None; 3],
@@ -184,14 +210,20 @@ impl Price {
             p[2],
             self.audio_query,
             self.audio_answer,
+            self.image_query,
+            self.image_answer,
+            self.unit,
         ]
     }
 
     /// Sets the optional rates from [`Price::extra_columns`]' layout; a
     /// tier without both its query and answer rate has none.
-    pub fn with_extra_columns(mut self, c: [Option<i64>; 8]) -> Price {
+    pub fn with_extra_columns(mut self, c: [Option<i64>; 11]) -> Price {
         self.audio_query = c[6];
         self.audio_answer = c[7];
+        self.image_query = c[8];
+        self.image_answer = c[9];
+        self.unit = c[10];
         let rates = |q: Option<i64>, cached, a: Option<i64>| {
             Some(Rates {
                 query: q?,
@@ -204,42 +236,60 @@ impl Price {
         self
     }
 
-    /// The cost split by part: text (query - cached - audio) x query,
-    /// cached x cached, audio x audio query, (answer - audio) x answer and
-    /// audio x audio answer; text and cached tokens at the tier's rates.
+    /// The cost split by part: text (query - cached - audio - image) x
+    /// query, cached x cached, audio x audio query, image x image query,
+    /// (answer - audio - image) x answer, audio x audio answer and image x
+    /// image answer; text and cached tokens at the tier's rates. Seconds
+    /// (an audio input) and characters (a text input) at the row's unit
+    /// rate; the other units are priced by their own rows
+    /// ([`PriceTable::breakdown`]).
     pub fn breakdown(&self, t: Tokens) -> Breakdown {
         let cached = t.cached.min(t.query);
         let audio_in = t.audio_query.min(t.query - cached);
+        let image_in = t.image_query.min(t.query - cached - audio_in);
         let audio_out = t.audio_answer.min(t.answer);
+        let image_out = t.image_answer.min(t.answer - audio_out);
+        let unit = self.unit.unwrap_or(0);
         let parts = |r: &Rates| {
             (
-                clamp(times(t.query - cached - audio_in, r.query)),
+                clamp(times(t.query - cached - audio_in - image_in, r.query))
+                    .saturating_add(clamp(times(t.units.characters, unit))),
                 clamp(times(cached, r.cached.unwrap_or(r.query))),
-                clamp(times(t.answer - audio_out, r.answer)),
+                clamp(times(t.answer - audio_out - image_out, r.answer)),
+            )
+        };
+        // Audio and image rates have no tier variants: the same in both sums.
+        let media = |r: &Rates| {
+            (
+                clamp(times(audio_in, self.audio_query.unwrap_or(r.query)))
+                    .saturating_add(clamp(times(t.units.seconds, unit))),
+                clamp(times(audio_out, self.audio_answer.unwrap_or(r.answer))),
+                clamp(times(image_in, self.image_query.unwrap_or(r.query))),
+                clamp(times(image_out, self.image_answer.unwrap_or(r.answer))),
             )
         };
         let (rates, tier) = self.rates(t.tier);
         let (input, cached_input, output) = parts(&rates);
+        let (audio_input, audio_output, image_input, image_output) = media(&rates);
         let mut b = Breakdown {
             input,
             cached_input,
             output,
-            audio_input: clamp(times(audio_in, self.audio_query.unwrap_or(rates.query))),
-            audio_output: clamp(times(audio_out, self.audio_answer.unwrap_or(rates.answer))),
+            audio_input,
+            audio_output,
+            image_input,
+            image_output,
+            tool: 0,
             tier,
             tier_adjustment: 0,
         };
         if tier.is_some() {
-            let (i, c, o) = parts(&self.standard());
             let s = self.standard();
-            let standard = i
-                .saturating_add(c)
-                .saturating_add(o)
-                .saturating_add(clamp(times(audio_in, self.audio_query.unwrap_or(s.query))))
-                .saturating_add(clamp(times(
-                    audio_out,
-                    self.audio_answer.unwrap_or(s.answer),
-                )));
+            let (i, c, o) = parts(&s);
+            let (ai, ao, ii, io) = media(&s);
+            let standard = [c, o, ai, ao, ii, io]
+                .into_iter()
+                .fold(i, i64::saturating_add);
             b.tier_adjustment = b.total().saturating_sub(standard);
         }
         b
@@ -316,7 +366,11 @@ impl PriceTable {
         (b.total(), priced)
     }
 
-    /// The cost split by part, and whether a price was found.
+    /// The cost split by part, and whether a price was found: for the
+    /// tokens (and seconds or characters) the model's row, for images
+    /// priced per image a rule row `MODEL/SIZE/QUALITY` (or `MODEL/SIZE`),
+    /// for tool calls a row `TOOL/MODEL` (or `TOOL`). A count without a
+    /// price leaves the whole record unpriced.
     pub fn breakdown(
         &self,
         answered: &str,
@@ -324,17 +378,65 @@ impl PriceTable {
         at_ms: i64,
         t: Tokens,
     ) -> (Breakdown, bool) {
+        let u = t.units;
         // Nothing to price (model lists, files, ...): free, and not "unpriced".
-        if t.query == 0 && t.answer == 0 {
+        if t.query == 0 && t.answer == 0 && u.is_empty() {
             return (Breakdown::default(), true);
         }
         let direct = self
             .valid(answered, at_ms)
             .or_else(|| self.valid(requested, at_ms));
-        match direct.or_else(|| self.lookup(answered, requested, at_ms).map(|(_, p)| p)) {
-            Some(p) => (p.breakdown(t), true),
-            None => (Breakdown::default(), false),
+        let row = direct.or_else(|| self.lookup(answered, requested, at_ms).map(|(_, p)| p));
+        let by_row = t.query > 0 || t.answer > 0 || u.seconds > 0 || u.characters > 0;
+        let mut b = match row {
+            Some(p) if (u.seconds == 0 && u.characters == 0) || p.unit.is_some() => p.breakdown(t),
+            _ if by_row => return (Breakdown::default(), false),
+            _ => Breakdown::default(),
+        };
+        if u.images > 0 {
+            let Some(rate) = self.per_image(answered, requested, at_ms, &u) else {
+                return (Breakdown::default(), false);
+            };
+            b.image_output = b.image_output.saturating_add(clamp(times(u.images, rate)));
         }
+        for tool in Tool::ALL {
+            let n = u.tool(tool);
+            if n == 0 {
+                continue;
+            }
+            let Some(rate) = self.tool_rate(tool, answered, requested, at_ms) else {
+                return (Breakdown::default(), false);
+            };
+            b.tool = b.tool.saturating_add(clamp(times(n, rate)));
+        }
+        (b, true)
+    }
+
+    /// The unit rate of the row `name` valid at `at_ms`.
+    fn unit_rate(&self, name: &str, at_ms: i64) -> Option<i64> {
+        self.valid(name, at_ms).and_then(|p| p.unit)
+    }
+
+    /// The price of one image: the rule for the model (through the lookup
+    /// chain), size and quality; a request without them gets the
+    /// defaults, 1024x1024 and `standard`.
+    fn per_image(&self, answered: &str, requested: &str, at_ms: i64, u: &Units) -> Option<i64> {
+        let (w, h) = u.image_size.unwrap_or((1024, 1024));
+        let q = u.image_quality.unwrap_or(Quality::Standard).as_str();
+        candidates(answered, requested).into_iter().find_map(|m| {
+            self.unit_rate(&format!("{m}/{w}x{h}/{q}"), at_ms)
+                .or_else(|| self.unit_rate(&format!("{m}/{w}x{h}"), at_ms))
+        })
+    }
+
+    /// The price of one tool call: the tool's row for the model (through
+    /// the lookup chain), else the tool's own row.
+    fn tool_rate(&self, tool: Tool, answered: &str, requested: &str, at_ms: i64) -> Option<i64> {
+        let kind = tool.item_type();
+        candidates(answered, requested)
+            .into_iter()
+            .find_map(|m| self.unit_rate(&format!("{kind}/{m}"), at_ms))
+            .or_else(|| self.unit_rate(kind, at_ms))
     }
 }
 
@@ -506,7 +608,7 @@ pub const SCALE_PER_1M: u32 = 6;
 
 /// Price list shipped with tollgate: (model, $/1M input, $/1M cached input,
 /// $/1M output, then the same three for flex and for priority, then $/1M
-/// audio input and output).
+/// audio input and output, $/1M image input and output, and $ per unit).
 const DEFAULT_PRICES: &str = include_str!("prices.tsv");
 
 /// The built-in price list, valid from the epoch.

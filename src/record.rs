@@ -23,6 +23,10 @@ pub struct Usage {
     pub audio_query: u64,
     /// Audio completion tokens (a subset of `answer`).
     pub audio_answer: u64,
+    /// Image prompt tokens (a subset of `query`).
+    pub image_query: u64,
+    /// Image output tokens (a subset of `answer`).
+    pub image_answer: u64,
 }
 
 /// Most tokens one usage field may plausibly count: 10^12, a thousand times
@@ -42,6 +46,8 @@ impl Usage {
             self.reasoning,
             self.audio_query,
             self.audio_answer,
+            self.image_query,
+            self.image_answer,
         ]
         .iter()
         .all(|&n| n <= MAX_PLAUSIBLE_TOKENS)
@@ -97,6 +103,8 @@ pub struct Record {
     /// The request's tags in canonical form (see [`crate::tags`]); empty
     /// when it has none.
     pub tags: String,
+    /// What is priced per unit: images, tool calls, seconds, characters.
+    pub units: crate::pricing::Units,
 }
 
 impl Record {
@@ -129,7 +137,10 @@ impl Record {
             cached: self.usage.cached,
             audio_query: self.usage.audio_query,
             audio_answer: self.usage.audio_answer,
+            image_query: self.usage.image_query,
+            image_answer: self.usage.image_answer,
             tier: self.tier,
+            units: self.units,
         }
     }
 }
@@ -246,6 +257,12 @@ pub struct StoredRecord {
     /// The name of the upstream that served it (`None` for records written
     /// before tollgate had several upstreams).
     pub upstream: Option<String>,
+    /// Image prompt tokens.
+    pub image_query_tokens: i64,
+    /// Image output tokens.
+    pub image_answer_tokens: i64,
+    /// See [`Record::units`].
+    pub units: crate::pricing::Units,
 }
 
 impl StoredRecord {
@@ -258,7 +275,10 @@ impl StoredRecord {
             cached: n(self.cached_tokens),
             audio_query: n(self.audio_query_tokens),
             audio_answer: n(self.audio_answer_tokens),
+            image_query: n(self.image_query_tokens),
+            image_answer: n(self.image_answer_tokens),
             tier: self.tier,
+            units: self.units,
         }
     }
 }

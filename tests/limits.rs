@@ -257,12 +257,16 @@ async fn client_leaving_before_the_head_finish_records_the_real_usage() {
         csv.lines()
             .next()
             .unwrap()
-            .ends_with(",clientAborted,tags,upstream"),
+            .ends_with(",clientAborted,tags,upstream,imageQueryTokens,imageAnswerTokens,imageInputCost,imageOutputCost,toolCost,units"),
         "{csv}"
     );
-    // clientAborted, then the (empty) tags, then the upstream.
+    // clientAborted, then the (empty) tags, then the upstream, then no
+    // image tokens, image or tool costs and units.
     assert!(
-        csv.lines().nth(1).unwrap().ends_with(",true,,default"),
+        csv.lines()
+            .nth(1)
+            .unwrap()
+            .ends_with(",true,,default,0,0,0,0,0,"),
         "{csv}"
     );
 }

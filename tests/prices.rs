@@ -98,14 +98,16 @@ async fn a_litellm_map_is_diffed_then_imported_from_an_instant() {
     assert_eq!(r.status, 200);
     let tsv = r.text();
     let row = tsv.lines().find(|l| l.starts_with("gpt-a\t")).unwrap();
-    assert_eq!(row, "gpt-a\t2\t0.5\t8\t1\t-\t4\t-\t-\t-\t-\t-");
+    // All 15 columns: the image and unit prices are none here.
+    assert_eq!(row, "gpt-a\t2\t0.5\t8\t1\t-\t4\t-\t-\t-\t-\t-\t-\t-\t-");
     let back = import(&p, "?dryRun=true", &tsv).await.json();
     assert_eq!(
         back["unchanged"],
         serde_json::json!(["gpt-a", "gpt-b"]),
         "{back}"
     );
-    // A change in any one rate is a change (here the cached price alone).
+    // A change in any one rate is a change (here the cached price alone,
+    // in a 12-column row, as lists before image prices were written).
     let v = import(&p, "?dryRun=true", "gpt-a 2 0.25 8 1 - 4 - - - - -\n")
         .await
         .json();

@@ -112,11 +112,20 @@ async fn requests_go_to_the_first_upstream_serving_their_model() {
         ])
     );
     let csv = proxy.get("/queries?format=csv").await.text();
-    assert!(csv.lines().next().unwrap().ends_with(",upstream"), "{csv}");
-    assert!(csv
-        .lines()
-        .skip(1)
-        .all(|l| l.ends_with(",openai") || l.ends_with(",local") || l.ends_with(",rest")));
+    // The upstream column, then the image and unit columns added after it.
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let at = header
+        .iter()
+        .position(|h| *h == "upstream")
+        .expect("upstream column");
+    assert_eq!(header[at + 1..].len(), 6, "{csv}");
+    assert!(
+        csv.lines().skip(1).all(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            ["openai", "local", "rest"].contains(&cells[at])
+        }),
+        "{csv}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,6 +68,29 @@ struct Cost {
         skip_serializing_if = "Option::is_none"
     )]
     audio_answer_1m: Option<Scaled>,
+    #[serde(
+        rename = "per1KImageQueryTokens",
+        skip_serializing_if = "Option::is_none"
+    )]
+    image_query_1k: Option<Scaled>,
+    #[serde(
+        rename = "per1KImageAnswerTokens",
+        skip_serializing_if = "Option::is_none"
+    )]
+    image_answer_1k: Option<Scaled>,
+    #[serde(
+        rename = "per1MImageQueryTokens",
+        skip_serializing_if = "Option::is_none"
+    )]
+    image_query_1m: Option<Scaled>,
+    #[serde(
+        rename = "per1MImageAnswerTokens",
+        skip_serializing_if = "Option::is_none"
+    )]
+    image_answer_1m: Option<Scaled>,
+    /// Dollars per unit (second, character, image or tool call).
+    #[serde(rename = "perUnit", skip_serializing_if = "Option::is_none")]
+    unit: Option<Scaled>,
     #[serde(flatten)]
     flex: Option<TierCost<Flex>>,
     #[serde(flatten)]
@@ -152,6 +175,11 @@ impl Cost {
             audio_answer_1k: p.audio_answer.map(k),
             audio_query_1m: p.audio_query.map(m),
             audio_answer_1m: p.audio_answer.map(m),
+            image_query_1k: p.image_query.map(k),
+            image_answer_1k: p.image_answer.map(k),
+            image_query_1m: p.image_query.map(m),
+            image_answer_1m: p.image_answer.map(m),
+            unit: p.unit.map(|v| Scaled(v.into(), 12)),
             flex: tier_cost(p.flex),
             priority: tier_cost(p.priority),
         }
@@ -198,8 +226,13 @@ pub(super) fn models(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
 pub fn parse_price_body(body: &[u8]) -> Result<Price, ApiError> {
     let fields: BTreeMap<String, &RawValue> = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("body must be a JSON object: {e}")))?;
-    const KNOWN: [&str; 11] = [
+    const KNOWN: [&str; 16] = [
         "validFrom",
+        "perUnit",
+        "per1KImageQueryTokens",
+        "per1KImageAnswerTokens",
+        "per1MImageQueryTokens",
+        "per1MImageAnswerTokens",
         "per1KAudioQueryTokens",
         "per1KAudioAnswerTokens",
         "per1MAudioQueryTokens",
@@ -291,6 +324,15 @@ pub fn parse_price_body(body: &[u8]) -> Result<Price, ApiError> {
         priority: tier("Priority")?,
         audio_query: price("AudioQueryTokens", false)?,
         audio_answer: price("AudioAnswerTokens", false)?,
+        image_query: price("ImageQueryTokens", false)?,
+        image_answer: price("ImageAnswerTokens", false)?,
+        unit: match fields.get("perUnit") {
+            None => None,
+            Some(raw) => Some(
+                pricing::parse_scaled(raw.get(), 12)
+                    .map_err(|e| ApiError::bad_param("perUnit", format!("perUnit {e}")))?,
+            ),
+        },
     })
 }
 

@@ -421,6 +421,24 @@ pub fn record_json(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdow
         Some(u) => push_json_str(out, u),
         None => out.push_str("null"),
     }
+    let _ = write!(
+        out,
+        ",\"imageQueryTokens\":{},\"imageAnswerTokens\":{}",
+        r.image_query_tokens, r.image_answer_tokens
+    );
+    for (name, v) in [
+        ("imageInputCost", parts.image_input),
+        ("imageOutputCost", parts.image_output),
+        ("toolCost", parts.tool),
+    ] {
+        out.push_str(",\"");
+        out.push_str(name);
+        out.push_str("\":");
+        push_dollars(out, v);
+    }
+    // Only tollgate's own names and numbers (see `pricing::units`).
+    out.push_str(",\"units\":");
+    push_json_str(out, &r.units.to_text());
     out.push('}');
 }
 
@@ -436,7 +454,7 @@ fn push_tier(out: &mut String, t: Option<pricing::Tier>) {
     }
 }
 
-const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment,clientAborted,tags,upstream\r\n";
+const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment,clientAborted,tags,upstream,imageQueryTokens,imageAnswerTokens,imageInputCost,imageOutputCost,toolCost,units\r\n";
 
 /// Leading characters that make a spreadsheet read a cell as a formula
 /// (OWASP, "CSV Injection").
@@ -519,6 +537,13 @@ pub fn record_csv(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdown
     if let Some(u) = &r.upstream {
         push_csv(out, u);
     }
+    let _ = write!(out, ",{},{}", r.image_query_tokens, r.image_answer_tokens);
+    for v in [parts.image_input, parts.image_output, parts.tool] {
+        out.push(',');
+        push_dollars(out, v);
+    }
+    out.push(',');
+    push_csv(out, &r.units.to_text());
     out.push_str("\r\n");
 }
 

@@ -1,6 +1,8 @@
 //! The fields of an image generation request that its budget reservation
-//! depends on (`model`, `n`, `size`, `quality`, `partial_images`, `stream`),
-//! read from its JSON body without re-serializing it.
+//! and per-image price depend on (`model`, `n`, `size`, `quality`,
+//! `partial_images`, `stream`), and of a speech request its price depends
+//! on (`model`, the characters of `input`), read from their JSON bodies
+//! without re-serializing them.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -92,6 +94,48 @@ pub fn parse_image_request(body: &[u8]) -> Result<ImageRequest, RequestError> {
     })
 }
 
+/// What a speech request (`/v1/audio/speech`) is priced by.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SpeechRequest {
+    /// `model` (empty when absent).
+    pub model: String,
+    /// Characters (Unicode scalar values) of `input`.
+    pub characters: u64,
+}
+
+#[derive(Deserialize)]
+struct SpeechFields {
+    #[serde(default)]
+    model: Option<Value>,
+    #[serde(default)]
+    input: Option<Value>,
+}
+
+/// Reads a speech body. Refuses what is not a JSON object, or has a
+/// `model` that is not a string.
+pub fn parse_speech_request(body: &[u8]) -> Result<SpeechRequest, RequestError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                Ok(_) => RequestError::NotObject,
+                Err(_) => RequestError::NotJson,
+            },
+        );
+    }
+    let f: SpeechFields = serde_json::from_slice(body).map_err(|_| RequestError::NotJson)?;
+    let model = match f.model {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s,
+        Some(_) => return Err(RequestError::ModelNotString),
+    };
+    let characters = match f.input {
+        Some(Value::String(s)) => s.chars().count() as u64,
+        _ => 0,
+    };
+    Ok(SpeechRequest { model, characters })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +157,20 @@ mod tests {
             (d.model.as_str(), d.n, d.size, d.stream),
             ("", 1, None, false)
         );
+    }
+
+    #[test]
+    fn speech_counts_the_characters_of_its_input() {
+        let s = parse_speech_request(
+            r#"{"model":"tts-1","input":"h\u00e9llo w\u00f6rld","voice":"alloy"}"#.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!((s.model.as_str(), s.characters), ("tts-1", 11));
+        assert_eq!(
+            parse_speech_request(br#"{"model":2}"#),
+            Err(RequestError::ModelNotString)
+        );
+        assert_eq!(parse_speech_request(b"[]"), Err(RequestError::NotObject));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use serde::Deserialize;
 
 use super::scan::{find_model, find_tier, find_usage_object};
+use super::tools::ToolCounter;
 use super::window::Window;
 use super::Found;
 use crate::record::{Capture, Usage};
@@ -16,6 +17,8 @@ struct Details {
     reasoning_tokens: Option<u64>,
     #[serde(default)]
     audio_tokens: Option<u64>,
+    #[serde(default)]
+    image_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -30,6 +33,9 @@ struct UsageObject {
     completion_tokens_details: Option<Details>,
     #[serde(default)]
     input_tokens_details: Option<Details>,
+    /// Transcriptions name it without the plural.
+    #[serde(default)]
+    input_token_details: Option<Details>,
     #[serde(default)]
     output_tokens_details: Option<Details>,
 }
@@ -43,9 +49,17 @@ pub fn parse_usage(obj: &[u8]) -> Option<Usage> {
     if query.is_none() && answer.is_none() {
         return None;
     }
-    let input = [&u.prompt_tokens_details, &u.input_tokens_details];
-    let output = [&u.completion_tokens_details, &u.output_tokens_details];
-    let find = |ds: [&Option<Details>; 2], f: fn(&Details) -> Option<u64>| {
+    let input = [
+        &u.prompt_tokens_details,
+        &u.input_tokens_details,
+        &u.input_token_details,
+    ];
+    let output = [
+        &u.completion_tokens_details,
+        &u.output_tokens_details,
+        &None,
+    ];
+    let find = |ds: [&Option<Details>; 3], f: fn(&Details) -> Option<u64>| {
         ds.into_iter().flatten().find_map(f).unwrap_or(0)
     };
     Some(Usage {
@@ -55,6 +69,30 @@ pub fn parse_usage(obj: &[u8]) -> Option<Usage> {
         reasoning: find(output, |d| d.reasoning_tokens),
         audio_query: find(input, |d| d.audio_tokens),
         audio_answer: find(output, |d| d.audio_tokens),
+        image_query: find(input, |d| d.image_tokens),
+        image_answer: find(output, |d| d.image_tokens),
+    })
+}
+
+#[derive(Deserialize)]
+struct DurationObject {
+    #[serde(rename = "type")]
+    kind: String,
+    seconds: serde_json::Number,
+}
+
+/// The seconds of a usage object of type `duration` (transcriptions priced
+/// per minute), rounded up to whole seconds.
+pub fn parse_seconds(obj: &[u8]) -> Option<u64> {
+    let d: DurationObject = serde_json::from_slice(obj).ok()?;
+    if d.kind != "duration" {
+        return None;
+    }
+    d.seconds.as_u64().or_else(|| {
+        d.seconds
+            .as_f64()
+            .filter(|f| f.is_finite())
+            .map(|f| f.max(0.0).ceil() as u64)
     })
 }
 
@@ -62,6 +100,8 @@ pub fn parse_usage(obj: &[u8]) -> Option<Usage> {
 #[derive(Debug)]
 pub struct JsonScanner {
     body: Window,
+    /// Counts built-in tool calls (Responses answers only).
+    tools: Option<ToolCounter>,
 }
 
 /// Whole JSON answers up to this size are kept (for estimation); past it only the ends.
@@ -72,14 +112,26 @@ impl Default for JsonScanner {
     fn default() -> Self {
         JsonScanner {
             body: Window::new(JSON_HEAD, JSON_TAIL),
+            tools: None,
         }
     }
 }
 
 impl JsonScanner {
+    /// A reader that also counts the built-in tool calls of a Responses answer.
+    pub fn with_tools() -> JsonScanner {
+        JsonScanner {
+            tools: Some(ToolCounter::default()),
+            ..JsonScanner::default()
+        }
+    }
+
     /// Feeds one chunk of the body.
     pub fn feed(&mut self, chunk: &[u8]) {
         self.body.push(chunk);
+        if let Some(t) = &mut self.tools {
+            t.feed(chunk);
+        }
     }
 
     /// Usage and model of the whole body, plus the body when kept whole.
@@ -89,13 +141,19 @@ impl JsonScanner {
             Some(all) => (all, all),
             None => (&w.tail[..], &w.head[..]),
         };
-        let found = Found {
-            usage: find_usage_object(usage_in).and_then(parse_usage),
+        let usage_object = find_usage_object(usage_in);
+        let mut found = Found {
+            usage: usage_object.and_then(parse_usage),
             model: find_model(model_in),
             done: true,
             // Top-level, after the content: in the tail when not kept whole.
             tier: find_tier(usage_in).or_else(|| find_tier(model_in)),
+            ..Found::default()
         };
+        found.units.seconds = usage_object.and_then(parse_seconds).unwrap_or(0);
+        if let Some(t) = &self.tools {
+            found.units.tools = t.counts();
+        }
         let capture = match w.whole() {
             Some(_) => Capture {
                 bytes: w.head,

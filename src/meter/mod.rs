@@ -3,10 +3,11 @@
 //! [`Record`], submitted exactly once.
 //!
 //! - `request`: the request fields and the `include_usage` splice.
-//! - `image`: the fields of an image generation request.
+//! - `image`: the fields of an image generation request and of a speech request.
 //! - `sse`, `json`: usage and model of SSE and plain JSON answers.
 //! - `multipart`: the `model` of a multipart upload.
 //! - `upload`: what a streamed upload reports while it passes.
+//! - `tools`: the built-in tool calls of a Responses answer.
 //! - `scan`, `window`: the byte-level JSON scanning and the bounded
 //!   window the answer scanners share.
 
@@ -27,11 +28,12 @@ mod multipart;
 mod request;
 mod scan;
 mod sse;
+mod tools;
 mod upload;
 mod window;
 
-pub use image::{parse_image_request, ImageRequest};
-pub use json::{parse_usage, JsonScanner};
+pub use image::{parse_image_request, parse_speech_request, ImageRequest, SpeechRequest};
+pub use json::{parse_seconds, parse_usage, JsonScanner};
 pub(crate) use multipart::find_multipart_model;
 pub use request::{
     parse_request, splice_include_usage, RequestError, RequestInfo, MAX_ANSWER_TOKENS, MAX_CHOICES,
@@ -51,6 +53,9 @@ pub struct Found {
     pub done: bool,
     /// The service tier the answer says it was processed in.
     pub tier: Option<crate::pricing::Tier>,
+    /// Counts priced per unit that the answer reports: built-in tool calls
+    /// and a transcription's seconds.
+    pub units: crate::pricing::Units,
 }
 
 /// How the answer body is read.
@@ -78,6 +83,11 @@ pub struct Meter {
     upload: Option<Arc<Upload>>,
     /// Where the costs of image and audio requests are learnt.
     recent: Option<Arc<RecentCosts>>,
+    /// The images an image request asked for, priced per image when the
+    /// answer reports no tokens (dall-e-2, dall-e-3).
+    images: Option<crate::pricing::Units>,
+    /// Characters of a speech request's input.
+    speech: Option<u64>,
 }
 
 impl Meter {
@@ -106,7 +116,21 @@ impl Meter {
             observer: Observer::Ignore,
             upload: None,
             recent: None,
+            images: None,
+            speech: None,
         }
+    }
+
+    /// A speech request of so many input characters: priced by them where
+    /// the model has a per-character price, else by its estimated tokens.
+    pub fn speech(&mut self, characters: u64) {
+        self.speech = Some(characters);
+    }
+
+    /// The images asked for (`n`, `size`, `quality`): the price when the
+    /// answer reports no tokens.
+    pub fn per_image(&mut self, units: crate::pricing::Units) {
+        self.images = Some(units);
     }
 
     /// The request's body streams: its model may be read from it as it passes.
@@ -251,14 +275,49 @@ impl Meter {
             );
             rec.estimated = true;
         }
+        rec.units.tools = found.units.tools;
+        rec.units.seconds = found.units.seconds;
+        let image_api = matches!(self.endpoint, Endpoint::Images | Endpoint::ImageUpload);
         match found.usage.filter(Usage::is_plausible) {
-            Some(u) => rec.usage = u,
+            Some(mut u) => {
+                // Image APIs' output tokens are image tokens unless split.
+                if image_api && u.image_answer == 0 {
+                    u.image_answer = u.answer.saturating_sub(u.audio_answer);
+                }
+                rec.usage = u;
+            }
+            // An image model priced per image: its answer has no usage.
+            None if image_api && matches!(rec.status, 200..=299) && broken.is_none() => {
+                if let Some(i) = self.images {
+                    rec.units.images = i.images;
+                    rec.units.image_size = i.image_size;
+                    rec.units.image_quality = i.image_quality;
+                }
+            }
             None if self.should_estimate(rec.status) => {
                 rec.estimate = Some(Box::new(Estimate {
                     endpoint: self.endpoint,
                     request_body: std::mem::take(&mut self.request_body),
                     capture: capture.filter(|c: &Capture| !c.bytes.is_empty()),
                 }));
+            }
+            // Speech: audio, no usage.
+            None if self.endpoint == Endpoint::Speech && matches!(rec.status, 200..=299) => {
+                let prices = self.store.prices();
+                let per_char = prices
+                    .lookup(&rec.model, &rec.requested_model, rec.started_ms)
+                    .is_some_and(|(_, p)| p.unit.is_some());
+                if per_char {
+                    rec.units.characters = self.speech.unwrap_or(0);
+                } else {
+                    // Token-priced speech: the input's tokens, estimated
+                    // (the audio it became is not counted).
+                    rec.estimate = Some(Box::new(Estimate {
+                        endpoint: self.endpoint,
+                        request_body: std::mem::take(&mut self.request_body),
+                        capture: None,
+                    }));
+                }
             }
             // No tokens to count (an upstream error, a model list, ...).
             None => {}

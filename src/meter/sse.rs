@@ -7,11 +7,12 @@ use std::sync::LazyLock;
 use bytes::Bytes;
 use memchr::memmem::Finder;
 
-use super::json::parse_usage;
+use super::json::{parse_seconds, parse_usage};
 use super::scan::{
     choices_empty, find_model, find_tier, find_usage_object, skip_string, value_after_key,
     ERROR_KEY,
 };
+use super::tools::ToolCounter;
 use super::window::Window;
 use super::Found;
 use crate::endpoint::StreamKind;
@@ -37,6 +38,10 @@ pub struct SseScanner {
     held: Vec<u8>,
     /// What has been found so far.
     pub found: Found,
+    /// Tool calls of the `response.output_item.done` events so far.
+    /// Boxed, and only for streams that have such events: the scanner
+    /// stays small for all the others.
+    items_done: Option<Box<ToolCounter>>,
     /// Text kept for estimation.
     pub capture: Capture,
 }
@@ -51,6 +56,7 @@ impl SseScanner {
             event: Window::new(EVENT_HEAD, EVENT_TAIL),
             held: Vec::new(),
             found: Found::default(),
+            items_done: None,
             capture: Capture::default(),
         }
     }
@@ -188,10 +194,16 @@ impl SseScanner {
                 if let Some(t) = find_tier(&w.tail).or_else(|| find_tier(&w.head)) {
                     self.found.tier = Some(t);
                 }
-                if self.kind == StreamKind::Responses
-                    && event_type(&w.head).is_some_and(|t| is_terminal(&t))
-                {
-                    self.found.done = true;
+                if self.kind == StreamKind::Responses {
+                    let ty = event_type(&w.head).unwrap_or_default();
+                    let item = ty == "response.output_item.done";
+                    if is_terminal(&ty) || item {
+                        // Head and tail apart: a key split between them is no key.
+                        self.count_tools(&[&w.head, &w.tail], item);
+                    }
+                    if is_terminal(&ty) {
+                        self.found.done = true;
+                    }
                 }
                 true
             }
@@ -212,6 +224,9 @@ impl SseScanner {
                 // Every chunk may carry it; the last one's is the answer's.
                 if let Some(t) = find_tier(ev) {
                     self.found.tier = Some(t);
+                }
+                if let Some(s) = find_usage_object(ev).and_then(parse_seconds) {
+                    self.found.units.seconds = s;
                 }
                 if let Some(u) = find_usage_object(ev).and_then(parse_usage) {
                     self.found.usage = Some(u);
@@ -239,7 +254,10 @@ impl SseScanner {
                     if let Some(t) = find_tier(ev) {
                         self.found.tier = Some(t);
                     }
+                } else if ty == "response.output_item.done" {
+                    self.count_tools(&[ev], true);
                 } else if is_terminal(&ty) {
+                    self.count_tools(&[ev], false);
                     if let Some(m) = find_model(ev) {
                         self.found.model = Some(m);
                     }
@@ -258,6 +276,32 @@ impl SseScanner {
 }
 
 /// The Responses API events that end a response (and may carry usage).
+impl SseScanner {
+    /// Tool calls in a Responses event: the terminal event lists them all,
+    /// each `response.output_item.done` one; the larger count of each kind
+    /// wins, so none is counted twice and none is lost when the terminal
+    /// event is too large to be read whole.
+    fn count_tools(&mut self, parts: &[&[u8]], item_done: bool) {
+        let counts = if item_done {
+            // Each item's own event: a tally across them (containers stay distinct).
+            let tally = self.items_done.get_or_insert_with(Box::default);
+            for p in parts {
+                tally.add(p);
+            }
+            tally.counts()
+        } else {
+            let mut c = ToolCounter::default();
+            for p in parts {
+                c.add(p);
+            }
+            c.counts()
+        };
+        for (have, n) in self.found.units.tools.iter_mut().zip(counts) {
+            *have = (*have).max(n);
+        }
+    }
+}
+
 fn is_terminal(ty: &str) -> bool {
     matches!(
         ty,

@@ -5,9 +5,12 @@
 //! list and the prices in effect.
 //!
 //! TSV rows are `model input cached output` in USD per 1M tokens, then
-//! optionally the eight columns of [`Price::extra_columns`] (flex input,
-//! cached, output; priority input, cached, output; audio input, output);
-//! `-` is "none". LiteLLM's map gives USD per token; only its OpenAI
+//! optionally the eight columns of flex input, cached, output; priority
+//! input, cached, output; audio input, output (12 columns), then
+//! optionally image input, output (USD per 1M tokens) and the unit price
+//! (USD per second, character, image or tool call; 15 columns): the
+//! layout of [`Price::extra_columns`]. `-` is "none". Older lists of 4 and
+//! 12 columns still read. LiteLLM's map gives USD per token; only its OpenAI
 //! entries (`litellm_provider` `openai`) are read, and its batch prices are
 //! not (tollgate has no batch rate yet).
 
@@ -38,7 +41,7 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, ListError> {
     }
 }
 
-/// Reads the TSV format (4 or 12 columns per row; `#` comments).
+/// Reads the TSV format (4, 12 or 15 columns per row; `#` comments).
 pub fn parse_tsv(text: &str) -> Result<Vec<Entry>, ListError> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -48,16 +51,18 @@ pub fn parse_tsv(text: &str) -> Result<Vec<Entry>, ListError> {
         }
         let bad = |what: String| ListError(format!("line {}: {what}", n + 1));
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() != 4 && f.len() != 12 {
+        if f.len() != 4 && f.len() != 12 && f.len() != 15 {
             return Err(bad(format!(
-                "{} columns; a row is model, input, cached, output (USD per 1M tokens), optionally followed by flex, priority and audio columns (12 in all)",
+                "{} columns; a row is model, input, cached, output (USD per 1M tokens), optionally followed by flex, priority and audio columns (12 in all), then image input, output and the unit price (15 in all)",
                 f.len()
             )));
         }
         let p = |i: usize| -> Result<Option<i64>, ListError> {
+            // The unit price is in USD per unit, the others per 1M tokens.
+            let scale = if i == 14 { 12 } else { SCALE_PER_1M };
             match f[i] {
                 "-" => Ok(None),
-                s => parse_scaled(s, SCALE_PER_1M)
+                s => parse_scaled(s, scale)
                     .ok()
                     .filter(|v| *v >= 0)
                     .map(Some)
@@ -70,11 +75,9 @@ pub fn parse_tsv(text: &str) -> Result<Vec<Entry>, ListError> {
                     }),
             }
         };
-        let mut extra = [None; 8];
-        if f.len() == 12 {
-            for (i, e) in extra.iter_mut().enumerate() {
-                *e = p(4 + i)?;
-            }
+        let mut extra = [None; 11];
+        for (i, e) in extra.iter_mut().enumerate().take(f.len() - 4) {
+            *e = p(4 + i)?;
         }
         let price = Price {
             valid_from: 0,
@@ -109,11 +112,13 @@ pub fn parse_litellm(text: &str) -> Result<Vec<Entry>, ListError> {
                 ))),
             }
         };
+        // Priced per second (whisper-1) or per character (tts-1): a unit price.
+        let unit = rate("input_cost_per_second")?.or(rate("input_cost_per_character")?);
         let (Some(query), Some(answer)) = (
-            rate("input_cost_per_token")?,
+            rate("input_cost_per_token")?.or(unit.map(|_| 0)),
             rate("output_cost_per_token")?.or(Some(0)),
         ) else {
-            continue; // priced per image, per second or per character: not a token price
+            continue; // priced per image or per pixel: no rule tollgate reads
         };
         let tier = |t: &str| -> Result<Option<Rates>, ListError> {
             let q = rate(&format!("input_cost_per_token_{t}"))?;
@@ -136,6 +141,9 @@ pub fn parse_litellm(text: &str) -> Result<Vec<Entry>, ListError> {
                 priority: tier("priority")?,
                 audio_query: rate("input_cost_per_audio_token")?,
                 audio_answer: rate("output_cost_per_audio_token")?,
+                image_query: rate("input_cost_per_image_token")?,
+                image_answer: rate("output_cost_per_image_token")?,
+                unit,
             },
         ));
     }
@@ -191,19 +199,17 @@ fn same_rates(a: &Price, b: &Price) -> bool {
 }
 
 /// The prices in effect at `now_ms`, one row per model, in the TSV format
-/// (all 12 columns), sorted by model.
+/// (all 15 columns), sorted by model.
 pub fn export_tsv(table: &PriceTable, now_ms: i64) -> String {
     use std::fmt::Write;
     let mut out = String::from(
         "# tollgate price list, USD per 1M tokens (\"-\": none). Import it with `tollgate prices import FILE`.\n\
-         # model\tinput\tcached\toutput\tflex:in\tcached\tout\tpriority:in\tcached\tout\taudio:in\tout\n",
+         # model\tinput\tcached\toutput\tflex:in\tcached\tout\tpriority:in\tcached\tout\taudio:in\tout\timage:in\tout\tunit (USD)\n",
     );
-    let cell = |v: Option<i64>| {
-        v.map_or_else(
-            || "-".to_owned(),
-            |v| super::format_scaled(v.into(), SCALE_PER_1M),
-        )
+    let cell_at = |v: Option<i64>, scale: u32| {
+        v.map_or_else(|| "-".to_owned(), |v| super::format_scaled(v.into(), scale))
     };
+    let cell = |v: Option<i64>| cell_at(v, SCALE_PER_1M);
     for model in table.names() {
         let Some(rows) = table.rows(model) else {
             continue;
@@ -219,8 +225,9 @@ pub fn export_tsv(table: &PriceTable, now_ms: i64) -> String {
             cell(p.cached),
             cell(Some(p.answer))
         );
-        for c in p.extra_columns() {
-            let _ = write!(out, "\t{}", cell(c));
+        for (i, c) in p.extra_columns().into_iter().enumerate() {
+            let scale = if i == 10 { 12 } else { SCALE_PER_1M };
+            let _ = write!(out, "\t{}", cell_at(c, scale));
         }
         out.push('\n');
     }
@@ -254,6 +261,57 @@ mod tests {
             let e = parse_tsv(bad).unwrap_err();
             assert!(e.0.starts_with("line 1:"), "{e}");
         }
+    }
+
+    #[test]
+    fn tsv_rows_of_15_columns_carry_image_and_unit_prices() {
+        let l = parse_tsv(
+            "gpt-image-1 5 1.25 40 - - - - - - - - 10 40 -\ndall-e-3/1024x1024/standard 0 - 0 - - - - - - - - - - 0.04\nwhisper-1 0 - 0 - - - - - - - - - - 0.0001\n",
+        )
+        .unwrap();
+        assert_eq!(l[0].1.image_query, Some(10 * PICO_PER_1M));
+        assert_eq!(l[0].1.image_answer, Some(40 * PICO_PER_1M));
+        assert_eq!(l[0].1.unit, None);
+        // The unit column is USD per unit, not per 1M.
+        assert_eq!(l[1].1.unit, Some(40_000_000_000));
+        assert_eq!(l[2].1.unit, Some(100_000_000));
+        let mut t = PriceTable::default();
+        for (m, p) in &l {
+            t.insert(m, *p);
+        }
+        let text = export_tsv(&t, 1);
+        assert!(
+            text.contains(
+                "dall-e-3/1024x1024/standard\t0\t-\t0\t-\t-\t-\t-\t-\t-\t-\t-\t-\t-\t0.04\n"
+            ),
+            "{text}"
+        );
+        // Exported sorted by model.
+        let mut sorted = l.clone();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(parse_tsv(&text).unwrap(), sorted);
+        for bad in [
+            "m 1 - 2 - - - - - - - - - -",
+            "m 1 - 2 - - - - - - - - - - x",
+        ] {
+            assert!(parse_tsv(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn litellm_per_second_and_per_character_prices_are_unit_prices() {
+        let map = r#"{
+          "whisper-1": {"input_cost_per_second": 0.0001, "output_cost_per_second": 0.0001, "litellm_provider": "openai", "mode": "audio_transcription"},
+          "tts-1": {"input_cost_per_character": 1.5e-05, "litellm_provider": "openai", "mode": "audio_speech"},
+          "gpt-image-1": {"input_cost_per_token": 5e-06, "output_cost_per_token": 4e-05, "input_cost_per_image_token": 1e-05, "output_cost_per_image_token": 4e-05, "litellm_provider": "openai"}
+        }"#;
+        let l = parse(map).unwrap();
+        let get = |m: &str| l.iter().find(|(n, _)| n == m).unwrap().1;
+        assert_eq!(get("whisper-1").unit, Some(100_000_000));
+        assert_eq!(get("whisper-1").query, 0);
+        assert_eq!(get("tts-1").unit, Some(15_000_000));
+        assert_eq!(get("gpt-image-1").image_query, Some(10_000_000));
+        assert_eq!(get("gpt-image-1").image_answer, Some(40_000_000));
     }
 
     #[test]

@@ -149,3 +149,132 @@ fn default_prices_load() {
     assert_eq!(emb.cached, None);
     assert_eq!(emb.answer, 0);
 }
+
+#[test]
+fn image_tokens_are_priced_at_their_own_rates_and_add_up() {
+    // $5 text, $10 image in, $40 image out per 1M; $1.25 cached.
+    let p = Price {
+        query: 5_000_000,
+        cached: Some(1_250_000),
+        answer: 40_000_000,
+        image_query: Some(10_000_000),
+        image_answer: Some(40_000_000),
+        ..Price::default()
+    };
+    let t = Tokens {
+        query: 150,
+        cached: 50,
+        image_query: 60,
+        answer: 1000,
+        image_answer: 1000,
+        ..Tokens::default()
+    };
+    let b = p.breakdown(t);
+    assert_eq!(b.input, 40 * 5_000_000);
+    assert_eq!(b.cached_input, 50 * 1_250_000);
+    assert_eq!(b.image_input, 60 * 10_000_000);
+    assert_eq!(b.image_output, 1000 * 40_000_000);
+    assert_eq!(b.output, 0);
+    assert_eq!(b.total(), p.cost(t));
+    // More image tokens than the uncached prompt holds: capped, never wrapped.
+    let odd = Tokens {
+        query: 10,
+        cached: 8,
+        image_query: 100,
+        ..Tokens::default()
+    };
+    let b = p.breakdown(odd);
+    assert_eq!((b.input, b.image_input), (0, 2 * 10_000_000));
+}
+
+#[test]
+fn per_unit_rows_price_images_tools_seconds_and_characters() {
+    let mut t = PriceTable::default();
+    let unit = |u: i64| Price {
+        unit: Some(u),
+        ..Price::default()
+    };
+    t.insert("dall-e-3/1024x1792/hd", unit(120_000_000_000));
+    t.insert("dall-e-3/1024x1024/standard", unit(40_000_000_000));
+    t.insert("dall-e-2/256x256", unit(16_000_000_000));
+    t.insert("web_search_call", unit(10_000_000_000));
+    t.insert("web_search_call/gpt-4o", unit(25_000_000_000));
+    t.insert("whisper-1", unit(100_000_000));
+    t.insert(
+        "gpt-4o",
+        Price {
+            query: 2_500_000,
+            answer: 10_000_000,
+            ..Price::default()
+        },
+    );
+    let units = |u: Units| Tokens {
+        units: u,
+        ..Tokens::default()
+    };
+    let images = |n, size, q| {
+        units(Units {
+            images: n,
+            image_size: size,
+            image_quality: q,
+            ..Units::default()
+        })
+    };
+    let (b, ok) = t.breakdown(
+        "",
+        "dall-e-3",
+        0,
+        images(2, Some((1024, 1792)), Some(Quality::Hd)),
+    );
+    assert!(ok);
+    assert_eq!(
+        (b.image_output, b.total()),
+        (240_000_000_000, 240_000_000_000)
+    );
+    // Defaults: 1024x1024, standard; a dated answer finds the base's rules.
+    let (b, ok) = t.breakdown("dall-e-3-2024-01-01", "", 0, images(1, None, None));
+    assert!(ok);
+    assert_eq!(b.total(), 40_000_000_000);
+    // A rule without quality covers every quality of its size.
+    let (b, _) = t.breakdown(
+        "",
+        "dall-e-2",
+        0,
+        images(3, Some((256, 256)), Some(Quality::Hd)),
+    );
+    assert_eq!(b.total(), 48_000_000_000);
+    // No rule: unpriced, no partial cost.
+    assert_eq!(
+        t.breakdown("", "dall-e-2", 0, images(1, Some((512, 512)), None)),
+        (Breakdown::default(), false)
+    );
+    // Tools: the model family's row, else the tool's own.
+    let mut u = Units::default();
+    u.add_tool(Tool::WebSearch, 2);
+    let tok = Tokens {
+        query: 1000,
+        answer: 100,
+        units: u,
+        ..Tokens::default()
+    };
+    let (b, ok) = t.breakdown("gpt-4o-2024-08-06", "gpt-4o", 0, tok);
+    assert!(ok);
+    assert_eq!(b.tool, 50_000_000_000);
+    assert_eq!(b.total(), 50_000_000_000 + 2_500_000_000 + 1_000_000_000);
+    let (b, _) = t.breakdown("", "gpt-5", 0, units(u));
+    assert_eq!(b.tool, 20_000_000_000);
+    // A tool without any price: unpriced.
+    let mut fs = Units::default();
+    fs.add_tool(Tool::FileSearch, 1);
+    assert!(!t.breakdown("gpt-4o", "", 0, units(fs)).1);
+    // Seconds at the model's unit rate, as audio input.
+    let secs = units(Units {
+        seconds: 37,
+        ..Units::default()
+    });
+    let (b, ok) = t.breakdown("", "whisper-1", 0, secs);
+    assert!(ok);
+    assert_eq!((b.audio_input, b.total()), (3_700_000_000, 3_700_000_000));
+    // Seconds for a model without a unit rate: unpriced.
+    assert!(!t.breakdown("", "gpt-4o", 0, secs).1);
+}

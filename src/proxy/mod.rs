@@ -177,6 +177,8 @@ struct RequestFacts {
     declared: Option<u64>,
     /// What an image generation asks for.
     image: Option<meter::ImageRequest>,
+    /// Characters of a speech request's input.
+    speech: Option<u64>,
     model: String,
     stream: bool,
     max_tokens: Option<u64>,
@@ -278,6 +280,18 @@ impl Ctx {
         }
         let (bytes, room) = read_buffered(app, body, declared, limit).await?;
         let r = &mut self.request;
+        if self.endpoint == Endpoint::Speech {
+            // Forwarded as it came: only read for its price.
+            let speech = meter::parse_speech_request(&bytes)?;
+            r.model.clone_from(&speech.model);
+            r.speech = Some(speech.characters);
+            r.body = bytes;
+            headers.remove(header::CONTENT_LENGTH);
+            headers::ask_identity(headers);
+            let held = HeldBody::new(r.body.clone(), room);
+            self.again = Some(held.clone());
+            return Ok(held.boxed_unsync());
+        }
         if self.endpoint == Endpoint::Images {
             // Forwarded as it came: only read for its reservation.
             let image = meter::parse_image_request(&bytes)?;
@@ -365,6 +379,23 @@ impl Ctx {
         if let Some(u) = &self.upload {
             meter.upload(u.clone());
         }
+        if let Some(c) = r.speech {
+            meter.speech(c);
+        }
+        if let Some(i) = &r.image {
+            meter.per_image(crate::pricing::Units {
+                images: i.n,
+                image_size: i
+                    .size
+                    .as_deref()
+                    .and_then(crate::pricing::units::parse_size),
+                image_quality: i
+                    .quality
+                    .as_deref()
+                    .and_then(crate::pricing::Quality::parse),
+                ..Default::default()
+            });
+        }
         if matches!(
             self.endpoint,
             Endpoint::Images | Endpoint::ImageUpload | Endpoint::Audio
@@ -419,6 +450,8 @@ fn observer_for(endpoint: Endpoint, h: &HeaderMap, strip: bool) -> Observer {
         .unwrap_or("");
     if content_type.starts_with("text/event-stream") {
         Observer::Sse(SseScanner::new(endpoint.stream_kind(), strip))
+    } else if content_type.contains("json") && endpoint == Endpoint::Responses {
+        Observer::Json(JsonScanner::with_tools())
     } else if content_type.contains("json") {
         Observer::Json(JsonScanner::default())
     } else {

@@ -39,7 +39,8 @@ fn estimate(r: &mut Record) {
         return;
     };
     let model = r.model_or_requested();
-    let query = (r.usage.query == 0 && e.endpoint.needs_model())
+    let query = (r.usage.query == 0
+        && (e.endpoint.needs_model() || e.endpoint == crate::endpoint::Endpoint::Speech))
         .then(|| crate::tokens::prompt_tokens(e.endpoint, model, &e.request_body));
     let answer = e
         .capture

@@ -561,6 +561,7 @@ struct Details {
     cached: Option<u64>,
     reasoning: Option<u64>,
     audio: Option<u64>,
+    image: Option<u64>,
 }
 
 /// A count: `Ok(None)` when absent or null, `Err` when of the wrong type.
@@ -578,6 +579,7 @@ fn details(m: &serde_json::Map<String, Value>, k: &str) -> Result<Option<Details
             cached: count(d, "cached_tokens")?,
             reasoning: count(d, "reasoning_tokens")?,
             audio: count(d, "audio_tokens")?,
+            image: count(d, "image_tokens")?,
         })),
         Some(Value::Array(_)) => Err(Verdict::OutOfScope),
         Some(_) => Err(Verdict::Mistyped),
@@ -595,13 +597,19 @@ fn expected_usage(m: &serde_json::Map<String, Value>) -> Verdict {
         let ctd = details(m, "completion_tokens_details")?;
         let itd = details(m, "input_tokens_details")?;
         let otd = details(m, "output_tokens_details")?;
+        // Transcriptions' singular name.
+        let itd1 = details(m, "input_token_details")?;
         if query.is_none() && answer.is_none() {
             return Ok(None);
         }
-        let cached = [&ptd, &itd].into_iter().flatten().find_map(|d| d.cached);
-        let reasoning = [&ctd, &otd].into_iter().flatten().find_map(|d| d.reasoning);
-        let audio_query = [&ptd, &itd].into_iter().flatten().find_map(|d| d.audio);
-        let audio_answer = [&ctd, &otd].into_iter().flatten().find_map(|d| d.audio);
+        let input = [&ptd, &itd, &itd1];
+        let output = [&ctd, &otd];
+        let cached = input.into_iter().flatten().find_map(|d| d.cached);
+        let reasoning = output.into_iter().flatten().find_map(|d| d.reasoning);
+        let audio_query = input.into_iter().flatten().find_map(|d| d.audio);
+        let audio_answer = output.into_iter().flatten().find_map(|d| d.audio);
+        let image_query = input.into_iter().flatten().find_map(|d| d.image);
+        let image_answer = output.into_iter().flatten().find_map(|d| d.image);
         Ok(Some(Usage {
             query: query.unwrap_or(0),
             answer: answer.unwrap_or(0),
@@ -609,6 +617,8 @@ fn expected_usage(m: &serde_json::Map<String, Value>) -> Verdict {
             reasoning: reasoning.unwrap_or(0),
             audio_query: audio_query.unwrap_or(0),
             audio_answer: audio_answer.unwrap_or(0),
+            image_query: image_query.unwrap_or(0),
+            image_answer: image_answer.unwrap_or(0),
         }))
     };
     read().map_or_else(|v| v, Verdict::Usage)

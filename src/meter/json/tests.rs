@@ -73,3 +73,37 @@ fn json_answer_larger_than_window() {
         body.len() as u64
     );
 }
+
+#[test]
+fn image_transcription_and_duration_usage() {
+    let u = parse_usage(
+        br#"{"total_tokens":4210,"input_tokens":50,"input_tokens_details":{"text_tokens":40,"image_tokens":10},"output_tokens":4160}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (u.query, u.image_query, u.answer, u.image_answer),
+        (50, 10, 4160, 0)
+    );
+    let u = parse_usage(
+        br#"{"input_tokens":50,"output_tokens":300,"output_tokens_details":{"text_tokens":100,"image_tokens":200}}"#,
+    )
+    .unwrap();
+    assert_eq!(u.image_answer, 200);
+    // Transcriptions: `input_token_details`, singular.
+    let u = parse_usage(
+        br#"{"type":"tokens","input_tokens":120,"input_token_details":{"text_tokens":20,"audio_tokens":100},"output_tokens":50,"total_tokens":170}"#,
+    )
+    .unwrap();
+    assert_eq!((u.query, u.audio_query, u.answer), (120, 100, 50));
+    assert_eq!(
+        parse_seconds(br#"{"type":"duration","seconds":37}"#),
+        Some(37)
+    );
+    assert_eq!(
+        parse_seconds(br#"{"type":"duration","seconds":2.1}"#),
+        Some(3)
+    );
+    assert_eq!(parse_seconds(br#"{"type":"tokens","seconds":37}"#), None);
+    assert_eq!(parse_seconds(br#"{"type":"duration","seconds":"x"}"#), None);
+    assert_eq!(parse_usage(br#"{"type":"duration","seconds":37}"#), None);
+}

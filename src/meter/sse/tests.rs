@@ -132,3 +132,55 @@ fn sse_without_boundaries_stops_stripping() {
     let out = run(&mut s, &junk, &[HOLD_CAP / 2]);
     assert_eq!(out.len(), junk.len());
 }
+
+#[test]
+fn tool_calls_of_a_large_terminal_event_are_recovered_from_the_item_events() {
+    // Three web searches between two large images: the completed event is
+    // read through its head and tail windows only, where the searches are
+    // not; each item's own output_item.done event still counts it, and the
+    // larger count per kind wins (no item is counted twice).
+    let img = format!(
+        r#"{{"type":"image_generation_call","id":"ig","result":"{}"}}"#,
+        "A".repeat(200_000)
+    );
+    let web = r#"{"type":"web_search_call","id":"ws","status":"completed"}"#;
+    let code = |c: &str| format!(r#"{{"type":"code_interpreter_call","container_id":"{c}"}}"#);
+    let items = [
+        img.clone(),
+        web.to_owned(),
+        web.to_owned(),
+        web.to_owned(),
+        code("cntr_a"),
+        code("cntr_a"),
+        code("cntr_b"),
+        img,
+    ];
+    let mut text = String::new();
+    for it in &items {
+        text.push_str(&format!(
+            "event: response.output_item.done\ndata: {{\"type\":\"response.output_item.done\",\"item\":{it}}}\n\n"
+        ));
+    }
+    text.push_str(&format!(
+        "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"model\":\"gpt-5\",\"output\":[{}],\"usage\":{{\"input_tokens\":1,\"output_tokens\":1}}}}}}\n\n",
+        items.join(",")
+    ));
+    let len = text.len();
+    let cuts: Vec<usize> = (1..).map(|i| i * 15_013).take_while(|&c| c < len).collect();
+    for cuts in [vec![], cuts] {
+        let mut s = SseScanner::new(StreamKind::Responses, false);
+        run(&mut s, text.as_bytes(), &cuts);
+        // web search, file search, code interpreter containers, image generation.
+        assert_eq!(s.found.units.tools, [3, 0, 2, 2], "cuts {cuts:?}");
+    }
+    // The completed event alone, arriving in pieces (no item events): only
+    // what its windows show, the first image.
+    let completed = &text[text.find("event: response.completed").unwrap()..];
+    let cuts: Vec<usize> = (1..)
+        .map(|i| i * 15_013)
+        .take_while(|&c| c < completed.len())
+        .collect();
+    let mut s = SseScanner::new(StreamKind::Responses, false);
+    run(&mut s, completed.as_bytes(), &cuts);
+    assert_eq!(s.found.units.tools, [0, 0, 0, 1]);
+}

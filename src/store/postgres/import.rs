@@ -189,7 +189,8 @@ impl PgTarget {
             let have: HashMap<(String, i64), Price> = tx
                 .query(
                     "SELECT model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer,
-                            priority_query, priority_cached, priority_answer, audio_query, audio_answer
+                            priority_query, priority_cached, priority_answer, audio_query, audio_answer,
+                            image_query, image_answer, unit
                      FROM prices",
                     &[],
                 )

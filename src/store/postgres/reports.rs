@@ -148,7 +148,8 @@ impl Reports for PgReports {
         let sql = format!(
             "SELECT id, username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier,
-                    audio_query_tokens, audio_answer_tokens, tags, upstream
+                    audio_query_tokens, audio_answer_tokens, tags, upstream,
+                    image_query_tokens, image_answer_tokens, units
              FROM queries{} ORDER BY {order} LIMIT ${} OFFSET ${}",
             q.where_sql(),
             n + 1,
@@ -188,6 +189,9 @@ impl Reports for PgReports {
                         audio_answer_tokens: r.try_get(21)?,
                         tags: r.try_get(22)?,
                         upstream: r.try_get(23)?,
+                        image_query_tokens: r.try_get(24)?,
+                        image_answer_tokens: r.try_get(25)?,
+                        units: crate::pricing::Units::from_text(r.try_get::<_, &str>(26)?),
                     };
                     if !sink(rec) {
                         break;
@@ -202,7 +206,7 @@ impl Reports for PgReports {
     fn prices(&self) -> Result<PriceTable, StoreError> {
         self.pool.with(|c| {
             let rows = wait(c.client.query(
-                "SELECT model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer FROM prices",
+                "SELECT model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer, image_query, image_answer, unit FROM prices",
                 &[],
             ))?;
             let mut t = PriceTable::default();
@@ -226,6 +230,9 @@ impl Reports for PgReports {
                         r.try_get(10)?,
                         r.try_get(11)?,
                         r.try_get(12)?,
+                        r.try_get(13)?,
+                        r.try_get(14)?,
+                        r.try_get(15)?,
                     ]),
                 );
             }

@@ -66,6 +66,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         what: "rate leases: each instance's slice of a user's requests and tokens per minute",
         sql: SCHEMA_V8,
     },
+    Migration {
+        version: 9,
+        what: "image tokens and per-unit counts on records, image and unit rates on prices",
+        sql: SCHEMA_V9,
+    },
 ];
 
 /// The version this build brings a database to.
@@ -204,6 +209,21 @@ CREATE TABLE write_batches (
 /// The upstream that served a record (NULL for the records written before).
 const SCHEMA_V7: &str = "
 ALTER TABLE queries ADD COLUMN IF NOT EXISTS upstream text;
+";
+
+/// Image tokens and what is priced per unit (images, tool calls, seconds,
+/// characters; see `crate::pricing::Units`) on records, empty for those
+/// written before; image token and unit rates on prices (NULL: none).
+/// Constant defaults rewrite no partition.
+const SCHEMA_V9: &str = "
+ALTER TABLE queries
+    ADD COLUMN IF NOT EXISTS image_query_tokens bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS image_answer_tokens bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS units text NOT NULL DEFAULT '';
+ALTER TABLE prices
+    ADD COLUMN IF NOT EXISTS image_query bigint,
+    ADD COLUMN IF NOT EXISTS image_answer bigint,
+    ADD COLUMN IF NOT EXISTS unit bigint;
 ";
 
 /// A version per kind of shared state (the latest upstream rate limits too), bumped by triggers in the

@@ -55,18 +55,19 @@ pub struct PgBackend {
     retry: Option<String>,
 }
 
-const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream) FROM STDIN (FORMAT binary)";
+const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream, image_query_tokens, image_answer_tokens, units) FROM STDIN (FORMAT binary)";
 
 /// Inserts a price row (standard and tier rates); its parameters are
 /// those of [`UPSERT_PRICE`].
-pub(super) const INSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+pub(super) const INSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer, image_query, image_answer, unit) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
 
 /// Stores a price row (standard and tier rates), replacing one of the same `valid_from`.
-pub(super) const UPSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+pub(super) const UPSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer, image_query, image_answer, unit) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
 ON CONFLICT (model, valid_from) DO UPDATE SET query = excluded.query, cached = excluded.cached, answer = excluded.answer,
     flex_query = excluded.flex_query, flex_cached = excluded.flex_cached, flex_answer = excluded.flex_answer,
     priority_query = excluded.priority_query, priority_cached = excluded.priority_cached, priority_answer = excluded.priority_answer,
-    audio_query = excluded.audio_query, audio_answer = excluded.audio_answer";
+    audio_query = excluded.audio_query, audio_answer = excluded.audio_answer,
+    image_query = excluded.image_query, image_answer = excluded.image_answer, unit = excluded.unit";
 
 /// Runs `sql` ([`UPSERT_PRICE`], or [`INSERT_PRICE`] with a conflict
 /// clause) for one row.
@@ -93,6 +94,9 @@ pub(super) async fn store_price(
             &t[5],
             &t[6],
             &t[7],
+            &t[8],
+            &t[9],
+            &t[10],
         ],
     )
     .await
@@ -121,6 +125,9 @@ const COPY_TYPES: &[Type] = &[
     Type::INT8,
     Type::INT8,
     Type::TEXT,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
     Type::TEXT,
 ];
 
@@ -262,7 +269,9 @@ pub(super) async fn copy_records(
         let tier = r.tier.map(|t| t.as_str());
         let (audio_q, audio_a) = (i(r.usage.audio_query), i(r.usage.audio_answer));
         let upstream = r.upstream.as_deref();
-        let row: [&(dyn ToSql + Sync); 23] = [
+        let (image_q, image_a) = (i(r.usage.image_query), i(r.usage.image_answer));
+        let units = r.units.to_text();
+        let row: [&(dyn ToSql + Sync); 26] = [
             &r.user,
             &r.model_or_requested(),
             &r.requested_model,
@@ -286,6 +295,9 @@ pub(super) async fn copy_records(
             &audio_a,
             &r.tags,
             &upstream,
+            &image_q,
+            &image_a,
+            &units,
         ];
         w.as_mut().write(&row).await?;
     }
@@ -520,7 +532,7 @@ impl PgBackend {
             let like_dated = format!("{}-%", escape_like(model));
             let rows = tx
                 .query(
-                    "SELECT id, model, requested_model, ts, query_tokens, cached_tokens, answer_tokens, cost, priced, username, service_tier, audio_query_tokens, audio_answer_tokens, tags FROM queries
+                    "SELECT id, model, requested_model, ts, query_tokens, cached_tokens, answer_tokens, cost, priced, username, service_tier, audio_query_tokens, audio_answer_tokens, tags, image_query_tokens, image_answer_tokens, units FROM queries
                      WHERE ts >= $1 AND (model = $2 OR requested_model = $2
                         OR model LIKE $3 ESCAPE '\\' OR requested_model LIKE $3 ESCAPE '\\'
                         OR model LIKE 'ft:%' OR requested_model LIKE 'ft:%')",
@@ -542,6 +554,9 @@ impl PgBackend {
                     tier: row.get::<_, Option<&str>>(10).and_then(Tier::parse),
                     audio_query: row.get::<_, i64>(11).max(0) as u64,
                     audio_answer: row.get::<_, i64>(12).max(0) as u64,
+                    image_query: row.get::<_, i64>(14).max(0) as u64,
+                    image_answer: row.get::<_, i64>(15).max(0) as u64,
+                    units: pricing::Units::from_text(row.get::<_, &str>(16)),
                 };
                 let old: (i64, bool) = (row.get(7), row.get(8));
                 let new = table.cost(&m, &req, ts, tokens);

@@ -133,7 +133,8 @@ impl SqliteSource {
         let mut st = self.conn.prepare_cached(
             "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated,
-                    request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream
+                    request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream,
+                    image_query_tokens, image_answer_tokens, units
              FROM queries WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
         )?;
         let n = |v: i64| v.max(0) as u64;
@@ -160,7 +161,10 @@ impl SqliteSource {
                                 reasoning: n(r.get(13)?),
                                 audio_query: n(r.get(20)?),
                                 audio_answer: n(r.get(21)?),
+                                image_query: n(r.get(24)?),
+                                image_answer: n(r.get(25)?),
                             },
+                            units: crate::pricing::Units::from_text(&r.get::<_, String>(26)?),
                             tags: r.get(22)?,
                             upstream: r.get(23)?,
                             tier: r

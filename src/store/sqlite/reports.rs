@@ -50,7 +50,8 @@ impl SqliteReports {
 pub(super) fn price_rows(c: &Connection) -> Result<Vec<(String, Price)>, StoreError> {
     let mut st = c.prepare(
         "SELECT model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer,
-                priority_query, priority_cached, priority_answer, audio_query, audio_answer
+                priority_query, priority_cached, priority_answer, audio_query, audio_answer,
+                image_query, image_answer, unit
          FROM prices ORDER BY model, valid_from",
     )?;
     let rows = st.query_map([], |r| {
@@ -72,6 +73,9 @@ pub(super) fn price_rows(c: &Connection) -> Result<Vec<(String, Price)>, StoreEr
                 r.get(10)?,
                 r.get(11)?,
                 r.get(12)?,
+                r.get(13)?,
+                r.get(14)?,
+                r.get(15)?,
             ]),
         ))
     })?;
@@ -167,7 +171,8 @@ impl Reports for SqliteReports {
             "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     CAST(query_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cached_tokens AS INTEGER),
                     CAST(reasoning_tokens AS INTEGER), CAST(cost AS INTEGER), priced, estimated, request_id, client_aborted, service_tier,
-                    CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER), tags, upstream
+                    CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER), tags, upstream,
+                    CAST(image_query_tokens AS INTEGER), CAST(image_answer_tokens AS INTEGER), units
              FROM queries{w} ORDER BY {order} LIMIT ? OFFSET ?"
         );
         args.push(rusqlite::types::Value::Integer(
@@ -207,6 +212,9 @@ impl Reports for SqliteReports {
                     audio_answer_tokens: r.get(21)?,
                     tags: r.get(22)?,
                     upstream: r.get(23)?,
+                    image_query_tokens: r.get(24)?,
+                    image_answer_tokens: r.get(25)?,
+                    units: crate::pricing::Units::from_text(&r.get::<_, String>(26)?),
                 };
                 if !sink(rec) {
                     break;

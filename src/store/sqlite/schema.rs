@@ -82,6 +82,12 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         sql: SCHEMA_V9,
         adds_column: Some(("queries", "upstream")),
     },
+    Migration {
+        version: 10,
+        what: "image tokens and per-unit counts on records, image and unit rates on prices",
+        sql: SCHEMA_V10,
+        adds_column: Some(("queries", "units")),
+    },
 ];
 
 /// The version this build brings a database to.
@@ -264,6 +270,18 @@ CREATE TABLE IF NOT EXISTS usage_daily_tags (
 /// The upstream that served a record (NULL for the records written before).
 const SCHEMA_V9: &str = "
 ALTER TABLE queries ADD COLUMN upstream TEXT;
+";
+
+/// Image tokens and what is priced per unit (images, tool calls, seconds,
+/// characters; see `crate::pricing::Units`) on records, empty for those
+/// written before; image token and unit rates on prices (NULL: none).
+const SCHEMA_V10: &str = "
+ALTER TABLE queries ADD COLUMN image_query_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE queries ADD COLUMN image_answer_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE queries ADD COLUMN units TEXT NOT NULL DEFAULT '';
+ALTER TABLE prices ADD COLUMN image_query INTEGER;
+ALTER TABLE prices ADD COLUMN image_answer INTEGER;
+ALTER TABLE prices ADD COLUMN unit INTEGER;
 ";
 
 /// Whether `table` has `column`.

@@ -23,18 +23,19 @@ impl SqliteBackend {
     }
 }
 
-const INSERT: &str = "INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)";
+const INSERT: &str = "INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream, image_query_tokens, image_answer_tokens, units) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)";
 
 /// Inserts a price row (standard and tier rates); its parameters are
 /// those of [`UPSERT_PRICE`].
-pub(super) const INSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+pub(super) const INSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer, image_query, image_answer, unit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)";
 
 /// Stores a price row (standard and tier rates), replacing one of the same `valid_from`.
-pub(super) const UPSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+pub(super) const UPSERT_PRICE: &str = "INSERT INTO prices (model, valid_from, query, cached, answer, flex_query, flex_cached, flex_answer, priority_query, priority_cached, priority_answer, audio_query, audio_answer, image_query, image_answer, unit) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
 ON CONFLICT (model, valid_from) DO UPDATE SET query = excluded.query, cached = excluded.cached, answer = excluded.answer,
     flex_query = excluded.flex_query, flex_cached = excluded.flex_cached, flex_answer = excluded.flex_answer,
     priority_query = excluded.priority_query, priority_cached = excluded.priority_cached, priority_answer = excluded.priority_answer,
-    audio_query = excluded.audio_query, audio_answer = excluded.audio_answer";
+    audio_query = excluded.audio_query, audio_answer = excluded.audio_answer,
+    image_query = excluded.image_query, image_answer = excluded.image_answer, unit = excluded.unit";
 
 /// The parameters of [`UPSERT_PRICE`].
 pub(super) fn price_params(model: &str, p: &Price) -> Vec<rusqlite::types::Value> {
@@ -118,6 +119,9 @@ impl Backend for SqliteBackend {
                     i(r.usage.audio_answer),
                     r.tags,
                     r.upstream.as_deref(),
+                    i(r.usage.image_query),
+                    i(r.usage.image_answer),
+                    r.units.to_text(),
                 ])?;
                 if let Some(k) = &r.key_id {
                     let mut st = tx.prepare_cached(
@@ -187,7 +191,7 @@ impl Backend for SqliteBackend {
         {
             let like_dated = format!("{}-%", escape_like(model));
             let mut sel = tx.prepare(
-                "SELECT id, model, requested_model, ts, CAST(query_tokens AS INTEGER), CAST(cached_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cost AS INTEGER), priced, user, service_tier, CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER), tags FROM queries
+                "SELECT id, model, requested_model, ts, CAST(query_tokens AS INTEGER), CAST(cached_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cost AS INTEGER), priced, user, service_tier, CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER), tags, CAST(image_query_tokens AS INTEGER), CAST(image_answer_tokens AS INTEGER), units FROM queries
                  WHERE ts >= ?1 AND (model = ?2 OR requested_model = ?2
                     OR model LIKE ?3 ESCAPE '\\' OR requested_model LIKE ?3 ESCAPE '\\'
                     OR model LIKE 'ft:%' OR requested_model LIKE 'ft:%')",
@@ -213,6 +217,9 @@ impl Backend for SqliteBackend {
                         .and_then(|t| Tier::parse(&t)),
                     audio_query: row.get::<_, i64>(11)?.max(0) as u64,
                     audio_answer: row.get::<_, i64>(12)?.max(0) as u64,
+                    image_query: row.get::<_, i64>(14)?.max(0) as u64,
+                    image_answer: row.get::<_, i64>(15)?.max(0) as u64,
+                    units: pricing::Units::from_text(&row.get::<_, String>(16)?),
                 };
                 let old: (i64, bool) = (row.get(7)?, row.get(8)?);
                 let new = table.cost(&m, &req, ts, tokens);
