@@ -78,6 +78,9 @@ pub struct Meter {
     upload: Option<Arc<Upload>>,
     /// Where the costs of image and audio requests are learnt.
     recent: Option<Arc<RecentCosts>>,
+    /// The model the record is priced by, over the answered one (an Azure
+    /// deployment's base model).
+    priced_as: Option<String>,
 }
 
 impl Meter {
@@ -106,6 +109,23 @@ impl Meter {
             observer: Observer::Ignore,
             upload: None,
             recent: None,
+            priced_as: None,
+        }
+    }
+
+    /// The request's `model` (empty where it has none).
+    pub fn requested_model(&self) -> &str {
+        &self.record.requested_model
+    }
+
+    /// The next attempt goes to `upstream`; its records are priced by
+    /// `priced_as` when set, whatever model upstream answers with.
+    pub fn serve(&mut self, upstream: &Arc<str>, priced_as: Option<&str>) {
+        if self.record.upstream.as_ref() != Some(upstream) {
+            self.record.upstream = Some(upstream.clone());
+        }
+        if self.priced_as.as_deref() != priced_as {
+            self.priced_as = priced_as.map(str::to_owned);
         }
     }
 
@@ -225,6 +245,9 @@ impl Meter {
             }
         };
         if let Some(m) = found.model {
+            rec.model = m;
+        }
+        if let Some(m) = self.priced_as.take() {
             rec.model = m;
         }
         // The tier upstream processed the request in wins over the one asked for.
