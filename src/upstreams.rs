@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 
+use parking_lot::Mutex;
+
 use crate::config::{Config, NamedUpstream};
+use crate::ratelimit::{RateLimits, Raw};
 use crate::upstream::Upstream;
 
 /// Every upstream, in the configured order, and the fallback lists.
@@ -41,6 +44,8 @@ pub struct Route {
     pub conn: Upstream,
     keys: Vec<Key>,
     next: AtomicUsize,
+    /// The latest rate-limit headers of answers sent without a key.
+    keyless_limits: Mutex<Option<Raw>>,
 }
 
 /// One key of a pool.
@@ -51,6 +56,23 @@ pub struct Key {
     pub header: HeaderValue,
     /// When it may be used again after a 429 (ms since the epoch; 0: now).
     rest_until_ms: AtomicI64,
+    /// What `/ratelimits` shows for it: the first 8 hex digits of the
+    /// key's SHA-256, never the key.
+    pub id: String,
+    /// The latest rate-limit headers of answers to it.
+    limits: Mutex<Option<Raw>>,
+}
+
+/// One key's (or a keyless upstream's) latest rate limits.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyLimits {
+    /// The upstream's name.
+    pub upstream: String,
+    /// The key's short id (`None`: sent without a key).
+    pub key: Option<String>,
+    /// What its latest answer with `x-ratelimit-*` headers said.
+    #[serde(flatten)]
+    pub limits: RateLimits,
 }
 
 /// Why the upstreams could not be built.
@@ -90,7 +112,14 @@ impl Upstreams {
                         let mut header = HeaderValue::from_str(&value)
                             .map_err(|_| fail(true, "a key is not a valid header value".into()))?;
                         header.set_sensitive(true);
+                        let digest = ring::digest::digest(&ring::digest::SHA256, k.as_bytes());
+                        let id = digest.as_ref()[..4]
+                            .iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect();
                         Ok(Key {
+                            id,
+                            limits: Mutex::new(None),
                             name: if azure {
                                 HeaderName::from_static("api-key")
                             } else {
@@ -109,6 +138,7 @@ impl Upstreams {
                     conn,
                     keys,
                     next: AtomicUsize::new(0),
+                    keyless_limits: Mutex::new(None),
                     conf,
                 })
             })
@@ -171,6 +201,30 @@ impl Upstreams {
         for r in &self.routes {
             r.conn.spawn_reaper();
         }
+    }
+
+    /// The latest rate limits of every key (and keyless upstream) that
+    /// had an answer with `x-ratelimit-*` headers, in configured order.
+    pub fn ratelimits(&self) -> Vec<KeyLimits> {
+        let mut out = Vec::new();
+        for r in &self.routes {
+            let slots = r
+                .keys
+                .iter()
+                .map(|k| (Some(&k.id), &k.limits))
+                .chain(std::iter::once((None, &r.keyless_limits)));
+            for (id, slot) in slots {
+                let Some(limits) = slot.lock().as_ref().and_then(Raw::parse) else {
+                    continue;
+                };
+                out.push(KeyLimits {
+                    upstream: r.name.to_string(),
+                    key: id.cloned(),
+                    limits,
+                });
+            }
+        }
+        out
     }
 
     /// Idle connections right now, all upstreams together.
@@ -272,6 +326,19 @@ impl Route {
         self.keys[i]
             .rest_until_ms
             .fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Keeps the rate-limit headers of an answer to key `key` (`None`:
+    /// sent without one), if it has any.
+    pub fn note_limits(&self, key: Option<usize>, answer: &HeaderMap, now_ms: i64) {
+        let Some(raw) = Raw::capture(answer, now_ms) else {
+            return;
+        };
+        let slot = match key {
+            Some(i) => &self.keys[i].limits,
+            None => &self.keyless_limits,
+        };
+        *slot.lock() = Some(raw);
     }
 
     /// Whether key `i` rests at `now_ms`.

@@ -501,3 +501,68 @@ async fn answers_name_their_upstream() {
     assert_eq!(r.status, 400);
     assert_eq!(r.header("x-tollgate-upstream").as_deref(), Some("default"));
 }
+
+/// `/ratelimits` keeps each key's latest `x-ratelimit-*` headers (a 429
+/// that moved the request to another key included), the key shown by the
+/// first 8 hex digits of its SHA-256, never the key itself; the top-level
+/// fields stay the latest answer's, as with one upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ratelimits_are_kept_per_upstream_and_key_without_secrets() {
+    let keyed = Mock::start(|s| {
+        let remaining = if key_of(s) == "Bearer sk-secret-one" {
+            "0"
+        } else {
+            "20"
+        };
+        let r = if remaining == "0" {
+            Reply::json(r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#)
+                .status(429)
+                .header("retry-after", "60")
+        } else {
+            Reply::json(completion("gpt-4o", "hi", Tok::new(5, 2)))
+        };
+        r.header("x-ratelimit-limit-requests", "500")
+            .header("x-ratelimit-remaining-requests", remaining)
+            .header("x-ratelimit-reset-requests", "1s")
+    })
+    .await;
+    let local = Mock::start(|_| {
+        Reply::json(completion("llama-3-8b", "hi", Tok::new(5, 2)))
+            .header("x-ratelimit-remaining-tokens", "77")
+    })
+    .await;
+    let proxy = proxy_of(vec![
+        upstream(
+            "openai",
+            &keyed,
+            &["gpt-*"],
+            &["sk-secret-one", "sk-secret-two"],
+        ),
+        upstream("local", &local, &["llama-*"], &[]),
+    ])
+    .await;
+    for model in ["gpt-4o", "gpt-4o", "llama-3-8b"] {
+        let r = proxy.chat("alice", &chat_body(model, false)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let text = proxy.get("/ratelimits").await.text();
+    assert!(!text.contains("sk-secret"), "{text}");
+    let rl: Value = serde_json::from_str(&text).unwrap();
+    let id = |k: &str| -> String {
+        let d = ring::digest::digest(&ring::digest::SHA256, k.as_bytes());
+        d.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let ups = rl["upstreams"].as_array().expect("per key").clone();
+    assert_eq!(ups.len(), 3, "{rl}");
+    assert_eq!(ups[0]["upstream"], "openai");
+    assert_eq!(ups[0]["key"].as_str(), Some(id("sk-secret-one").as_str()));
+    assert_eq!(ups[0]["requests"]["remaining"], 0);
+    assert_eq!(ups[1]["key"].as_str(), Some(id("sk-secret-two").as_str()));
+    assert_eq!(ups[1]["requests"]["remaining"], 20);
+    assert_eq!(ups[1]["requests"]["maximum"], 500);
+    assert_eq!(ups[2]["upstream"], "local");
+    assert_eq!(ups[2]["key"], Value::Null);
+    assert_eq!(ups[2]["tokens"]["remaining"], 77);
+    // The latest answer's, as before.
+    assert_eq!(rl["tokens"]["remaining"], 77);
+}

@@ -621,6 +621,8 @@ async fn exchange(
     let (head, body) = up.into_parts();
     let mut body = Some(body);
     let all = app.upstreams.all();
+    // `/ratelimits` per key is kept for `[[upstream]]` tables only.
+    let per_key_limits = !app.config.upstreams.is_empty();
     for (pos, &at) in chain.iter().enumerate() {
         let route = &all[at];
         if !route.serves(meter.requested_model()) {
@@ -664,6 +666,11 @@ async fn exchange(
                 req.headers_mut().insert(k.name.clone(), k.header.clone());
             }
             let out = send(app, route, req, upload).await;
+            if per_key_limits {
+                if let Ok(a) = &out {
+                    route.note_limits(key, a.headers(), crate::timestamp::now_ms());
+                }
+            }
             let may_retry = again.is_some() && retries < app.config.upstream_retries;
             if !may_retry && !fall_back {
                 return out.map(|a| (a, at));
