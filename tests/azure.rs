@@ -222,3 +222,94 @@ async fn openai_falls_back_to_an_azure_deployment() {
     assert_eq!(recs[1]["status"], 200);
     assert_eq!(recs[1]["cost"], 2.0);
 }
+
+/// Clients may call tollgate the way `AzureOpenAI` SDKs do:
+/// `/openai/deployments/{model}/...?api-version=...` with the key as
+/// `api-key`. The path's deployment is the model asked for; the record is
+/// the `/v1/` endpoint's; upstream gets its own deployment, API version
+/// and key, never the client's tollgate key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_shaped_client_paths_are_served_like_v1() {
+    let mock = azure_mock("my-4o").await;
+    let ups = vec![azure("az", &mock, &["az-secret"])];
+    let proxy = Proxy::builder("http://127.0.0.1:9")
+        .admin("adm-key")
+        .auth(tollgate::access::AuthMode::Keys)
+        .with(move |c| c.upstreams = ups)
+        .start()
+        .await;
+    let p = proxy
+        .set_price(
+            "base-4o",
+            r#"{"validFrom":"2020-01-01T00:00:00Z","per1MQueryTokens":1,"per1MAnswerTokens":1}"#,
+        )
+        .await;
+    assert_eq!(p.status, 200, "{}", p.text());
+    let r = proxy
+        .admin_call(http::Method::POST, "/users/alice/keys", "")
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let key = r.json()["key"].as_str().unwrap().to_owned();
+    let call = |path: &str, body: String| {
+        http::Request::post(path)
+            .header("api-key", key.as_str())
+            .header("content-type", "application/json")
+            .body(full(body))
+            .unwrap()
+    };
+    let r = send(
+        proxy.addr,
+        call(
+            "/openai/deployments/gpt-4o/chat/completions?api-version=2024-02-01",
+            chat_body("gpt-4o", true),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-tollgate-upstream").as_deref(), Some("az"));
+    let seen = mock.seen();
+    assert_eq!(seen.len(), 1);
+    assert!(
+        !seen[0]
+            .headers
+            .iter()
+            .any(|(_, v)| v.as_bytes() == key.as_bytes()),
+        "the tollgate key never goes upstream"
+    );
+    let recs = proxy.wait_records(1).await;
+    assert_eq!(recs[0]["user"], "alice");
+    assert_eq!(recs[0]["endpoint"], "/v1/chat/completions");
+    assert_eq!(recs[0]["requestedModel"], "gpt-4o");
+    assert_eq!(recs[0]["cost"], 2.0, "{:?}", recs[0]);
+
+    // The body may not name another model than the path's deployment.
+    let r = send(
+        proxy.addr,
+        call(
+            "/openai/deployments/gpt-4o/chat/completions?api-version=2024-02-01",
+            chat_body("plain", false),
+        ),
+    )
+    .await;
+    assert_openai_error(&r, 400, "invalid_request_error", Some("model"), None);
+    // A deployment that is not a plain name never goes anywhere.
+    let r = send(
+        proxy.addr,
+        call(
+            "/openai/deployments/..%2Fx/chat/completions",
+            chat_body("gpt-4o", false),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = send(
+        proxy.addr,
+        call(
+            "/openai/deployments/gpt-4o/../../../admin",
+            chat_body("gpt-4o", false),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(mock.seen().len(), 1);
+}

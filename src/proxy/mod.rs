@@ -12,7 +12,7 @@ mod headers;
 mod path;
 mod reserve;
 
-pub use path::{normalize as normalize_path, PathError};
+pub use path::{normalize as normalize_path, PathError, AZURE_PREFIX};
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -175,6 +175,8 @@ struct Ctx {
     again: Option<HeldBody>,
     /// Which of `app.upstreams` may serve the request, in order.
     chain: Chain,
+    /// The deployment of an Azure-shaped path: the model asked for.
+    deployment: Option<String>,
 }
 
 /// What the request body said (JSON APIs; empty for streamed uploads).
@@ -200,8 +202,13 @@ impl Ctx {
     /// family that may be forwarded) and who the request is charged to.
     fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Ctx, ApiError> {
         let started_ms = crate::timestamp::now_ms();
-        let path = path::normalize(req.uri().path())
-            .map_err(|e| ApiError::bad_request(e.message()).with_code("invalid_path"))?;
+        let bad_path = |e: PathError| ApiError::bad_request(e.message()).with_code("invalid_path");
+        let (deployment, raw) = match path::from_azure(req.uri().path()) {
+            None => (None, Cow::Borrowed(req.uri().path())),
+            Some(Ok((d, p))) => (Some(d.to_owned()), Cow::Owned(p)),
+            Some(Err(e)) => return Err(bad_path(e)),
+        };
+        let path = path::normalize(&raw).map_err(bad_path)?;
         let family = path::family(&path);
         if !path::is_metered_family(family) && !app.config.allows_unmetered(family) {
             app.metrics.rejected("unmetered_endpoint");
@@ -236,6 +243,7 @@ impl Ctx {
             upload: None,
             again: None,
             chain: Chain::One(0),
+            deployment,
         })
     }
 
@@ -277,6 +285,9 @@ impl Ctx {
             });
             let (body, progress) = UploadBody::new(body, sniff, app.config.body_timeout);
             self.upload = Some(progress);
+            if let Some(d) = &self.deployment {
+                self.request.model.clone_from(d);
+            }
             return Ok(body.boxed_unsync());
         }
         let limit = app.config.max_body;
@@ -298,7 +309,19 @@ impl Ctx {
             self.again = Some(held.clone());
             return Ok(held.boxed_unsync());
         }
-        let info = meter::parse_request(&bytes)?;
+        let mut info = meter::parse_request(&bytes)?;
+        if let Some(d) = &self.deployment {
+            // Azure's path names the model; a body naming another is a
+            // contradiction, not a choice between them.
+            if info.model.is_empty() {
+                info.model.clone_from(d);
+            } else if info.model != *d {
+                return Err(ApiError::bad_param(
+                    "model",
+                    "the model in the body is not the deployment in the path",
+                ));
+            }
+        }
         r.body = bytes;
         if info.stream && !info.include_usage && self.endpoint.usage_on_request() {
             if let Some(spliced) = meter::splice_include_usage(&r.body) {
@@ -330,6 +353,19 @@ impl Ctx {
         body: Body,
     ) -> Result<Request<Body>, ApiError> {
         let path_and_query = match parts.uri.query() {
+            // Azure's `api-version` is no OpenAI parameter; an Azure
+            // upstream gets its configured one.
+            Some(q) if self.deployment.is_some() => {
+                let kept: Vec<&str> = q
+                    .split('&')
+                    .filter(|p| !p.is_empty() && !p.starts_with("api-version="))
+                    .collect();
+                if kept.is_empty() {
+                    Cow::Borrowed(self.path.as_str())
+                } else {
+                    Cow::Owned(format!("{}?{}", self.path, kept.join("&")))
+                }
+            }
             Some(q) => Cow::Owned(format!("{}?{q}", self.path)),
             None => Cow::Borrowed(self.path.as_str()),
         };
@@ -658,11 +694,11 @@ async fn exchange(
             *req.uri_mut() = uri.clone();
             *req.headers_mut() = head.headers.clone();
             if let Some(k) = key {
+                // The configured key replaces whatever the client sent, in
+                // either header.
                 let k = route.key(k);
-                if k.name != header::AUTHORIZATION {
-                    // Azure's key replaces the client's (never both).
-                    req.headers_mut().remove(header::AUTHORIZATION);
-                }
+                req.headers_mut().remove(header::AUTHORIZATION);
+                req.headers_mut().remove(headers::AZURE_KEY);
                 req.headers_mut().insert(k.name.clone(), k.header.clone());
             }
             let out = send(app, route, req, upload).await;
