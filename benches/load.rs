@@ -23,6 +23,9 @@
 //!   cores); unset, everything shares every core,
 //! - `TOLLGATE_BENCH_LOG` tollgate's `RUST_LOG` (default `info`: an access
 //!   line per request, as in production),
+//! - `TOLLGATE_BENCH_UPSTREAM=table` configures the one upstream as an
+//!   `[[upstream]]` table in a TOML file rather than with `--upstream`
+//!   (the same URL, the same key or none),
 //! - `TOLLGATE_BENCH_SCENARIOS` subset of `chat,stream,stream+usage`, and
 //!   `TOLLGATE_BENCH_TARGETS` subset of `direct,tollgate,tollgate-pg,nginx` (for profiling one cell),
 //! - `--db postgres` (after `--`) or `TOLLGATE_BENCH_DB=postgres`: a second
@@ -338,11 +341,27 @@ fn start_tollgate(
     } else {
         cmd.env_remove("TOLLGATE_UPSTREAM_TOKEN");
     }
+    if std::env::var("TOLLGATE_BENCH_UPSTREAM").is_ok_and(|v| v == "table") {
+        let key = if keys_mode {
+            cmd.env("TOLLGATE_BENCH_UPSTREAM_KEY", "sk-bench-upstream")
+                .env_remove("TOLLGATE_UPSTREAM_TOKEN");
+            "key_env = [\"TOLLGATE_BENCH_UPSTREAM_KEY\"]\n"
+        } else {
+            ""
+        };
+        let toml = dir.join("upstreams.toml");
+        std::fs::write(
+            &toml,
+            format!("[[upstream]]\nname = \"bench\"\nurl = \"http://{upstream}\"\n{key}"),
+        )
+        .expect("write upstreams.toml");
+        cmd.arg("--config").arg(&toml);
+    } else {
+        cmd.arg("--upstream").arg(format!("http://{upstream}"));
+    }
     let mut child = cmd
         .arg("--listen")
         .arg(addr.to_string())
-        .arg("--upstream")
-        .arg(format!("http://{upstream}"))
         .arg("--db")
         .arg(&db)
         .args(["--shutdown-grace", "10s"])

@@ -220,7 +220,16 @@ pub fn user_from_key(
         )
         .with_code("invalid_api_key")
     };
-    let token = bearer(headers).ok_or_else(invalid)?;
+    // Azure-shaped clients (the `AzureOpenAI` SDKs) send theirs as `api-key`.
+    let token = bearer(headers)
+        .or_else(|| {
+            headers
+                .get("api-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+        })
+        .ok_or_else(invalid)?;
     let e = keys.find(token).ok_or_else(invalid)?;
     e.last_used.store(now_ms, Ordering::Relaxed);
     Ok(e)

@@ -22,6 +22,8 @@ pub struct Config {
     /// Named upstreams (`[[upstream]]` tables); empty: the one `upstream`
     /// with `upstream_token` and `upstream_trust`.
     pub upstreams: Vec<NamedUpstream>,
+    /// Per model, the upstreams tried in turn (`[[fallback]]` tables).
+    pub fallbacks: Vec<Fallback>,
     /// How many times a request answered 429 or 5xx, or whose connection
     /// failed, before anything reached the client, is sent again (on
     /// another key when there is one).
@@ -93,6 +95,7 @@ impl std::fmt::Debug for Config {
             .field("db", &self.db)
             .field("upstream_trust", &self.upstream_trust)
             .field("upstreams", &self.upstreams)
+            .field("fallbacks", &self.fallbacks)
             .field("upstream_retries", &self.upstream_retries)
             .field("upstream_token", &redacted(&self.upstream_token))
             .field("upstream_connect_timeout", &self.upstream_connect_timeout)
@@ -355,14 +358,65 @@ pub struct NamedUpstream {
     pub models: Vec<String>,
     /// Roots trusted beyond the built-in ones.
     pub trust: Trust,
+    /// Set for an Azure OpenAI resource (`kind = "azure"`).
+    pub azure: Option<Azure>,
 }
 
 impl NamedUpstream {
-    /// Whether it serves `model` (a request without a model goes to the
-    /// first upstream that serves every model, else to the first).
+    /// Whether it serves `model`: one of its `models` patterns matches
+    /// (none: every model), or for Azure, it has a deployment of it.
     pub fn serves(&self, model: &str) -> bool {
-        self.models.is_empty() || self.models.iter().any(|p| glob(p, model))
+        match &self.azure {
+            Some(a) => a.deployment(model).is_some(),
+            None => self.models.is_empty() || self.models.iter().any(|p| glob(p, model)),
+        }
     }
+}
+
+/// What an Azure OpenAI upstream needs beyond a URL: its API version and
+/// which deployment serves which model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Azure {
+    /// `api-version` sent with every request.
+    pub api_version: String,
+    /// The deployments, by the model name clients ask for.
+    pub deployments: Vec<Deployment>,
+}
+
+impl Azure {
+    /// The deployment serving `model`, if any.
+    pub fn deployment(&self, model: &str) -> Option<&Deployment> {
+        self.deployments.iter().find(|d| d.model == model)
+    }
+}
+
+/// One Azure deployment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deployment {
+    /// The model name clients ask for.
+    pub model: String,
+    /// The deployment's name in Azure (a path segment).
+    pub deployment: String,
+    /// The model records are priced by (Azure answers with names of its
+    /// own); `None`: `model`.
+    pub base_model: Option<String>,
+}
+
+impl Deployment {
+    /// The model its records are priced by.
+    pub fn priced_as(&self) -> &str {
+        self.base_model.as_deref().unwrap_or(&self.model)
+    }
+}
+
+/// One `[[fallback]]` table: a model's upstreams, tried in this order
+/// while an attempt fails before any answer reached the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fallback {
+    /// A model name or glob pattern.
+    pub model: String,
+    /// Upstream names, in the order they are tried.
+    pub upstreams: Vec<String>,
 }
 
 /// Shows the keys as a count.
@@ -374,6 +428,7 @@ impl std::fmt::Debug for NamedUpstream {
             .field("keys", &self.keys.len())
             .field("models", &self.models)
             .field("trust", &self.trust)
+            .field("azure", &self.azure)
             .finish()
     }
 }
@@ -407,7 +462,7 @@ fn named_upstreams(
     tables: &[toml::Value],
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Vec<NamedUpstream>, ConfigError> {
-    const KNOWN: [&str; 7] = [
+    const KNOWN: [&str; 10] = [
         "name",
         "url",
         "models",
@@ -415,6 +470,9 @@ fn named_upstreams(
         "key_files",
         "ca_file",
         "system_roots",
+        "kind",
+        "api_version",
+        "deployments",
     ];
     let mut out: Vec<NamedUpstream> = Vec::new();
     for (n, t) in tables.iter().enumerate() {
@@ -517,15 +575,198 @@ fn named_upstreams(
             Some(toml::Value::Boolean(b)) => *b,
             Some(_) => return Err(err(&format!("{at}.system_roots"), "must be true or false")),
         };
+        let models = list("models")?;
+        let azure = match text("kind")? {
+            None | Some("openai") => {
+                if let Some(k) = ["api_version", "deployments"]
+                    .into_iter()
+                    .find(|k| t.contains_key(*k))
+                {
+                    return Err(err(&format!("{at}.{k}"), "only for kind = \"azure\""));
+                }
+                None
+            }
+            Some("azure") => {
+                if !models.is_empty() {
+                    return Err(err(
+                        &format!("{at}.models"),
+                        "an azure upstream serves the models of its deployments; give no models",
+                    ));
+                }
+                Some(azure_of(&at, t)?)
+            }
+            Some(other) => {
+                return Err(err(
+                    &format!("{at}.kind"),
+                    format!("`{other}` is not openai or azure"),
+                ))
+            }
+        };
         out.push(NamedUpstream {
             name,
             url,
             keys,
-            models: list("models")?,
+            models,
             trust: Trust {
                 ca_file: text("ca_file")?.map(PathBuf::from),
                 system_roots,
             },
+            azure,
+        });
+    }
+    Ok(out)
+}
+
+/// Whether `s` may stand in a URL path or query unescaped: a deployment
+/// name or an API version.
+fn is_url_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The `api_version` and `deployments` of an azure `[[upstream]]` table.
+fn azure_of(at: &str, t: &toml::Table) -> Result<Azure, ConfigError> {
+    let api_version = match t.get("api_version") {
+        None => DEFAULT_AZURE_API_VERSION.to_owned(),
+        Some(toml::Value::String(s)) if is_url_safe(s) => s.clone(),
+        Some(_) => {
+            return Err(err(
+                &format!("{at}.api_version"),
+                "must be a version like 2024-10-21",
+            ))
+        }
+    };
+    let at = format!("{at}.deployments");
+    let table = match t.get("deployments") {
+        Some(toml::Value::Table(d)) if !d.is_empty() => d,
+        _ => {
+            return Err(err(
+                &at,
+                "an azure upstream needs deployments = { \"model\" = \"deployment\", ... }",
+            ))
+        }
+    };
+    let bad_name = |m: &str| {
+        err(
+            &format!("{at}.{m}"),
+            "a deployment name is up to 64 letters, digits, `-`, `_` or `.`",
+        )
+    };
+    let mut deployments = Vec::new();
+    for (model, v) in table {
+        let (deployment, base_model) = match v {
+            toml::Value::String(d) => (d.clone(), None),
+            toml::Value::Table(d) => {
+                if let Some(k) = d
+                    .keys()
+                    .find(|k| !matches!(k.as_str(), "deployment" | "base_model"))
+                {
+                    return Err(err(
+                        &format!("{at}.{model}"),
+                        format!("unknown key `{k}` (known: deployment, base_model)"),
+                    ));
+                }
+                let base = match d.get("base_model") {
+                    None => None,
+                    Some(toml::Value::String(b)) if !b.is_empty() => Some(b.clone()),
+                    Some(_) => {
+                        return Err(err(
+                            &format!("{at}.{model}.base_model"),
+                            "must be a non-empty string",
+                        ))
+                    }
+                };
+                match d.get("deployment") {
+                    Some(toml::Value::String(s)) => (s.clone(), base),
+                    _ => return Err(bad_name(model)),
+                }
+            }
+            _ => return Err(bad_name(model)),
+        };
+        if model.is_empty() || !is_url_safe(&deployment) {
+            return Err(bad_name(model));
+        }
+        deployments.push(Deployment {
+            model: model.clone(),
+            deployment,
+            base_model,
+        });
+    }
+    Ok(Azure {
+        api_version,
+        deployments,
+    })
+}
+
+/// `api-version` of azure upstreams that name none: the latest GA version
+/// of Azure OpenAI's data-plane API when this was written.
+pub const DEFAULT_AZURE_API_VERSION: &str = "2024-10-21";
+
+/// The `[[fallback]]` tables of a TOML file, checked against the upstreams.
+fn fallbacks_of(
+    tables: &[toml::Value],
+    upstreams: &[NamedUpstream],
+) -> Result<Vec<Fallback>, ConfigError> {
+    let mut out = Vec::new();
+    for (n, t) in tables.iter().enumerate() {
+        let at = format!("fallback[{n}]");
+        let t = t
+            .as_table()
+            .ok_or_else(|| err(&at, "must be a table ([[fallback]])"))?;
+        if let Some(k) = t
+            .keys()
+            .find(|k| !matches!(k.as_str(), "model" | "upstreams"))
+        {
+            return Err(err(
+                &at,
+                format!("unknown key `{k}` (known: model, upstreams)"),
+            ));
+        }
+        let model = match t.get("model") {
+            Some(toml::Value::String(s)) if !s.is_empty() => s.clone(),
+            _ => return Err(err(&format!("{at}.model"), "needs a model name or pattern")),
+        };
+        let names: Vec<String> = match t.get("upstreams") {
+            Some(toml::Value::Array(a)) if !a.is_empty() => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<_>>()
+                .ok_or_else(|| err(&format!("{at}.upstreams"), "must be upstream names"))?,
+            _ => {
+                return Err(err(
+                    &format!("{at}.upstreams"),
+                    "needs a list of upstream names",
+                ))
+            }
+        };
+        for (i, name) in names.iter().enumerate() {
+            let Some(u) = upstreams.iter().find(|u| &u.name == name) else {
+                return Err(err(
+                    &format!("{at}.upstreams"),
+                    format!("no [[upstream]] is named `{name}`"),
+                ));
+            };
+            if names[..i].contains(name) {
+                return Err(err(
+                    &format!("{at}.upstreams"),
+                    format!("`{name}` is named twice"),
+                ));
+            }
+            // A plain name can be checked now; a pattern only per request.
+            if !model.contains(['*', '?']) && !u.serves(&model) {
+                return Err(err(
+                    &format!("{at}.upstreams"),
+                    format!(
+                        "upstream `{name}` does not serve `{model}` (its models or deployments)"
+                    ),
+                ));
+            }
+        }
+        out.push(Fallback {
+            model,
+            upstreams: names,
         });
     }
     Ok(out)
@@ -607,6 +848,7 @@ impl Config {
             keys: self.upstream_token.iter().cloned().collect(),
             models: Vec::new(),
             trust: self.upstream_trust.clone(),
+            azure: None,
         }]
     }
 
@@ -628,6 +870,7 @@ impl Default for Config {
             db: Db::Sqlite(PathBuf::from("openai-queries.db")),
             upstream_trust: Trust::default(),
             upstreams: Vec::new(),
+            fallbacks: Vec::new(),
             upstream_retries: 2,
             upstream_token: None,
             upstream_connect_timeout: Duration::from_secs(10),
@@ -1227,7 +1470,7 @@ pub fn parse(
         .filter(|s| !s.value.is_empty())
         .map(|s| s.key)
         .chain(SECRETS.iter().map(|s| s.1))
-        .chain(["default_prices"])
+        .chain(["default_prices", "fallback"])
         .collect();
     if let Some(k) = file.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(err("--config", format!("unknown key `{k}`")));
@@ -1269,6 +1512,17 @@ pub fn parse(
             ));
         }
         c.upstreams = named_upstreams(tables, env)?;
+        if let Some(f) = file.get("fallback") {
+            let toml::Value::Array(f) = f else {
+                return Err(err("fallback", "must be [[fallback]] tables"));
+            };
+            c.fallbacks = fallbacks_of(f, &c.upstreams)?;
+        }
+    } else if file.contains_key("fallback") {
+        return Err(err(
+            "fallback",
+            "[[fallback]] names [[upstream]] tables; there are none",
+        ));
     } else if let Some(v) = raw("--upstream")? {
         c.upstream = UpstreamUrl::parse(&v).map_err(|m| {
             // Never echo credentials back.

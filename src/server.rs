@@ -36,7 +36,8 @@ async fn route(
     if head > MAX_HEADER_BYTES {
         return Ok(crate::error::ApiError::headers_too_large(MAX_HEADER_BYTES).into_response());
     }
-    if req.uri().path().starts_with("/v1/") {
+    let path = req.uri().path();
+    if path.starts_with("/v1/") || path.starts_with(crate::proxy::AZURE_PREFIX) {
         return Ok(crate::proxy::handle(&app, req).await);
     }
     let head = req.method() == http::Method::HEAD;

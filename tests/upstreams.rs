@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use common::*;
 use serde_json::Value;
-use tollgate::config::{NamedUpstream, Trust, UpstreamUrl};
+use tollgate::config::{Fallback, NamedUpstream, Trust, UpstreamUrl};
 
 fn upstream(name: &str, mock: &Mock, models: &[&str], keys: &[&str]) -> NamedUpstream {
     NamedUpstream {
@@ -22,6 +22,7 @@ fn upstream(name: &str, mock: &Mock, models: &[&str], keys: &[&str]) -> NamedUps
         keys: keys.iter().map(|k| k.to_string()).collect(),
         models: models.iter().map(|m| m.to_string()).collect(),
         trust: Trust::default(),
+        azure: None,
     }
 }
 
@@ -31,13 +32,42 @@ async fn answering(model: &'static str) -> Mock {
 }
 
 async fn proxy_of(ups: Vec<NamedUpstream>) -> Proxy {
+    proxy_with(ups, vec![], 2).await
+}
+
+async fn proxy_with(ups: Vec<NamedUpstream>, fallbacks: Vec<Fallback>, retries: u32) -> Proxy {
     Proxy::builder("http://127.0.0.1:9")
         .with(move |c| {
             c.upstreams = ups;
-            c.upstream_retries = 2;
+            c.fallbacks = fallbacks;
+            c.upstream_retries = retries;
         })
         .start()
         .await
+}
+
+fn fallback(model: &str, upstreams: &[&str]) -> Fallback {
+    Fallback {
+        model: model.into(),
+        upstreams: upstreams.iter().map(|u| u.to_string()).collect(),
+    }
+}
+
+/// A mock answering every request with `status` and an OpenAI error.
+async fn failing(status: u16, request_id: &'static str) -> Mock {
+    Mock::start(move |_| {
+        Reply::json(r#"{"error":{"message":"no","type":"server_error","param":null,"code":null}}"#)
+            .status(status)
+            .header("retry-after", "60")
+            .header("x-request-id", request_id)
+    })
+    .await
+}
+
+/// Records in the order they were written (one request's share its start).
+async fn records_in_order(proxy: &Proxy, n: usize) -> Vec<Value> {
+    proxy.wait_records(n).await;
+    proxy.queries("order=asc").await
 }
 
 /// The key a request came with upstream.
@@ -331,4 +361,217 @@ async fn a_self_hosted_upstream_without_keys_has_its_own_zero_price() {
     assert_eq!(recs[0]["priced"], true);
     assert_eq!(recs[0]["cost"], 0);
     assert!(openai.seen().is_empty());
+}
+
+/// A model's `[[fallback]]` list is tried in order: the first upstream
+/// answers 503 (each retry recorded), the second has every key rate
+/// limited (429), the third serves. The client sees one answer naming the
+/// third in `x-tollgate-upstream`; each failed attempt left one record
+/// naming its own upstream and status, with no tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_list_is_tried_in_order_and_each_attempt_recorded() {
+    let first = failing(503, "req_first").await;
+    let second = failing(429, "req_second").await;
+    let third = answering("gpt-4o-2024-08-06").await;
+    let unrelated = answering("gpt-4o").await;
+    let proxy = proxy_with(
+        vec![
+            upstream("unrelated", &unrelated, &["gpt-4o"], &["sk-u"]),
+            upstream("first", &first, &["gpt-4o"], &["sk-1"]),
+            upstream("second", &second, &["gpt-*"], &["sk-2a", "sk-2b"]),
+            upstream("third", &third, &[], &["sk-3"]),
+        ],
+        vec![fallback("gpt-4o*", &["first", "second", "third"])],
+        1,
+    )
+    .await;
+    let r = proxy.chat("alice", &chat_body("gpt-4o", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-tollgate-upstream").as_deref(), Some("third"));
+    assert!(
+        unrelated.seen().is_empty(),
+        "the fallback list wins over routing"
+    );
+    assert_eq!(first.seen().len(), 2, "one retry on the first upstream");
+    assert_eq!(second.seen().len(), 2, "each key once, then both rest");
+    assert_eq!(third.seen().len(), 1);
+    assert_eq!(key_of(&third.seen()[0]), "Bearer sk-3");
+
+    let recs = records_in_order(&proxy, 5).await;
+    let seen: Vec<(String, i64)> = recs
+        .iter()
+        .map(|r| {
+            (
+                r["upstream"].as_str().unwrap().to_owned(),
+                r["status"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let want = [
+        ("first", 503),
+        ("first", 503),
+        ("second", 429),
+        ("second", 429),
+        ("third", 200),
+    ];
+    assert_eq!(
+        seen,
+        want.map(|(u, s)| (u.to_owned(), s)).to_vec(),
+        "{recs:?}"
+    );
+    for r in &recs[..4] {
+        assert_eq!(r["queryTokens"], 0, "{r}");
+        assert_eq!(r["requestedModel"], "gpt-4o");
+    }
+    assert_eq!(recs[0]["requestId"], "req_first");
+    assert_eq!(recs[2]["requestId"], "req_second");
+    assert_eq!(recs[4]["queryTokens"], 5);
+    assert_eq!(recs[4]["answerTokens"], 2);
+
+    // Now both keys of `second` rest: it is skipped after one 503 round on
+    // `first`... and a model outside the list's pattern is routed as before.
+    let r = proxy.chat("alice", &chat_body("gpt-4", false)).await;
+    assert_eq!(r.status, 429, "gpt-4 goes to `second` alone: {}", r.text());
+    assert_eq!(r.header("x-tollgate-upstream").as_deref(), Some("second"));
+}
+
+/// An upstream that cannot be reached is passed over without a record; the
+/// answer of a single upstream names it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_falls_back_without_a_record() {
+    let good = answering("gpt-4o").await;
+    let mut down = upstream("down", &good, &["gpt-4o"], &["sk-d"]);
+    down.url = UpstreamUrl::parse("http://127.0.0.1:9").unwrap();
+    let proxy = proxy_with(
+        vec![down, upstream("good", &good, &[], &["sk-g"])],
+        vec![fallback("gpt-4o", &["down", "good"])],
+        0,
+    )
+    .await;
+    let r = proxy.chat("alice", &chat_body("gpt-4o", true)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-tollgate-upstream").as_deref(), Some("good"));
+    let r = proxy.chat("alice", &chat_body("gpt-4o-mini", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-tollgate-upstream").as_deref(), Some("good"));
+    let recs = proxy.wait_records(2).await;
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    assert!(recs
+        .iter()
+        .all(|r| r["upstream"] == "good" && r["status"] == 200));
+}
+
+/// A stream that fails after its first bytes reached the client is metered
+/// and never sent to the fallback upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_fallback_after_the_first_byte() {
+    let broken = Mock::start(|seen| {
+        let ev = chat_stream(seen, "gpt-4o", &["partial", " answer"], Tok::new(70, 9));
+        Reply::sse(vec![
+            Step::Send(ev[0].clone()),
+            Step::Send(ev[1].clone()),
+            Step::Reset,
+        ])
+    })
+    .await;
+    let spare = answering("gpt-4o").await;
+    let proxy = proxy_with(
+        vec![
+            upstream("broken", &broken, &["gpt-4o"], &["sk-b"]),
+            upstream("spare", &spare, &["gpt-4o"], &["sk-s"]),
+        ],
+        vec![fallback("gpt-4o", &["broken", "spare"])],
+        2,
+    )
+    .await;
+    let s = open(proxy.addr, chat_req("alice", &chat_body("gpt-4o", true))).await;
+    assert_eq!(s.status, 200);
+    assert_eq!(
+        s.headers.get("x-tollgate-upstream").map(|v| v.as_bytes()),
+        Some(&b"broken"[..])
+    );
+    let (got, _) = s.finish().await.expect_err("the stream ends with an error");
+    assert!(contains(&got, b"partial"));
+    let recs = proxy.wait_records(1).await;
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0]["upstream"], "broken");
+    assert_eq!(recs[0]["estimated"], true);
+    assert_eq!(broken.seen().len(), 1);
+    assert!(spare.seen().is_empty(), "not sent to the fallback");
+}
+
+/// A single upstream's answers name it (`default` for `--upstream`), errors
+/// passed through included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_name_their_upstream() {
+    let mock = failing(400, "req_x").await;
+    let proxy = Proxy::builder(&mock.url()).start().await;
+    let r = proxy.chat("alice", &chat_body("gpt-4o", false)).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.header("x-tollgate-upstream").as_deref(), Some("default"));
+}
+
+/// `/ratelimits` keeps each key's latest `x-ratelimit-*` headers (a 429
+/// that moved the request to another key included), the key shown by the
+/// first 8 hex digits of its SHA-256, never the key itself; the top-level
+/// fields stay the latest answer's, as with one upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ratelimits_are_kept_per_upstream_and_key_without_secrets() {
+    let keyed = Mock::start(|s| {
+        let remaining = if key_of(s) == "Bearer sk-secret-one" {
+            "0"
+        } else {
+            "20"
+        };
+        let r = if remaining == "0" {
+            Reply::json(r#"{"error":{"message":"Rate limit reached","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#)
+                .status(429)
+                .header("retry-after", "60")
+        } else {
+            Reply::json(completion("gpt-4o", "hi", Tok::new(5, 2)))
+        };
+        r.header("x-ratelimit-limit-requests", "500")
+            .header("x-ratelimit-remaining-requests", remaining)
+            .header("x-ratelimit-reset-requests", "1s")
+    })
+    .await;
+    let local = Mock::start(|_| {
+        Reply::json(completion("llama-3-8b", "hi", Tok::new(5, 2)))
+            .header("x-ratelimit-remaining-tokens", "77")
+    })
+    .await;
+    let proxy = proxy_of(vec![
+        upstream(
+            "openai",
+            &keyed,
+            &["gpt-*"],
+            &["sk-secret-one", "sk-secret-two"],
+        ),
+        upstream("local", &local, &["llama-*"], &[]),
+    ])
+    .await;
+    for model in ["gpt-4o", "gpt-4o", "llama-3-8b"] {
+        let r = proxy.chat("alice", &chat_body(model, false)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let text = proxy.get("/ratelimits").await.text();
+    assert!(!text.contains("sk-secret"), "{text}");
+    let rl: Value = serde_json::from_str(&text).unwrap();
+    let id = |k: &str| -> String {
+        let d = ring::digest::digest(&ring::digest::SHA256, k.as_bytes());
+        d.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let ups = rl["upstreams"].as_array().expect("per key").clone();
+    assert_eq!(ups.len(), 3, "{rl}");
+    assert_eq!(ups[0]["upstream"], "openai");
+    assert_eq!(ups[0]["key"].as_str(), Some(id("sk-secret-one").as_str()));
+    assert_eq!(ups[0]["requests"]["remaining"], 0);
+    assert_eq!(ups[1]["key"].as_str(), Some(id("sk-secret-two").as_str()));
+    assert_eq!(ups[1]["requests"]["remaining"], 20);
+    assert_eq!(ups[1]["requests"]["maximum"], 500);
+    assert_eq!(ups[2]["upstream"], "local");
+    assert_eq!(ups[2]["key"], Value::Null);
+    assert_eq!(ups[2]["tokens"]["remaining"], 77);
+    // The latest answer's, as before.
+    assert_eq!(rl["tokens"]["remaining"], 77);
 }

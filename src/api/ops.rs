@@ -60,7 +60,18 @@ pub(super) fn metrics(app: &Arc<App>) -> Response<Body> {
     r
 }
 
-/// `GET /ratelimits`: the latest upstream rate-limit headers, `{}` before any.
+/// `GET /ratelimits`: the latest upstream rate-limit headers, `{}` before
+/// any; with `[[upstream]]` tables also `upstreams`, per upstream and key.
 pub(super) fn ratelimits(app: &Arc<App>) -> Result<Response<Body>, ApiError> {
-    ok(&app.store.ratelimits().unwrap_or_default())
+    #[derive(serde::Serialize)]
+    struct Answer {
+        #[serde(flatten)]
+        latest: crate::ratelimit::RateLimits,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        upstreams: Option<Vec<crate::upstreams::KeyLimits>>,
+    }
+    ok(&Answer {
+        latest: app.store.ratelimits().unwrap_or_default(),
+        upstreams: (!app.config.upstreams.is_empty()).then(|| app.upstreams.ratelimits()),
+    })
 }

@@ -368,3 +368,92 @@ fn without_upstream_tables_the_shorthand_is_one_upstream_named_default() {
     assert_eq!(ups[0].keys, ["sk-one"]);
     assert!(ups[0].serves("anything"));
 }
+
+#[test]
+fn fallback_tables_name_upstreams_serving_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("t.toml");
+    let base = r#"
+[[upstream]]
+name = "openai"
+url = "https://api.openai.com"
+models = ["gpt-4o*"]
+
+[[upstream]]
+name = "azure-east"
+kind = "azure"
+url = "https://east.openai.azure.com"
+api_version = "2024-06-01"
+deployments = { "gpt-4o" = "my-4o", "gpt-35-turbo" = { deployment = "chat35", base_model = "gpt-3.5-turbo" } }
+"#;
+    let f = file.to_str().unwrap();
+    let with = |extra: &str| {
+        std::fs::write(&file, format!("{base}{extra}")).unwrap();
+        run(&["--config", f], &[])
+    };
+    let c = with("[[fallback]]\nmodel = \"gpt-4o\"\nupstreams = [\"openai\", \"azure-east\"]\n")
+        .unwrap();
+    assert_eq!(
+        c.fallbacks,
+        [Fallback {
+            model: "gpt-4o".into(),
+            upstreams: vec!["openai".into(), "azure-east".into()]
+        }]
+    );
+    let azure = c.upstreams[1].azure.as_ref().unwrap();
+    assert_eq!(azure.api_version, "2024-06-01");
+    assert_eq!(azure.deployment("gpt-4o").unwrap().deployment, "my-4o");
+    assert_eq!(azure.deployment("gpt-4o").unwrap().priced_as(), "gpt-4o");
+    assert_eq!(
+        azure.deployment("gpt-35-turbo").unwrap().priced_as(),
+        "gpt-3.5-turbo"
+    );
+    assert!(c.upstreams[1].serves("gpt-4o") && !c.upstreams[1].serves("gpt-4o-mini"));
+
+    // A pattern is checked per request; a plain name now.
+    assert!(
+        with("[[fallback]]\nmodel = \"gpt-4o*\"\nupstreams = [\"openai\", \"azure-east\"]\n")
+            .is_ok()
+    );
+    let e =
+        with("[[fallback]]\nmodel = \"gpt-4o-mini\"\nupstreams = [\"openai\", \"azure-east\"]\n")
+            .unwrap_err();
+    assert!(e.message.contains("does not serve"), "{e}");
+    let e =
+        with("[[fallback]]\nmodel = \"gpt-4o\"\nupstreams = [\"openai\", \"nope\"]\n").unwrap_err();
+    assert!(e.message.contains("no [[upstream]] is named `nope`"), "{e}");
+    let e = with("[[fallback]]\nmodel = \"gpt-4o\"\nupstreams = [\"openai\", \"openai\"]\n")
+        .unwrap_err();
+    assert!(e.message.contains("twice"), "{e}");
+    let e = with("[[fallback]]\nmodel = \"gpt-4o\"\n").unwrap_err();
+    assert_eq!(e.setting, "fallback[0].upstreams");
+
+    // Azure needs deployments with path-safe names, and no `models`.
+    std::fs::write(
+        &file,
+        "[[upstream]]\nname = \"az\"\nkind = \"azure\"\nurl = \"https://x\"\n",
+    )
+    .unwrap();
+    assert!(run(&["--config", f], &[])
+        .unwrap_err()
+        .message
+        .contains("needs deployments"));
+    std::fs::write(
+        &file,
+        "[[upstream]]\nname = \"az\"\nkind = \"azure\"\nurl = \"https://x\"\ndeployments = { \"gpt-4o\" = \"a/../b\" }\n",
+    )
+    .unwrap();
+    assert!(run(&["--config", f], &[]).is_err());
+    std::fs::write(
+        &file,
+        "[[upstream]]\nname = \"o\"\nurl = \"https://x\"\napi_version = \"1\"\n",
+    )
+    .unwrap();
+    assert!(run(&["--config", f], &[])
+        .unwrap_err()
+        .message
+        .contains("only for kind"));
+    // Without [[upstream]] tables there is nothing to fall back to.
+    std::fs::write(&file, "[[fallback]]\nmodel = \"a\"\nupstreams = [\"b\"]\n").unwrap();
+    assert_eq!(run(&["--config", f], &[]).unwrap_err().setting, "fallback");
+}

@@ -88,6 +88,9 @@ pub struct Meter {
     images: Option<crate::pricing::Units>,
     /// Characters of a speech request's input.
     speech: Option<u64>,
+    /// The model the record is priced by, over the answered one (an Azure
+    /// deployment's base model).
+    priced_as: Option<String>,
 }
 
 impl Meter {
@@ -118,6 +121,23 @@ impl Meter {
             recent: None,
             images: None,
             speech: None,
+            priced_as: None,
+        }
+    }
+
+    /// The request's `model` (empty where it has none).
+    pub fn requested_model(&self) -> &str {
+        &self.record.requested_model
+    }
+
+    /// The next attempt goes to `upstream`; its records are priced by
+    /// `priced_as` when set, whatever model upstream answers with.
+    pub fn serve(&mut self, upstream: &Arc<str>, priced_as: Option<&str>) {
+        if self.record.upstream.as_ref() != Some(upstream) {
+            self.record.upstream = Some(upstream.clone());
+        }
+        if self.priced_as.as_deref() != priced_as {
+            self.priced_as = priced_as.map(str::to_owned);
         }
     }
 
@@ -175,6 +195,8 @@ impl Meter {
             stream: r.stream,
             request_id,
             upstream: r.upstream.clone(),
+            tier: r.tier,
+            tags: r.tags.clone(),
             ..Record::default()
         };
         match self.store.reserve(Duration::from_secs(1)).await {
@@ -249,6 +271,9 @@ impl Meter {
             }
         };
         if let Some(m) = found.model {
+            rec.model = m;
+        }
+        if let Some(m) = self.priced_as.take() {
             rec.model = m;
         }
         // The tier upstream processed the request in wins over the one asked for.

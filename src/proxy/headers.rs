@@ -48,8 +48,12 @@ pub fn ask_identity(h: &mut HeaderMap) {
     );
 }
 
+/// Azure's key header, which Azure-shaped clients send their key in.
+pub const AZURE_KEY: HeaderName = HeaderName::from_static("api-key");
+
 /// Turns the client's headers into upstream's: the configured key replaces
-/// the client's `Authorization` (a tollgate key is never sent on).
+/// the client's `Authorization` (a tollgate key is never sent on, in
+/// `Authorization` or `api-key`).
 pub fn to_upstream(h: &mut HeaderMap, auth: AuthMode, upstream_auth: Option<&HeaderValue>) {
     strip_hop_by_hop(h);
     h.remove(header::HOST);
@@ -61,6 +65,7 @@ pub fn to_upstream(h: &mut HeaderMap, auth: AuthMode, upstream_auth: Option<&Hea
         }
         None if auth == AuthMode::Keys => {
             h.remove(header::AUTHORIZATION);
+            h.remove(AZURE_KEY);
         }
         None => {}
     }

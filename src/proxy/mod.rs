@@ -12,7 +12,7 @@ mod headers;
 mod path;
 mod reserve;
 
-pub use path::{normalize as normalize_path, PathError};
+pub use path::{normalize as normalize_path, PathError, AZURE_PREFIX};
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use bytes::Bytes;
 use bytes::BytesMut;
 use http::header::{self, HeaderMap};
 use http::request::Parts;
-use http::{Request, Response};
+use http::{HeaderName, Request, Response, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
@@ -38,6 +38,10 @@ use crate::meter::{self, JsonScanner, Meter, Observer, RequestError, SseScanner,
 use crate::record::Record;
 use crate::tags::Tags;
 use crate::upstream::{UpstreamBody, UpstreamError};
+use crate::upstreams::Chain;
+
+/// Names the upstream that served an answer.
+const UPSTREAM_HEADER: HeaderName = HeaderName::from_static("x-tollgate-upstream");
 
 /// Forwards one API request upstream and meters it.
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
@@ -71,7 +75,9 @@ async fn forward(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body
         return detached(app, ctx, meter, up).await;
     }
     let again = ctx.again.take();
-    let answer = match exchange(app, ctx.route, up, again, ctx.upload.as_deref(), &meter).await {
+    let chain = app.upstreams.chain(ctx.chain);
+    let served = exchange(app, chain, up, again, ctx.upload.as_deref(), &mut meter).await;
+    let answer = match served {
         Ok(a) => a,
         Err(e) => {
             settle_failed(meter, &e);
@@ -116,7 +122,8 @@ async fn detached(
     tokio::spawn(async move {
         let mut ctx = ctx;
         let again = ctx.again.take();
-        let out = match exchange(&app, ctx.route, up, again, None, &meter).await {
+        let chain = app.upstreams.chain(ctx.chain);
+        let out = match exchange(&app, chain, up, again, None, &mut meter).await {
             Ok(answer) => Ok(ctx.wrap_answer(&app, meter, answer, true)),
             Err(e) => {
                 if tx.is_closed() {
@@ -166,8 +173,10 @@ struct Ctx {
     /// The buffered body again, for a retry (none for streamed uploads,
     /// which cannot be sent twice).
     again: Option<HeldBody>,
-    /// Which of `app.upstreams` serves the request.
-    route: usize,
+    /// Which of `app.upstreams` may serve the request, in order.
+    chain: Chain,
+    /// The deployment of an Azure-shaped path: the model asked for.
+    deployment: Option<String>,
 }
 
 /// What the request body said (JSON APIs; empty for streamed uploads).
@@ -195,8 +204,13 @@ impl Ctx {
     /// family that may be forwarded) and who the request is charged to.
     fn authenticate(app: &App, req: &Request<Incoming>) -> Result<Ctx, ApiError> {
         let started_ms = crate::timestamp::now_ms();
-        let path = path::normalize(req.uri().path())
-            .map_err(|e| ApiError::bad_request(e.message()).with_code("invalid_path"))?;
+        let bad_path = |e: PathError| ApiError::bad_request(e.message()).with_code("invalid_path");
+        let (deployment, raw) = match path::from_azure(req.uri().path()) {
+            None => (None, Cow::Borrowed(req.uri().path())),
+            Some(Ok((d, p))) => (Some(d.to_owned()), Cow::Owned(p)),
+            Some(Err(e)) => return Err(bad_path(e)),
+        };
+        let path = path::normalize(&raw).map_err(bad_path)?;
         let family = path::family(&path);
         if !path::is_metered_family(family) && !app.config.allows_unmetered(family) {
             app.metrics.rejected("unmetered_endpoint");
@@ -230,22 +244,23 @@ impl Ctx {
             },
             upload: None,
             again: None,
-            route: 0,
+            chain: Chain::One(0),
+            deployment,
         })
     }
 
-    /// Phase 2b: the upstream serving the request's model, the first
-    /// whose `models` match.
+    /// Phase 2b: the upstreams serving the request's model: its
+    /// `[[fallback]]` list, else the first whose `models` match.
     fn route(&mut self, app: &App) -> Result<(), ApiError> {
         let model = &self.request.model;
-        let Some(i) = app.upstreams.route(model) else {
+        let Some(chain) = app.upstreams.route(model) else {
             return Err(ApiError::not_found(format!(
                 "The model `{model}` is not served here: no upstream is configured for it."
             ))
             .with_param("model")
             .with_code("model_not_found"));
         };
-        self.route = i;
+        self.chain = chain;
         Ok(())
     }
 
@@ -272,6 +287,9 @@ impl Ctx {
             });
             let (body, progress) = UploadBody::new(body, sniff, app.config.body_timeout);
             self.upload = Some(progress);
+            if let Some(d) = &self.deployment {
+                self.request.model.clone_from(d);
+            }
             return Ok(body.boxed_unsync());
         }
         let limit = app.config.max_body;
@@ -305,7 +323,19 @@ impl Ctx {
             self.again = Some(held.clone());
             return Ok(held.boxed_unsync());
         }
-        let info = meter::parse_request(&bytes)?;
+        let mut info = meter::parse_request(&bytes)?;
+        if let Some(d) = &self.deployment {
+            // Azure's path names the model; a body naming another is a
+            // contradiction, not a choice between them.
+            if info.model.is_empty() {
+                info.model.clone_from(d);
+            } else if info.model != *d {
+                return Err(ApiError::bad_param(
+                    "model",
+                    "the model in the body is not the deployment in the path",
+                ));
+            }
+        }
         r.body = bytes;
         if info.stream && !info.include_usage && self.endpoint.usage_on_request() {
             if let Some(spliced) = meter::splice_include_usage(&r.body) {
@@ -327,7 +357,9 @@ impl Ctx {
         Ok(held.boxed_unsync())
     }
 
-    /// Phase 4: the request as upstream gets it.
+    /// Phase 4: the request as upstream gets it, its target still the
+    /// client's (normalised) path and query: each upstream tried makes it
+    /// its own (`Route::target`).
     fn upstream_request(
         &self,
         app: &App,
@@ -335,12 +367,25 @@ impl Ctx {
         body: Body,
     ) -> Result<Request<Body>, ApiError> {
         let path_and_query = match parts.uri.query() {
+            // Azure's `api-version` is no OpenAI parameter; an Azure
+            // upstream gets its configured one.
+            Some(q) if self.deployment.is_some() => {
+                let kept: Vec<&str> = q
+                    .split('&')
+                    .filter(|p| !p.is_empty() && !p.starts_with("api-version="))
+                    .collect();
+                if kept.is_empty() {
+                    Cow::Borrowed(self.path.as_str())
+                } else {
+                    Cow::Owned(format!("{}?{}", self.path, kept.join("&")))
+                }
+            }
             Some(q) => Cow::Owned(format!("{}?{q}", self.path)),
             None => Cow::Borrowed(self.path.as_str()),
         };
-        let uri = app.upstreams.all()[self.route]
-            .url()
-            .uri_for(&path_and_query)
+        let uri = Uri::builder()
+            .path_and_query(path_and_query.as_ref())
+            .build()
             .map_err(|e| ApiError::bad_request(format!("bad request path: {e}")))?;
         let mut up = Request::new(body);
         *up.method_mut() = parts.method;
@@ -363,7 +408,11 @@ impl Ctx {
             tier: r.tier,
             key_id: self.key_id.take(),
             tags: std::mem::take(&mut self.tags),
-            upstream: Some(app.upstreams.all()[self.route].name.clone()),
+            upstream: Some(
+                app.upstreams.all()[app.upstreams.chain(self.chain)[0]]
+                    .name
+                    .clone(),
+            ),
             hold: admission.hold,
             ..Record::default()
         };
@@ -411,7 +460,7 @@ impl Ctx {
         self,
         app: &App,
         mut meter: Meter,
-        answer: Response<UpstreamBody>,
+        (answer, served): (Response<UpstreamBody>, usize),
         finish: bool,
     ) -> Response<Body> {
         let (mut parts, body) = answer.into_parts();
@@ -430,6 +479,10 @@ impl Ctx {
         let rewritten = strip && matches!(observer, Observer::Sse(_));
         meter.answered(parts.status.as_u16(), request_id, observer);
         headers::to_client(&mut parts.headers, rewritten);
+        parts.headers.insert(
+            UPSTREAM_HEADER,
+            app.upstreams.all()[served].name_header.clone(),
+        );
         let body = MeteredBody::new(body, meter, app.config.upstream_idle_timeout, finish);
         Response::from_parts(parts, body.boxed_unsync())
     }
@@ -616,97 +669,140 @@ impl From<RequestError> for ApiError {
     }
 }
 
-/// Phase 5: sends the request to upstream `route` with the next key of its
-/// pool and waits for the answer head. An answer 429 (the key then rests
-/// until its reset), a 5xx, or a connection that failed before the head is
-/// retried, up to `--upstream-retries` times, while the body can be sent
-/// again (`again`): nothing has reached the client yet. Each retried
-/// attempt that reached upstream leaves its own record; the last attempt's
-/// goes on in `meter`.
+/// Phase 5: sends the request to the upstreams of its chain in turn, each
+/// with the next key of its pool, and waits for the answer head. An answer
+/// 429 (the key then rests until its reset), a 5xx, or a connection that
+/// failed before the head is retried, up to `--upstream-retries` times on
+/// one upstream (on another key while one is not resting), then on the
+/// chain's next upstream serving the model, while the body can be sent
+/// again (`again`): nothing has reached the client yet. Each failed
+/// attempt that reached an upstream leaves its own record; the serving
+/// attempt's goes on in `meter`. Returns the answer and the index of the
+/// upstream that gave it.
 async fn exchange(
     app: &App,
-    route: usize,
+    chain: &[usize],
     up: Request<Body>,
     again: Option<HeldBody>,
     upload: Option<&Upload>,
-    meter: &Meter,
-) -> Result<Response<UpstreamBody>, SendError> {
-    let route = &app.upstreams.all()[route];
+    meter: &mut Meter,
+) -> Result<(Response<UpstreamBody>, usize), SendError> {
     let (head, body) = up.into_parts();
     let mut body = Some(body);
-    let mut tried: Vec<usize> = Vec::new();
-    let mut retries = 0;
-    loop {
-        let now = crate::timestamp::now_ms();
-        let key = route.pick(now, &tried);
-        let body = match body.take() {
-            Some(b) => b,
-            None => again.clone().map_or_else(
-                || {
-                    http_body_util::Empty::new()
-                        .map_err(|e| match e {})
-                        .boxed_unsync()
-                },
-                BodyExt::boxed_unsync,
-            ),
-        };
-        let mut req = Request::new(body);
-        *req.method_mut() = head.method.clone();
-        *req.uri_mut() = head.uri.clone();
-        *req.headers_mut() = head.headers.clone();
-        if let Some(k) = key {
-            req.headers_mut()
-                .insert(header::AUTHORIZATION, route.key(k).header.clone());
+    let all = app.upstreams.all();
+    // `/ratelimits` per key is kept for `[[upstream]]` tables only.
+    let per_key_limits = !app.config.upstreams.is_empty();
+    for (pos, &at) in chain.iter().enumerate() {
+        let route = &all[at];
+        if !route.serves(meter.requested_model()) {
+            // A fallback list's entry without this (globbed) model.
+            continue;
         }
-        let out = send(app, route, req, upload).await;
-        let may_retry = again.is_some() && retries < app.config.upstream_retries;
-        if !may_retry {
-            return out;
-        }
-        if let Some(k) = key {
-            tried.push(k);
-        }
-        let status = match &out {
-            Ok(a) if a.status() == http::StatusCode::TOO_MANY_REQUESTS => {
-                let now = crate::timestamp::now_ms();
-                if let Some(k) = key {
-                    route.rest(k, now, a.headers());
-                }
-                // Another key may take it now; with none, the client gets
-                // this 429 (and its reset) rather than a wait here.
-                match route.pick(now, &tried) {
-                    Some(next) if !route.resting(next, now) => 429,
-                    _ => return out,
+        let fall_back = again.is_some()
+            && chain[pos + 1..]
+                .iter()
+                .any(|&i| all[i].serves(meter.requested_model()));
+        let uri = route
+            .target(&head.uri, meter.requested_model())
+            .map_err(|_| SendError::Unreachable)?;
+        meter.serve(&route.name, route.priced_as(meter.requested_model()));
+        let mut tried: Vec<usize> = Vec::new();
+        let mut retries = 0;
+        loop {
+            let now = crate::timestamp::now_ms();
+            let key = route.pick(now, &tried);
+            let body = match body.take() {
+                Some(b) => b,
+                None => again.clone().map_or_else(
+                    || {
+                        http_body_util::Empty::new()
+                            .map_err(|e| match e {})
+                            .boxed_unsync()
+                    },
+                    BodyExt::boxed_unsync,
+                ),
+            };
+            let mut req = Request::new(body);
+            *req.method_mut() = head.method.clone();
+            *req.uri_mut() = uri.clone();
+            *req.headers_mut() = head.headers.clone();
+            if let Some(k) = key {
+                // The configured key replaces whatever the client sent, in
+                // either header.
+                let k = route.key(k);
+                req.headers_mut().remove(header::AUTHORIZATION);
+                req.headers_mut().remove(headers::AZURE_KEY);
+                req.headers_mut().insert(k.name.clone(), k.header.clone());
+            }
+            let out = send(app, route, req, upload).await;
+            if per_key_limits {
+                if let Ok(a) = &out {
+                    route.note_limits(key, a.headers(), crate::timestamp::now_ms());
                 }
             }
-            Ok(a) if a.status().is_server_error() => a.status().as_u16(),
-            Ok(_) => return out,
-            Err(SendError::Unreachable) => 0,
-            Err(SendError::Upstream(_)) => 502,
-            Err(_) => return out,
-        };
-        if tried.len() >= route.key_count() {
-            // Every key had its turn: a 5xx or a failed connection may
-            // still pass on one of them.
-            tried.clear();
+            let may_retry = again.is_some() && retries < app.config.upstream_retries;
+            if !may_retry && !fall_back {
+                return out.map(|a| (a, at));
+            }
+            if let Some(k) = key {
+                tried.push(k);
+            }
+            // Whether the next try stays on this upstream.
+            let (status, stay) = match &out {
+                Ok(a) if a.status() == http::StatusCode::TOO_MANY_REQUESTS => {
+                    let now = crate::timestamp::now_ms();
+                    if let Some(k) = key {
+                        route.rest(k, now, a.headers());
+                    }
+                    // Another key may take it now; with none, the next
+                    // upstream, else the client gets this 429 (and its
+                    // reset) rather than a wait here.
+                    match route.pick(now, &tried) {
+                        Some(next) if may_retry && !route.resting(next, now) => (429, true),
+                        _ if fall_back => (429, false),
+                        _ => return out.map(|a| (a, at)),
+                    }
+                }
+                Ok(a) if a.status().is_server_error() => (a.status().as_u16(), may_retry),
+                Ok(_) => return out.map(|a| (a, at)),
+                Err(SendError::Unreachable) => (0, may_retry),
+                Err(SendError::Upstream(_)) => (502, may_retry),
+                Err(_) => return out.map(|a| (a, at)),
+            };
+            if tried.len() >= route.key_count() {
+                // Every key had its turn: a 5xx or a failed connection may
+                // still pass on one of them.
+                tried.clear();
+            }
+            if status != 0 {
+                let request_id = out.as_ref().ok().and_then(|a| {
+                    a.headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                });
+                meter.attempt(status, request_id).await;
+            }
+            if !stay {
+                tracing::info!(
+                    upstream = %route.name,
+                    status,
+                    "upstream failed before the answer; trying the next upstream"
+                );
+                break;
+            }
+            tracing::info!(
+                upstream = %route.name,
+                status,
+                retry = retries + 1,
+                "upstream attempt failed before the answer; sending again"
+            );
+            retries += 1;
         }
-        if status != 0 {
-            let request_id = out.as_ref().ok().and_then(|a| {
-                a.headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            });
-            meter.attempt(status, request_id).await;
-        }
-        tracing::info!(
-            upstream = %route.name,
-            status,
-            retry = retries + 1,
-            "upstream attempt failed before the answer; sending again"
-        );
-        retries += 1;
     }
+    // Only reached with no upstream of the chain serving the model, which
+    // routing rules out.
+    Err(SendError::Unreachable)
 }
 
 /// Sends one attempt and waits for upstream's answer head. The idle

@@ -48,6 +48,28 @@ const METERED: [&str; 9] = [
     "/v1/images/variations",
 ];
 
+/// Azure OpenAI's shape of a path, `/openai/deployments/{deployment}/...`
+/// (what the `AzureOpenAI` SDKs call): the deployment and the `/v1/...`
+/// path it stands for. `None`: not that shape; `Err`: that shape with a
+/// deployment name that is not plain (letters, digits, `-`, `_`, `.`).
+pub fn from_azure(path: &str) -> Option<Result<(&str, String), PathError>> {
+    let rest = path.strip_prefix(AZURE_PREFIX)?;
+    let (deployment, rest) = rest.split_once('/').unwrap_or((rest, ""));
+    let plain = !deployment.is_empty()
+        && deployment != "."
+        && deployment != ".."
+        && deployment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !plain {
+        return Some(Err(PathError::BadEscape));
+    }
+    Some(Ok((deployment, format!("/v1/{rest}"))))
+}
+
+/// Where Azure-shaped paths start.
+pub const AZURE_PREFIX: &str = "/openai/deployments/";
+
 /// The normal form of a `/v1/...` path; borrowed when it already is one.
 pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     let b = path.as_bytes();

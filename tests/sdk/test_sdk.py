@@ -26,7 +26,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from openai import OpenAI
+from openai import AzureOpenAI, OpenAI
 
 import mock_upstream as mock
 
@@ -352,6 +352,40 @@ def test_chat_stream_with_include_usage(client, tollgate):
     one_record(
         tollgate, ex, endpoint="/v1/chat/completions", model="gpt-4o-2024-08-06", requested="gpt-4o",
         usage=tokens(mock.CHAT_STREAM_USAGE), stream=True,
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_azure_openai_client(tollgate, stream):
+    """The AzureOpenAI client calls /openai/deployments/{model}/...?api-version=
+    with its key as api-key; tollgate serves it as /v1/ (here to an OpenAI
+    upstream): the api-version and the client's api-key stay behind."""
+    az = AzureOpenAI(
+        azure_endpoint=tollgate.base,
+        api_key="sk-client-azure",
+        api_version="2024-10-21",
+        default_headers={"x-user": USER},
+        max_retries=0,
+        timeout=30,
+    )
+    try:
+        if stream:
+            chunks = [c.to_dict() for c in az.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)]
+        else:
+            resp = az.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    finally:
+        az.close()
+    ex = one_upstream_request(tollgate, "POST", "/v1/chat/completions")
+    assert all(k.lower() != "api-key" for k, _ in ex["headers"]), "the client's api-key must not reach upstream"
+    if stream:
+        assert chunks == without_usage_chunk(sent_chunks(ex))
+        model, usage = "gpt-4o-mini", mock.CHAT_STREAM_USAGE
+    else:
+        assert resp.to_dict() == ex["answer"]
+        model, usage = resp.model, mock.CHAT_USAGE
+    one_record(
+        tollgate, ex, endpoint="/v1/chat/completions", model=model, requested="gpt-4o-mini",
+        usage=tokens(usage), stream=stream,
     )
 
 

@@ -98,3 +98,30 @@ fn families() {
         assert!(!is_metered_family(f), "{f}");
     }
 }
+
+#[test]
+fn azure_shaped_paths_name_a_plain_deployment() {
+    assert_eq!(
+        from_azure("/openai/deployments/gpt-4o/chat/completions"),
+        Some(Ok(("gpt-4o", "/v1/chat/completions".to_owned())))
+    );
+    assert_eq!(
+        from_azure("/openai/deployments/my.dep_1/embeddings"),
+        Some(Ok(("my.dep_1", "/v1/embeddings".to_owned())))
+    );
+    assert_eq!(from_azure("/v1/chat/completions"), None);
+    assert_eq!(from_azure("/openai/models"), None);
+    for bad in [
+        "/openai/deployments//chat/completions",
+        "/openai/deployments/../x",
+        "/openai/deployments/a%2Fb/chat/completions",
+        "/openai/deployments/a b/chat/completions",
+    ] {
+        assert_eq!(from_azure(bad), Some(Err(PathError::BadEscape)), "{bad}");
+    }
+    // What follows the deployment is normalised as any /v1/ path.
+    let (_, p) = from_azure("/openai/deployments/d/../../admin")
+        .unwrap()
+        .unwrap();
+    assert_eq!(normalize(&p), Err(PathError::LeavesV1));
+}
