@@ -274,13 +274,20 @@ async fn a_5xx_is_retried_and_each_attempt_recorded() {
     })
     .await;
     let proxy = proxy_of(vec![upstream("openai", &mock, &[], &["k1"])]).await;
-    let r = proxy.chat("alice", &chat_body("gpt-4o", true)).await;
+    let mut req = chat_req("alice", &chat_body("gpt-4o", true));
+    req.headers_mut()
+        .insert("x-tollgate-tags", "team=search".parse().unwrap());
+    let r = send(proxy.addr, req).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(mock.seen().len(), 3);
     let recs = proxy.wait_records(3).await;
     let mut statuses: Vec<i64> = recs.iter().map(|r| r["status"].as_i64().unwrap()).collect();
     statuses.sort_unstable();
     assert_eq!(statuses, [200, 503, 503]);
+    // Every attempt is the request's: the retried ones keep its tags.
+    for rec in &recs {
+        assert_eq!(rec["tags"], serde_json::json!({"team": "search"}), "{rec}");
+    }
 
     // Past the retries, the client gets upstream's 5xx.
     n.store(0, Ordering::SeqCst);
