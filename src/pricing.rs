@@ -24,6 +24,10 @@ pub enum Tier {
     Priority,
     /// `scale`: the Scale Tier's reserved capacity.
     Scale,
+    /// `batch`: a line of a Batch API job, priced at the batch rates. Set
+    /// only by the batch follower ([`crate::batches`]): [`Tier::parse`]
+    /// never yields it, so no client gets batch prices by asking.
+    Batch,
 }
 
 impl Tier {
@@ -40,6 +44,15 @@ impl Tier {
         })
     }
 
+    /// The tier of a stored record: what [`Tier::parse`] accepts, and also
+    /// `batch`, which only tollgate itself writes.
+    pub fn from_stored(s: &str) -> Option<Tier> {
+        match s {
+            "batch" => Some(Tier::Batch),
+            _ => Tier::parse(s),
+        }
+    }
+
     /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -48,6 +61,7 @@ impl Tier {
             Tier::Flex => "flex",
             Tier::Priority => "priority",
             Tier::Scale => "scale",
+            Tier::Batch => "batch",
         }
     }
 }
@@ -208,6 +222,9 @@ impl Price {
     /// cached x cached, audio x audio query, (answer - audio) x answer and
     /// audio x audio answer; text and cached tokens at the tier's rates.
     pub fn breakdown(&self, t: Tokens) -> Breakdown {
+        if t.tier == Some(Tier::Batch) {
+            return self.batch_breakdown(t);
+        }
         let cached = t.cached.min(t.query);
         let audio_in = t.audio_query.min(t.query - cached);
         let audio_out = t.audio_answer.min(t.answer);
@@ -242,6 +259,23 @@ impl Price {
                 )));
             b.tier_adjustment = b.total().saturating_sub(standard);
         }
+        b
+    }
+
+    /// A batch line: every part at half its standard price (OpenAI's
+    /// published Batch API discount), rounded down to the pico-dollar.
+    fn batch_breakdown(&self, t: Tokens) -> Breakdown {
+        let standard = self.breakdown(Tokens { tier: None, ..t });
+        let mut b = Breakdown {
+            input: standard.input / 2,
+            cached_input: standard.cached_input / 2,
+            output: standard.output / 2,
+            audio_input: standard.audio_input / 2,
+            audio_output: standard.audio_output / 2,
+            tier: Some(Tier::Batch),
+            tier_adjustment: 0,
+        };
+        b.tier_adjustment = b.total().saturating_sub(standard.total());
         b
     }
 

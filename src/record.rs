@@ -97,6 +97,9 @@ pub struct Record {
     /// The request's tags in canonical form (see [`crate::tags`]); empty
     /// when it has none.
     pub tags: String,
+    /// The `custom_id` of the Batch API line the record meters (`None`
+    /// for every request that went through the proxy itself).
+    pub custom_id: Option<String>,
 }
 
 impl Record {
@@ -246,6 +249,8 @@ pub struct StoredRecord {
     /// The name of the upstream that served it (`None` for records written
     /// before tollgate had several upstreams).
     pub upstream: Option<String>,
+    /// See [`Record::custom_id`].
+    pub custom_id: Option<String>,
 }
 
 impl StoredRecord {

@@ -421,6 +421,11 @@ pub fn record_json(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdow
         Some(u) => push_json_str(out, u),
         None => out.push_str("null"),
     }
+    out.push_str(",\"customId\":");
+    match &r.custom_id {
+        Some(c) => push_json_str(out, c),
+        None => out.push_str("null"),
+    }
     out.push('}');
 }
 
@@ -436,7 +441,7 @@ fn push_tier(out: &mut String, t: Option<pricing::Tier>) {
     }
 }
 
-const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment,clientAborted,tags,upstream\r\n";
+const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment,clientAborted,tags,upstream,customId\r\n";
 
 /// Leading characters that make a spreadsheet read a cell as a formula
 /// (OWASP, "CSV Injection").
@@ -518,6 +523,10 @@ pub fn record_csv(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdown
     out.push(',');
     if let Some(u) = &r.upstream {
         push_csv(out, u);
+    }
+    out.push(',');
+    if let Some(c) = &r.custom_id {
+        push_csv(out, c);
     }
     out.push_str("\r\n");
 }

@@ -78,6 +78,16 @@ pub struct Meter {
     upload: Option<Arc<Upload>>,
     /// Where the costs of image and audio requests are learnt.
     recent: Option<Arc<RecentCosts>>,
+    /// The answer kept whole for a hook (a batch creation's).
+    keep: Option<Kept>,
+}
+
+/// A small answer kept whole, and what reads it once the exchange ends.
+struct Kept {
+    bytes: Vec<u8>,
+    cap: usize,
+    overflow: bool,
+    done: crate::batches::OnCreated,
 }
 
 impl Meter {
@@ -106,6 +116,7 @@ impl Meter {
             observer: Observer::Ignore,
             upload: None,
             recent: None,
+            keep: None,
         }
     }
 
@@ -117,6 +128,18 @@ impl Meter {
     /// The request's cost teaches later reservations of its kind.
     pub fn learn_into(&mut self, recent: Arc<RecentCosts>) {
         self.recent = Some(recent);
+    }
+
+    /// Keeps the answer (at most `cap` bytes) for `done`, which gets the
+    /// status and the whole answer when the exchange ends (nothing when the
+    /// answer was larger).
+    pub fn keep_answer(&mut self, cap: usize, done: crate::batches::OnCreated) {
+        self.keep = Some(Kept {
+            bytes: Vec::new(),
+            cap,
+            overflow: false,
+            done,
+        });
     }
 
     /// The answer head arrived.
@@ -178,6 +201,13 @@ impl Meter {
     pub(crate) fn observe(&mut self, data: Bytes, now: Instant) -> Bytes {
         if self.record.ttfb_us.is_none() {
             self.record.ttfb_us = Some(now.duration_since(self.started).as_micros() as u64);
+        }
+        if let Some(k) = &mut self.keep {
+            if k.bytes.len() + data.len() <= k.cap {
+                k.bytes.extend_from_slice(&data);
+            } else {
+                k.overflow = true;
+            }
         }
         let out = match &mut self.observer {
             Observer::Ignore => data,
@@ -275,6 +305,12 @@ impl Meter {
             }
             if let Some(h) = rec.hold.take() {
                 h.settle(cost, rec.usage.query.saturating_add(rec.usage.answer));
+            }
+        }
+        if let Some(k) = self.keep.take() {
+            // A client gone before the end leaves a cut answer: no JSON.
+            if !k.overflow {
+                (k.done)(rec.status, &k.bytes);
             }
         }
         self.store.submit(rec, slot);

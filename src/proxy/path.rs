@@ -36,7 +36,7 @@ impl PathError {
 }
 
 /// Paths of the metered endpoints, matched case-insensitively.
-const METERED: [&str; 9] = [
+const METERED: [&str; 10] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/responses",
@@ -46,6 +46,7 @@ const METERED: [&str; 9] = [
     "/v1/images/generations",
     "/v1/images/edits",
     "/v1/images/variations",
+    "/v1/batches",
 ];
 
 /// The normal form of a `/v1/...` path; borrowed when it already is one.
@@ -130,7 +131,7 @@ pub fn family(path: &str) -> &str {
 }
 
 /// Families tollgate meters (or that cost nothing): always allowed.
-pub const METERED_FAMILIES: [&str; 11] = [
+pub const METERED_FAMILIES: [&str; 12] = [
     "chat",
     "completions",
     "responses",
@@ -142,10 +143,10 @@ pub const METERED_FAMILIES: [&str; 11] = [
     "models",
     "files",
     "uploads",
+    "batches",
 ];
 
-/// Families that spend without a record of their cost: the Batch API
-/// (metered later), fine-tuning, Realtime (which mints short-lived upstream
+/// Families that spend without a record of their cost: fine-tuning, Realtime (which mints short-lived upstream
 /// credentials a client spends with directly), Assistants runs
 /// (`threads`), vector stores, containers, evals, videos, and anything
 /// tollgate does not know.

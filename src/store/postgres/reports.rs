@@ -148,7 +148,7 @@ impl Reports for PgReports {
         let sql = format!(
             "SELECT id, username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier,
-                    audio_query_tokens, audio_answer_tokens, tags, upstream
+                    audio_query_tokens, audio_answer_tokens, tags, upstream, custom_id
              FROM queries{} ORDER BY {order} LIMIT ${} OFFSET ${}",
             q.where_sql(),
             n + 1,
@@ -183,11 +183,14 @@ impl Reports for PgReports {
                         estimated: r.try_get(16)?,
                         request_id: r.try_get(17)?,
                         client_aborted: r.try_get(18)?,
-                        tier: r.try_get::<_, Option<&str>>(19)?.and_then(Tier::parse),
+                        tier: r
+                            .try_get::<_, Option<&str>>(19)?
+                            .and_then(Tier::from_stored),
                         audio_query_tokens: r.try_get(20)?,
                         audio_answer_tokens: r.try_get(21)?,
                         tags: r.try_get(22)?,
                         upstream: r.try_get(23)?,
+                        custom_id: r.try_get(24)?,
                     };
                     if !sink(rec) {
                         break;

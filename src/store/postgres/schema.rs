@@ -66,6 +66,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         what: "rate leases: each instance's slice of a user's requests and tokens per minute",
         sql: SCHEMA_V8,
     },
+    Migration {
+        version: 9,
+        what: "Batch API jobs followed until metered; records keep a batch line's custom_id",
+        sql: SCHEMA_V9,
+    },
 ];
 
 /// The version this build brings a database to.
@@ -199,6 +204,24 @@ CREATE TABLE write_batches (
     token text   PRIMARY KEY,
     at_ms bigint NOT NULL
 );
+";
+
+/// Batch API jobs created through tollgate (`metered` NULL until one
+/// instance claims them and records their lines), and the `custom_id` of a
+/// batch line's record.
+const SCHEMA_V9: &str = "
+CREATE TABLE batches (
+    id            text   PRIMARY KEY,
+    username      text   NOT NULL,
+    tags          text   NOT NULL DEFAULT '',
+    upstream      text   NOT NULL,
+    endpoint      text   NOT NULL,
+    input_file_id text   NOT NULL,
+    created       bigint NOT NULL,
+    state         text,
+    metered       bigint
+);
+ALTER TABLE queries ADD COLUMN IF NOT EXISTS custom_id text;
 ";
 
 /// The upstream that served a record (NULL for the records written before).

@@ -55,7 +55,7 @@ pub struct PgBackend {
     retry: Option<String>,
 }
 
-const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream) FROM STDIN (FORMAT binary)";
+const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream, custom_id) FROM STDIN (FORMAT binary)";
 
 /// Inserts a price row (standard and tier rates); its parameters are
 /// those of [`UPSERT_PRICE`].
@@ -120,6 +120,7 @@ const COPY_TYPES: &[Type] = &[
     Type::TEXT,
     Type::INT8,
     Type::INT8,
+    Type::TEXT,
     Type::TEXT,
     Type::TEXT,
 ];
@@ -262,7 +263,8 @@ pub(super) async fn copy_records(
         let tier = r.tier.map(|t| t.as_str());
         let (audio_q, audio_a) = (i(r.usage.audio_query), i(r.usage.audio_answer));
         let upstream = r.upstream.as_deref();
-        let row: [&(dyn ToSql + Sync); 23] = [
+        let custom_id = r.custom_id.as_deref();
+        let row: [&(dyn ToSql + Sync); 24] = [
             &r.user,
             &r.model_or_requested(),
             &r.requested_model,
@@ -286,6 +288,7 @@ pub(super) async fn copy_records(
             &audio_a,
             &r.tags,
             &upstream,
+            &custom_id,
         ];
         w.as_mut().write(&row).await?;
     }
@@ -539,7 +542,7 @@ impl PgBackend {
                     query: row.get::<_, i64>(4).max(0) as u64,
                     cached: row.get::<_, i64>(5).max(0) as u64,
                     answer: row.get::<_, i64>(6).max(0) as u64,
-                    tier: row.get::<_, Option<&str>>(10).and_then(Tier::parse),
+                    tier: row.get::<_, Option<&str>>(10).and_then(Tier::from_stored),
                     audio_query: row.get::<_, i64>(11).max(0) as u64,
                     audio_answer: row.get::<_, i64>(12).max(0) as u64,
                 };

@@ -167,7 +167,7 @@ impl Reports for SqliteReports {
             "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     CAST(query_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cached_tokens AS INTEGER),
                     CAST(reasoning_tokens AS INTEGER), CAST(cost AS INTEGER), priced, estimated, request_id, client_aborted, service_tier,
-                    CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER), tags, upstream
+                    CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER), tags, upstream, custom_id
              FROM queries{w} ORDER BY {order} LIMIT ? OFFSET ?"
         );
         args.push(rusqlite::types::Value::Integer(
@@ -202,11 +202,12 @@ impl Reports for SqliteReports {
                     client_aborted: r.get(18)?,
                     tier: r
                         .get::<_, Option<String>>(19)?
-                        .and_then(|t| Tier::parse(&t)),
+                        .and_then(|t| Tier::from_stored(&t)),
                     audio_query_tokens: r.get(20)?,
                     audio_answer_tokens: r.get(21)?,
                     tags: r.get(22)?,
                     upstream: r.get(23)?,
+                    custom_id: r.get(24)?,
                 };
                 if !sink(rec) {
                     break;

@@ -82,6 +82,12 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         sql: SCHEMA_V9,
         adds_column: Some(("queries", "upstream")),
     },
+    Migration {
+        version: 10,
+        what: "Batch API jobs followed until metered; records keep a batch line's custom_id",
+        sql: SCHEMA_V10,
+        adds_column: Some(("queries", "custom_id")),
+    },
 ];
 
 /// The version this build brings a database to.
@@ -264,6 +270,23 @@ CREATE TABLE IF NOT EXISTS usage_daily_tags (
 /// The upstream that served a record (NULL for the records written before).
 const SCHEMA_V9: &str = "
 ALTER TABLE queries ADD COLUMN upstream TEXT;
+";
+
+/// Batch API jobs created through tollgate (`metered` NULL until their
+/// lines are recorded), and the `custom_id` of a batch line's record.
+const SCHEMA_V10: &str = "
+CREATE TABLE IF NOT EXISTS batches (
+    id            TEXT    PRIMARY KEY,
+    user          TEXT    NOT NULL,
+    tags          TEXT    NOT NULL DEFAULT '',
+    upstream      TEXT    NOT NULL,
+    endpoint      TEXT    NOT NULL,
+    input_file_id TEXT    NOT NULL,
+    created       INTEGER NOT NULL,
+    state         TEXT,
+    metered       INTEGER
+) WITHOUT ROWID;
+ALTER TABLE queries ADD COLUMN custom_id TEXT;
 ";
 
 /// Whether `table` has `column`.
