@@ -167,8 +167,8 @@ impl App {
                 },
             }
         })?;
-        let batches =
-            crate::batches::Batches::start(&config, store.clone()).map_err(|e| StartError {
+        let batches = crate::batches::Batches::start(&config, store.clone(), metrics.clone())
+            .map_err(|e| StartError {
                 setting: "[[upstream]]",
                 message: e,
             })?;

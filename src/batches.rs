@@ -61,7 +61,11 @@ pub struct Batches {
 impl Batches {
     /// Starts the follower thread (its own current-thread runtime) over
     /// `store`, with a connection pool per configured upstream.
-    pub fn start(config: &Config, store: Arc<Store>) -> Result<Batches, String> {
+    pub fn start(
+        config: &Config,
+        store: Arc<Store>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Batches, String> {
         let mut targets = HashMap::new();
         for conf in config.named_upstreams() {
             let conn = Upstream::new(&conf.url, &conf.trust, config, 1)?;
@@ -100,6 +104,7 @@ impl Batches {
                 };
                 let f = Follower {
                     store,
+                    metrics,
                     targets,
                     first,
                     open: HashMap::new(),
@@ -204,6 +209,7 @@ struct Open {
 
 struct Follower {
     store: Arc<Store>,
+    metrics: Arc<crate::metrics::Metrics>,
     targets: HashMap<String, Target>,
     first: Duration,
     open: HashMap<String, Open>,
@@ -335,11 +341,17 @@ impl Follower {
                 })
                 .await?;
         }
+        if self.store.closed() {
+            // Stopping: the records could not be written any more; the
+            // batch stays open for the next start.
+            return Err("the store closed".into());
+        }
         let accounts = self.store.accounts();
         let claimed = accounts
             .claim_batch(&info.id, &s.status, crate::timestamp::now_ms())
             .map_err(|e| format!("cannot claim it: {e}"))?;
         if !claimed {
+            self.metrics.batch_ended("metered_elsewhere");
             return Ok(true);
         }
         let n = records.len();
@@ -351,6 +363,7 @@ impl Follower {
                 }
             }
         }
+        self.metrics.batch_ended("metered");
         tracing::info!(upstream = %info.upstream, state = %s.status, lines = n, "batch metered");
         Ok(true)
     }

@@ -142,6 +142,18 @@ async fn wait_polls(mock: &Mock, n: usize) {
     .await;
 }
 
+/// `tollgate_batches_ended_total{outcome}` of one instance.
+async fn ended(p: &Proxy, outcome: &str) -> f64 {
+    let r = p.get("/metrics").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    metric(
+        &parse_metrics(&r.text()),
+        "tollgate_batches_ended_total",
+        &[("outcome", outcome)],
+    )
+    .unwrap_or(0.0)
+}
+
 /// The batch lines' records, by customId.
 async fn lines(p: &Proxy) -> BTreeMap<String, BTreeMap<String, String>> {
     p.queries_raw("tag=batch")
@@ -258,25 +270,18 @@ async fn a_batch_survives_a_restart_and_is_metered_once() {
     up.set("completed");
     // Two instances on the database: both load the open batch, both may
     // read its files, one claims it.
-    let second = builder(&mock).db(&db).start().await;
-    let third = builder(&mock).db(&db).start().await;
-    eventually("the batch metered", STEP, || async {
-        (lines(&second).await.len() >= 3).then_some(())
-    })
-    .await;
-    let file_reads = || {
-        mock.seen()
-            .iter()
-            .filter(|s| s.path == "/v1/files/file-err/content")
-            .count()
+    let mut second = builder(&mock).db(&db).start().await;
+    let mut third = builder(&mock).db(&db).start().await;
+    let ended = |outcome: &'static str| {
+        let (second, third) = (&second, &third);
+        async move { ended(second, outcome).await + ended(third, outcome).await }
     };
-    // Each follower reads the files before it tries to claim.
-    eventually("both followers done", STEP, || async {
-        (file_reads() >= 2).then_some(())
+    eventually("both followers done with the batch", STEP, || async {
+        (ended("metered").await + ended("metered_elsewhere").await >= 2.0).then_some(())
     })
     .await;
-    let mut second = second;
-    let mut third = third;
+    assert_eq!(ended("metered").await, 1.0);
+    assert_eq!(ended("metered_elsewhere").await, 1.0);
     second.stop().await;
     third.stop().await;
     drop((second, third));
