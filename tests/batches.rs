@@ -253,6 +253,19 @@ async fn a_completed_batch_is_metered_line_by_line_at_batch_prices() {
     };
     assert_eq!((reads("file-out"), reads("file-err")), (1, 1));
     assert_eq!(p.queries("").await.len(), 4);
+
+    // A new price re-prices the stored lines, still at the batch tier:
+    // 1000 x 0.30 + 200 x 0.60 per 1M = 0.00042, half.
+    let r = p
+        .set_price(
+            MODEL,
+            r#"{"validFrom":"2020-01-01T00:00:00Z","per1MQueryTokens":0.3,"per1MAnswerTokens":0.6}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = lines(&p).await;
+    assert_eq!(got["req-1"]["cost"], "0.00021");
+    assert_eq!(got["req-1"]["serviceTier"], "\"batch\"");
 }
 
 #[tokio::test]
