@@ -51,7 +51,7 @@ const IDLE_CHECK: Duration = Duration::from_millis(500);
 const TERMINAL: [&str; 4] = ["completed", "cancelled", "expired", "failed"];
 
 /// Called with the status and body of a batch creation's answer.
-pub type OnCreated = Box<dyn FnOnce(u16, &[u8]) + Send + Sync>;
+pub type OnCreated = crate::meter::AnswerHook;
 
 /// The handle requests use to hand created batches to the follower.
 pub struct Batches {
@@ -65,6 +65,7 @@ impl Batches {
         config: &Config,
         store: Arc<Store>,
         metrics: Arc<crate::metrics::Metrics>,
+        budgets: Arc<crate::budget::Budgets>,
     ) -> Result<Batches, String> {
         let mut targets = HashMap::new();
         for conf in config.named_upstreams() {
@@ -105,6 +106,7 @@ impl Batches {
                 let f = Follower {
                     store,
                     metrics,
+                    budgets,
                     targets,
                     first,
                     open: HashMap::new(),
@@ -210,6 +212,7 @@ struct Open {
 struct Follower {
     store: Arc<Store>,
     metrics: Arc<crate::metrics::Metrics>,
+    budgets: Arc<crate::budget::Budgets>,
     targets: HashMap<String, Target>,
     first: Duration,
     open: HashMap<String, Open>,
@@ -355,6 +358,12 @@ impl Follower {
             return Ok(true);
         }
         let n = records.len();
+        let now = crate::timestamp::now_ms();
+        let cost: i128 = {
+            let prices = self.store.prices();
+            records.iter().map(|r| i128::from(r.cost(&prices).0)).sum()
+        };
+        self.budgets.charge(&info.user, now, cost);
         for r in records {
             match self.store.reserve(Duration::from_secs(60)).await {
                 Some(slot) => self.store.submit(r, slot),

@@ -168,6 +168,14 @@ async fn a_completed_batch_is_metered_line_by_line_at_batch_prices() {
     let (mock, up) = batch_mock().await;
     let p = builder(&mock).start().await;
     assert_eq!(p.set_price(MODEL, PRICE).await.status, 200);
+    let r = p
+        .admin_call(
+            Method::PUT,
+            "/users/ann/limits",
+            r#"{"budget":1,"period":"total"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
     let r = send(p.addr, create_req("ann", "team=ads")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     // Followed while it runs, with backoff, on the upstream's own key.
@@ -224,6 +232,9 @@ async fn a_completed_batch_is_metered_line_by_line_at_batch_prices() {
     assert_eq!(u["numQueries"], "3");
     assert_eq!(u["queryTokens"], "3000");
     assert_eq!(u["cost"], "0.000315");
+    // The lines count in the user's budget at once (no restart needed).
+    let l = raw_object(&p.get("/users/ann/limits").await.text());
+    assert_eq!(l["spent"], "0.000315");
     let by = p.usage("group_by=tag:batch").await;
     let groups: BTreeMap<Option<String>, u64> = by
         .as_array()

@@ -82,12 +82,15 @@ pub struct Meter {
     keep: Option<Kept>,
 }
 
+/// Reads a whole (small) answer once the exchange ends: its status and body.
+pub type AnswerHook = Box<dyn FnOnce(u16, &[u8]) + Send + Sync>;
+
 /// A small answer kept whole, and what reads it once the exchange ends.
 struct Kept {
     bytes: Vec<u8>,
     cap: usize,
     overflow: bool,
-    done: crate::batches::OnCreated,
+    done: AnswerHook,
 }
 
 impl Meter {
@@ -133,7 +136,7 @@ impl Meter {
     /// Keeps the answer (at most `cap` bytes) for `done`, which gets the
     /// status and the whole answer when the exchange ends (nothing when the
     /// answer was larger).
-    pub fn keep_answer(&mut self, cap: usize, done: crate::batches::OnCreated) {
+    pub fn keep_answer(&mut self, cap: usize, done: AnswerHook) {
         self.keep = Some(Kept {
             bytes: Vec::new(),
             cap,
