@@ -222,19 +222,33 @@ struct Follower {
 type Failed = String;
 
 impl Follower {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<BatchInfo>) {
-        let accounts = self.store.accounts();
-        match accounts.open_batches() {
+    /// Follows the open batches of the database not followed yet: at start,
+    /// and every [`MAX_POLL`] after (on a shared database, those of an
+    /// instance that stopped for good are taken over).
+    fn load(&mut self) {
+        match self.store.accounts().open_batches() {
             Ok(list) => {
                 for b in list {
-                    self.follow(b);
+                    if !self.open.contains_key(&b.id) {
+                        self.follow(b);
+                    }
                 }
             }
             Err(e) => tracing::error!(error = %e, "cannot load the open batches"),
         }
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<BatchInfo>) {
+        let accounts = self.store.accounts();
+        self.load();
+        let mut loaded = Instant::now();
         loop {
             if self.store.closed() {
                 return;
+            }
+            if loaded.elapsed() >= MAX_POLL {
+                self.load();
+                loaded = Instant::now();
             }
             let now = Instant::now();
             let next = self
