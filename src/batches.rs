@@ -56,12 +56,16 @@ pub type OnCreated = crate::meter::AnswerHook;
 /// The handle requests use to hand created batches to the follower.
 pub struct Batches {
     tx: mpsc::UnboundedSender<BatchInfo>,
+    /// The follower and its queue until [`Batches::follow`] starts it.
+    idle: parking_lot::Mutex<Option<(Follower, mpsc::UnboundedReceiver<BatchInfo>)>>,
 }
 
 impl Batches {
-    /// Starts the follower thread (its own current-thread runtime) over
-    /// `store`, with a connection pool per configured upstream.
-    pub fn start(
+    /// The follower over `store`, with a connection pool per configured
+    /// upstream; it runs once [`Batches::follow`] starts it (the server
+    /// does: a command like `tollgate prices` that opens the store must not
+    /// claim a batch it cannot stay to record).
+    pub fn new(
         config: &Config,
         store: Arc<Store>,
         metrics: Arc<crate::metrics::Metrics>,
@@ -89,32 +93,42 @@ impl Batches {
             );
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let first = config.batch_poll;
-        std::thread::Builder::new()
+        let f = Follower {
+            store,
+            metrics,
+            budgets,
+            targets,
+            first: config.batch_poll,
+            open: HashMap::new(),
+        };
+        Ok(Batches {
+            tx,
+            idle: parking_lot::Mutex::new(Some((f, rx))),
+        })
+    }
+
+    /// Starts the follower thread (its own current-thread runtime), once;
+    /// it ends when the store closes.
+    pub fn follow(&self) {
+        let Some((f, rx)) = self.idle.lock().take() else {
+            return;
+        };
+        let spawned = std::thread::Builder::new()
             .name("tollgate-batches".into())
             .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
+                match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => rt,
+                    Ok(rt) => rt.block_on(f.run(rx)),
                     Err(e) => {
-                        tracing::error!("batches are not followed: cannot start a runtime: {e}");
-                        return;
+                        tracing::error!("batches are not followed: cannot start a runtime: {e}")
                     }
-                };
-                let f = Follower {
-                    store,
-                    metrics,
-                    budgets,
-                    targets,
-                    first,
-                    open: HashMap::new(),
-                };
-                rt.block_on(f.run(rx));
-            })
-            .map_err(|e| format!("cannot start the batch follower: {e}"))?;
-        Ok(Batches { tx })
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("batches are not followed: cannot start their thread: {e}");
+        }
     }
 
     /// The hook that reads a batch creation's answer: a 2xx answer naming
