@@ -33,6 +33,8 @@ pub struct App {
     pub budgets: Arc<Budgets>,
     /// Budget alerts to the webhook (off without one).
     pub alerts: crate::alerts::Alerts,
+    /// Created batches, handed to their follower.
+    pub batches: crate::batches::Batches,
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     /// Room for buffered JSON request bodies, in KiB (`--max-buffered`).
@@ -165,7 +167,14 @@ impl App {
                 },
             }
         })?;
+        let batches =
+            crate::batches::Batches::new(&config, store.clone(), metrics.clone(), budgets.clone())
+                .map_err(|e| StartError {
+                    setting: "[[upstream]]",
+                    message: e,
+                })?;
         let app = App {
+            batches,
             buffered,
             alerts,
             upstreams,

@@ -376,6 +376,22 @@ impl Budgets {
         s.spent = spent;
     }
 
+    /// Adds spend nothing reserved ahead (a Batch API job's lines, metered
+    /// when the job ends), so later requests see it at once.
+    pub fn charge(&self, user: &str, now_ms: i64, cost: i128) {
+        let Some((l, _)) = self.limits_of(user) else {
+            return;
+        };
+        let start = l.period.start(now_ms);
+        let mut st = self.state.lock();
+        let s = st.entry(user.to_owned()).or_default();
+        if s.period_start != start {
+            s.start_period(start);
+        }
+        s.spent = s.spent.saturating_add(cost);
+        s.used = s.used.saturating_add(cost);
+    }
+
     /// Spent and reserved pico-dollars of a user in the current period.
     pub fn spent(&self, user: &str, now_ms: i64) -> (i128, i128) {
         let Some((l, _)) = self.limits_of(user) else {

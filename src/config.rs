@@ -38,6 +38,9 @@ pub struct Config {
     pub upstream_idle_timeout: Duration,
     /// How long an idle upstream connection is kept for reuse.
     pub upstream_keepalive: Duration,
+    /// First wait between two polls of an open Batch API job (doubling up
+    /// to [`crate::batches::MAX_POLL`]).
+    pub batch_poll: Duration,
     /// Largest request body read for metering (JSON APIs); larger gets 413.
     pub max_body: u64,
     /// How long in-flight requests may run on after a shutdown signal.
@@ -101,6 +104,7 @@ impl std::fmt::Debug for Config {
             .field("upstream_connect_timeout", &self.upstream_connect_timeout)
             .field("upstream_idle_timeout", &self.upstream_idle_timeout)
             .field("upstream_keepalive", &self.upstream_keepalive)
+            .field("batch_poll", &self.batch_poll)
             .field("max_body", &self.max_body)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("header_timeout", &self.header_timeout)
@@ -876,6 +880,7 @@ impl Default for Config {
             upstream_connect_timeout: Duration::from_secs(10),
             upstream_idle_timeout: Duration::from_secs(600),
             upstream_keepalive: Duration::from_secs(90),
+            batch_poll: Duration::from_secs(30),
             max_body: 32 << 20,
             shutdown_grace: Duration::from_secs(30),
             header_timeout: Duration::from_secs(10),
@@ -1119,6 +1124,14 @@ const SETTINGS: &[Setting] = &[
         key: "upstream_keepalive",
         default: "90s",
         help: "how long an idle upstream connection is kept for reuse",
+    },
+    Setting {
+        flag: "--batch-poll",
+        value: "DUR",
+        env: "TOLLGATE_BATCH_POLL",
+        key: "batch_poll",
+        default: "30s",
+        help: "first wait between polls of an open Batch API job (doubling up to 10m)",
     },
     Setting {
         flag: "--upstream-ca-file",
@@ -1570,6 +1583,7 @@ pub fn parse(
     )?;
     dur("--upstream-idle-timeout", &mut c.upstream_idle_timeout)?;
     dur("--upstream-keepalive", &mut c.upstream_keepalive)?;
+    dur("--batch-poll", &mut c.batch_poll)?;
     dur("--shutdown-grace", &mut c.shutdown_grace)?;
     dur("--header-timeout", &mut c.header_timeout)?;
     dur("--body-timeout", &mut c.body_timeout)?;

@@ -28,6 +28,8 @@
 //! - [`proxy`]: the `/v1/` request's phases over one per-request context:
 //!   path and authentication, body, admission (budget, rates, queue slot),
 //!   upstream request, send, answer.
+//! - [`batches`]: Batch API jobs created through the proxy, followed on
+//!   their own thread until they end, then metered line by line.
 //! - [`access`]: the admin key, user keys and client authentication modes.
 //! - [`alerts`]: budget alerts POSTed to a webhook, off the request path.
 //! - [`budget`]: spending limits and request/token rates, reserved before
@@ -70,6 +72,7 @@ pub mod access;
 pub mod alerts;
 pub mod api;
 pub mod app;
+pub mod batches;
 pub mod body;
 pub mod budget;
 pub mod config;

@@ -69,6 +69,14 @@ pub struct RejectLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the ended batches' counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BatchLabels {
+    /// `metered` (this instance wrote its lines) or `metered_elsewhere`
+    /// (another instance claimed it first).
+    pub outcome: &'static str,
+}
+
 /// Labels of per-worker gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerLabels {
@@ -95,6 +103,7 @@ pub struct Metrics {
     ratelimit_remaining: Family<LimitLabels, Gauge<i64, AtomicI64>>,
     ratelimit_limit: Family<LimitLabels, Gauge<i64, AtomicI64>>,
     rejected: Family<RejectLabels, Counter>,
+    batches: Family<BatchLabels, Counter>,
     connections: Family<WorkerLabels, Gauge>,
     users: LabelCap,
     models: LabelCap,
@@ -174,6 +183,7 @@ impl Metrics {
             ratelimit_remaining: Family::default(),
             ratelimit_limit: Family::default(),
             rejected: Family::default(),
+            batches: Family::default(),
             connections: Family::default(),
             users: LabelCap::new(max_users),
             models: LabelCap::new(MAX_MODELS),
@@ -258,6 +268,11 @@ impl Metrics {
             "rejected_requests",
             "Requests refused before upstream by access control, budgets or limits",
             self.rejected.clone(),
+        );
+        r.register(
+            "batches_ended",
+            "Batch API jobs followed to their end, by outcome",
+            self.batches.clone(),
         );
         r.register(
             "connections",
@@ -372,6 +387,11 @@ impl Metrics {
     /// Counts a request refused before upstream.
     pub fn rejected(&self, reason: &'static str) {
         self.rejected.get_or_create(&RejectLabels { reason }).inc();
+    }
+
+    /// Counts a followed batch that ended (`metered` or `metered_elsewhere`).
+    pub fn batch_ended(&self, outcome: &'static str) {
+        self.batches.get_or_create(&BatchLabels { outcome }).inc();
     }
 
     /// The open-connections gauge of one server worker (the workers also

@@ -27,6 +27,10 @@ pub enum Tier {
     Priority,
     /// `scale`: the Scale Tier's reserved capacity.
     Scale,
+    /// `batch`: a line of a Batch API job, priced at the batch rates. Set
+    /// only by the batch follower ([`crate::batches`]): [`Tier::parse`]
+    /// never yields it, so no client gets batch prices by asking.
+    Batch,
 }
 
 impl Tier {
@@ -43,6 +47,15 @@ impl Tier {
         })
     }
 
+    /// The tier of a stored record: what [`Tier::parse`] accepts, and also
+    /// `batch`, which only tollgate itself writes.
+    pub fn from_stored(s: &str) -> Option<Tier> {
+        match s {
+            "batch" => Some(Tier::Batch),
+            _ => Tier::parse(s),
+        }
+    }
+
     /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -51,6 +64,7 @@ impl Tier {
             Tier::Flex => "flex",
             Tier::Priority => "priority",
             Tier::Scale => "scale",
+            Tier::Batch => "batch",
         }
     }
 }
@@ -244,6 +258,9 @@ impl Price {
     /// rate; the other units are priced by their own rows
     /// ([`PriceTable::breakdown`]).
     pub fn breakdown(&self, t: Tokens) -> Breakdown {
+        if t.tier == Some(Tier::Batch) {
+            return self.batch_breakdown(t);
+        }
         let cached = t.cached.min(t.query);
         let audio_in = t.audio_query.min(t.query - cached);
         let image_in = t.image_query.min(t.query - cached - audio_in);
@@ -292,6 +309,26 @@ impl Price {
                 .fold(i, i64::saturating_add);
             b.tier_adjustment = b.total().saturating_sub(standard);
         }
+        b
+    }
+
+    /// A batch line: every part at half its standard price (OpenAI's
+    /// published Batch API discount), rounded down to the pico-dollar.
+    fn batch_breakdown(&self, t: Tokens) -> Breakdown {
+        let standard = self.breakdown(Tokens { tier: None, ..t });
+        let mut b = Breakdown {
+            input: standard.input / 2,
+            cached_input: standard.cached_input / 2,
+            output: standard.output / 2,
+            audio_input: standard.audio_input / 2,
+            audio_output: standard.audio_output / 2,
+            image_input: standard.image_input / 2,
+            image_output: standard.image_output / 2,
+            tool: standard.tool,
+            tier: Some(Tier::Batch),
+            tier_adjustment: 0,
+        };
+        b.tier_adjustment = b.total().saturating_sub(standard.total());
         b
     }
 

@@ -105,6 +105,9 @@ pub struct Record {
     pub tags: String,
     /// What is priced per unit: images, tool calls, seconds, characters.
     pub units: crate::pricing::Units,
+    /// The `custom_id` of the Batch API line the record meters (`None`
+    /// for every request that went through the proxy itself).
+    pub custom_id: Option<String>,
 }
 
 impl Record {
@@ -263,6 +266,8 @@ pub struct StoredRecord {
     pub image_answer_tokens: i64,
     /// See [`Record::units`].
     pub units: crate::pricing::Units,
+    /// See [`Record::custom_id`].
+    pub custom_id: Option<String>,
 }
 
 impl StoredRecord {

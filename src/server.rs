@@ -86,6 +86,8 @@ async fn first_bytes(stream: &tokio::net::TcpStream, limit: std::time::Duration)
 /// in-flight requests finish within the grace period, and writes every
 /// pending record.
 pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
+    // Batches are followed while the server runs (and its store is open).
+    app.batches.follow();
     if let Ok(addr) = listener.local_addr() {
         if !addr.ip().is_loopback() {
             if app.admin_digest.is_none() {

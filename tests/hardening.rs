@@ -237,7 +237,7 @@ async fn paths_leaving_v1_or_hiding_separators_never_reach_upstream() {
 async fn unmeterable_endpoints_are_refused_in_keys_mode_unless_opened() {
     let mock = chat_mock().await;
     let doors = [
-        "/v1/batches",
+        "/v1/containers",
         "/v1/fine_tuning/jobs",
         "/v1/realtime/sessions",
         "/v1/realtime/client_secrets",
@@ -278,12 +278,12 @@ async fn unmeterable_endpoints_are_refused_in_keys_mode_unless_opened() {
     let opened = Proxy::builder(&mock.url())
         .admin(ADMIN)
         .auth(AuthMode::Keys)
-        .with(|c| c.allow_unmetered = Some(vec!["batches".into()]))
+        .with(|c| c.allow_unmetered = Some(vec!["containers".into()]))
         .start()
         .await;
     let r = opened.admin_call(Method::POST, "/users/eve/keys", "").await;
     let key = r.json()["key"].as_str().unwrap().to_owned();
-    let batch = Request::post("/v1/batches")
+    let batch = Request::post("/v1/containers")
         .header("content-type", "application/json")
         .header("authorization", format!("Bearer {key}"))
         .body(full("{}"))

@@ -439,6 +439,11 @@ pub fn record_json(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdow
     // Only tollgate's own names and numbers (see `pricing::units`).
     out.push_str(",\"units\":");
     push_json_str(out, &r.units.to_text());
+    out.push_str(",\"customId\":");
+    match &r.custom_id {
+        Some(c) => push_json_str(out, c),
+        None => out.push_str("null"),
+    }
     out.push('}');
 }
 
@@ -454,7 +459,7 @@ fn push_tier(out: &mut String, t: Option<pricing::Tier>) {
     }
 }
 
-const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment,clientAborted,tags,upstream,imageQueryTokens,imageAnswerTokens,imageInputCost,imageOutputCost,toolCost,units\r\n";
+const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment,clientAborted,tags,upstream,imageQueryTokens,imageAnswerTokens,imageInputCost,imageOutputCost,toolCost,units,customId\r\n";
 
 /// Leading characters that make a spreadsheet read a cell as a formula
 /// (OWASP, "CSV Injection").
@@ -544,6 +549,10 @@ pub fn record_csv(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdown
     }
     out.push(',');
     push_csv(out, &r.units.to_text());
+    out.push(',');
+    if let Some(c) = &r.custom_id {
+        push_csv(out, c);
+    }
     out.push_str("\r\n");
 }
 

@@ -91,6 +91,19 @@ pub struct Meter {
     /// The model the record is priced by, over the answered one (an Azure
     /// deployment's base model).
     priced_as: Option<String>,
+    /// The answer kept whole for a hook (a batch creation's).
+    keep: Option<Kept>,
+}
+
+/// Reads a whole (small) answer once the exchange ends: its status and body.
+pub type AnswerHook = Box<dyn FnOnce(u16, &[u8]) + Send + Sync>;
+
+/// A small answer kept whole, and what reads it once the exchange ends.
+struct Kept {
+    bytes: Vec<u8>,
+    cap: usize,
+    overflow: bool,
+    done: AnswerHook,
 }
 
 impl Meter {
@@ -122,6 +135,7 @@ impl Meter {
             images: None,
             speech: None,
             priced_as: None,
+            keep: None,
         }
     }
 
@@ -161,6 +175,18 @@ impl Meter {
     /// The request's cost teaches later reservations of its kind.
     pub fn learn_into(&mut self, recent: Arc<RecentCosts>) {
         self.recent = Some(recent);
+    }
+
+    /// Keeps the answer (at most `cap` bytes) for `done`, which gets the
+    /// status and the whole answer when the exchange ends (nothing when the
+    /// answer was larger).
+    pub fn keep_answer(&mut self, cap: usize, done: AnswerHook) {
+        self.keep = Some(Kept {
+            bytes: Vec::new(),
+            cap,
+            overflow: false,
+            done,
+        });
     }
 
     /// The answer head arrived.
@@ -224,6 +250,13 @@ impl Meter {
     pub(crate) fn observe(&mut self, data: Bytes, now: Instant) -> Bytes {
         if self.record.ttfb_us.is_none() {
             self.record.ttfb_us = Some(now.duration_since(self.started).as_micros() as u64);
+        }
+        if let Some(k) = &mut self.keep {
+            if k.bytes.len() + data.len() <= k.cap {
+                k.bytes.extend_from_slice(&data);
+            } else {
+                k.overflow = true;
+            }
         }
         let out = match &mut self.observer {
             Observer::Ignore => data,
@@ -359,6 +392,12 @@ impl Meter {
             }
             if let Some(h) = rec.hold.take() {
                 h.settle(cost, rec.usage.query.saturating_add(rec.usage.answer));
+            }
+        }
+        if let Some(k) = self.keep.take() {
+            // A client gone before the end leaves a cut answer: no JSON.
+            if !k.overflow {
+                (k.done)(rec.status, &k.bytes);
             }
         }
         self.store.submit(rec, slot);

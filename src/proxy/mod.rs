@@ -279,6 +279,10 @@ impl Ctx {
             .and_then(|v| v.parse::<u64>().ok());
         self.request.declared = declared;
         if !self.endpoint.reads_body() {
+            if self.creates_batch() {
+                // Its answer is read for the batch id.
+                headers::ask_identity(headers);
+            }
             let sniff = self.endpoint.is_upload().then(|| {
                 headers::ask_identity(headers);
                 headers
@@ -398,6 +402,17 @@ impl Ctx {
 
     /// Opens the request's record: from here on, whatever happens leaves one.
     fn meter(&mut self, app: &App, admission: admit::Admission) -> Meter {
+        let upstream = app.upstreams.all()[app.upstreams.chain(self.chain)[0]]
+            .name
+            .clone();
+        let batch = self.creates_batch().then(|| {
+            app.batches.on_created(
+                self.user.clone(),
+                self.tags.clone(),
+                upstream.clone(),
+                self.started_ms,
+            )
+        });
         let r = &mut self.request;
         let record = Record {
             user: std::mem::take(&mut self.user),
@@ -408,11 +423,7 @@ impl Ctx {
             tier: r.tier,
             key_id: self.key_id.take(),
             tags: std::mem::take(&mut self.tags),
-            upstream: Some(
-                app.upstreams.all()[app.upstreams.chain(self.chain)[0]]
-                    .name
-                    .clone(),
-            ),
+            upstream: Some(upstream),
             hold: admission.hold,
             ..Record::default()
         };
@@ -445,6 +456,9 @@ impl Ctx {
                 ..Default::default()
             });
         }
+        if let Some(hook) = batch {
+            meter.keep_answer(crate::batches::MAX_CREATED_ANSWER, hook);
+        }
         if matches!(
             self.endpoint,
             Endpoint::Images | Endpoint::ImageUpload | Endpoint::Audio
@@ -452,6 +466,11 @@ impl Ctx {
             meter.learn_into(app.budgets.recent.clone());
         }
         meter
+    }
+
+    /// Whether the request creates a Batch API job (followed once created).
+    fn creates_batch(&self) -> bool {
+        self.post && self.path == "/v1/batches"
     }
 
     /// Phase 6: the answer goes back to the client through the scanner that

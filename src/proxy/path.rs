@@ -36,7 +36,7 @@ impl PathError {
 }
 
 /// Paths of the metered endpoints, matched case-insensitively.
-const METERED: [&str; 9] = [
+const METERED: [&str; 10] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/responses",
@@ -46,6 +46,7 @@ const METERED: [&str; 9] = [
     "/v1/images/generations",
     "/v1/images/edits",
     "/v1/images/variations",
+    "/v1/batches",
 ];
 
 /// Azure OpenAI's shape of a path, `/openai/deployments/{deployment}/...`
@@ -152,7 +153,7 @@ pub fn family(path: &str) -> &str {
 }
 
 /// Families tollgate meters (or that cost nothing): always allowed.
-pub const METERED_FAMILIES: [&str; 11] = [
+pub const METERED_FAMILIES: [&str; 12] = [
     "chat",
     "completions",
     "responses",
@@ -164,10 +165,10 @@ pub const METERED_FAMILIES: [&str; 11] = [
     "models",
     "files",
     "uploads",
+    "batches",
 ];
 
-/// Families that spend without a record of their cost: the Batch API
-/// (metered later), fine-tuning, Realtime (which mints short-lived upstream
+/// Families that spend without a record of their cost: fine-tuning, Realtime (which mints short-lived upstream
 /// credentials a client spends with directly), Assistants runs
 /// (`threads`), vector stores, containers, evals, videos, and anything
 /// tollgate does not know.

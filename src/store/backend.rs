@@ -85,6 +85,34 @@ pub trait Accounts: Send + Sync + 'static {
         kind: &str,
         now_ms: i64,
     ) -> Result<bool, StoreError>;
+    /// Stores a batch created through tollgate (a second store of the
+    /// same id changes nothing).
+    fn create_batch(&self, b: &BatchInfo) -> Result<(), StoreError>;
+    /// The batches not metered yet, oldest first.
+    fn open_batches(&self) -> Result<Vec<BatchInfo>, StoreError>;
+    /// Marks batch `id` metered in its terminal `state`; false when it
+    /// already was (by this instance or another): its records are written
+    /// only by whoever gets true.
+    fn claim_batch(&self, id: &str, state: &str, now_ms: i64) -> Result<bool, StoreError>;
+}
+
+/// A Batch API job created through tollgate, followed until it is metered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchInfo {
+    /// Upstream's batch id.
+    pub id: String,
+    /// The user who created it, charged for its lines.
+    pub user: String,
+    /// The creating request's tags, canonical.
+    pub tags: String,
+    /// The upstream it was created on (followed there with its key).
+    pub upstream: String,
+    /// The endpoint its lines call (`/v1/chat/completions`, ...).
+    pub endpoint: String,
+    /// Its input file.
+    pub input_file_id: String,
+    /// When it was created, ms since the epoch.
+    pub created_ms: i64,
 }
 
 /// Filters of `/usage` and `/queries`.

@@ -87,8 +87,9 @@ fn families() {
     assert_eq!(family("/v1/fine_tuning/jobs"), "fine_tuning");
     assert_eq!(family("/v1/batches"), "batches");
     assert!(is_metered_family("chat"));
+    // Followed and metered line by line (`crate::batches`).
+    assert!(is_metered_family("batches"));
     for f in [
-        "batches",
         "fine_tuning",
         "realtime",
         "threads",

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::{i, wait, Pool};
 use crate::budget::{Limits, Period};
-use crate::store::{Accounts, KeyInfo, StoreError};
+use crate::store::{Accounts, BatchInfo, KeyInfo, StoreError};
 
 /// The `limits` row of the default limits (no user name is empty).
 const DEFAULT_LIMITS_USER: &str = "";
@@ -33,6 +33,48 @@ fn key_info(r: &tokio_postgres::Row) -> Result<KeyInfo, tokio_postgres::Error> {
 }
 
 impl Accounts for PgAccounts {
+    fn create_batch(&self, b: &BatchInfo) -> Result<(), StoreError> {
+        self.pool.with(|c| {
+            wait(c.client.execute(
+                "INSERT INTO batches (id, username, tags, upstream, endpoint, input_file_id, created) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                &[&b.id, &b.user, &b.tags, &b.upstream, &b.endpoint, &b.input_file_id, &b.created_ms],
+            ))?;
+            Ok(())
+        })
+    }
+
+    fn open_batches(&self) -> Result<Vec<BatchInfo>, StoreError> {
+        self.pool.with(|c| {
+            let rows = wait(c.client.query(
+                "SELECT id, username, tags, upstream, endpoint, input_file_id, created FROM batches WHERE metered IS NULL ORDER BY created, id",
+                &[],
+            ))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                out.push(BatchInfo {
+                    id: r.try_get(0)?,
+                    user: r.try_get(1)?,
+                    tags: r.try_get(2)?,
+                    upstream: r.try_get(3)?,
+                    endpoint: r.try_get(4)?,
+                    input_file_id: r.try_get(5)?,
+                    created_ms: r.try_get(6)?,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn claim_batch(&self, id: &str, state: &str, now_ms: i64) -> Result<bool, StoreError> {
+        self.pool.with(|c| {
+            let n = wait(c.client.execute(
+                "UPDATE batches SET metered = $3, state = $2 WHERE id = $1 AND metered IS NULL",
+                &[&id, &state, &now_ms],
+            ))?;
+            Ok(n == 1)
+        })
+    }
+
     fn claim_alert(
         &self,
         subject: &str,

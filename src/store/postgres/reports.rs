@@ -149,7 +149,7 @@ impl Reports for PgReports {
             "SELECT id, username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier,
                     audio_query_tokens, audio_answer_tokens, tags, upstream,
-                    image_query_tokens, image_answer_tokens, units
+                    image_query_tokens, image_answer_tokens, units, custom_id
              FROM queries{} ORDER BY {order} LIMIT ${} OFFSET ${}",
             q.where_sql(),
             n + 1,
@@ -184,7 +184,9 @@ impl Reports for PgReports {
                         estimated: r.try_get(16)?,
                         request_id: r.try_get(17)?,
                         client_aborted: r.try_get(18)?,
-                        tier: r.try_get::<_, Option<&str>>(19)?.and_then(Tier::parse),
+                        tier: r
+                            .try_get::<_, Option<&str>>(19)?
+                            .and_then(Tier::from_stored),
                         audio_query_tokens: r.try_get(20)?,
                         audio_answer_tokens: r.try_get(21)?,
                         tags: r.try_get(22)?,
@@ -192,6 +194,7 @@ impl Reports for PgReports {
                         image_query_tokens: r.try_get(24)?,
                         image_answer_tokens: r.try_get(25)?,
                         units: crate::pricing::Units::from_text(r.try_get::<_, &str>(26)?),
+                        custom_id: r.try_get(27)?,
                     };
                     if !sink(rec) {
                         break;

@@ -71,6 +71,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         what: "image tokens and per-unit counts on records, image and unit rates on prices",
         sql: SCHEMA_V9,
     },
+    Migration {
+        version: 10,
+        what: "Batch API jobs followed until metered; records keep a batch line's custom_id",
+        sql: SCHEMA_V10,
+    },
 ];
 
 /// The version this build brings a database to.
@@ -204,6 +209,24 @@ CREATE TABLE write_batches (
     token text   PRIMARY KEY,
     at_ms bigint NOT NULL
 );
+";
+
+/// Batch API jobs created through tollgate (`metered` NULL until one
+/// instance claims them and records their lines), and the `custom_id` of a
+/// batch line's record.
+const SCHEMA_V10: &str = "
+CREATE TABLE batches (
+    id            text   PRIMARY KEY,
+    username      text   NOT NULL,
+    tags          text   NOT NULL DEFAULT '',
+    upstream      text   NOT NULL,
+    endpoint      text   NOT NULL,
+    input_file_id text   NOT NULL,
+    created       bigint NOT NULL,
+    state         text,
+    metered       bigint
+);
+ALTER TABLE queries ADD COLUMN IF NOT EXISTS custom_id text;
 ";
 
 /// The upstream that served a record (NULL for the records written before).

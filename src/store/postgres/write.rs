@@ -55,7 +55,7 @@ pub struct PgBackend {
     retry: Option<String>,
 }
 
-const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream, image_query_tokens, image_answer_tokens, units) FROM STDIN (FORMAT binary)";
+const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream, image_query_tokens, image_answer_tokens, units, custom_id) FROM STDIN (FORMAT binary)";
 
 /// Inserts a price row (standard and tier rates); its parameters are
 /// those of [`UPSERT_PRICE`].
@@ -128,6 +128,7 @@ const COPY_TYPES: &[Type] = &[
     Type::TEXT,
     Type::INT8,
     Type::INT8,
+    Type::TEXT,
     Type::TEXT,
 ];
 
@@ -271,7 +272,8 @@ pub(super) async fn copy_records(
         let upstream = r.upstream.as_deref();
         let (image_q, image_a) = (i(r.usage.image_query), i(r.usage.image_answer));
         let units = r.units.to_text();
-        let row: [&(dyn ToSql + Sync); 26] = [
+        let custom_id = r.custom_id.as_deref();
+        let row: [&(dyn ToSql + Sync); 27] = [
             &r.user,
             &r.model_or_requested(),
             &r.requested_model,
@@ -298,6 +300,7 @@ pub(super) async fn copy_records(
             &image_q,
             &image_a,
             &units,
+            &custom_id,
         ];
         w.as_mut().write(&row).await?;
     }
@@ -551,7 +554,7 @@ impl PgBackend {
                     query: row.get::<_, i64>(4).max(0) as u64,
                     cached: row.get::<_, i64>(5).max(0) as u64,
                     answer: row.get::<_, i64>(6).max(0) as u64,
-                    tier: row.get::<_, Option<&str>>(10).and_then(Tier::parse),
+                    tier: row.get::<_, Option<&str>>(10).and_then(Tier::from_stored),
                     audio_query: row.get::<_, i64>(11).max(0) as u64,
                     audio_answer: row.get::<_, i64>(12).max(0) as u64,
                     image_query: row.get::<_, i64>(14).max(0) as u64,

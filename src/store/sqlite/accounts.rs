@@ -6,7 +6,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::i;
 use crate::budget::{Limits, Period};
-use crate::store::{Accounts, KeyInfo, StoreError};
+use crate::store::{Accounts, BatchInfo, KeyInfo, StoreError};
 
 /// The `limits` row of the default limits (no user name is empty).
 const DEFAULT_LIMITS_USER: &str = "";
@@ -43,6 +43,46 @@ fn key_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
 }
 
 impl Accounts for SqliteAccounts {
+    fn create_batch(&self, b: &BatchInfo) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO batches (id, user, tags, upstream, endpoint, input_file_id, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+                params![b.id, b.user, b.tags, b.upstream, b.endpoint, b.input_file_id, b.created_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn open_batches(&self) -> Result<Vec<BatchInfo>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT id, user, tags, upstream, endpoint, input_file_id, created FROM batches WHERE metered IS NULL ORDER BY created, id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(BatchInfo {
+                    id: r.get(0)?,
+                    user: r.get(1)?,
+                    tags: r.get(2)?,
+                    upstream: r.get(3)?,
+                    endpoint: r.get(4)?,
+                    input_file_id: r.get(5)?,
+                    created_ms: r.get(6)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn claim_batch(&self, id: &str, state: &str, now_ms: i64) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE batches SET metered = ?3, state = ?2 WHERE id = ?1 AND metered IS NULL",
+                params![id, state, now_ms],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
     fn claim_alert(
         &self,
         subject: &str,

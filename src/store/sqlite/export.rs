@@ -134,7 +134,7 @@ impl SqliteSource {
             "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated,
                     request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream,
-                    image_query_tokens, image_answer_tokens, units
+                    image_query_tokens, image_answer_tokens, units, custom_id
              FROM queries WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
         )?;
         let n = |v: i64| v.max(0) as u64;
@@ -167,10 +167,11 @@ impl SqliteSource {
                             units: crate::pricing::Units::from_text(&r.get::<_, String>(26)?),
                             tags: r.get(22)?,
                             upstream: r.get(23)?,
+                            custom_id: r.get(27)?,
                             tier: r
                                 .get::<_, Option<String>>(19)?
                                 .as_deref()
-                                .and_then(crate::pricing::Tier::parse),
+                                .and_then(crate::pricing::Tier::from_stored),
                             estimated: r.get(16)?,
                             request_id: r.get(17)?,
                             client_aborted: r.get(18)?,

@@ -172,7 +172,7 @@ impl Reports for SqliteReports {
                     CAST(query_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cached_tokens AS INTEGER),
                     CAST(reasoning_tokens AS INTEGER), CAST(cost AS INTEGER), priced, estimated, request_id, client_aborted, service_tier,
                     CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER), tags, upstream,
-                    CAST(image_query_tokens AS INTEGER), CAST(image_answer_tokens AS INTEGER), units
+                    CAST(image_query_tokens AS INTEGER), CAST(image_answer_tokens AS INTEGER), units, custom_id
              FROM queries{w} ORDER BY {order} LIMIT ? OFFSET ?"
         );
         args.push(rusqlite::types::Value::Integer(
@@ -207,7 +207,7 @@ impl Reports for SqliteReports {
                     client_aborted: r.get(18)?,
                     tier: r
                         .get::<_, Option<String>>(19)?
-                        .and_then(|t| Tier::parse(&t)),
+                        .and_then(|t| Tier::from_stored(&t)),
                     audio_query_tokens: r.get(20)?,
                     audio_answer_tokens: r.get(21)?,
                     tags: r.get(22)?,
@@ -215,6 +215,7 @@ impl Reports for SqliteReports {
                     image_query_tokens: r.get(24)?,
                     image_answer_tokens: r.get(25)?,
                     units: crate::pricing::Units::from_text(&r.get::<_, String>(26)?),
+                    custom_id: r.get(27)?,
                 };
                 if !sink(rec) {
                     break;

@@ -88,6 +88,12 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         sql: SCHEMA_V10,
         adds_column: Some(("queries", "units")),
     },
+    Migration {
+        version: 11,
+        what: "Batch API jobs followed until metered; records keep a batch line's custom_id",
+        sql: SCHEMA_V11,
+        adds_column: Some(("queries", "custom_id")),
+    },
 ];
 
 /// The version this build brings a database to.
@@ -282,6 +288,23 @@ ALTER TABLE queries ADD COLUMN units TEXT NOT NULL DEFAULT '';
 ALTER TABLE prices ADD COLUMN image_query INTEGER;
 ALTER TABLE prices ADD COLUMN image_answer INTEGER;
 ALTER TABLE prices ADD COLUMN unit INTEGER;
+";
+
+/// Batch API jobs created through tollgate (`metered` NULL until their
+/// lines are recorded), and the `custom_id` of a batch line's record.
+const SCHEMA_V11: &str = "
+CREATE TABLE IF NOT EXISTS batches (
+    id            TEXT    PRIMARY KEY,
+    user          TEXT    NOT NULL,
+    tags          TEXT    NOT NULL DEFAULT '',
+    upstream      TEXT    NOT NULL,
+    endpoint      TEXT    NOT NULL,
+    input_file_id TEXT    NOT NULL,
+    created       INTEGER NOT NULL,
+    state         TEXT,
+    metered       INTEGER
+) WITHOUT ROWID;
+ALTER TABLE queries ADD COLUMN custom_id TEXT;
 ";
 
 /// Whether `table` has `column`.

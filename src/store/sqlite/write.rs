@@ -23,7 +23,7 @@ impl SqliteBackend {
     }
 }
 
-const INSERT: &str = "INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream, image_query_tokens, image_answer_tokens, units) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)";
+const INSERT: &str = "INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream, image_query_tokens, image_answer_tokens, units, custom_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)";
 
 /// Inserts a price row (standard and tier rates); its parameters are
 /// those of [`UPSERT_PRICE`].
@@ -122,6 +122,7 @@ impl Backend for SqliteBackend {
                     i(r.usage.image_query),
                     i(r.usage.image_answer),
                     r.units.to_text(),
+                    r.custom_id.as_deref(),
                 ])?;
                 if let Some(k) = &r.key_id {
                     let mut st = tx.prepare_cached(
@@ -214,7 +215,7 @@ impl Backend for SqliteBackend {
                     answer: row.get::<_, i64>(6)?.max(0) as u64,
                     tier: row
                         .get::<_, Option<String>>(10)?
-                        .and_then(|t| Tier::parse(&t)),
+                        .and_then(|t| Tier::from_stored(&t)),
                     audio_query: row.get::<_, i64>(11)?.max(0) as u64,
                     audio_answer: row.get::<_, i64>(12)?.max(0) as u64,
                     image_query: row.get::<_, i64>(14)?.max(0) as u64,
