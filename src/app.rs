@@ -31,6 +31,10 @@ pub struct App {
     pub sessions: access::session::Sessions,
     /// Limits and live spend.
     pub budgets: Arc<Budgets>,
+    /// Projects and their members.
+    pub projects: crate::projects::Projects,
+    /// Projects' limits and live spend (never leased: see README).
+    pub project_budgets: Arc<Budgets>,
     /// Budget alerts to the webhook (off without one).
     pub alerts: crate::alerts::Alerts,
     /// Prometheus metrics.
@@ -176,6 +180,8 @@ impl App {
             keys: Keys::default(),
             sessions: access::session::Sessions::default(),
             budgets,
+            projects: crate::projects::Projects::default(),
+            project_budgets: Arc::new(Budgets::default()),
             metrics,
         };
         app.load_accounts()
@@ -264,14 +270,26 @@ impl App {
                     // Checked when the key was made; a row edited by hand
                     // to something unreadable tags nothing.
                     tags: crate::tags::Tags::parse(&info.tags).unwrap_or_default(),
+                    project: info.project,
                 })
                 .collect(),
         );
         Ok(())
     }
 
-    /// Makes the limits those of the database; whether they changed.
+    /// Makes the limits (and projects) those of the database; whether the
+    /// limits changed.
     fn load_limits(&self) -> Result<bool, StoreError> {
+        let mut members = std::collections::BTreeMap::new();
+        let mut project_limits = HashMap::new();
+        for p in self.store.accounts().all_projects()? {
+            if let Some(l) = p.limits {
+                project_limits.insert(p.name.clone(), l);
+            }
+            members.insert(p.name, p.members);
+        }
+        self.projects.replace(members);
+        let projects_changed = self.project_budgets.replace_limits(project_limits, None);
         let mut users = HashMap::new();
         let mut default = None;
         for (user, l) in self.store.accounts().all_limits()? {
@@ -282,7 +300,7 @@ impl App {
                 None => default = Some(l),
             }
         }
-        Ok(self.budgets.replace_limits(users, default))
+        Ok(self.budgets.replace_limits(users, default) | projects_changed)
     }
 
     /// Loads users' keys and limits, and each limited user's spend in the
@@ -309,6 +327,23 @@ impl App {
                 .into_iter()
                 .filter_map(|(g, t)| Some((g.user?, t.cost)))
                 .collect();
+            let projects = reports.usage(
+                &Filter {
+                    group_tag: Some(crate::projects::ROLLUP_KEY.to_owned()),
+                    ..f.clone()
+                },
+                &[GroupKey::Tag],
+            )?;
+            for (g, t) in projects {
+                let Some(p) = g.tag else { continue };
+                if self
+                    .project_budgets
+                    .limits_of(&p)
+                    .is_some_and(|(l, _)| l.period == period)
+                {
+                    self.project_budgets.set_spent(&p, start, t.cost);
+                }
+            }
             let users: Vec<String> = spent.keys().cloned().collect();
             for u in users {
                 if self

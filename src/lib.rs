@@ -59,7 +59,7 @@
 //! - [`error`]: errors answered in OpenAI's error shape.
 //! - Leaves: [`http`] (body and error types), [`ratelimit`] (upstream's
 //!   rate-limit headers), [`tags`] (request tags and their canonical
-//!   form), [`duration`] and [`timestamp`] (time formats).
+//!   form), [`projects`] (project names and members), [`duration`] and [`timestamp`] (time formats).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -78,6 +78,7 @@ pub mod http;
 pub mod meter;
 pub mod metrics;
 pub mod pricing;
+pub mod projects;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reconcile;

@@ -97,6 +97,8 @@ pub struct Record {
     /// The request's tags in canonical form (see [`crate::tags`]); empty
     /// when it has none.
     pub tags: String,
+    /// The project the request is charged to (see [`crate::projects`]).
+    pub project: Option<String>,
 }
 
 impl Record {
@@ -246,6 +248,8 @@ pub struct StoredRecord {
     /// The name of the upstream that served it (`None` for records written
     /// before tollgate had several upstreams).
     pub upstream: Option<String>,
+    /// See [`Record::project`].
+    pub project: Option<String>,
 }
 
 impl StoredRecord {

@@ -151,6 +151,8 @@ impl Meter {
             stream: r.stream,
             request_id,
             upstream: r.upstream.clone(),
+            tags: r.tags.clone(),
+            project: r.project.clone(),
             ..Record::default()
         };
         match self.store.reserve(Duration::from_secs(1)).await {

@@ -21,7 +21,7 @@ pub mod transfer;
 mod writer;
 
 pub use backend::{
-    Accounts, Backend, Filter, GroupKey, GroupValues, KeyInfo, Reports, StateVersions, StoreError,
+    Accounts, Backend, Filter, GroupKey, GroupValues, KeyInfo, ProjectInfo, Reports, StateVersions, StoreError,
     UsageTotals,
 };
 

@@ -148,7 +148,7 @@ impl Reports for PgReports {
         let sql = format!(
             "SELECT id, username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier,
-                    audio_query_tokens, audio_answer_tokens, tags, upstream
+                    audio_query_tokens, audio_answer_tokens, tags, upstream, project
              FROM queries{} ORDER BY {order} LIMIT ${} OFFSET ${}",
             q.where_sql(),
             n + 1,
@@ -188,6 +188,7 @@ impl Reports for PgReports {
                         audio_answer_tokens: r.try_get(21)?,
                         tags: r.try_get(22)?,
                         upstream: r.try_get(23)?,
+                        project: r.try_get(24)?,
                     };
                     if !sink(rec) {
                         break;
@@ -309,9 +310,14 @@ fn piece_totals(
     if matches!(piece, Piece::Records(..)) {
         let rows = read_piece(c, piece, f, &plain, Source::Records, tag_group.is_some())?;
         let k = tag_group.unwrap_or("");
-        add(rows, sign, &|t| {
-            t.and_then(|t| crate::tags::value_of(&t, k).map(str::to_owned))
-        });
+        if k == crate::projects::ROLLUP_KEY {
+            // Read from the project column as it is.
+            add(rows, sign, &|t| t);
+        } else {
+            add(rows, sign, &|t| {
+                t.and_then(|t| crate::tags::value_of(&t, k).map(str::to_owned))
+            });
+        }
         return Ok(());
     }
     match (&f.tag, tag_group) {
@@ -345,6 +351,18 @@ fn piece_totals(
 /// The `tag` filter of the records, on their canonical tag list (`,k=v,`
 /// is found in `,list,` exactly when the record has that tag).
 fn tag_condition(q: &mut Conds, t: &crate::tags::TagFilter) {
+    // A project filter (see `crate::projects::ROLLUP_KEY`) is on its column.
+    if t.key == crate::projects::ROLLUP_KEY {
+        let cond = match &t.value {
+            Some(v) => {
+                q.args.push(Box::new(v.clone()));
+                format!("project = ${}", q.args.len())
+            }
+            None => "project IS NOT NULL".to_owned(),
+        };
+        q.conds.push(cond);
+        return;
+    }
     let mut found = |needle: String| {
         q.args.push(Box::new(needle));
         format!("strpos(',' || tags || ',', ${}) > 0", q.args.len())
@@ -406,7 +424,13 @@ fn read_piece(
     };
     let mut keys: Vec<&str> = plain.iter().map(|g| key_expr(*g, rollup)).collect();
     if tag_col {
-        keys.push(if rollup { "tag_value" } else { "tags" });
+        keys.push(if rollup {
+            "tag_value"
+        } else if f.group_tag.as_deref() == Some(crate::projects::ROLLUP_KEY) {
+            "project"
+        } else {
+            "tags"
+        });
     }
     // Sums as text: `sum(bigint)` is numeric, exact past i64, read as i128.
     let sums = if rollup {

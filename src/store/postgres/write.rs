@@ -55,7 +55,7 @@ pub struct PgBackend {
     retry: Option<String>,
 }
 
-const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream) FROM STDIN (FORMAT binary)";
+const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream, project) FROM STDIN (FORMAT binary)";
 
 /// Inserts a price row (standard and tier rates); its parameters are
 /// those of [`UPSERT_PRICE`].
@@ -120,6 +120,7 @@ const COPY_TYPES: &[Type] = &[
     Type::TEXT,
     Type::INT8,
     Type::INT8,
+    Type::TEXT,
     Type::TEXT,
     Type::TEXT,
 ];
@@ -262,7 +263,7 @@ pub(super) async fn copy_records(
         let tier = r.tier.map(|t| t.as_str());
         let (audio_q, audio_a) = (i(r.usage.audio_query), i(r.usage.audio_answer));
         let upstream = r.upstream.as_deref();
-        let row: [&(dyn ToSql + Sync); 23] = [
+        let row: [&(dyn ToSql + Sync); 24] = [
             &r.user,
             &r.model_or_requested(),
             &r.requested_model,
@@ -286,6 +287,7 @@ pub(super) async fn copy_records(
             &audio_a,
             &r.tags,
             &upstream,
+            &r.project,
         ];
         w.as_mut().write(&row).await?;
     }
@@ -520,7 +522,7 @@ impl PgBackend {
             let like_dated = format!("{}-%", escape_like(model));
             let rows = tx
                 .query(
-                    "SELECT id, model, requested_model, ts, query_tokens, cached_tokens, answer_tokens, cost, priced, username, service_tier, audio_query_tokens, audio_answer_tokens, tags FROM queries
+                    "SELECT id, model, requested_model, ts, query_tokens, cached_tokens, answer_tokens, cost, priced, username, service_tier, audio_query_tokens, audio_answer_tokens, tags, project FROM queries
                      WHERE ts >= $1 AND (model = $2 OR requested_model = $2
                         OR model LIKE $3 ESCAPE '\\' OR requested_model LIKE $3 ESCAPE '\\'
                         OR model LIKE 'ft:%' OR requested_model LIKE 'ft:%')",
@@ -553,7 +555,8 @@ impl PgBackend {
                     let (cost, unpriced) = (new.0 - old.0, i64::from(old.1) - i64::from(new.1));
                     let (day, user, tags): (i64, String, &str) =
                         (ts.div_euclid(DAY), row.get(9), row.get(13));
-                    for (k, v) in crate::tags::pairs(tags) {
+                    let project: Option<&str> = row.get(14);
+                    for (k, v) in crate::store::rollup::rollup_tags(tags, project) {
                         let key = (k.to_owned(), day, v.to_owned(), user.clone(), m.clone());
                         let d = tag_deltas.entry(key).or_default();
                         d.0 += cost;

@@ -133,7 +133,7 @@ impl SqliteSource {
         let mut st = self.conn.prepare_cached(
             "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated,
-                    request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream
+                    request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream, project
              FROM queries WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
         )?;
         let n = |v: i64| v.max(0) as u64;
@@ -163,6 +163,7 @@ impl SqliteSource {
                             },
                             tags: r.get(22)?,
                             upstream: r.get(23)?,
+                            project: r.get(24)?,
                             tier: r
                                 .get::<_, Option<String>>(19)?
                                 .as_deref()

@@ -167,7 +167,7 @@ impl Reports for SqliteReports {
             "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     CAST(query_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cached_tokens AS INTEGER),
                     CAST(reasoning_tokens AS INTEGER), CAST(cost AS INTEGER), priced, estimated, request_id, client_aborted, service_tier,
-                    CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER), tags, upstream
+                    CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER), tags, upstream, project
              FROM queries{w} ORDER BY {order} LIMIT ? OFFSET ?"
         );
         args.push(rusqlite::types::Value::Integer(
@@ -207,6 +207,7 @@ impl Reports for SqliteReports {
                     audio_answer_tokens: r.get(21)?,
                     tags: r.get(22)?,
                     upstream: r.get(23)?,
+                    project: r.get(24)?,
                 };
                 if !sink(rec) {
                     break;
@@ -420,9 +421,14 @@ fn piece_totals(
     if matches!(piece, Piece::Records(..)) {
         let rows = read_piece(c, piece, f, &plain, Source::Records, tag_group.is_some())?;
         let k = tag_group.unwrap_or("");
-        add(rows, sign, &|t| {
-            t.and_then(|t| crate::tags::value_of(&t, k).map(str::to_owned))
-        });
+        if k == crate::projects::ROLLUP_KEY {
+            // Read from the project column as it is.
+            add(rows, sign, &|t| t);
+        } else {
+            add(rows, sign, &|t| {
+                t.and_then(|t| crate::tags::value_of(&t, k).map(str::to_owned))
+            });
+        }
         return Ok(());
     }
     match (&f.tag, tag_group) {
@@ -470,6 +476,13 @@ pub(super) fn tag_condition(
     t: &crate::tags::TagFilter,
 ) -> (&'static str, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value;
+    // A project filter (see `crate::projects::ROLLUP_KEY`) is on its column.
+    if t.key == crate::projects::ROLLUP_KEY {
+        return match &t.value {
+            Some(v) => ("project = ?", vec![Value::Text(v.clone())]),
+            None => ("project IS NOT NULL", vec![]),
+        };
+    }
     // Canonical lists hold no spaces or commas inside a tag: `,k=v,` is
     // found in `,list,` exactly when the record has that tag.
     let wrapped = "instr(',' || tags || ',', ?) > 0";
@@ -543,7 +556,13 @@ fn read_piece(
     };
     let mut keys: Vec<&str> = plain.iter().map(|g| key_expr(*g, rollup)).collect();
     if tag_col {
-        keys.push(if rollup { "tag_value" } else { "tags" });
+        keys.push(if rollup {
+            "tag_value"
+        } else if f.group_tag.as_deref() == Some(crate::projects::ROLLUP_KEY) {
+            "project"
+        } else {
+            "tags"
+        });
     }
     let read = |sums: Sums| {
         let mut out: PieceRows = Vec::new();

@@ -82,6 +82,12 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         sql: SCHEMA_V9,
         adds_column: Some(("queries", "upstream")),
     },
+    Migration {
+        version: 10,
+        what: "projects (members and limits); records and keys name their project",
+        sql: SCHEMA_V10,
+        adds_column: Some(("queries", "project")),
+    },
 ];
 
 /// The version this build brings a database to.
@@ -264,6 +270,24 @@ CREATE TABLE IF NOT EXISTS usage_daily_tags (
 /// The upstream that served a record (NULL for the records written before).
 const SCHEMA_V9: &str = "
 ALTER TABLE queries ADD COLUMN upstream TEXT;
+";
+
+/// Projects: members (a JSON array of user names) and the project's own
+/// limits (`period` NULL: none). Records and keys name their project (NULL:
+/// none, and for those written before). A project's daily rollups are rows
+/// of `usage_daily_tags` under the tag key `@project`, which no request tag
+/// can have (see `crate::projects::ROLLUP_KEY`).
+const SCHEMA_V10: &str = "
+ALTER TABLE queries ADD COLUMN project TEXT;
+ALTER TABLE api_keys ADD COLUMN project TEXT;
+CREATE TABLE IF NOT EXISTS projects (
+    name    TEXT PRIMARY KEY,
+    members TEXT NOT NULL,
+    budget  INTEGER,
+    period  TEXT,
+    rpm     INTEGER,
+    tpm     INTEGER
+);
 ";
 
 /// Whether `table` has `column`.
