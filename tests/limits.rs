@@ -257,12 +257,13 @@ async fn client_leaving_before_the_head_finish_records_the_real_usage() {
         csv.lines()
             .next()
             .unwrap()
-            .ends_with(",clientAborted,tags,upstream"),
+            .ends_with(",clientAborted,tags,upstream,project"),
         "{csv}"
     );
-    // clientAborted, then the (empty) tags, then the upstream.
+    // clientAborted, then the (empty) tags, then the upstream, then the
+    // (empty) project.
     assert!(
-        csv.lines().nth(1).unwrap().ends_with(",true,,default"),
+        csv.lines().nth(1).unwrap().ends_with(",true,,default,"),
         "{csv}"
     );
 }

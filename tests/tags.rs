@@ -106,16 +106,16 @@ async fn tags_are_recorded_and_never_forwarded() {
     let csv = p.get("/queries?format=csv").await.text();
     let lines: Vec<&str> = csv.lines().collect();
     assert!(
-        lines[0].ends_with(",clientAborted,tags,upstream"),
+        lines[0].ends_with(",clientAborted,tags,upstream,project"),
         "{}",
         lines[0]
     );
     assert!(
-        lines[1].ends_with(",\"feature=autocomplete,team=search,urgent\",default"),
+        lines[1].ends_with(",\"feature=autocomplete,team=search,urgent\",default,"),
         "{}",
         lines[1]
     );
-    assert!(lines[2].ends_with(",false,,default"), "{}", lines[2]);
+    assert!(lines[2].ends_with(",false,,default,"), "{}", lines[2]);
     // /queries filters by tag too.
     assert_eq!(p.queries("tag=team=search").await.len(), 1);
     assert_eq!(p.queries("tag=urgent").await.len(), 1);
