@@ -418,3 +418,48 @@ async fn records_and_usage_by_project() {
         assert_openai_error(&r, 400, "invalid_request_error", Some(param), None);
     }
 }
+
+/// PostgreSQL only: a project made, changed or deleted on one instance
+/// reaches another within a second (the `limits` version), and the other
+/// holds requests to the project's limits.
+#[tokio::test]
+async fn projects_reach_other_instances_on_postgres() {
+    if !pg_mode() {
+        eprintln!("skipped: several instances need TOLLGATE_TEST_STORE=postgres");
+        return;
+    }
+    let mock = chat_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shared.db");
+    let p1 = Proxy::builder(&mock.url())
+        .db(&db)
+        .reserve_answer_tokens(10)
+        .start()
+        .await;
+    let p2 = Proxy::builder(&mock.url())
+        .db(&db)
+        .reserve_answer_tokens(10)
+        .start()
+        .await;
+    assert_eq!(p1.set_price("m", PRICE).await.status, 200);
+    assert_eq!(put_project(&p1, "search", &["ann"]).await.status, 201);
+    put_ok(&p1, "/projects/search/limits", r#"{"budget":0.1}"#).await;
+    eventually("the project reaches the other instance", STEP, || async {
+        let r = p2.get("/projects/search").await;
+        (r.status == 200 && r.json()["limits"]["budget"] == json!(0.1)).then_some(())
+    })
+    .await;
+    assert_eq!(p2.set_price("m", PRICE).await.status, 200);
+    let r = send(p2.addr, req_as("ann")).await;
+    let msg = assert_openai_error(&r, 429, "requests", None, Some("budget_exceeded"));
+    assert!(msg.contains("project"), "{msg}");
+    let r = p1.admin_call(Method::DELETE, "/projects/search", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    eventually("the deletion reaches the other instance", STEP, || async {
+        (p2.get("/projects/search").await.status == 404).then_some(())
+    })
+    .await;
+    assert_eq!(send(p2.addr, req_as("ann")).await.status, 200);
+    let recs = p2.wait_records(1).await;
+    assert_eq!(recs[0]["project"], Value::Null);
+}
