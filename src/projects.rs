@@ -45,7 +45,9 @@ pub fn check_member(user: &str) -> Result<(), String> {
         return Err(format!("a member name has 1 to {MAX_MEMBER} characters"));
     }
     if !user.bytes().all(|b| (0x20..0x7f).contains(&b)) || user.trim() != user {
-        return Err("a member name must be visible ASCII text without leading or trailing spaces".into());
+        return Err(
+            "a member name must be visible ASCII text without leading or trailing spaces".into(),
+        );
     }
     Ok(())
 }

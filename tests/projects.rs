@@ -86,7 +86,10 @@ async fn projects_are_stored_listed_and_deleted_by_admins_only() {
         .map(|v| v["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["ads", "search"]);
-    assert_eq!(p.get_json("/projects/search").await["members"], json!(["ann"]));
+    assert_eq!(
+        p.get_json("/projects/search").await["members"],
+        json!(["ann"])
+    );
 
     // Limits of a project: the body of a user's, with its spend.
     put_ok(
@@ -117,7 +120,11 @@ async fn projects_are_stored_listed_and_deleted_by_admins_only() {
     assert_openai_error(&r, 404, "invalid_request_error", None, Some("not_found"));
 
     // Bad names and bodies, by field.
-    for path in ["/projects/a%20b", "/projects/%40project", "/projects/caf%C3%A9"] {
+    for path in [
+        "/projects/a%20b",
+        "/projects/%40project",
+        "/projects/caf%C3%A9",
+    ] {
         let r = p.admin_call(Method::PUT, path, r#"{"members":[]}"#).await;
         assert_openai_error(&r, 400, "invalid_request_error", Some("name"), None);
     }
@@ -288,13 +295,7 @@ async fn a_project_budget_refuses_while_the_user_has_room() {
 
     // The project's $0.10 cannot hold the ~$0.67 reservation; ann's $100 can.
     let r = send(p.addr, req_as("ann")).await;
-    let msg = assert_openai_error(
-        &r,
-        429,
-        "requests",
-        None,
-        Some("budget_exceeded"),
-    );
+    let msg = assert_openai_error(&r, 429, "requests", None, Some("budget_exceeded"));
     assert!(msg.contains("project"), "{msg}");
     assert!(mock.seen().is_empty(), "a refused request reached upstream");
     // Nothing of it stays reserved against ann.
@@ -347,7 +348,10 @@ async fn a_user_limit_refuses_while_the_project_has_room() {
     assert_eq!(send(p.addr, req_as("bob")).await.status, 200);
     let r = send(p.addr, req_as("bob")).await;
     let msg = assert_openai_error(&r, 429, "requests", None, Some("rate_limit_exceeded"));
-    assert!(msg.contains("project") && msg.contains("requests-per-minute"), "{msg}");
+    assert!(
+        msg.contains("project") && msg.contains("requests-per-minute"),
+        "{msg}"
+    );
     assert_eq!(mock.seen().len(), 1);
 }
 

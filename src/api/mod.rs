@@ -185,9 +185,7 @@ async fn route(
         (Route::ProjectLimits(name), Method::PUT) => {
             projects::set_limits(app, name, Some(req)).await
         }
-        (Route::ProjectLimits(name), Method::DELETE) => {
-            projects::set_limits(app, name, None).await
-        }
+        (Route::ProjectLimits(name), Method::DELETE) => projects::set_limits(app, name, None).await,
         _ => not_allowed(),
     }
 }

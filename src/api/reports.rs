@@ -152,7 +152,9 @@ pub(super) async fn usage(
 ) -> Result<Response<Body>, ApiError> {
     let mut p = parse_params(
         query,
-        &["user", "model", "after", "before", "tag", "project", "group_by"],
+        &[
+            "user", "model", "after", "before", "tag", "project", "group_by",
+        ],
     )?;
     scope(&mut p.filter, only)?;
     let tag_key = p

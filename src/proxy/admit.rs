@@ -47,10 +47,7 @@ pub async fn admit(app: &App, ctx: &Ctx) -> Result<Admission, ApiError> {
             None
         };
         let project_hold = match project {
-            Some(p) => match app
-                .project_budgets
-                .check(p, cost, tokens, ctx.started_ms)
-            {
+            Some(p) => match app.project_budgets.check(p, cost, tokens, ctx.started_ms) {
                 Ok(h) => h,
                 Err(r) => {
                     if let Some(h) = user_hold {

@@ -156,7 +156,10 @@ impl Accounts for PgAccounts {
 
     fn delete_project(&self, name: &str) -> Result<bool, StoreError> {
         self.pool.with(|c| {
-            Ok(wait(c.client.execute("DELETE FROM projects WHERE name = $1", &[&name]))? == 1)
+            Ok(wait(
+                c.client
+                    .execute("DELETE FROM projects WHERE name = $1", &[&name]),
+            )? == 1)
         })
     }
 

@@ -178,8 +178,9 @@ impl Accounts for SqliteAccounts {
 
     fn all_projects(&self) -> Result<Vec<ProjectInfo>, StoreError> {
         self.with(|c| {
-            let mut st =
-                c.prepare("SELECT name, members, budget, period, rpm, tpm FROM projects ORDER BY name")?;
+            let mut st = c.prepare(
+                "SELECT name, members, budget, period, rpm, tpm FROM projects ORDER BY name",
+            )?;
             let rows = st.query_map([], |r| {
                 let members: String = r.get(1)?;
                 let period: Option<String> = r.get(3)?;
