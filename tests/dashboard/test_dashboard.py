@@ -171,6 +171,10 @@ def tollgate(tmp_path_factory):
                 proc.kill()
                 pytest.fail("tollgate did not answer within 30 s")
             time.sleep(0.05)
+    # alice and bob work on search (their keys are bound to it); carol is in no project.
+    status, raw, _ = call(f"{base}/projects/search", "PUT", {"members": ["alice", "bob"]},
+                          {"Authorization": f"Bearer {ADMIN}"})
+    assert status == 201, raw
     keys = {}
     for user in ("alice", "bob", "carol"):
         status, raw, doc = call(f"{base}/users/{user}/keys", "POST", headers={"Authorization": f"Bearer {ADMIN}"})
@@ -320,6 +324,30 @@ def test_switching_grouping_and_periods(page, tollgate):
     rows = admin_get(tollgate, page.locator("#top-model").get_attribute("data-query"))
     assert {r["model"] for r in rows} == {"gpt-4o", "gpt-4o-mini", "broken-model"}
     assert sorted(r[0] for r in table(page, "#top-model")) == sorted(r["model"] for r in rows)
+
+
+def test_stacked_and_top_by_project(page, tollgate):
+    login(page, tollgate, ADMIN)
+    offered = page.eval_on_selector_all("#spend-group option", "os => os.map(o => o.value)")
+    assert "project" in offered, offered
+    page.select_option("#spend-group", "project")
+    expect(page.locator("#spend-key")).to_have_text("project")
+    page.wait_for_function("() => document.getElementById('spend').dataset.totalsQuery.includes('group_by=project')")
+    totals = admin_get(tollgate, page.locator("#spend").get_attribute("data-totals-query"))
+    # Requests of no project are their own row (null).
+    name = lambda r: "null" if r["project"] is None else r["project"]
+    assert {name(r) for r in totals} == {"search", "null"}
+    assert sorted(map(tuple, table(page, "#spend-totals"))) == sorted((name(r), money(r["cost"])) for r in totals)
+    labels = page.evaluate("() => Chart.getChart('spend-chart').data.datasets.map(d => d.label)")
+    assert sorted(labels) == sorted(name(r) for r in totals)
+    # Top projects, by cost, equal to /usage?group_by=project.
+    box = page.locator("#top-project")
+    expect(box.locator("h3")).to_have_text("Top projects")
+    rows = admin_get(tollgate, box.get_attribute("data-query"))
+    rows.sort(key=lambda r: r["cost"], reverse=True)
+    want = [[name(r), f"{r['numQueries']:,}", f"{r['queryTokens'] + r['answerTokens']:,}", money(r["cost"])]
+            for r in rows[:10]]
+    assert table(page, "#top-project") == want
 
 
 def test_budget_burn(page, tollgate):
