@@ -9,7 +9,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use super::schema::LATEST;
 use crate::record::{Priced, Record, Usage};
 use crate::store::rollup::Daily;
-use crate::store::transfer::{Anchor, KeyRow, LimitRow, RejectionRow, RollupRow, SharedRows};
+use crate::store::transfer::{
+    Anchor, KeyRow, LimitRow, ProjectRow, RejectionRow, RollupRow, SharedRows,
+};
 use crate::store::StoreError;
 
 /// A SQLite database opened read-only, at one moment.
@@ -210,7 +212,7 @@ impl SqliteSource {
         let c = &self.conn;
         let prices = super::reports::price_rows(c)?;
         let mut st = c.prepare(
-            "SELECT id, user, digest, created, last_used, revoked, tags FROM api_keys ORDER BY created, id",
+            "SELECT id, user, digest, created, last_used, revoked, tags, project FROM api_keys ORDER BY created, id",
         )?;
         let keys = st
             .query_map([], |r| {
@@ -222,6 +224,7 @@ impl SqliteSource {
                     last_used: r.get(4)?,
                     revoked: r.get(5)?,
                     tags: r.get(6)?,
+                    project: r.get(7)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -238,6 +241,21 @@ impl SqliteSource {
                 })
             })?
             .collect::<Result<_, _>>()?;
+        let mut st = c.prepare(
+            "SELECT name, members, budget, period, rpm, tpm FROM projects ORDER BY name",
+        )?;
+        let projects = st
+            .query_map([], |r| {
+                Ok(ProjectRow {
+                    name: r.get(0)?,
+                    members: r.get(1)?,
+                    budget: r.get(2)?,
+                    period: r.get(3)?,
+                    rpm: r.get(4)?,
+                    tpm: r.get(5)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
         let meta = |key: &str| -> Result<Option<String>, StoreError> {
             Ok(
                 c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
@@ -248,6 +266,7 @@ impl SqliteSource {
             prices,
             keys,
             limits,
+            projects,
             ratelimits: meta("ratelimits")?,
             default_prices_loaded: meta("default_prices_loaded")?.is_some(),
         })
