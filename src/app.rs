@@ -31,8 +31,8 @@ pub struct App {
     pub sessions: access::session::Sessions,
     /// Limits and live spend.
     pub budgets: Arc<Budgets>,
-    /// Projects and their members.
-    pub projects: crate::projects::Projects,
+    /// Projects: members and alert webhooks.
+    pub projects: Arc<crate::projects::Projects>,
     /// Projects' limits and live spend (never leased: see README).
     pub project_budgets: Arc<Budgets>,
     /// Budget alerts to the webhook (off without one).
@@ -146,10 +146,16 @@ impl App {
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
         ));
         let budgets = Arc::new(Budgets::default());
+        let projects = Arc::new(crate::projects::Projects::default());
+        let project_budgets = Arc::new(Budgets::default());
         let alerts = crate::alerts::Alerts::start(
             config.alert_webhook.clone(),
             config.alert_thresholds.clone(),
-            budgets.clone(),
+            crate::alerts::Watched {
+                users: budgets.clone(),
+                projects: project_budgets.clone(),
+                webhooks: projects.clone(),
+            },
             store.accounts(),
         );
         let upstreams = crate::upstreams::Upstreams::new(&config, workers).map_err(|e| {
@@ -180,8 +186,8 @@ impl App {
             keys: Keys::default(),
             sessions: access::session::Sessions::default(),
             budgets,
-            projects: crate::projects::Projects::default(),
-            project_budgets: Arc::new(Budgets::default()),
+            projects,
+            project_budgets,
             metrics,
         };
         app.load_accounts()
@@ -286,7 +292,19 @@ impl App {
             if let Some(l) = p.limits {
                 project_limits.insert(p.name.clone(), l);
             }
-            members.insert(p.name, p.members);
+            // Checked when it was stored; a row edited by hand into
+            // something unreadable alerts to the global webhook.
+            let webhook = p
+                .alert_webhook
+                .as_deref()
+                .and_then(|u| crate::projects::check_webhook(u).ok());
+            members.insert(
+                p.name,
+                crate::projects::Project {
+                    members: p.members,
+                    webhook,
+                },
+            );
         }
         self.projects.replace(members);
         let projects_changed = self.project_budgets.replace_limits(project_limits, None);

@@ -2,11 +2,12 @@
 //! bound to one project when it is made; requests carry the project and
 //! must fit its limits as well as their user's.
 //!
-//! This module owns the names (what a project may be called) and the
-//! in-memory membership every request reads; the stored rows are the
+//! This module owns the names (what a project may be called), the
+//! in-memory membership every request reads and each project's alert
+//! webhook; the stored rows are the
 //! store's (`Accounts`), the limits the project budgets' (`budget`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use parking_lot::RwLock;
 
@@ -52,55 +53,107 @@ pub fn check_member(user: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Every project's members, in memory (read by each request).
+/// Checks a project's alert webhook as `--alert-webhook` is checked: an
+/// `http://` or `https://` URL with a host.
+pub fn check_webhook(url: &str) -> Result<http::Uri, String> {
+    url.parse()
+        .ok()
+        .filter(|u: &http::Uri| {
+            matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+        })
+        .ok_or_else(|| "the alert webhook must be an http:// or https:// URL".to_owned())
+}
+
+/// One project, as held in memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Project {
+    /// Member user names, sorted, each once.
+    pub members: Vec<String>,
+    /// Where its budget alerts go instead of `--alert-webhook`.
+    pub webhook: Option<http::Uri>,
+}
+
+#[derive(Default)]
+struct Inner {
+    by_name: BTreeMap<String, Project>,
+    /// User to the projects they are in (each request reads it).
+    of_user: HashMap<String, Vec<String>>,
+}
+
+impl Inner {
+    fn reindex(&mut self) {
+        let mut of_user: HashMap<String, Vec<String>> = HashMap::new();
+        for (name, p) in &self.by_name {
+            for m in &p.members {
+                of_user.entry(m.clone()).or_default().push(name.clone());
+            }
+        }
+        self.of_user = of_user;
+    }
+}
+
+/// Every project, in memory (read by each request).
 #[derive(Default)]
 pub struct Projects {
-    members: RwLock<BTreeMap<String, Vec<String>>>,
+    inner: RwLock<Inner>,
 }
 
 impl Projects {
-    /// Sets (or with `None` removes) a project's members.
-    pub fn set(&self, name: &str, members: Option<Vec<String>>) {
-        let mut m = self.members.write();
-        match members {
-            Some(v) => m.insert(name.to_owned(), v),
-            None => m.remove(name),
+    /// Sets (or with `None` removes) a project.
+    pub fn set(&self, name: &str, project: Option<Project>) {
+        let mut m = self.inner.write();
+        match project {
+            Some(p) => m.by_name.insert(name.to_owned(), p),
+            None => m.by_name.remove(name),
         };
+        m.reindex();
     }
 
     /// Makes the set of projects exactly `all` (as read from the database).
-    pub fn replace(&self, all: BTreeMap<String, Vec<String>>) {
-        *self.members.write() = all;
+    pub fn replace(&self, all: BTreeMap<String, Project>) {
+        let mut m = self.inner.write();
+        m.by_name = all;
+        m.reindex();
+    }
+
+    /// A project, if it exists.
+    pub fn get(&self, name: &str) -> Option<Project> {
+        self.inner.read().by_name.get(name).cloned()
     }
 
     /// A project's members, if it exists.
     pub fn members(&self, name: &str) -> Option<Vec<String>> {
-        self.members.read().get(name).cloned()
+        self.inner
+            .read()
+            .by_name
+            .get(name)
+            .map(|p| p.members.clone())
+    }
+
+    /// A project's alert webhook, if it has one.
+    pub fn webhook(&self, name: &str) -> Option<http::Uri> {
+        self.inner.read().by_name.get(name)?.webhook.clone()
     }
 
     /// Every project name, sorted.
     pub fn names(&self) -> Vec<String> {
-        self.members.read().keys().cloned().collect()
+        self.inner.read().by_name.keys().cloned().collect()
     }
 
     /// Whether `user` is a member of `project`.
     pub fn has_member(&self, project: &str, user: &str) -> bool {
-        self.members
+        self.inner
             .read()
-            .get(project)
-            .is_some_and(|m| m.iter().any(|u| u == user))
+            .of_user
+            .get(user)
+            .is_some_and(|ps| ps.iter().any(|p| p == project))
     }
 
     /// The project of a user who is in exactly one; `None` for a user in
     /// none or several.
     pub fn only_project_of(&self, user: &str) -> Option<String> {
-        let m = self.members.read();
-        let mut found = m
-            .iter()
-            .filter(|(_, members)| members.iter().any(|u| u == user))
-            .map(|(name, _)| name);
-        match (found.next(), found.next()) {
-            (Some(name), None) => Some(name.clone()),
+        match self.inner.read().of_user.get(user).map(Vec::as_slice) {
+            Some([one]) => Some(one.clone()),
             _ => None,
         }
     }
@@ -117,6 +170,10 @@ mod tests {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
         assert!(check_member("alice").is_ok());
+        assert!(check_webhook("https://hooks.example/x").is_ok());
+        for bad in ["ftp://x/y", "not a url", "/relative"] {
+            assert!(check_webhook(bad).is_err(), "{bad:?}");
+        }
         for bad in ["", " alice", "a\u{7f}", &"u".repeat(257)] {
             assert!(check_member(bad).is_err(), "{bad:?}");
         }
@@ -125,8 +182,12 @@ mod tests {
     #[test]
     fn only_project_needs_exactly_one() {
         let p = Projects::default();
-        p.set("a", Some(vec!["ann".into(), "bob".into()]));
-        p.set("b", Some(vec!["bob".into()]));
+        let of = |m: &[&str]| Project {
+            members: m.iter().map(|s| s.to_string()).collect(),
+            webhook: None,
+        };
+        p.set("a", Some(of(&["ann", "bob"])));
+        p.set("b", Some(of(&["bob"])));
         assert_eq!(p.only_project_of("ann").as_deref(), Some("a"));
         assert_eq!(p.only_project_of("bob"), None);
         assert_eq!(p.only_project_of("cy"), None);

@@ -467,3 +467,67 @@ async fn projects_reach_other_instances_on_postgres() {
     let recs = p2.wait_records(1).await;
     assert_eq!(recs[0]["project"], Value::Null);
 }
+
+/// A project with a webhook of its own gets its budget alerts there (even
+/// without `--alert-webhook`): each threshold once, then the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn project_alerts_go_to_the_projects_own_webhook() {
+    let up = Mock::start(|_| Reply::json(completion("m", "ok", Tok::new(1000, 0)))).await;
+    let hook = Mock::start(|_| Reply::json("ok")).await;
+    let p = Proxy::start(&up.url()).await;
+    // $0.10 per request of 1000 prompt tokens.
+    let price = r#"{"validFrom":"2020-01-01T00:00:00Z","per1MQueryTokens":100,"per1MAnswerTokens":0}"#;
+    assert_eq!(p.set_price("m", price).await.status, 200);
+    let url = format!("{}/hooks/search", hook.url());
+    let r = p
+        .admin_call(
+            Method::PUT,
+            "/projects/search",
+            &json!({"members": ["ann"], "alerts": {"webhook": url}}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["alerts"], json!({"webhookHost": "127.0.0.1"}));
+    let r = p
+        .admin_call(
+            Method::PUT,
+            "/projects/search",
+            r#"{"members":[],"alerts":{"webhook":"ftp://x/y"}}"#,
+        )
+        .await;
+    assert_openai_error(&r, 400, "invalid_request_error", Some("alerts"), None);
+    // A PUT without `alerts` keeps the webhook.
+    assert_eq!(put_project(&p, "search", &["ann"]).await.status, 200);
+    put_ok(
+        &p,
+        "/projects/search/limits",
+        r#"{"budget":0.5,"period":"day"}"#,
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(send(p.addr, req_as("ann")).await.status, 200);
+    }
+    // $0.30 of $0.50: 50% crossed.
+    let seen = hook.wait_seen(1).await;
+    let m = seen[0].json();
+    assert_eq!(seen[0].path, "/hooks/search");
+    assert_eq!(m["event"], "budget_threshold");
+    assert_eq!(m["project"], "search");
+    assert!(m.get("user").is_none(), "{m}");
+    assert_eq!(m["threshold"], 50);
+    assert!(m["text"].as_str().unwrap().contains("project search"), "{m}");
+    for _ in 0..2 {
+        assert_eq!(send(p.addr, req_as("ann")).await.status, 200);
+    }
+    // $0.50: 100% (80% noted with it), then a refusal.
+    let seen = hook.wait_seen(2).await;
+    assert_eq!(seen[1].json()["threshold"], 100);
+    let r = send(p.addr, req_as("ann")).await;
+    assert_openai_error(&r, 429, "requests", None, Some("budget_exceeded"));
+    let seen = hook.wait_seen(3).await;
+    assert_eq!(seen[2].json()["event"], "budget_refused");
+    assert_eq!(seen[2].json()["project"], "search");
+    // Once each.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(hook.seen().len(), 3);
+}

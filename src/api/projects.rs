@@ -1,4 +1,5 @@
-//! `/projects` and `/projects/{name}`: projects and their members;
+//! `/projects` and `/projects/{name}`: projects, their members and alert
+//! webhooks;
 //! `/projects/{name}/limits`: a project's limits (the body and answer of
 //! `/users/{user}/limits`), with its spend so far.
 
@@ -25,6 +26,17 @@ struct View {
     members: Vec<String>,
     /// `null` while the project has no limits of its own.
     limits: Option<LimitsView>,
+    /// Only for a project with its own alert webhook: its host (a webhook
+    /// URL may hold a secret, so it is never answered whole).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alerts: Option<AlertsView>,
+}
+
+/// Where a project's alerts go.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AlertsView {
+    webhook_host: String,
 }
 
 /// A project's limits and spend in the current period.
@@ -64,10 +76,13 @@ impl LimitsView {
 
 /// A project's answer, from memory; `None` if it does not exist.
 fn view(app: &App, name: &str) -> Option<View> {
-    let members = app.projects.members(name)?;
+    let p = app.projects.get(name)?;
     Some(View {
         name: name.to_owned(),
-        members,
+        members: p.members,
+        alerts: p.webhook.map(|u| AlertsView {
+            webhook_host: u.host().unwrap_or("").to_owned(),
+        }),
         limits: app
             .project_budgets
             .own_limits(name)
@@ -83,28 +98,73 @@ fn no_such(name: &str) -> ApiError {
     ApiError::not_found(format!("no project {name}")).with_code("not_found")
 }
 
-/// The body of `PUT /projects/{name}`.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ProjectBody {
-    members: Vec<String>,
+/// A parsed project body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ProjectUpdate {
+    /// Members, sorted, each once.
+    pub members: Vec<String>,
+    /// `None`: keep the webhook; `Some(None)`: remove it.
+    pub webhook: Option<Option<http::Uri>>,
 }
 
-/// Parses a project body: `{"members": ["ann", "bob"]}`; the members come
-/// back sorted, each once.
-pub fn parse_project_body(body: &[u8]) -> Result<Vec<String>, ApiError> {
-    let b: ProjectBody = serde_json::from_slice(body).map_err(|e| {
-        let msg = e.to_string();
-        let field = if msg.contains("unknown field") {
-            msg.split('`').nth(1).unwrap_or("members").to_owned()
-        } else {
-            "members".to_owned()
-        };
+/// Parses a project body: `{"members": ["ann", "bob"]}`, optionally with
+/// `"alerts": {"webhook": "https://..."}`; the members come back sorted,
+/// each once.
+pub fn parse_project_body(body: &[u8]) -> Result<ProjectUpdate, ApiError> {
+    use serde_json::Value;
+    let shape = "a JSON object like {\"members\": [\"ann\", \"bob\"], \"alerts\": {\"webhook\": \"https://...\"}}";
+    let mut fields: serde_json::Map<String, Value> = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_param("members", format!("body must be {shape}: {e}")))?;
+    if let Some(other) = fields
+        .keys()
+        .find(|k| !matches!(k.as_str(), "members" | "alerts"))
+    {
+        return Err(ApiError::bad_param(other, format!("unknown field {other}")));
+    }
+    let members: Vec<String> = match fields.remove("members") {
+        Some(Value::Array(a)) => a
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(ApiError::bad_param(
+                    "members",
+                    "members must be user names (strings)",
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => {
+            return Err(ApiError::bad_param(
+                "members",
+                format!("body must be {shape}"),
+            ))
+        }
+    };
+    let bad_alerts = || {
         ApiError::bad_param(
-            &field,
-            format!("body must be a JSON object like {{\"members\": [\"ann\", \"bob\"]}}: {msg}"),
+            "alerts",
+            "alerts must be null or {\"webhook\": URL or null}",
         )
-    })?;
+    };
+    let webhook = match fields.remove("alerts") {
+        None => None,
+        Some(Value::Null) => Some(None),
+        Some(Value::Object(mut a)) => {
+            let w = a.remove("webhook");
+            if !a.is_empty() {
+                return Err(bad_alerts());
+            }
+            match w {
+                None | Some(Value::Null) => Some(None),
+                Some(Value::String(u)) => Some(Some(
+                    crate::projects::check_webhook(&u)
+                        .map_err(|e| ApiError::bad_param("alerts", e))?,
+                )),
+                Some(_) => return Err(bad_alerts()),
+            }
+        }
+        Some(_) => return Err(bad_alerts()),
+    };
+    let b = ProjectUpdate { members, webhook };
     if b.members.len() > crate::projects::MAX_MEMBERS {
         return Err(ApiError::bad_param(
             "members",
@@ -120,7 +180,10 @@ pub fn parse_project_body(body: &[u8]) -> Result<Vec<String>, ApiError> {
     let mut members = b.members;
     members.sort_unstable();
     members.dedup();
-    Ok(members)
+    Ok(ProjectUpdate {
+        members,
+        webhook: b.webhook,
+    })
 }
 
 /// `GET /projects`: every project, by name.
@@ -148,15 +211,27 @@ pub(super) async fn put(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     checked(&name)?;
-    let members = parse_project_body(&read_body(req).await?)?;
-    let existed = app.projects.members(&name).is_some();
+    let update = parse_project_body(&read_body(req).await?)?;
+    let old = app.projects.get(&name);
+    let existed = old.is_some();
+    let webhook = match update.webhook {
+        Some(w) => w,
+        None => old.and_then(|p| p.webhook),
+    };
     let info = ProjectInfo {
         name: name.clone(),
-        members: members.clone(),
+        members: update.members.clone(),
         limits: app.project_budgets.own_limits(&name),
+        alert_webhook: webhook.as_ref().map(|u| u.to_string()),
     };
     accounts(app, move |a| a.save_project(&info)).await?;
-    app.projects.set(&name, Some(members));
+    app.projects.set(
+        &name,
+        Some(crate::projects::Project {
+            members: update.members,
+            webhook,
+        }),
+    );
     let v = view(app, &name).ok_or_else(|| no_such(&name))?;
     if existed {
         ok(&v)
@@ -196,11 +271,12 @@ pub(super) async fn set_limits(
         Some(req) => Some(super::limits::parse_limits_body(&read_body(req).await?)?),
         None => None,
     };
-    let members = app.projects.members(&name).ok_or_else(|| no_such(&name))?;
+    let p = app.projects.get(&name).ok_or_else(|| no_such(&name))?;
     let info = ProjectInfo {
         name: name.clone(),
-        members,
+        members: p.members,
         limits,
+        alert_webhook: p.webhook.map(|u| u.to_string()),
     };
     accounts(app, move |a| a.save_project(&info)).await?;
     app.project_budgets.set_limits(&name, limits);
@@ -219,16 +295,39 @@ mod tests {
 
     #[test]
     fn project_bodies() {
+        let u = parse_project_body(br#"{"members":["bob","ann","bob"]}"#).unwrap();
         assert_eq!(
-            parse_project_body(br#"{"members":["bob","ann","bob"]}"#).unwrap(),
-            ["ann", "bob"]
+            (u.members.as_slice(), u.webhook),
+            (&["ann".to_owned(), "bob".to_owned()][..], None)
         );
+        let u = parse_project_body(br#"{"members":[],"alerts":{"webhook":"https://h.example/x"}}"#)
+            .unwrap();
+        assert_eq!(u.webhook.unwrap().unwrap().host(), Some("h.example"));
+        for body in [
+            r#"{"members":[],"alerts":null}"#,
+            r#"{"members":[],"alerts":{"webhook":null}}"#,
+        ] {
+            assert_eq!(
+                parse_project_body(body.as_bytes()).unwrap().webhook,
+                Some(None)
+            );
+        }
         for (body, param) in [
             (r#"{"members":"ann"}"#, "members"),
             (r#"{"members":[" ann"]}"#, "members"),
             (r#"{"members":[""]}"#, "members"),
             (r#"{}"#, "members"),
             (r#"{"members":[],"owner":"x"}"#, "owner"),
+            (
+                r#"{"members":[],"alerts":{"webhook":"ftp://x/y"}}"#,
+                "alerts",
+            ),
+            (r#"{"members":[],"alerts":{"webhook":1}}"#, "alerts"),
+            (
+                r#"{"members":[],"alerts":{"url":"https://h.example"}}"#,
+                "alerts",
+            ),
+            (r#"{"members":[1]}"#, "members"),
             ("nope", "members"),
         ] {
             let e = parse_project_body(body.as_bytes()).unwrap_err();

@@ -88,8 +88,12 @@ fn refused(app: &App, ctx: &Ctx, r: Refused, scope: Scope) -> ApiError {
         )
         .with_code("service_unavailable"),
         Refused::Limit(refusal) => {
-            if scope == Scope::User && matches!(refusal, Refusal::Budget { .. }) {
-                app.alerts.refused(&ctx.user);
+            if matches!(refusal, Refusal::Budget { .. }) {
+                match (scope, ctx.project.as_deref()) {
+                    (Scope::User, _) => app.alerts.refused(&ctx.user),
+                    (Scope::Project, Some(p)) => app.alerts.project_refused(p),
+                    (Scope::Project, None) => {}
+                }
             }
             app.store.reject(Rejected {
                 at_ms: ctx.started_ms,

@@ -72,6 +72,8 @@ pub struct ProjectInfo {
     pub members: Vec<String>,
     /// The project's limits, if any.
     pub limits: Option<Limits>,
+    /// Where its budget alerts go instead of `--alert-webhook`.
+    pub alert_webhook: Option<String>,
 }
 
 /// Users' keys and limits.

@@ -105,6 +105,8 @@ pub struct ProjectRow {
     pub rpm: Option<i64>,
     /// Tokens per minute.
     pub tpm: Option<i64>,
+    /// Its alert webhook.
+    pub alert_webhook: Option<String>,
 }
 
 /// One stored limit row (user `""` holds the default limits).

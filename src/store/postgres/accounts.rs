@@ -146,9 +146,9 @@ impl Accounts for PgAccounts {
         let (rpm, tpm) = (l.and_then(|l| l.rpm.map(i)), l.and_then(|l| l.tpm.map(i)));
         self.pool.with(|c| {
             wait(c.client.execute(
-                "INSERT INTO projects (name, members, budget, period, rpm, tpm) VALUES ($1, $2, $3, $4, $5, $6)
-                 ON CONFLICT (name) DO UPDATE SET members = excluded.members, budget = excluded.budget, period = excluded.period, rpm = excluded.rpm, tpm = excluded.tpm",
-                &[&p.name, &members, &budget, &period, &rpm, &tpm],
+                "INSERT INTO projects (name, members, budget, period, rpm, tpm, alert_webhook) VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (name) DO UPDATE SET members = excluded.members, budget = excluded.budget, period = excluded.period, rpm = excluded.rpm, tpm = excluded.tpm, alert_webhook = excluded.alert_webhook",
+                &[&p.name, &members, &budget, &period, &rpm, &tpm, &p.alert_webhook],
             ))?;
             Ok(())
         })
@@ -166,7 +166,7 @@ impl Accounts for PgAccounts {
     fn all_projects(&self) -> Result<Vec<ProjectInfo>, StoreError> {
         self.pool.with(|c| {
             let rows = wait(c.client.query(
-                "SELECT name, members, budget, period, rpm, tpm FROM projects ORDER BY name",
+                "SELECT name, members, budget, period, rpm, tpm, alert_webhook FROM projects ORDER BY name",
                 &[],
             ))?;
             let n = |v: Option<i64>| v.map(|v| v.max(0) as u64);
@@ -188,6 +188,7 @@ impl Accounts for PgAccounts {
                         }),
                         None => None,
                     },
+                    alert_webhook: r.try_get(6)?,
                 });
             }
             Ok(out)

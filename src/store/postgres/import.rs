@@ -275,8 +275,8 @@ impl PgTarget {
             for p in &s.projects {
                 let n = tx
                     .execute(
-                        "INSERT INTO projects (name, members, budget, period, rpm, tpm) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (name) DO NOTHING",
-                        &[&p.name, &p.members, &p.budget, &p.period, &p.rpm, &p.tpm],
+                        "INSERT INTO projects (name, members, budget, period, rpm, tpm, alert_webhook) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO NOTHING",
+                        &[&p.name, &p.members, &p.budget, &p.period, &p.rpm, &p.tpm, &p.alert_webhook],
                     )
                     .await?;
                 if n == 1 {

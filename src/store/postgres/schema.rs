@@ -235,8 +235,8 @@ CREATE TRIGGER ratelimits_changed AFTER INSERT OR UPDATE ON meta
     EXECUTE FUNCTION tollgate_bump_state('ratelimits');
 ";
 
-/// Projects: members (a JSON array of user names) and the project's own
-/// limits (`period` NULL: none); a change moves the `limits` version, so
+/// Projects: members (a JSON array of user names), the project's own
+/// limits (`period` NULL: none) and its alert webhook (NULL: the global one); a change moves the `limits` version, so
 /// other instances reload projects with limits. Records and keys name
 /// their project (NULL: none, and for those written before). A project's
 /// daily rollups are rows of `usage_daily_tags` under the tag key
@@ -250,7 +250,8 @@ CREATE TABLE projects (
     budget  bigint,
     period  text,
     rpm     bigint,
-    tpm     bigint
+    tpm     bigint,
+    alert_webhook text
 );
 CREATE TRIGGER projects_changed AFTER INSERT OR UPDATE OR DELETE ON projects
     FOR EACH STATEMENT EXECUTE FUNCTION tollgate_bump_state('limits');

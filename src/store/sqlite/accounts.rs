@@ -157,15 +157,16 @@ impl Accounts for SqliteAccounts {
         let l = p.limits.as_ref();
         self.with(|c| {
             c.execute(
-                "INSERT INTO projects (name, members, budget, period, rpm, tpm) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (name) DO UPDATE SET members = excluded.members, budget = excluded.budget, period = excluded.period, rpm = excluded.rpm, tpm = excluded.tpm",
+                "INSERT INTO projects (name, members, budget, period, rpm, tpm, alert_webhook) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (name) DO UPDATE SET members = excluded.members, budget = excluded.budget, period = excluded.period, rpm = excluded.rpm, tpm = excluded.tpm, alert_webhook = excluded.alert_webhook",
                 params![
                     p.name,
                     members,
                     l.and_then(|l| l.budget),
                     l.map(|l| l.period.as_str()),
                     l.and_then(|l| l.rpm.map(i)),
-                    l.and_then(|l| l.tpm.map(i))
+                    l.and_then(|l| l.tpm.map(i)),
+                    p.alert_webhook
                 ],
             )?;
             Ok(())
@@ -179,7 +180,7 @@ impl Accounts for SqliteAccounts {
     fn all_projects(&self) -> Result<Vec<ProjectInfo>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT name, members, budget, period, rpm, tpm FROM projects ORDER BY name",
+                "SELECT name, members, budget, period, rpm, tpm, alert_webhook FROM projects ORDER BY name",
             )?;
             let rows = st.query_map([], |r| {
                 let members: String = r.get(1)?;
@@ -199,6 +200,7 @@ impl Accounts for SqliteAccounts {
                         }),
                         None => None,
                     },
+                    alert_webhook: r.get(6)?,
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)

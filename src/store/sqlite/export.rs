@@ -242,7 +242,7 @@ impl SqliteSource {
             })?
             .collect::<Result<_, _>>()?;
         let mut st = c.prepare(
-            "SELECT name, members, budget, period, rpm, tpm FROM projects ORDER BY name",
+            "SELECT name, members, budget, period, rpm, tpm, alert_webhook FROM projects ORDER BY name",
         )?;
         let projects = st
             .query_map([], |r| {
@@ -253,6 +253,7 @@ impl SqliteSource {
                     period: r.get(3)?,
                     rpm: r.get(4)?,
                     tpm: r.get(5)?,
+                    alert_webhook: r.get(6)?,
                 })
             })?
             .collect::<Result<_, _>>()?;

@@ -272,8 +272,8 @@ const SCHEMA_V9: &str = "
 ALTER TABLE queries ADD COLUMN upstream TEXT;
 ";
 
-/// Projects: members (a JSON array of user names) and the project's own
-/// limits (`period` NULL: none). Records and keys name their project (NULL:
+/// Projects: members (a JSON array of user names), the project's own
+/// limits (`period` NULL: none) and its alert webhook (NULL: the global one). Records and keys name their project (NULL:
 /// none, and for those written before). A project's daily rollups are rows
 /// of `usage_daily_tags` under the tag key `@project`, which no request tag
 /// can have (see `crate::projects::ROLLUP_KEY`).
@@ -286,7 +286,8 @@ CREATE TABLE IF NOT EXISTS projects (
     budget  INTEGER,
     period  TEXT,
     rpm     INTEGER,
-    tpm     INTEGER
+    tpm     INTEGER,
+    alert_webhook TEXT
 );
 ";
 
