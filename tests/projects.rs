@@ -476,7 +476,8 @@ async fn project_alerts_go_to_the_projects_own_webhook() {
     let hook = Mock::start(|_| Reply::json("ok")).await;
     let p = Proxy::start(&up.url()).await;
     // $0.10 per request of 1000 prompt tokens.
-    let price = r#"{"validFrom":"2020-01-01T00:00:00Z","per1MQueryTokens":100,"per1MAnswerTokens":0}"#;
+    let price =
+        r#"{"validFrom":"2020-01-01T00:00:00Z","per1MQueryTokens":100,"per1MAnswerTokens":0}"#;
     assert_eq!(p.set_price("m", price).await.status, 200);
     let url = format!("{}/hooks/search", hook.url());
     let r = p
@@ -515,7 +516,10 @@ async fn project_alerts_go_to_the_projects_own_webhook() {
     assert_eq!(m["project"], "search");
     assert!(m.get("user").is_none(), "{m}");
     assert_eq!(m["threshold"], 50);
-    assert!(m["text"].as_str().unwrap().contains("project search"), "{m}");
+    assert!(
+        m["text"].as_str().unwrap().contains("project search"),
+        "{m}"
+    );
     for _ in 0..2 {
         assert_eq!(send(p.addr, req_as("ann")).await.status, 200);
     }

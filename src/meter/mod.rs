@@ -151,7 +151,6 @@ impl Meter {
             stream: r.stream,
             request_id,
             upstream: r.upstream.clone(),
-            tags: r.tags.clone(),
             project: r.project.clone(),
             ..Record::default()
         };
