@@ -54,7 +54,7 @@
 //! - [`reconcile`]: OpenAI's Costs API per day and model beside tollgate's
 //!   own costs (`tollgate reconcile`, `GET /reconcile`).
 //! - [`api`]: the REST API by resource (prices, reports, accounts, limits,
-//!   operations), JSON answers from serde structs.
+//!   projects, operations), JSON answers from serde structs.
 //! - [`metrics`]: Prometheus metrics with bounded labels.
 //! - [`error`]: errors answered in OpenAI's error shape.
 //! - Leaves: [`http`] (body and error types), [`ratelimit`] (upstream's
