@@ -112,11 +112,15 @@ async fn requests_go_to_the_first_upstream_serving_their_model() {
         ])
     );
     let csv = proxy.get("/queries?format=csv").await.text();
-    assert!(csv.lines().next().unwrap().ends_with(",upstream"), "{csv}");
+    // The upstream, then the (empty) project.
+    assert!(
+        csv.lines().next().unwrap().ends_with(",upstream,project"),
+        "{csv}"
+    );
     assert!(csv
         .lines()
         .skip(1)
-        .all(|l| l.ends_with(",openai") || l.ends_with(",local") || l.ends_with(",rest")));
+        .all(|l| l.ends_with(",openai,") || l.ends_with(",local,") || l.ends_with(",rest,")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
