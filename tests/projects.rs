@@ -221,10 +221,12 @@ async fn keys_are_bound_to_a_project_at_creation() {
     assert_eq!(r.status, 201, "{}", r.text());
     assert!(r.json().get("project").is_none(), "{}", r.text());
     let bob_plain = r.json()["key"].as_str().unwrap().to_owned();
+    let plain_id = r.json()["id"].clone();
     let r = new_key("bob", r#"{"project":"ads"}"#).await;
     assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(r.json()["project"], "ads");
     let bob_ads = r.json()["key"].as_str().unwrap().to_owned();
+    let ads_id = r.json()["id"].clone();
     // A project the user is not in, or none of that name, or a bad name: 400.
     for body in [
         r#"{"project":"ads"}"#,
@@ -234,9 +236,20 @@ async fn keys_are_bound_to_a_project_at_creation() {
         let r = new_key("ann", body).await;
         assert_openai_error(&r, 400, "invalid_request_error", Some("project"), None);
     }
+    // Listed with their projects (keys made in one millisecond list in
+    // either order).
     let listed = p.get_json("/users/bob/keys").await;
-    assert!(listed[0].get("project").is_none(), "{listed}");
-    assert_eq!(listed[1]["project"], "ads");
+    let of = |id: &Value| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == *id)
+            .unwrap_or_else(|| panic!("{id} in {listed}"))
+            .clone()
+    };
+    assert!(of(&plain_id).get("project").is_none(), "{listed}");
+    assert_eq!(of(&ads_id)["project"], "ads");
 
     for k in [&ann, &bob_plain, &bob_ads] {
         let r = send(p.addr, req_with_key(k)).await;
