@@ -96,6 +96,8 @@ pub struct KeyEntry {
     pub last_used: AtomicI64,
     /// Tags every request with this key carries unless it sets the same key.
     pub tags: crate::tags::Tags,
+    /// The project its requests are charged to (bound when it was made).
+    pub project: Option<String>,
 }
 
 /// The active user keys.

@@ -1,6 +1,8 @@
 //! Budget alerts: a JSON message POSTed to `--alert-webhook` when a user's
-//! spend crosses a threshold of their budget (50%, 80%, 100% by default)
-//! and when a request is refused for budget, once per threshold per period.
+//! (or a project's) spend crosses a threshold of their budget (50%, 80%,
+//! 100% by default) and when a request is refused for budget, once per
+//! threshold per period. A project's alerts go to its own webhook when it
+//! has one.
 //!
 //! Nothing here runs on the request path: a refusal is handed over with a
 //! non-blocking `try_send`, and one `alerts` thread (its own runtime) checks
@@ -25,6 +27,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::budget::{Budgets, Limits};
+use crate::projects::Projects;
 use crate::store::Accounts;
 
 /// How often spend is compared with the thresholds.
@@ -41,7 +44,24 @@ const MAX_IN_FLIGHT: usize = 256;
 
 /// The handle the proxy tells refusals to.
 pub struct Alerts {
-    tx: Option<mpsc::Sender<String>>,
+    tx: Option<mpsc::Sender<Subject>>,
+}
+
+/// Whose budget an alert is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Subject {
+    User(String),
+    Project(String),
+}
+
+/// The budgets alerts watch, and where projects' alerts go.
+pub struct Watched {
+    /// Users' budgets.
+    pub users: Arc<Budgets>,
+    /// Projects' budgets.
+    pub projects: Arc<Budgets>,
+    /// Projects, with their own webhooks.
+    pub webhooks: Arc<Projects>,
 }
 
 impl Alerts {
@@ -50,16 +70,14 @@ impl Alerts {
         Alerts { tx: None }
     }
 
-    /// Starts the `alerts` thread when a webhook is configured.
+    /// Starts the `alerts` thread. Without `--alert-webhook` it still runs
+    /// for projects with a webhook of their own (and sends nothing else).
     pub fn start(
         webhook: Option<Uri>,
         thresholds: Vec<u8>,
-        budgets: Arc<Budgets>,
+        watched: Watched,
         accounts: Arc<dyn Accounts>,
     ) -> Alerts {
-        let Some(url) = webhook else {
-            return Alerts::off();
-        };
         let (tx, rx) = mpsc::channel(QUEUE);
         let spawned = std::thread::Builder::new()
             .name("alerts".into())
@@ -75,9 +93,9 @@ impl Alerts {
                     }
                 };
                 let worker = Worker {
-                    url,
+                    url: webhook,
                     thresholds,
-                    budgets,
+                    watched,
                     accounts,
                     in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
                 };
@@ -93,7 +111,14 @@ impl Alerts {
     /// A request of `user` was refused for budget. Never blocks.
     pub fn refused(&self, user: &str) {
         if let Some(tx) = &self.tx {
-            let _ = tx.try_send(user.to_owned());
+            let _ = tx.try_send(Subject::User(user.to_owned()));
+        }
+    }
+
+    /// A request was refused for its project's budget. Never blocks.
+    pub fn project_refused(&self, project: &str) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.try_send(Subject::Project(project.to_owned()));
         }
     }
 }
@@ -106,8 +131,12 @@ pub struct Message {
     pub text: String,
     /// `budget_threshold` or `budget_refused`.
     pub event: &'static str,
-    /// The user.
-    pub user: String,
+    /// The user (user budgets only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The project (project budgets only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
     /// The percentage crossed (`budget_threshold` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub threshold: Option<u8>,
@@ -123,9 +152,10 @@ pub struct Message {
 }
 
 struct Worker {
-    url: Uri,
+    /// `--alert-webhook`, if set.
+    url: Option<Uri>,
     thresholds: Vec<u8>,
-    budgets: Arc<Budgets>,
+    watched: Watched,
     accounts: Arc<dyn Accounts>,
     in_flight: Arc<tokio::sync::Semaphore>,
 }
@@ -136,7 +166,7 @@ type HttpClient = Client<
 >;
 
 impl Worker {
-    async fn run(self, mut rx: mpsc::Receiver<String>) {
+    async fn run(self, mut rx: mpsc::Receiver<Subject>) {
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_webpki_roots()
             .https_or_http()
@@ -147,8 +177,8 @@ impl Worker {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                user = rx.recv() => match user {
-                    Some(user) => self.on_refusal(&client, &user).await,
+                who = rx.recv() => match who {
+                    Some(who) => self.on_refusal(&client, &who).await,
                     None => return,
                 },
                 _ = tick.tick() => self.check(&client).await,
@@ -156,11 +186,44 @@ impl Worker {
         }
     }
 
+    /// Where a subject's alerts go: a project's own webhook, else the
+    /// global one; `None`: nowhere (nothing is claimed or sent).
+    fn url_of(&self, who: &Subject) -> Option<Uri> {
+        match who {
+            Subject::User(_) => self.url.clone(),
+            Subject::Project(p) => self
+                .watched
+                .webhooks
+                .webhook(p)
+                .or_else(|| self.url.clone()),
+        }
+    }
+
+    fn budgets_of(&self, who: &Subject) -> &Budgets {
+        match who {
+            Subject::User(_) => &self.watched.users,
+            Subject::Project(_) => &self.watched.projects,
+        }
+    }
+
     /// Announces every threshold crossed and not yet announced.
     async fn check(&self, client: &HttpClient) {
         let now = crate::timestamp::now_ms();
-        for (user, limits, period_start, spent) in self.budgets.budgets_in_use(now) {
+        let users = self.watched.users.budgets_in_use(now);
+        let projects = self.watched.projects.budgets_in_use(now);
+        let all = (users
+            .into_iter()
+            .map(|(u, l, s, x)| (Subject::User(u), l, s, x)))
+        .chain(
+            projects
+                .into_iter()
+                .map(|(p, l, s, x)| (Subject::Project(p), l, s, x)),
+        );
+        for (who, limits, period_start, spent) in all {
             let Some(budget) = limits.budget.filter(|b| *b > 0) else {
+                continue;
+            };
+            let Some(url) = self.url_of(&who) else {
                 continue;
             };
             // The highest threshold crossed is announced; lower ones crossed
@@ -174,37 +237,52 @@ impl Worker {
             let mut newest = None;
             for t in &crossed {
                 if self
-                    .claim(&user, period_start, &format!("threshold:{t}"), now)
+                    .claim(&who, period_start, &format!("threshold:{t}"), now)
                     .await
                 {
                     newest = Some(*t);
                 }
             }
             if let Some(t) = newest {
-                let m = message(&user, &limits, period_start, spent, Some(t));
-                self.deliver(client, m);
+                let m = message(&who, &limits, period_start, spent, Some(t));
+                self.deliver(client, url, m);
             }
         }
     }
 
-    async fn on_refusal(&self, client: &HttpClient, user: &str) {
+    async fn on_refusal(&self, client: &HttpClient, who: &Subject) {
         let now = crate::timestamp::now_ms();
-        let Some((limits, _)) = self.budgets.limits_of(user) else {
+        let Some(url) = self.url_of(who) else {
+            return;
+        };
+        let name = match who {
+            Subject::User(n) | Subject::Project(n) => n,
+        };
+        let budgets = self.budgets_of(who);
+        let Some((limits, _)) = budgets.limits_of(name) else {
             return;
         };
         let period_start = limits.period.start(now);
-        if self.claim(user, period_start, "refused", now).await {
-            let (spent, _) = self.budgets.spent(user, now);
-            self.deliver(client, message(user, &limits, period_start, spent, None));
+        if self.claim(who, period_start, "refused", now).await {
+            let (spent, _) = budgets.spent(name, now);
+            self.deliver(
+                client,
+                url,
+                message(who, &limits, period_start, spent, None),
+            );
         }
     }
 
     /// Whether this instance sends the alert (the store had no row for it).
-    async fn claim(&self, user: &str, period_start: i64, kind: &str, now: i64) -> bool {
+    async fn claim(&self, who: &Subject, period_start: i64, kind: &str, now: i64) -> bool {
         let accounts = self.accounts.clone();
-        let (user, kind) = (user.to_owned(), kind.to_owned());
+        let subject = match who {
+            Subject::User(u) => format!("user:{u}"),
+            Subject::Project(p) => format!("project:{p}"),
+        };
+        let kind = kind.to_owned();
         let claimed = tokio::task::spawn_blocking(move || {
-            accounts.claim_alert(&format!("user:{user}"), period_start, &kind, now)
+            accounts.claim_alert(&subject, period_start, &kind, now)
         })
         .await;
         match claimed {
@@ -218,13 +296,13 @@ impl Worker {
         }
     }
 
-    fn deliver(&self, client: &HttpClient, m: Message) {
+    fn deliver(&self, client: &HttpClient, url: Uri, m: Message) {
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
             tracing::warn!("budget alert dropped: {MAX_IN_FLIGHT} deliveries already in progress");
             return;
         };
         let body = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
-        let (client, url) = (client.clone(), self.url.clone());
+        let client = client.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let mut backoff = Duration::from_secs(1);
@@ -258,7 +336,7 @@ impl Worker {
 }
 
 fn message(
-    user: &str,
+    who: &Subject,
     limits: &Limits,
     period_start: i64,
     spent: i128,
@@ -267,17 +345,25 @@ fn message(
     let budget = i128::from(limits.budget.unwrap_or(0));
     let dollars = |v: i128| crate::pricing::format_dollars(v);
     let period = limits.period.as_str();
+    let (whose, their) = match who {
+        Subject::User(u) => (format!("user {u}"), "their"),
+        Subject::Project(p) => (format!("project {p}"), "its"),
+    };
     let text = match threshold {
         Some(t) => format!(
-            "tollgate: user {user} has spent {t}% of their {period} budget (${} of ${})",
+            "tollgate: {whose} has spent {t}% of {their} {period} budget (${} of ${})",
             dollars(spent),
             dollars(budget)
         ),
         None => format!(
-            "tollgate: a request of user {user} was refused: the {period} budget is used up (${} of ${})",
+            "tollgate: a request of {whose} was refused: the {period} budget is used up (${} of ${})",
             dollars(spent),
             dollars(budget)
         ),
+    };
+    let (user, project) = match who {
+        Subject::User(u) => (Some(u.clone()), None),
+        Subject::Project(p) => (None, Some(p.clone())),
     };
     Message {
         text,
@@ -286,7 +372,8 @@ fn message(
         } else {
             "budget_refused"
         },
-        user: user.to_owned(),
+        user,
+        project,
         threshold,
         period,
         period_start: (period_start != i64::MIN).then(|| crate::timestamp::format_ms(period_start)),

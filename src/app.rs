@@ -31,6 +31,10 @@ pub struct App {
     pub sessions: access::session::Sessions,
     /// Limits and live spend.
     pub budgets: Arc<Budgets>,
+    /// Projects: members and alert webhooks.
+    pub projects: Arc<crate::projects::Projects>,
+    /// Projects' limits and live spend (never leased: see README).
+    pub project_budgets: Arc<Budgets>,
     /// Budget alerts to the webhook (off without one).
     pub alerts: crate::alerts::Alerts,
     /// Created batches, handed to their follower.
@@ -144,10 +148,16 @@ impl App {
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
         ));
         let budgets = Arc::new(Budgets::default());
+        let projects = Arc::new(crate::projects::Projects::default());
+        let project_budgets = Arc::new(Budgets::default());
         let alerts = crate::alerts::Alerts::start(
             config.alert_webhook.clone(),
             config.alert_thresholds.clone(),
-            budgets.clone(),
+            crate::alerts::Watched {
+                users: budgets.clone(),
+                projects: project_budgets.clone(),
+                webhooks: projects.clone(),
+            },
             store.accounts(),
         );
         let upstreams = crate::upstreams::Upstreams::new(&config, workers).map_err(|e| {
@@ -185,6 +195,8 @@ impl App {
             keys: Keys::default(),
             sessions: access::session::Sessions::default(),
             budgets,
+            projects,
+            project_budgets,
             metrics,
         };
         app.load_accounts()
@@ -273,14 +285,38 @@ impl App {
                     // Checked when the key was made; a row edited by hand
                     // to something unreadable tags nothing.
                     tags: crate::tags::Tags::parse(&info.tags).unwrap_or_default(),
+                    project: info.project,
                 })
                 .collect(),
         );
         Ok(())
     }
 
-    /// Makes the limits those of the database; whether they changed.
+    /// Makes the limits (and projects) those of the database; whether the
+    /// limits changed.
     fn load_limits(&self) -> Result<bool, StoreError> {
+        let mut members = std::collections::BTreeMap::new();
+        let mut project_limits = HashMap::new();
+        for p in self.store.accounts().all_projects()? {
+            if let Some(l) = p.limits {
+                project_limits.insert(p.name.clone(), l);
+            }
+            // Checked when it was stored; a row edited by hand into
+            // something unreadable alerts to the global webhook.
+            let webhook = p
+                .alert_webhook
+                .as_deref()
+                .and_then(|u| crate::projects::check_webhook(u).ok());
+            members.insert(
+                p.name,
+                crate::projects::Project {
+                    members: p.members,
+                    webhook,
+                },
+            );
+        }
+        self.projects.replace(members);
+        let projects_changed = self.project_budgets.replace_limits(project_limits, None);
         let mut users = HashMap::new();
         let mut default = None;
         for (user, l) in self.store.accounts().all_limits()? {
@@ -291,7 +327,7 @@ impl App {
                 None => default = Some(l),
             }
         }
-        Ok(self.budgets.replace_limits(users, default))
+        Ok(self.budgets.replace_limits(users, default) | projects_changed)
     }
 
     /// Loads users' keys and limits, and each limited user's spend in the
@@ -318,6 +354,23 @@ impl App {
                 .into_iter()
                 .filter_map(|(g, t)| Some((g.user?, t.cost)))
                 .collect();
+            let projects = reports.usage(
+                &Filter {
+                    group_tag: Some(crate::projects::ROLLUP_KEY.to_owned()),
+                    ..f.clone()
+                },
+                &[GroupKey::Tag],
+            )?;
+            for (g, t) in projects {
+                let Some(p) = g.tag else { continue };
+                if self
+                    .project_budgets
+                    .limits_of(&p)
+                    .is_some_and(|(l, _)| l.period == period)
+                {
+                    self.project_budgets.set_spent(&p, start, t.cost);
+                }
+            }
             let users: Vec<String> = spent.keys().cloned().collect();
             for u in users {
                 if self

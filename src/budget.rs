@@ -265,6 +265,9 @@ pub struct Hold {
     period_start: i64,
     minute: i64,
     done: bool,
+    /// Another limit's reservation on the same request's path (its
+    /// project's), settled and released with this one.
+    also: Option<Box<Hold>>,
 }
 
 impl std::fmt::Debug for Hold {
@@ -280,8 +283,31 @@ impl std::fmt::Debug for Hold {
 impl Hold {
     /// Replaces the reservation by what the request really cost.
     pub fn settle(mut self, cost: i64, tokens: u64) {
-        self.budgets.release(&self, i128::from(cost), tokens);
+        self.budgets.release(&self, i128::from(cost), tokens, false);
         self.done = true;
+        if let Some(also) = self.also.take() {
+            also.settle(cost, tokens);
+        }
+    }
+
+    /// Holds `other` with this one: both settle (or are released) together.
+    pub fn with(mut self, other: Hold) -> Hold {
+        match self.also.take() {
+            Some(also) => self.also = Some(Box::new(also.with(other))),
+            None => self.also = Some(Box::new(other)),
+        }
+        self
+    }
+
+    /// Undoes the reservation as if the request had never been checked
+    /// (its request and tokens of the minute too): another limit on its
+    /// path refused it.
+    pub fn cancel(mut self) {
+        self.budgets.release(&self, 0, 0, true);
+        self.done = true;
+        if let Some(also) = self.also.take() {
+            also.cancel();
+        }
     }
 }
 
@@ -289,7 +315,7 @@ impl Drop for Hold {
     fn drop(&mut self) {
         // Never reached upstream (or its record was lost): nothing spent.
         if !self.done {
-            self.budgets.release(self, 0, 0);
+            self.budgets.release(self, 0, 0, false);
         }
     }
 }
@@ -526,6 +552,7 @@ impl Budgets {
             period_start,
             minute,
             done: false,
+            also: None,
         }))
     }
 
@@ -610,7 +637,9 @@ impl Budgets {
         }
     }
 
-    fn release(&self, h: &Hold, cost: i128, tokens: u64) {
+    /// Ends a reservation at `cost` and `tokens`; `undo` also takes its
+    /// request back off the minute's count.
+    fn release(&self, h: &Hold, cost: i128, tokens: u64, undo: bool) {
         let mut st = self.state.lock();
         let Some(s) = st.get_mut(&h.user) else {
             return;
@@ -622,6 +651,9 @@ impl Budgets {
         }
         if s.minute == h.minute {
             s.tokens = s.tokens.saturating_add(tokens).saturating_sub(h.tokens);
+            if undo {
+                s.requests = s.requests.saturating_sub(1);
+            }
         }
     }
 }

@@ -58,12 +58,12 @@
 //! - [`reconcile`]: OpenAI's Costs API per day and model beside tollgate's
 //!   own costs (`tollgate reconcile`, `GET /reconcile`).
 //! - [`api`]: the REST API by resource (prices, reports, accounts, limits,
-//!   operations), JSON answers from serde structs.
+//!   projects, operations), JSON answers from serde structs.
 //! - [`metrics`]: Prometheus metrics with bounded labels.
 //! - [`error`]: errors answered in OpenAI's error shape.
 //! - Leaves: [`http`] (body and error types), [`ratelimit`] (upstream's
 //!   rate-limit headers), [`tags`] (request tags and their canonical
-//!   form), [`duration`] and [`timestamp`] (time formats).
+//!   form), [`projects`] (project names and members), [`duration`] and [`timestamp`] (time formats).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -83,6 +83,7 @@ pub mod http;
 pub mod meter;
 pub mod metrics;
 pub mod pricing;
+pub mod projects;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reconcile;

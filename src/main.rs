@@ -206,6 +206,10 @@ fn migrate(m: &config::Migrate) -> ExitCode {
         c.limits, c.limits_there
     );
     println!(
+        "  projects:      {} copied ({} there already: PostgreSQL's kept)",
+        c.projects, c.projects_there
+    );
+    println!(
         "  rate limits:   {}",
         if c.ratelimits { "copied" } else { "not copied" }
     );

@@ -108,6 +108,8 @@ pub struct Record {
     /// The `custom_id` of the Batch API line the record meters (`None`
     /// for every request that went through the proxy itself).
     pub custom_id: Option<String>,
+    /// The project the request is charged to (see [`crate::projects`]).
+    pub project: Option<String>,
 }
 
 impl Record {
@@ -268,6 +270,8 @@ pub struct StoredRecord {
     pub units: crate::pricing::Units,
     /// See [`Record::custom_id`].
     pub custom_id: Option<String>,
+    /// See [`Record::project`].
+    pub project: Option<String>,
 }
 
 impl StoredRecord {

@@ -251,10 +251,13 @@ async fn a_completed_batch_is_metered_line_by_line_at_batch_prices() {
         groups,
         BTreeMap::from([(None, 1), (Some(BATCH.to_owned()), 3)])
     );
-    // CSV: customId is the last column.
+    // CSV: customId, then the (empty) project.
     let csv = p.get("/queries?format=csv&tag=batch").await.text();
-    assert!(csv.lines().next().unwrap().ends_with(",customId"), "{csv}");
-    assert!(csv.lines().any(|l| l.ends_with(",req-2")), "{csv}");
+    assert!(
+        csv.lines().next().unwrap().ends_with(",customId,project"),
+        "{csv}"
+    );
+    assert!(csv.lines().any(|l| l.ends_with(",req-2,")), "{csv}");
 
     // Metered once: each result file was read once, and the batch is no
     // longer polled once metered.

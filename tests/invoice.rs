@@ -415,7 +415,7 @@ async fn images_tools_transcriptions_and_speech_are_priced_per_part() {
     let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
     let dalle = csv.lines().nth(3).unwrap();
     assert!(
-        dalle.ends_with(",0,0,0,0.24,0,images=2 size=1024x1792 quality=hd,"),
+        dalle.ends_with(",0,0,0,0.24,0,images=2 size=1024x1792 quality=hd,,"),
         "{dalle}"
     );
     assert!(col("upstream") < col("imageQueryTokens"));

@@ -257,16 +257,16 @@ async fn client_leaving_before_the_head_finish_records_the_real_usage() {
         csv.lines()
             .next()
             .unwrap()
-            .ends_with(",clientAborted,tags,upstream,imageQueryTokens,imageAnswerTokens,imageInputCost,imageOutputCost,toolCost,units,customId"),
+            .ends_with(",clientAborted,tags,upstream,imageQueryTokens,imageAnswerTokens,imageInputCost,imageOutputCost,toolCost,units,customId,project"),
         "{csv}"
     );
     // clientAborted, then the (empty) tags, then the upstream, then no
-    // image tokens, image or tool costs, units and customId.
+    // image tokens, image or tool costs, units, customId and project.
     assert!(
         csv.lines()
             .nth(1)
             .unwrap()
-            .ends_with(",true,,default,0,0,0,0,0,,"),
+            .ends_with(",true,,default,0,0,0,0,0,,,"),
         "{csv}"
     );
 }

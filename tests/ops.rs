@@ -646,7 +646,7 @@ async fn queries_csv_matches_json() {
         r.header("content-type").as_deref(),
         Some("text/csv; charset=utf-8")
     );
-    let header = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment,clientAborted,tags,upstream,imageQueryTokens,imageAnswerTokens,imageInputCost,imageOutputCost,toolCost,units,customId\r\n";
+    let header = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment,clientAborted,tags,upstream,imageQueryTokens,imageAnswerTokens,imageInputCost,imageOutputCost,toolCost,units,customId,project\r\n";
     assert_eq!(r.text(), header, "only the header without records");
 
     for user in ["a,\"b", "alice", "a,\"b"] {

@@ -106,17 +106,17 @@ async fn tags_are_recorded_and_never_forwarded() {
     let csv = p.get("/queries?format=csv").await.text();
     let lines: Vec<&str> = csv.lines().collect();
     assert!(
-        lines[0].ends_with(",clientAborted,tags,upstream,imageQueryTokens,imageAnswerTokens,imageInputCost,imageOutputCost,toolCost,units,customId"),
+        lines[0].ends_with(",clientAborted,tags,upstream,imageQueryTokens,imageAnswerTokens,imageInputCost,imageOutputCost,toolCost,units,customId,project"),
         "{}",
         lines[0]
     );
     assert!(
-        lines[1].ends_with(",\"feature=autocomplete,team=search,urgent\",default,0,0,0,0,0,,"),
+        lines[1].ends_with(",\"feature=autocomplete,team=search,urgent\",default,0,0,0,0,0,,,"),
         "{}",
         lines[1]
     );
     assert!(
-        lines[2].ends_with(",false,,default,0,0,0,0,0,,"),
+        lines[2].ends_with(",false,,default,0,0,0,0,0,,,"),
         "{}",
         lines[2]
     );

@@ -142,13 +142,13 @@ async fn requests_go_to_the_first_upstream_serving_their_model() {
         ])
     );
     let csv = proxy.get("/queries?format=csv").await.text();
-    // The upstream column, then the image, unit and customId columns added after it.
+    // The upstream column, then the image, unit, customId and project columns added after it.
     let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
     let at = header
         .iter()
         .position(|h| *h == "upstream")
         .expect("upstream column");
-    assert_eq!(header[at + 1..].len(), 7, "{csv}");
+    assert_eq!(header[at + 1..].len(), 8, "{csv}");
     assert!(
         csv.lines().skip(1).all(|l| {
             let cells: Vec<&str> = l.split(',').collect();

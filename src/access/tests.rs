@@ -28,6 +28,7 @@ fn find_and_revoke() {
         digest: digest(&k),
         last_used: AtomicI64::new(0),
         tags: Default::default(),
+        project: None,
     });
     assert_eq!(keys.find(&k).unwrap().user, "ann");
     assert!(keys.find("tg-wrong").is_none());

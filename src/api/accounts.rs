@@ -35,6 +35,9 @@ struct Key<'a> {
     /// Only for a key with default tags: the answer stays as it was for others.
     #[serde(skip_serializing_if = "super::TagsJson::is_empty")]
     tags: super::TagsJson<'a>,
+    /// Only for a key bound to a project.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    project: Option<&'a str>,
 }
 
 /// A new key: the only answer that ever holds the key itself.
@@ -47,6 +50,8 @@ struct NewKey<'a> {
     created_at: Time,
     #[serde(skip_serializing_if = "super::TagsJson::is_empty")]
     tags: super::TagsJson<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    project: Option<&'a str>,
 }
 
 /// A revoked key.
@@ -57,12 +62,15 @@ struct Revoked<'a> {
     revoked: bool,
 }
 
-/// The body of `POST /users/{user}/keys`: nothing, or `{"tags": "k=v,word"}`.
+/// The body of `POST /users/{user}/keys`: nothing, or
+/// `{"tags": "k=v,word", "project": "name"}` (both optional).
 #[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct NewKeyBody {
     #[serde(default)]
     tags: Option<String>,
+    #[serde(default)]
+    project: Option<String>,
 }
 
 /// `POST /users/{user}/keys`, with the key's default tags in the body.
@@ -77,12 +85,26 @@ pub(super) async fn create_key(
     } else {
         serde_json::from_slice(&body).map_err(|e| {
             ApiError::bad_request(format!(
-                "body must be empty or a JSON object like {{\"tags\": \"team=search\"}}: {e}"
+                "body must be empty or a JSON object like {{\"tags\": \"team=search\", \"project\": \"search\"}}: {e}"
             ))
         })?
     };
     let tags = crate::tags::Tags::parse(asked.tags.as_deref().unwrap_or(""))
         .map_err(|e| ApiError::bad_param("tags", e.0))?;
+    // The project named, which the user must be in; else the user's only one.
+    let project = match asked.project {
+        Some(p) => {
+            crate::projects::check_name(&p).map_err(|e| ApiError::bad_param("project", e))?;
+            if !app.projects.has_member(&p, &user) {
+                return Err(ApiError::bad_param(
+                    "project",
+                    format!("user {user} is not a member of project {p}"),
+                ));
+            }
+            Some(p)
+        }
+        None => app.projects.only_project_of(&user),
+    };
     let key = crate::access::new_key();
     let digest = crate::access::digest(&key);
     let info = KeyInfo {
@@ -92,6 +114,7 @@ pub(super) async fn create_key(
         last_used_ms: None,
         revoked_ms: None,
         tags: tags.canonical(),
+        project,
     };
     let info = accounts(app, move |a| a.create_key(&info, &digest).map(|()| info)).await?;
     app.keys.insert(crate::access::KeyEntry {
@@ -100,6 +123,7 @@ pub(super) async fn create_key(
         digest,
         last_used: std::sync::atomic::AtomicI64::new(0),
         tags,
+        project: info.project.clone(),
     });
     created(&NewKey {
         id: &info.id,
@@ -107,6 +131,7 @@ pub(super) async fn create_key(
         key: &key,
         created_at: Time(info.created_ms),
         tags: super::TagsJson(&info.tags),
+        project: info.project.as_deref(),
     })
 }
 
@@ -122,6 +147,7 @@ pub(super) async fn list_keys(app: &Arc<App>, user: String) -> Result<Response<B
             last_used_at: k.last_used_ms.max(app.keys.last_used(&k.id)).map(Time),
             revoked_at: k.revoked_ms.map(Time),
             tags: super::TagsJson(&k.tags),
+            project: k.project.as_deref(),
         })
         .collect();
     ok(&listed)

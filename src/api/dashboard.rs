@@ -161,6 +161,8 @@ fn info(s: Option<&Session>) -> Info<'_> {
     let groupings = GROUP_KEYS
         .iter()
         .map(|(n, _)| *n)
+        // Projects are grouped through the tag rollups, not a `GroupKey`.
+        .chain(["project"])
         .filter(|n| !matches!(*n, "day" | "month"))
         // A key holder sees only their own records: by user is one row.
         .filter(|n| user.is_none() || *n != "user")

@@ -13,6 +13,7 @@ mod dashboard;
 mod limits;
 mod ops;
 mod prices;
+mod projects;
 mod query;
 mod reconcile;
 mod reports;
@@ -32,6 +33,7 @@ use crate::http::Body;
 
 pub use limits::parse_limits_body;
 pub use prices::parse_price_body;
+pub use projects::parse_project_body;
 pub use query::{parse_filter, parse_params, Params};
 pub use reports::{record_csv, record_json, usage_json};
 
@@ -66,6 +68,9 @@ enum Route {
     DefaultLimits,
     AllLimits,
     Key(String),
+    Projects,
+    Project(String),
+    ProjectLimits(String),
 }
 
 fn classify(path: &str) -> Result<Option<Route>, ApiError> {
@@ -86,6 +91,13 @@ fn classify(path: &str) -> Result<Option<Route>, ApiError> {
         }
         return Ok(None);
     }
+    if let Some(rest) = path.strip_prefix("/projects/") {
+        // Project names hold no `/`: the suffix cannot be part of one.
+        if let Some(name) = rest.strip_suffix("/limits") {
+            return Ok(Some(Route::ProjectLimits(decode(name)?)));
+        }
+        return Ok(Some(Route::Project(decode(rest)?)));
+    }
     if let Some(id) = path.strip_prefix("/keys/") {
         return Ok(Some(Route::Key(decode(id)?)));
     }
@@ -100,6 +112,7 @@ fn classify(path: &str) -> Result<Option<Route>, ApiError> {
         "/prices/export" => Some(Route::PricesExport),
         "/limits/default" => Some(Route::DefaultLimits),
         "/limits" => Some(Route::AllLimits),
+        "/projects" => Some(Route::Projects),
         _ => None,
     })
 }
@@ -164,6 +177,15 @@ async fn route(
         (Route::DefaultLimits, Method::PUT) => limits::put(app, None, req).await,
         (Route::UserLimits(user), Method::DELETE) => limits::delete(app, Some(user)).await,
         (Route::DefaultLimits, Method::DELETE) => limits::delete(app, None).await,
+        (Route::Projects, _) if get => projects::list(app),
+        (Route::Project(name), _) if get => projects::get(app, &name),
+        (Route::Project(name), Method::PUT) => projects::put(app, name, req).await,
+        (Route::Project(name), Method::DELETE) => projects::delete(app, name).await,
+        (Route::ProjectLimits(name), _) if get => projects::get_limits(app, &name),
+        (Route::ProjectLimits(name), Method::PUT) => {
+            projects::set_limits(app, name, Some(req)).await
+        }
+        (Route::ProjectLimits(name), Method::DELETE) => projects::set_limits(app, name, None).await,
         _ => not_allowed(),
     }
 }

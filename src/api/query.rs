@@ -92,23 +92,42 @@ pub fn parse_params(query: &str, allowed: &[&str]) -> Result<Params, ApiError> {
             "before" => f.before = Some(time(&v)?),
             "limit" => f.limit = Some(number(&v)?),
             "offset" => f.offset = number(&v)?,
+            "tag" | "project" if f.tag.is_some() => {
+                return Err(ApiError::bad_param(
+                    &k,
+                    "give one tag or project filter at most (tag and project cannot be combined)",
+                ));
+            }
+            "project" => {
+                crate::projects::check_name(&v).map_err(|e| ApiError::bad_param("project", e))?;
+                f.tag = Some(crate::tags::TagFilter {
+                    key: crate::projects::ROLLUP_KEY.to_owned(),
+                    value: Some(v),
+                });
+            }
             "tag" => {
-                if f.tag.is_some() {
-                    return Err(ApiError::bad_param("tag", "give one tag filter at most"));
-                }
                 let t = crate::tags::TagFilter::parse(&v)
                     .map_err(|e| ApiError::bad_param("tag", e.0))?;
                 f.tag = Some(t);
             }
             "group_by" => {
                 for g in v.split(',').map(str::trim).filter(|g| !g.is_empty()) {
-                    if let Some(k) = g.strip_prefix("tag:") {
-                        crate::tags::check_key(k)
-                            .map_err(|e| ApiError::bad_param("group_by", e.0))?;
+                    // Projects are rolled up as a tag key no request tag can
+                    // have: grouped the same way, one of them at most.
+                    let tag_key = match g.strip_prefix("tag:") {
+                        Some(k) => {
+                            crate::tags::check_key(k)
+                                .map_err(|e| ApiError::bad_param("group_by", e.0))?;
+                            Some(k)
+                        }
+                        None if g == "project" => Some(crate::projects::ROLLUP_KEY),
+                        None => None,
+                    };
+                    if let Some(k) = tag_key {
                         if f.group_tag.as_deref().is_some_and(|old| old != k) {
                             return Err(ApiError::bad_param(
                                 "group_by",
-                                "group by one tag key at most",
+                                "group by one tag key or project at most",
                             ));
                         }
                         f.group_tag = Some(k.to_owned());
@@ -121,7 +140,10 @@ pub fn parse_params(query: &str, allowed: &[&str]) -> Result<Params, ApiError> {
                         let names: Vec<&str> = GROUP_KEYS.iter().map(|(n, _)| *n).collect();
                         return Err(ApiError::bad_param(
                             "group_by",
-                            format!("cannot group by {g} ({}, tag:<key>)", names.join(", ")),
+                            format!(
+                                "cannot group by {g} ({}, project, tag:<key>)",
+                                names.join(", ")
+                            ),
                         ));
                     };
                     if !p.group.contains(&key) {
@@ -175,11 +197,20 @@ pub fn parse_params(query: &str, allowed: &[&str]) -> Result<Params, ApiError> {
     // groups by another would need every record read.
     if let (Some(t), Some(k)) = (&f.tag, &f.group_tag) {
         if t.key != *k {
+            let shown = |k: &str| {
+                if k == crate::projects::ROLLUP_KEY {
+                    "project".to_owned()
+                } else {
+                    format!("tag:{k}")
+                }
+            };
             return Err(ApiError::bad_param(
                 "group_by",
                 format!(
-                    "group_by=tag:{k} cannot be combined with a filter on another tag key ({}); filter on {k} or group by tag:{}",
-                    t.key, t.key
+                    "group_by={} cannot be combined with a filter on another tag key or the project ({}); filter on the same or group by {}",
+                    shown(k),
+                    shown(&t.key),
+                    shown(&t.key)
                 ),
             ));
         }

@@ -46,6 +46,9 @@ struct Usage<'a> {
     /// records older than named upstreams, so the key is always there.
     #[serde(skip_serializing_if = "Option::is_none")]
     upstream: Option<Option<&'a str>>,
+    /// Grouped by project: `null` for requests of no project.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    project: Option<Option<&'a str>>,
     num_queries: u64,
     query_tokens: u64,
     answer_tokens: u64,
@@ -91,6 +94,7 @@ impl<'a> Usage<'a> {
             tier: by_tier.then_some(g.tier.as_deref()),
             tags: None,
             upstream: None,
+            project: None,
             num_queries: t.queries,
             query_tokens: t.query_tokens,
             answer_tokens: t.answer_tokens,
@@ -148,7 +152,9 @@ pub(super) async fn usage(
 ) -> Result<Response<Body>, ApiError> {
     let mut p = parse_params(
         query,
-        &["user", "model", "after", "before", "tag", "group_by"],
+        &[
+            "user", "model", "after", "before", "tag", "project", "group_by",
+        ],
     )?;
     scope(&mut p.filter, only)?;
     let tag_key = p
@@ -156,6 +162,8 @@ pub(super) async fn usage(
         .group_tag
         .clone()
         .filter(|_| p.group.contains(&crate::store::GroupKey::Tag));
+    let by_project = tag_key.as_deref() == Some(crate::projects::ROLLUP_KEY);
+    let tag_key = tag_key.filter(|_| !by_project);
     catch_up(app).await;
     let reports = app.store.reports();
     let grouped = !p.group.is_empty();
@@ -175,6 +183,9 @@ pub(super) async fn usage(
             u.tags = tag_key.as_deref().map(|k| TagGroup(k, g.tag.as_deref()));
             if by_upstream {
                 u.upstream = Some(g.upstream.as_deref());
+            }
+            if by_project {
+                u.project = Some(g.tag.as_deref());
             }
             u
         })
@@ -228,6 +239,7 @@ pub(super) async fn queries(
             "after",
             "before",
             "tag",
+            "project",
             "limit",
             "offset",
             "format",
@@ -444,6 +456,11 @@ pub fn record_json(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdow
         Some(c) => push_json_str(out, c),
         None => out.push_str("null"),
     }
+    out.push_str(",\"project\":");
+    match &r.project {
+        Some(p) => push_json_str(out, p),
+        None => out.push_str("null"),
+    }
     out.push('}');
 }
 
@@ -459,7 +476,7 @@ fn push_tier(out: &mut String, t: Option<pricing::Tier>) {
     }
 }
 
-const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment,clientAborted,tags,upstream,imageQueryTokens,imageAnswerTokens,imageInputCost,imageOutputCost,toolCost,units,customId\r\n";
+const CSV_HEADER: &str = "id,user,model,requestedModel,endpoint,timestamp,queryTokens,answerTokens,cachedQueryTokens,reasoningTokens,cost,priced,estimated,status,stream,durationMs,ttfbMs,requestId,audioQueryTokens,audioAnswerTokens,serviceTier,inputCost,cachedInputCost,outputCost,audioInputCost,audioOutputCost,tierRates,tierAdjustment,clientAborted,tags,upstream,imageQueryTokens,imageAnswerTokens,imageInputCost,imageOutputCost,toolCost,units,customId,project\r\n";
 
 /// Leading characters that make a spreadsheet read a cell as a formula
 /// (OWASP, "CSV Injection").
@@ -552,6 +569,10 @@ pub fn record_csv(out: &mut String, r: &StoredRecord, parts: &pricing::Breakdown
     out.push(',');
     if let Some(c) = &r.custom_id {
         push_csv(out, c);
+    }
+    out.push(',');
+    if let Some(p) = &r.project {
+        push_csv(out, p);
     }
     out.push_str("\r\n");
 }

@@ -126,3 +126,37 @@ fn concurrent_checks_never_overrun() {
     }
     assert_eq!(b.spent("ann", now), (990, 0));
 }
+
+#[test]
+fn held_together_settle_together_and_cancel_undoes_the_minute() {
+    let (users, projects) = (Arc::new(Budgets::default()), Arc::new(Budgets::default()));
+    let l = Limits {
+        budget: Some(100),
+        rpm: Some(1),
+        ..Limits::default()
+    };
+    users.set_limits("ann", Some(l));
+    projects.set_limits("search", Some(l));
+    let now = ms("2026-11-26T10:00:00Z");
+    let u = users.check("ann", 60, 5, now).unwrap().unwrap();
+    let p = projects.check("search", 60, 5, now).unwrap().unwrap();
+    u.with(p).settle(7, 3);
+    assert_eq!(users.spent("ann", now), (7, 0));
+    assert_eq!(projects.spent("search", now), (7, 0));
+    // The next minute: a cancelled check leaves its request uncounted, so
+    // the one request of the minute is still there.
+    let next = now + 60_000;
+    users.check("ann", 10, 0, next).unwrap().unwrap().cancel();
+    assert_eq!(users.spent("ann", next), (7, 0));
+    let h = users.check("ann", 10, 0, next).unwrap().unwrap();
+    assert!(matches!(
+        users.check("ann", 10, 0, next),
+        Err(Refusal::Rate { .. })
+    ));
+    // Dropped unsettled (the request never reached upstream): released,
+    // and both of a pair.
+    let p = projects.check("search", 10, 0, next).unwrap().unwrap();
+    drop(h.with(p));
+    assert_eq!(users.spent("ann", next), (7, 0));
+    assert_eq!(projects.spent("search", next), (7, 0));
+}

@@ -223,6 +223,7 @@ impl Meter {
             upstream: r.upstream.clone(),
             tier: r.tier,
             tags: r.tags.clone(),
+            project: r.project.clone(),
             ..Record::default()
         };
         match self.store.reserve(Duration::from_secs(1)).await {

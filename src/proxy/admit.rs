@@ -29,29 +29,38 @@ pub struct Admission {
 
 /// Reserves the request's worst case and a queue slot, or refuses it. A
 /// refusal is counted (metrics and `/usage`), never recorded as a query.
+/// The request must fit its user's limits and its project's: when one
+/// refuses, what the other reserved is undone before the answer.
 pub async fn admit(app: &App, ctx: &Ctx) -> Result<Admission, ApiError> {
-    let hold = if app.budgets.active() {
+    let user_limited = app.budgets.active();
+    let project = ctx
+        .project
+        .as_deref()
+        .filter(|_| app.project_budgets.active());
+    let hold = if user_limited || project.is_some() {
         let (cost, tokens) = super::reserve::reservation(app, ctx);
-        match check(app, ctx, cost, tokens).await {
-            Ok(h) => h,
-            Err(Refused::Unavailable) => {
-                return Err(ApiError::unavailable(
-                    "the budget database is unreachable and this instance's budget lease is used up; try again shortly",
-                )
-                .with_code("service_unavailable"))
-            }
-            Err(Refused::Limit(refusal)) => {
-                if matches!(refusal, Refusal::Budget { .. }) {
-                    app.alerts.refused(&ctx.user);
+        let user_hold = if user_limited {
+            check(app, ctx, cost, tokens)
+                .await
+                .map_err(|r| refused(app, ctx, r, Scope::User))?
+        } else {
+            None
+        };
+        let project_hold = match project {
+            Some(p) => match app.project_budgets.check(p, cost, tokens, ctx.started_ms) {
+                Ok(h) => h,
+                Err(r) => {
+                    if let Some(h) = user_hold {
+                        h.cancel();
+                    }
+                    return Err(refused(app, ctx, Refused::Limit(r), Scope::Project));
                 }
-                app.store.reject(Rejected {
-                    at_ms: ctx.started_ms,
-                    user: ctx.user.clone(),
-                    model: ctx.request.model.clone(),
-                    reason: refusal.code(),
-                });
-                return Err(refusal.into());
-            }
+            },
+            None => None,
+        };
+        match (user_hold, project_hold) {
+            (Some(u), Some(p)) => Some(u.with(p)),
+            (u, p) => u.or(p),
         }
     } else {
         None
@@ -62,6 +71,39 @@ pub async fn admit(app: &App, ctx: &Ctx) -> Result<Admission, ApiError> {
         .await
         .ok_or_else(|| ApiError::unavailable("usage store is far behind; try again shortly"))?;
     Ok(Admission { hold, slot })
+}
+
+/// Whose limit refused a request.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    User,
+    Project,
+}
+
+/// Counts a refusal and turns it into the answer.
+fn refused(app: &App, ctx: &Ctx, r: Refused, scope: Scope) -> ApiError {
+    match r {
+        Refused::Unavailable => ApiError::unavailable(
+            "the budget database is unreachable and this instance's budget lease is used up; try again shortly",
+        )
+        .with_code("service_unavailable"),
+        Refused::Limit(refusal) => {
+            if matches!(refusal, Refusal::Budget { .. }) {
+                match (scope, ctx.project.as_deref()) {
+                    (Scope::User, _) => app.alerts.refused(&ctx.user),
+                    (Scope::Project, Some(p)) => app.alerts.project_refused(p),
+                    (Scope::Project, None) => {}
+                }
+            }
+            app.store.reject(Rejected {
+                at_ms: ctx.started_ms,
+                user: ctx.user.clone(),
+                model: ctx.request.model.clone(),
+                reason: refusal.code(),
+            });
+            refusal_error(refusal, scope)
+        }
+    }
 }
 
 enum Refused {
@@ -93,24 +135,34 @@ async fn check(app: &App, ctx: &Ctx, cost: i128, tokens: u64) -> Result<Option<H
 
 impl From<Refusal> for ApiError {
     fn from(r: Refusal) -> ApiError {
-        let code = r.code();
-        match r {
-            Refusal::Budget { retry_after } => ApiError::too_many(
-                code,
-                "This user has used up their budget for this period.",
-                retry_after,
-            ),
-            // Never answered as such: `check` asks for a lease first.
-            Refusal::Unleased { .. } => ApiError::too_many(
-                code,
-                "This user has used up their budget for this period.",
-                None,
-            ),
-            Refusal::Rate { what, retry_after } => ApiError::too_many(
-                code,
-                format!("This user is over their {what}-per-minute limit."),
-                Some(retry_after),
-            ),
-        }
+        refusal_error(r, Scope::User)
+    }
+}
+
+/// A refusal's answer, saying whose limit it was: the user's or the
+/// project's (both apply to a request of a project).
+fn refusal_error(r: Refusal, scope: Scope) -> ApiError {
+    let code = r.code();
+    let (who, their) = match scope {
+        Scope::User => ("This user", "their"),
+        Scope::Project => ("This request's project", "its"),
+    };
+    match r {
+        // `Unleased` is never answered as such: `check` asks for a lease first.
+        Refusal::Budget { retry_after } => ApiError::too_many(
+            code,
+            format!("{who} has used up {their} budget for this period."),
+            retry_after,
+        ),
+        Refusal::Unleased { .. } => ApiError::too_many(
+            code,
+            format!("{who} has used up {their} budget for this period."),
+            None,
+        ),
+        Refusal::Rate { what, retry_after } => ApiError::too_many(
+            code,
+            format!("{who} is over {their} {what}-per-minute limit."),
+            Some(retry_after),
+        ),
     }
 }

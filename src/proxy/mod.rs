@@ -162,6 +162,9 @@ struct Ctx {
     key_id: Option<String>,
     /// The request's tags (its own over its key's defaults), canonical.
     tags: String,
+    /// The project it is charged to: its key's, or (without keys) its
+    /// user's only project.
+    project: Option<String>,
     endpoint: Endpoint,
     /// Whether the method is POST (the only one that spends).
     post: bool,
@@ -229,12 +232,17 @@ impl Ctx {
         };
         let tags = request_tags(req.headers(), defaults.as_ref().map(|k| &k.tags))
             .inspect_err(|_| app.metrics.rejected("invalid_tags"))?;
+        let project = match &defaults {
+            Some(k) => k.project.clone(),
+            None => app.projects.only_project_of(&user),
+        };
         Ok(Ctx {
             started: Instant::now(),
             started_ms,
             user,
             key_id,
             tags,
+            project,
             endpoint: Endpoint::classify(req.method(), &path),
             post: req.method() == http::Method::POST,
             path: path.into_owned(),
@@ -423,6 +431,7 @@ impl Ctx {
             tier: r.tier,
             key_id: self.key_id.take(),
             tags: std::mem::take(&mut self.tags),
+            project: self.project.take(),
             upstream: Some(upstream),
             hold: admission.hold,
             ..Record::default()

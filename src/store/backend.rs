@@ -59,6 +59,21 @@ pub struct KeyInfo {
     pub revoked_ms: Option<i64>,
     /// Default tags of its requests, canonical (see [`crate::tags`]).
     pub tags: String,
+    /// The project its requests are charged to.
+    pub project: Option<String>,
+}
+
+/// A stored project: its members and its own limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectInfo {
+    /// Name (see [`crate::projects::check_name`]).
+    pub name: String,
+    /// Member user names, sorted, each once.
+    pub members: Vec<String>,
+    /// The project's limits, if any.
+    pub limits: Option<Limits>,
+    /// Where its budget alerts go instead of `--alert-webhook`.
+    pub alert_webhook: Option<String>,
 }
 
 /// Users' keys and limits.
@@ -75,6 +90,12 @@ pub trait Accounts: Send + Sync + 'static {
     fn save_limits(&self, user: Option<&str>, l: Option<&Limits>) -> Result<(), StoreError>;
     /// Every stored limit; user `None` is the default.
     fn all_limits(&self) -> Result<Vec<(Option<String>, Limits)>, StoreError>;
+    /// Creates or replaces a project (members and limits).
+    fn save_project(&self, p: &ProjectInfo) -> Result<(), StoreError>;
+    /// Deletes a project; whether it existed.
+    fn delete_project(&self, name: &str) -> Result<bool, StoreError>;
+    /// Every project, by name.
+    fn all_projects(&self) -> Result<Vec<ProjectInfo>, StoreError>;
     /// Notes that the alert `kind` of `subject` for the period starting at
     /// `period_start` goes out; false when it already went (from this
     /// instance or another).

@@ -21,8 +21,8 @@ pub mod transfer;
 mod writer;
 
 pub use backend::{
-    Accounts, Backend, BatchInfo, Filter, GroupKey, GroupValues, KeyInfo, Reports, StateVersions,
-    StoreError, UsageTotals,
+    Accounts, Backend, BatchInfo, Filter, GroupKey, GroupValues, KeyInfo, ProjectInfo, Reports,
+    StateVersions, StoreError, UsageTotals,
 };
 
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -74,12 +74,22 @@ pub fn tagged(batch: &[Priced]) -> BTreeMap<TagRow<'_>, Daily> {
     for p in batch {
         let r = &p.record;
         let day = r.started_ms.div_euclid(DAY_MS);
-        for (k, v) in crate::tags::pairs(&r.tags) {
+        for (k, v) in rollup_tags(&r.tags, r.project.as_deref()) {
             let key = (k, day, v, r.user.as_str(), r.model_or_requested());
             out.entry(key).or_default().add(p);
         }
     }
     out
+}
+
+/// The (key, value) pairs a record is rolled up under in the tag rollups:
+/// its tags, and its project under [`crate::projects::ROLLUP_KEY`] (which
+/// no tag key can be), so `/usage` by project reads the same rollups.
+pub fn rollup_tags<'a>(
+    tags: &'a str,
+    project: Option<&'a str>,
+) -> impl Iterator<Item = (&'a str, &'a str)> {
+    crate::tags::pairs(tags).chain(project.map(|p| (crate::projects::ROLLUP_KEY, p)))
 }
 
 /// A tag rollup row's key, owned (re-pricing collects them from records):

@@ -85,6 +85,28 @@ pub struct KeyRow {
     pub revoked: Option<i64>,
     /// Default tags (canonical).
     pub tags: String,
+    /// The project it is bound to.
+    pub project: Option<String>,
+}
+
+/// One stored project: members (a JSON array) and its limits (`period`
+/// `None`: no limits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectRow {
+    /// Name.
+    pub name: String,
+    /// Members, as stored (a JSON array of user names).
+    pub members: String,
+    /// Pico-dollars per period.
+    pub budget: Option<i64>,
+    /// `day`, `week`, `month`, `total`; `None` without limits.
+    pub period: Option<String>,
+    /// Requests per minute.
+    pub rpm: Option<i64>,
+    /// Tokens per minute.
+    pub tpm: Option<i64>,
+    /// Its alert webhook.
+    pub alert_webhook: Option<String>,
 }
 
 /// One stored limit row (user `""` holds the default limits).
@@ -112,6 +134,8 @@ pub struct SharedRows {
     pub keys: Vec<KeyRow>,
     /// Every limit row.
     pub limits: Vec<LimitRow>,
+    /// Every project.
+    pub projects: Vec<ProjectRow>,
     /// The latest upstream rate limits (JSON), if stored.
     pub ratelimits: Option<String>,
     /// Whether the built-in price list was loaded once (so the target's
@@ -138,6 +162,10 @@ pub struct SharedCopied {
     pub limits: u64,
     /// Limit rows the target had already (the target's kept).
     pub limits_there: u64,
+    /// Projects added.
+    pub projects: u64,
+    /// Projects the target had already (the target's kept).
+    pub projects_there: u64,
     /// Whether the rate limits were copied (the target had none).
     pub ratelimits: bool,
 }

@@ -171,6 +171,13 @@ def tollgate(tmp_path_factory):
                 proc.kill()
                 pytest.fail("tollgate did not answer within 30 s")
             time.sleep(0.05)
+    # alice and bob work on search (their keys are bound to it); carol is in no project.
+    status, raw, _ = call(f"{base}/projects/search", "PUT", {"members": ["alice", "bob"]},
+                          {"Authorization": f"Bearer {ADMIN}"})
+    assert status == 201, raw
+    status, raw, _ = call(f"{base}/projects/search/limits", "PUT", {"budget": 500, "period": "month"},
+                          {"Authorization": f"Bearer {ADMIN}"})
+    assert status == 200, raw
     keys = {}
     for user in ("alice", "bob", "carol"):
         status, raw, doc = call(f"{base}/users/{user}/keys", "POST", headers={"Authorization": f"Bearer {ADMIN}"})
@@ -322,9 +329,34 @@ def test_switching_grouping_and_periods(page, tollgate):
     assert sorted(r[0] for r in table(page, "#top-model")) == sorted(r["model"] for r in rows)
 
 
+def test_stacked_and_top_by_project(page, tollgate):
+    login(page, tollgate, ADMIN)
+    offered = page.eval_on_selector_all("#spend-group option", "os => os.map(o => o.value)")
+    assert "project" in offered, offered
+    page.select_option("#spend-group", "project")
+    expect(page.locator("#spend-key")).to_have_text("project")
+    page.wait_for_function("() => document.getElementById('spend').dataset.totalsQuery.includes('group_by=project')")
+    totals = admin_get(tollgate, page.locator("#spend").get_attribute("data-totals-query"))
+    # Requests of no project are their own row (null).
+    name = lambda r: "null" if r["project"] is None else r["project"]
+    assert {name(r) for r in totals} == {"search", "null"}
+    assert sorted(map(tuple, table(page, "#spend-totals"))) == sorted((name(r), money(r["cost"])) for r in totals)
+    labels = page.evaluate("() => Chart.getChart('spend-chart').data.datasets.map(d => d.label)")
+    assert sorted(labels) == sorted(name(r) for r in totals)
+    # Top projects, by cost, equal to /usage?group_by=project.
+    box = page.locator("#top-project")
+    expect(box.locator("h3")).to_have_text("Top projects")
+    rows = admin_get(tollgate, box.get_attribute("data-query"))
+    rows.sort(key=lambda r: r["cost"], reverse=True)
+    want = [[name(r), f"{r['numQueries']:,}", f"{r['queryTokens'] + r['answerTokens']:,}", money(r["cost"])]
+            for r in rows[:10]]
+    assert table(page, "#top-project") == want
+
+
 def test_budget_burn(page, tollgate):
     login(page, tollgate, ADMIN)
-    expect(page.locator("#budget-table tbody tr")).to_have_count(2)
+    # The two users' budgets and the search project's.
+    expect(page.locator("#budget-table tbody tr")).to_have_count(3)
     for user, over in [("alice", True), ("bob", False)]:
         row = page.locator(f"#budget-table tbody tr[data-user='{user}']")
         lim = admin_get(tollgate, f"users/{user}/limits")
@@ -333,6 +365,11 @@ def test_budget_burn(page, tollgate):
         assert cells[4] == money(lim["reserved"]) and cells[5] == money(lim["remaining"])
         assert ("over" in (row.get_attribute("class") or "")) == over, cells
     assert page.locator("#budget-table tr[data-user='alice'] td.outlook").text_content() == "exhausted"
+    row = page.locator("#budget-table tbody tr[data-project='search']")
+    lim = admin_get(tollgate, "projects/search/limits")
+    cells = row.locator("td").all_text_contents()
+    assert cells[0] == "project search" and cells[1] == money(lim["budget"]) == "$500.00"
+    assert cells[3] == money(lim["spent"]) and cells[5] == money(lim["remaining"])
 
 
 def test_recent_requests_filters_and_csv(page, tollgate):
@@ -367,6 +404,18 @@ def test_recent_requests_filters_and_csv(page, tollgate):
     assert status == 200 and got == want
     lines = got.decode().strip().split("\r\n")
     assert len(lines) == len(rows) + 1 and all(",bob," in l for l in lines[1:])
+    # By project: carol's requests are in none.
+    # Text first: every load the selects start then asks the same.
+    page.fill("#recent-user", "")
+    page.fill("#recent-project", "search")
+    page.select_option("#recent-status", "")
+    page.select_option("#recent-estimated", "")
+    page.click("#recent-filters button[type=submit]")
+    page.wait_for_function("() => document.getElementById('recent').dataset.query.includes('project=search')")
+    rows = table(page, "#recent-table")
+    api = admin_get(tollgate, recent.get_attribute("data-query"))
+    assert rows and len(rows) == len(api) and {r[1] for r in rows} == {"alice", "bob"}
+    assert {r["project"] for r in api} == {"search"}
 
 
 def test_rate_limit_headroom(page, tollgate):

@@ -196,6 +196,12 @@
     const views = session.role === 'admin'
       ? await api('limits')
       : [await api(`users/${encodeURIComponent(session.user)}/limits`)];
+    // Projects' budgets too, for admins (a key holder reads only their own).
+    if (session.role === 'admin') {
+      for (const p of await api('projects')) {
+        if (p.limits) views.push({ ...p.limits, project: p.name });
+      }
+    }
     const now = Date.now();
     const body = $('budget-table').tBodies[0];
     const rows = [];
@@ -218,12 +224,12 @@
         m.min = 0; m.max = 1; m.value = elapsed;
         meter.append(m, ` ${Math.round(elapsed * 100)}%`);
       } else meter.textContent = '—';
-      const tr = row([[v.user], [money(v.budget), 'num'], [v.period + (v.default ? ' (default)' : '')],
+      const tr = row([[v.project ? `project ${v.project}` : v.user], [money(v.budget), 'num'], [v.period + (v.default ? ' (default)' : '')],
         [money(v.spent), 'num'], [money(v.reserved), 'num'], [money(v.remaining), 'num'], meter,
         [projected === null ? '—' : money(projected.toFixed(6)), 'num'],
         [runsOut ? (used >= budget ? 'exhausted' : 'runs out before the period ends') : 'on track', 'outlook']]);
       if (runsOut) tr.classList.add('over');
-      tr.dataset.user = v.user;
+      if (v.project) tr.dataset.project = v.project; else tr.dataset.user = v.user;
       rows.push(tr);
     }
     body.replaceChildren(...rows);
@@ -237,6 +243,7 @@
     const add = (k, v) => { if (v) p.set(k, v); };
     if (session.role === 'admin') add('user', $('recent-user').value.trim());
     add('model', $('recent-model').value.trim());
+    add('project', $('recent-project').value.trim());
     add('status', $('recent-status').value);
     add('estimated', $('recent-estimated').value);
     return `queries?${p}`;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::{i, wait, Pool};
 use crate::budget::{Limits, Period};
-use crate::store::{Accounts, BatchInfo, KeyInfo, StoreError};
+use crate::store::{Accounts, BatchInfo, KeyInfo, ProjectInfo, StoreError};
 
 /// The `limits` row of the default limits (no user name is empty).
 const DEFAULT_LIMITS_USER: &str = "";
@@ -29,6 +29,7 @@ fn key_info(r: &tokio_postgres::Row) -> Result<KeyInfo, tokio_postgres::Error> {
         last_used_ms: r.try_get(3)?,
         revoked_ms: r.try_get(4)?,
         tags: r.try_get(5)?,
+        project: r.try_get(6)?,
     })
 }
 
@@ -94,8 +95,8 @@ impl Accounts for PgAccounts {
     fn create_key(&self, info: &KeyInfo, digest: &[u8; 32]) -> Result<(), StoreError> {
         self.pool.with(|c| {
             wait(c.client.execute(
-                "INSERT INTO api_keys (id, username, digest, created, tags) VALUES ($1, $2, $3, $4, $5)",
-                &[&info.id, &info.user, &&digest[..], &info.created_ms, &info.tags],
+                "INSERT INTO api_keys (id, username, digest, created, tags, project) VALUES ($1, $2, $3, $4, $5, $6)",
+                &[&info.id, &info.user, &&digest[..], &info.created_ms, &info.tags, &info.project],
             ))?;
             Ok(())
         })
@@ -104,7 +105,7 @@ impl Accounts for PgAccounts {
     fn list_keys(&self, user: &str) -> Result<Vec<KeyInfo>, StoreError> {
         self.pool.with(|c| {
             let rows = wait(c.client.query(
-                "SELECT id, username, created, last_used, revoked, tags FROM api_keys WHERE username = $1 ORDER BY created, id",
+                "SELECT id, username, created, last_used, revoked, tags, project FROM api_keys WHERE username = $1 ORDER BY created, id",
                 &[&user],
             ))?;
             Ok(rows.iter().map(key_info).collect::<Result<Vec<_>, _>>()?)
@@ -124,12 +125,12 @@ impl Accounts for PgAccounts {
     fn active_keys(&self) -> Result<Vec<(KeyInfo, [u8; 32])>, StoreError> {
         self.pool.with(|c| {
             let rows = wait(c.client.query(
-                "SELECT id, username, created, last_used, revoked, tags, digest FROM api_keys WHERE revoked IS NULL",
+                "SELECT id, username, created, last_used, revoked, tags, project, digest FROM api_keys WHERE revoked IS NULL",
                 &[],
             ))?;
             let mut out = Vec::with_capacity(rows.len());
             for r in &rows {
-                let d: Vec<u8> = r.try_get(6)?;
+                let d: Vec<u8> = r.try_get(7)?;
                 let mut digest = [0u8; 32];
                 if d.len() == 32 {
                     digest.copy_from_slice(&d);
@@ -175,6 +176,62 @@ impl Accounts for PgAccounts {
                         tpm: n(r.try_get(4)?),
                     },
                 ));
+            }
+            Ok(out)
+        })
+    }
+
+    fn save_project(&self, p: &ProjectInfo) -> Result<(), StoreError> {
+        let members = serde_json::to_string(&p.members).map_err(|e| StoreError(e.to_string()))?;
+        let l = p.limits.as_ref();
+        let (budget, period) = (l.and_then(|l| l.budget), l.map(|l| l.period.as_str()));
+        let (rpm, tpm) = (l.and_then(|l| l.rpm.map(i)), l.and_then(|l| l.tpm.map(i)));
+        self.pool.with(|c| {
+            wait(c.client.execute(
+                "INSERT INTO projects (name, members, budget, period, rpm, tpm, alert_webhook) VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (name) DO UPDATE SET members = excluded.members, budget = excluded.budget, period = excluded.period, rpm = excluded.rpm, tpm = excluded.tpm, alert_webhook = excluded.alert_webhook",
+                &[&p.name, &members, &budget, &period, &rpm, &tpm, &p.alert_webhook],
+            ))?;
+            Ok(())
+        })
+    }
+
+    fn delete_project(&self, name: &str) -> Result<bool, StoreError> {
+        self.pool.with(|c| {
+            Ok(wait(
+                c.client
+                    .execute("DELETE FROM projects WHERE name = $1", &[&name]),
+            )? == 1)
+        })
+    }
+
+    fn all_projects(&self) -> Result<Vec<ProjectInfo>, StoreError> {
+        self.pool.with(|c| {
+            let rows = wait(c.client.query(
+                "SELECT name, members, budget, period, rpm, tpm, alert_webhook FROM projects ORDER BY name",
+                &[],
+            ))?;
+            let n = |v: Option<i64>| v.map(|v| v.max(0) as u64);
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let members: String = r.try_get(1)?;
+                let period: Option<String> = r.try_get(3)?;
+                out.push(ProjectInfo {
+                    name: r.try_get(0)?,
+                    // Written by tollgate; a row edited by hand into
+                    // something unreadable has no members.
+                    members: serde_json::from_str(&members).unwrap_or_default(),
+                    limits: match period {
+                        Some(p) => Some(Limits {
+                            budget: r.try_get(2)?,
+                            period: Period::parse(&p).unwrap_or_default(),
+                            rpm: n(r.try_get(4)?),
+                            tpm: n(r.try_get(5)?),
+                        }),
+                        None => None,
+                    },
+                    alert_webhook: r.try_get(6)?,
+                });
             }
             Ok(out)
         })

@@ -176,7 +176,7 @@ impl PgTarget {
         Ok(())
     }
 
-    /// Adds the prices, keys and limits the database lacks, in one
+    /// Adds the prices, keys, limits and projects the database lacks, in one
     /// transaction. Rows it has already are kept as they are (they may have
     /// been changed through an instance on it since), except that a key
     /// revoked in the source is revoked here too and a key's last use is
@@ -234,8 +234,8 @@ impl PgTarget {
                     None => {
                         out.keys += tx
                             .execute(
-                                "INSERT INTO api_keys (id, username, digest, created, last_used, revoked, tags) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                                &[&k.id, &k.user, &k.digest, &k.created, &k.last_used, &k.revoked, &k.tags],
+                                "INSERT INTO api_keys (id, username, digest, created, last_used, revoked, tags, project) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                                &[&k.id, &k.user, &k.digest, &k.created, &k.last_used, &k.revoked, &k.tags, &k.project],
                             )
                             .await?;
                     }
@@ -271,6 +271,19 @@ impl PgTarget {
                     out.limits += 1;
                 } else {
                     out.limits_there += 1;
+                }
+            }
+            for p in &s.projects {
+                let n = tx
+                    .execute(
+                        "INSERT INTO projects (name, members, budget, period, rpm, tpm, alert_webhook) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO NOTHING",
+                        &[&p.name, &p.members, &p.budget, &p.period, &p.rpm, &p.tpm, &p.alert_webhook],
+                    )
+                    .await?;
+                if n == 1 {
+                    out.projects += 1;
+                } else {
+                    out.projects_there += 1;
                 }
             }
             if let Some(rl) = &s.ratelimits {

@@ -149,7 +149,7 @@ impl Reports for PgReports {
             "SELECT id, username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier,
                     audio_query_tokens, audio_answer_tokens, tags, upstream,
-                    image_query_tokens, image_answer_tokens, units, custom_id
+                    image_query_tokens, image_answer_tokens, units, custom_id, project
              FROM queries{} ORDER BY {order} LIMIT ${} OFFSET ${}",
             q.where_sql(),
             n + 1,
@@ -195,6 +195,7 @@ impl Reports for PgReports {
                         image_answer_tokens: r.try_get(25)?,
                         units: crate::pricing::Units::from_text(r.try_get::<_, &str>(26)?),
                         custom_id: r.try_get(27)?,
+                        project: r.try_get(28)?,
                     };
                     if !sink(rec) {
                         break;
@@ -319,9 +320,14 @@ fn piece_totals(
     if matches!(piece, Piece::Records(..)) {
         let rows = read_piece(c, piece, f, &plain, Source::Records, tag_group.is_some())?;
         let k = tag_group.unwrap_or("");
-        add(rows, sign, &|t| {
-            t.and_then(|t| crate::tags::value_of(&t, k).map(str::to_owned))
-        });
+        if k == crate::projects::ROLLUP_KEY {
+            // Read from the project column as it is.
+            add(rows, sign, &|t| t);
+        } else {
+            add(rows, sign, &|t| {
+                t.and_then(|t| crate::tags::value_of(&t, k).map(str::to_owned))
+            });
+        }
         return Ok(());
     }
     match (&f.tag, tag_group) {
@@ -355,6 +361,18 @@ fn piece_totals(
 /// The `tag` filter of the records, on their canonical tag list (`,k=v,`
 /// is found in `,list,` exactly when the record has that tag).
 fn tag_condition(q: &mut Conds, t: &crate::tags::TagFilter) {
+    // A project filter (see `crate::projects::ROLLUP_KEY`) is on its column.
+    if t.key == crate::projects::ROLLUP_KEY {
+        let cond = match &t.value {
+            Some(v) => {
+                q.args.push(Box::new(v.clone()));
+                format!("project = ${}", q.args.len())
+            }
+            None => "project IS NOT NULL".to_owned(),
+        };
+        q.conds.push(cond);
+        return;
+    }
     let mut found = |needle: String| {
         q.args.push(Box::new(needle));
         format!("strpos(',' || tags || ',', ${}) > 0", q.args.len())
@@ -416,7 +434,13 @@ fn read_piece(
     };
     let mut keys: Vec<&str> = plain.iter().map(|g| key_expr(*g, rollup)).collect();
     if tag_col {
-        keys.push(if rollup { "tag_value" } else { "tags" });
+        keys.push(if rollup {
+            "tag_value"
+        } else if f.group_tag.as_deref() == Some(crate::projects::ROLLUP_KEY) {
+            "project"
+        } else {
+            "tags"
+        });
     }
     // Sums as text: `sum(bigint)` is numeric, exact past i64, read as i128.
     let sums = if rollup {

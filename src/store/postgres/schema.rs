@@ -76,6 +76,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         what: "Batch API jobs followed until metered; records keep a batch line's custom_id",
         sql: SCHEMA_V10,
     },
+    Migration {
+        version: 11,
+        what: "projects (members and limits); records and keys name their project",
+        sql: SCHEMA_V11,
+    },
 ];
 
 /// The version this build brings a database to.
@@ -276,6 +281,28 @@ CREATE TRIGGER limits_changed AFTER INSERT OR UPDATE OR DELETE ON limits
 CREATE TRIGGER ratelimits_changed AFTER INSERT OR UPDATE ON meta
     FOR EACH ROW WHEN (NEW.key = 'ratelimits')
     EXECUTE FUNCTION tollgate_bump_state('ratelimits');
+";
+
+/// Projects: members (a JSON array of user names), the project's own
+/// limits (`period` NULL: none) and its alert webhook (NULL: the global one); a change moves the `limits` version, so
+/// other instances reload projects with limits. Records and keys name
+/// their project (NULL: none, and for those written before). A project's
+/// daily rollups are rows of `usage_daily_tags` under the tag key
+/// `@project`, which no request tag can have.
+const SCHEMA_V11: &str = "
+ALTER TABLE queries ADD COLUMN project text;
+ALTER TABLE api_keys ADD COLUMN project text;
+CREATE TABLE projects (
+    name    text PRIMARY KEY,
+    members text NOT NULL,
+    budget  bigint,
+    period  text,
+    rpm     bigint,
+    tpm     bigint,
+    alert_webhook text
+);
+CREATE TRIGGER projects_changed AFTER INSERT OR UPDATE OR DELETE ON projects
+    FOR EACH STATEMENT EXECUTE FUNCTION tollgate_bump_state('limits');
 ";
 
 /// The service tier of each record (NULL for the records written before

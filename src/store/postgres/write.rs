@@ -55,7 +55,7 @@ pub struct PgBackend {
     retry: Option<String>,
 }
 
-const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream, image_query_tokens, image_answer_tokens, units, custom_id) FROM STDIN (FORMAT binary)";
+const COPY: &str = "COPY queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream, image_query_tokens, image_answer_tokens, units, custom_id, project) FROM STDIN (FORMAT binary)";
 
 /// Inserts a price row (standard and tier rates); its parameters are
 /// those of [`UPSERT_PRICE`].
@@ -128,6 +128,7 @@ const COPY_TYPES: &[Type] = &[
     Type::TEXT,
     Type::INT8,
     Type::INT8,
+    Type::TEXT,
     Type::TEXT,
     Type::TEXT,
 ];
@@ -273,7 +274,7 @@ pub(super) async fn copy_records(
         let (image_q, image_a) = (i(r.usage.image_query), i(r.usage.image_answer));
         let units = r.units.to_text();
         let custom_id = r.custom_id.as_deref();
-        let row: [&(dyn ToSql + Sync); 27] = [
+        let row: [&(dyn ToSql + Sync); 28] = [
             &r.user,
             &r.model_or_requested(),
             &r.requested_model,
@@ -301,6 +302,7 @@ pub(super) async fn copy_records(
             &image_a,
             &units,
             &custom_id,
+            &r.project,
         ];
         w.as_mut().write(&row).await?;
     }
@@ -535,7 +537,7 @@ impl PgBackend {
             let like_dated = format!("{}-%", escape_like(model));
             let rows = tx
                 .query(
-                    "SELECT id, model, requested_model, ts, query_tokens, cached_tokens, answer_tokens, cost, priced, username, service_tier, audio_query_tokens, audio_answer_tokens, tags, image_query_tokens, image_answer_tokens, units FROM queries
+                    "SELECT id, model, requested_model, ts, query_tokens, cached_tokens, answer_tokens, cost, priced, username, service_tier, audio_query_tokens, audio_answer_tokens, tags, image_query_tokens, image_answer_tokens, units, project FROM queries
                      WHERE ts >= $1 AND (model = $2 OR requested_model = $2
                         OR model LIKE $3 ESCAPE '\\' OR requested_model LIKE $3 ESCAPE '\\'
                         OR model LIKE 'ft:%' OR requested_model LIKE 'ft:%')",
@@ -571,7 +573,8 @@ impl PgBackend {
                     let (cost, unpriced) = (new.0 - old.0, i64::from(old.1) - i64::from(new.1));
                     let (day, user, tags): (i64, String, &str) =
                         (ts.div_euclid(DAY), row.get(9), row.get(13));
-                    for (k, v) in crate::tags::pairs(tags) {
+                    let project: Option<&str> = row.get(17);
+                    for (k, v) in crate::store::rollup::rollup_tags(tags, project) {
                         let key = (k.to_owned(), day, v.to_owned(), user.clone(), m.clone());
                         let d = tag_deltas.entry(key).or_default();
                         d.0 += cost;

@@ -6,7 +6,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::i;
 use crate::budget::{Limits, Period};
-use crate::store::{Accounts, BatchInfo, KeyInfo, StoreError};
+use crate::store::{Accounts, BatchInfo, KeyInfo, ProjectInfo, StoreError};
 
 /// The `limits` row of the default limits (no user name is empty).
 const DEFAULT_LIMITS_USER: &str = "";
@@ -39,6 +39,7 @@ fn key_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
         last_used_ms: r.get(3)?,
         revoked_ms: r.get(4)?,
         tags: r.get(5)?,
+        project: r.get(6)?,
     })
 }
 
@@ -102,8 +103,8 @@ impl Accounts for SqliteAccounts {
     fn create_key(&self, info: &KeyInfo, digest: &[u8; 32]) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO api_keys (id, user, digest, created, tags) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![info.id, info.user, &digest[..], info.created_ms, info.tags],
+                "INSERT INTO api_keys (id, user, digest, created, tags, project) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![info.id, info.user, &digest[..], info.created_ms, info.tags, info.project],
             )?;
             Ok(())
         })
@@ -112,7 +113,7 @@ impl Accounts for SqliteAccounts {
     fn list_keys(&self, user: &str) -> Result<Vec<KeyInfo>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare_cached(
-                "SELECT id, user, created, last_used, revoked, tags FROM api_keys WHERE user = ?1 ORDER BY created, id",
+                "SELECT id, user, created, last_used, revoked, tags, project FROM api_keys WHERE user = ?1 ORDER BY created, id",
             )?;
             let rows = st.query_map([user], key_info)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -135,10 +136,10 @@ impl Accounts for SqliteAccounts {
     fn active_keys(&self) -> Result<Vec<(KeyInfo, [u8; 32])>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT id, user, created, last_used, revoked, tags, digest FROM api_keys WHERE revoked IS NULL",
+                "SELECT id, user, created, last_used, revoked, tags, project, digest FROM api_keys WHERE revoked IS NULL",
             )?;
             let rows = st.query_map([], |r| {
-                let d: Vec<u8> = r.get(6)?;
+                let d: Vec<u8> = r.get(7)?;
                 let mut digest = [0u8; 32];
                 if d.len() == 32 {
                     digest.copy_from_slice(&d);
@@ -186,6 +187,61 @@ impl Accounts for SqliteAccounts {
                         tpm: n(r.get(4)?),
                     },
                 ))
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn save_project(&self, p: &ProjectInfo) -> Result<(), StoreError> {
+        let members = serde_json::to_string(&p.members).map_err(|e| StoreError(e.to_string()))?;
+        let l = p.limits.as_ref();
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO projects (name, members, budget, period, rpm, tpm, alert_webhook) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (name) DO UPDATE SET members = excluded.members, budget = excluded.budget, period = excluded.period, rpm = excluded.rpm, tpm = excluded.tpm, alert_webhook = excluded.alert_webhook",
+                params![
+                    p.name,
+                    members,
+                    l.and_then(|l| l.budget),
+                    l.map(|l| l.period.as_str()),
+                    l.and_then(|l| l.rpm.map(i)),
+                    l.and_then(|l| l.tpm.map(i)),
+                    p.alert_webhook
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn delete_project(&self, name: &str) -> Result<bool, StoreError> {
+        self.with(|c| Ok(c.execute("DELETE FROM projects WHERE name = ?1", [name])? == 1))
+    }
+
+    fn all_projects(&self) -> Result<Vec<ProjectInfo>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT name, members, budget, period, rpm, tpm, alert_webhook FROM projects ORDER BY name",
+            )?;
+            let rows = st.query_map([], |r| {
+                let members: String = r.get(1)?;
+                let period: Option<String> = r.get(3)?;
+                let n = |v: Option<i64>| v.map(|v| v.max(0) as u64);
+                Ok(ProjectInfo {
+                    name: r.get(0)?,
+                    // Written by tollgate; a row edited by hand into
+                    // something unreadable has no members.
+                    members: serde_json::from_str(&members).unwrap_or_default(),
+                    limits: match period {
+                        Some(p) => Some(Limits {
+                            budget: r.get(2)?,
+                            period: Period::parse(&p).unwrap_or_default(),
+                            rpm: n(r.get(4)?),
+                            tpm: n(r.get(5)?),
+                        }),
+                        None => None,
+                    },
+                    alert_webhook: r.get(6)?,
+                })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })

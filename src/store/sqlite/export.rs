@@ -9,7 +9,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use super::schema::LATEST;
 use crate::record::{Priced, Record, Usage};
 use crate::store::rollup::Daily;
-use crate::store::transfer::{Anchor, KeyRow, LimitRow, RejectionRow, RollupRow, SharedRows};
+use crate::store::transfer::{
+    Anchor, KeyRow, LimitRow, ProjectRow, RejectionRow, RollupRow, SharedRows,
+};
 use crate::store::StoreError;
 
 /// A SQLite database opened read-only, at one moment.
@@ -134,7 +136,7 @@ impl SqliteSource {
             "SELECT id, user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
                     query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated,
                     request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream,
-                    image_query_tokens, image_answer_tokens, units, custom_id
+                    image_query_tokens, image_answer_tokens, units, custom_id, project
              FROM queries WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
         )?;
         let n = |v: i64| v.max(0) as u64;
@@ -168,6 +170,7 @@ impl SqliteSource {
                             tags: r.get(22)?,
                             upstream: r.get(23)?,
                             custom_id: r.get(27)?,
+                            project: r.get(28)?,
                             tier: r
                                 .get::<_, Option<String>>(19)?
                                 .as_deref()
@@ -214,7 +217,7 @@ impl SqliteSource {
         let c = &self.conn;
         let prices = super::reports::price_rows(c)?;
         let mut st = c.prepare(
-            "SELECT id, user, digest, created, last_used, revoked, tags FROM api_keys ORDER BY created, id",
+            "SELECT id, user, digest, created, last_used, revoked, tags, project FROM api_keys ORDER BY created, id",
         )?;
         let keys = st
             .query_map([], |r| {
@@ -226,6 +229,7 @@ impl SqliteSource {
                     last_used: r.get(4)?,
                     revoked: r.get(5)?,
                     tags: r.get(6)?,
+                    project: r.get(7)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -242,6 +246,22 @@ impl SqliteSource {
                 })
             })?
             .collect::<Result<_, _>>()?;
+        let mut st = c.prepare(
+            "SELECT name, members, budget, period, rpm, tpm, alert_webhook FROM projects ORDER BY name",
+        )?;
+        let projects = st
+            .query_map([], |r| {
+                Ok(ProjectRow {
+                    name: r.get(0)?,
+                    members: r.get(1)?,
+                    budget: r.get(2)?,
+                    period: r.get(3)?,
+                    rpm: r.get(4)?,
+                    tpm: r.get(5)?,
+                    alert_webhook: r.get(6)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
         let meta = |key: &str| -> Result<Option<String>, StoreError> {
             Ok(
                 c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
@@ -252,6 +272,7 @@ impl SqliteSource {
             prices,
             keys,
             limits,
+            projects,
             ratelimits: meta("ratelimits")?,
             default_prices_loaded: meta("default_prices_loaded")?.is_some(),
         })

@@ -172,7 +172,7 @@ impl Reports for SqliteReports {
                     CAST(query_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cached_tokens AS INTEGER),
                     CAST(reasoning_tokens AS INTEGER), CAST(cost AS INTEGER), priced, estimated, request_id, client_aborted, service_tier,
                     CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER), tags, upstream,
-                    CAST(image_query_tokens AS INTEGER), CAST(image_answer_tokens AS INTEGER), units, custom_id
+                    CAST(image_query_tokens AS INTEGER), CAST(image_answer_tokens AS INTEGER), units, custom_id, project
              FROM queries{w} ORDER BY {order} LIMIT ? OFFSET ?"
         );
         args.push(rusqlite::types::Value::Integer(
@@ -216,6 +216,7 @@ impl Reports for SqliteReports {
                     image_answer_tokens: r.get(25)?,
                     units: crate::pricing::Units::from_text(&r.get::<_, String>(26)?),
                     custom_id: r.get(27)?,
+                    project: r.get(28)?,
                 };
                 if !sink(rec) {
                     break;
@@ -429,9 +430,14 @@ fn piece_totals(
     if matches!(piece, Piece::Records(..)) {
         let rows = read_piece(c, piece, f, &plain, Source::Records, tag_group.is_some())?;
         let k = tag_group.unwrap_or("");
-        add(rows, sign, &|t| {
-            t.and_then(|t| crate::tags::value_of(&t, k).map(str::to_owned))
-        });
+        if k == crate::projects::ROLLUP_KEY {
+            // Read from the project column as it is.
+            add(rows, sign, &|t| t);
+        } else {
+            add(rows, sign, &|t| {
+                t.and_then(|t| crate::tags::value_of(&t, k).map(str::to_owned))
+            });
+        }
         return Ok(());
     }
     match (&f.tag, tag_group) {
@@ -479,6 +485,13 @@ pub(super) fn tag_condition(
     t: &crate::tags::TagFilter,
 ) -> (&'static str, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value;
+    // A project filter (see `crate::projects::ROLLUP_KEY`) is on its column.
+    if t.key == crate::projects::ROLLUP_KEY {
+        return match &t.value {
+            Some(v) => ("project = ?", vec![Value::Text(v.clone())]),
+            None => ("project IS NOT NULL", vec![]),
+        };
+    }
     // Canonical lists hold no spaces or commas inside a tag: `,k=v,` is
     // found in `,list,` exactly when the record has that tag.
     let wrapped = "instr(',' || tags || ',', ?) > 0";
@@ -552,7 +565,13 @@ fn read_piece(
     };
     let mut keys: Vec<&str> = plain.iter().map(|g| key_expr(*g, rollup)).collect();
     if tag_col {
-        keys.push(if rollup { "tag_value" } else { "tags" });
+        keys.push(if rollup {
+            "tag_value"
+        } else if f.group_tag.as_deref() == Some(crate::projects::ROLLUP_KEY) {
+            "project"
+        } else {
+            "tags"
+        });
     }
     let read = |sums: Sums| {
         let mut out: PieceRows = Vec::new();

@@ -94,6 +94,12 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         sql: SCHEMA_V11,
         adds_column: Some(("queries", "custom_id")),
     },
+    Migration {
+        version: 12,
+        what: "projects (members and limits); records and keys name their project",
+        sql: SCHEMA_V12,
+        adds_column: Some(("queries", "project")),
+    },
 ];
 
 /// The version this build brings a database to.
@@ -305,6 +311,25 @@ CREATE TABLE IF NOT EXISTS batches (
     metered       INTEGER
 ) WITHOUT ROWID;
 ALTER TABLE queries ADD COLUMN custom_id TEXT;
+";
+
+/// Projects: members (a JSON array of user names), the project's own
+/// limits (`period` NULL: none) and its alert webhook (NULL: the global one). Records and keys name their project (NULL:
+/// none, and for those written before). A project's daily rollups are rows
+/// of `usage_daily_tags` under the tag key `@project`, which no request tag
+/// can have (see `crate::projects::ROLLUP_KEY`).
+const SCHEMA_V12: &str = "
+ALTER TABLE queries ADD COLUMN project TEXT;
+ALTER TABLE api_keys ADD COLUMN project TEXT;
+CREATE TABLE IF NOT EXISTS projects (
+    name    TEXT PRIMARY KEY,
+    members TEXT NOT NULL,
+    budget  INTEGER,
+    period  TEXT,
+    rpm     INTEGER,
+    tpm     INTEGER,
+    alert_webhook TEXT
+);
 ";
 
 /// Whether `table` has `column`.

@@ -23,7 +23,7 @@ impl SqliteBackend {
     }
 }
 
-const INSERT: &str = "INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream, image_query_tokens, image_answer_tokens, units, custom_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)";
+const INSERT: &str = "INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, client_aborted, service_tier, audio_query_tokens, audio_answer_tokens, tags, upstream, image_query_tokens, image_answer_tokens, units, custom_id, project) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)";
 
 /// Inserts a price row (standard and tier rates); its parameters are
 /// those of [`UPSERT_PRICE`].
@@ -123,6 +123,7 @@ impl Backend for SqliteBackend {
                     i(r.usage.image_answer),
                     r.units.to_text(),
                     r.custom_id.as_deref(),
+                    r.project,
                 ])?;
                 if let Some(k) = &r.key_id {
                     let mut st = tx.prepare_cached(
@@ -192,7 +193,7 @@ impl Backend for SqliteBackend {
         {
             let like_dated = format!("{}-%", escape_like(model));
             let mut sel = tx.prepare(
-                "SELECT id, model, requested_model, ts, CAST(query_tokens AS INTEGER), CAST(cached_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cost AS INTEGER), priced, user, service_tier, CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER), tags, CAST(image_query_tokens AS INTEGER), CAST(image_answer_tokens AS INTEGER), units FROM queries
+                "SELECT id, model, requested_model, ts, CAST(query_tokens AS INTEGER), CAST(cached_tokens AS INTEGER), CAST(answer_tokens AS INTEGER), CAST(cost AS INTEGER), priced, user, service_tier, CAST(audio_query_tokens AS INTEGER), CAST(audio_answer_tokens AS INTEGER), tags, CAST(image_query_tokens AS INTEGER), CAST(image_answer_tokens AS INTEGER), units, project FROM queries
                  WHERE ts >= ?1 AND (model = ?2 OR requested_model = ?2
                     OR model LIKE ?3 ESCAPE '\\' OR requested_model LIKE ?3 ESCAPE '\\'
                     OR model LIKE 'ft:%' OR requested_model LIKE 'ft:%')",
@@ -209,6 +210,7 @@ impl Backend for SqliteBackend {
                 let ts: i64 = row.get(3)?;
                 let user: String = row.get(9)?;
                 let tags: String = row.get(13)?;
+                let project: Option<String> = row.get(17)?;
                 let tokens = pricing::Tokens {
                     query: row.get::<_, i64>(4)?.max(0) as u64,
                     cached: row.get::<_, i64>(5)?.max(0) as u64,
@@ -230,7 +232,7 @@ impl Backend for SqliteBackend {
                     let cost = new.0.saturating_sub(old.0);
                     let unpriced = i64::from(old.1) - i64::from(new.1);
                     let day = ts.div_euclid(DAY);
-                    for (k, v) in crate::tags::pairs(&tags) {
+                    for (k, v) in crate::store::rollup::rollup_tags(&tags, project.as_deref()) {
                         let key = (k.to_owned(), day, v.to_owned(), user.clone(), m.clone());
                         let d = tag_deltas.entry(key).or_default();
                         d.0 = d.0.saturating_add(cost);
