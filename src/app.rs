@@ -177,12 +177,17 @@ impl App {
                 },
             }
         })?;
-        let batches =
-            crate::batches::Batches::new(&config, store.clone(), metrics.clone(), budgets.clone())
-                .map_err(|e| StartError {
-                    setting: "[[upstream]]",
-                    message: e,
-                })?;
+        let batches = crate::batches::Batches::new(
+            &config,
+            store.clone(),
+            metrics.clone(),
+            budgets.clone(),
+            project_budgets.clone(),
+        )
+        .map_err(|e| StartError {
+            setting: "[[upstream]]",
+            message: e,
+        })?;
         let app = App {
             batches,
             buffered,

@@ -70,6 +70,7 @@ impl Batches {
         store: Arc<Store>,
         metrics: Arc<crate::metrics::Metrics>,
         budgets: Arc<crate::budget::Budgets>,
+        project_budgets: Arc<crate::budget::Budgets>,
     ) -> Result<Batches, String> {
         let mut targets = HashMap::new();
         for conf in config.named_upstreams() {
@@ -97,6 +98,7 @@ impl Batches {
             store,
             metrics,
             budgets,
+            project_budgets,
             targets,
             first: config.batch_poll,
             open: HashMap::new(),
@@ -132,10 +134,12 @@ impl Batches {
     }
 
     /// The hook that reads a batch creation's answer: a 2xx answer naming
-    /// a batch makes it followed, charged to `user` with `tags`.
+    /// a batch makes it followed, charged to `user` (and `project`) with
+    /// `tags`.
     pub fn on_created(
         &self,
         user: String,
+        project: Option<String>,
         tags: String,
         upstream: Arc<str>,
         created_ms: i64,
@@ -155,6 +159,7 @@ impl Batches {
             let _ = tx.send(BatchInfo {
                 id: c.id,
                 user,
+                project,
                 tags,
                 upstream: upstream.to_string(),
                 endpoint: c.endpoint,
@@ -227,6 +232,7 @@ struct Follower {
     store: Arc<Store>,
     metrics: Arc<crate::metrics::Metrics>,
     budgets: Arc<crate::budget::Budgets>,
+    project_budgets: Arc<crate::budget::Budgets>,
     targets: HashMap<String, Target>,
     first: Duration,
     open: HashMap<String, Open>,
@@ -392,6 +398,9 @@ impl Follower {
             records.iter().map(|r| i128::from(r.cost(&prices).0)).sum()
         };
         self.budgets.charge(&info.user, now, cost);
+        if let Some(p) = &info.project {
+            self.project_budgets.charge(p, now, cost);
+        }
         for r in records {
             match self.store.reserve(Duration::from_secs(60)).await {
                 Some(slot) => self.store.submit(r, slot),
@@ -561,6 +570,7 @@ fn line_record(b: &BatchInfo, tags: &str, line: &[u8]) -> Option<Record> {
         upstream: Some(Arc::from(b.upstream.as_str())),
         tags: tags.to_owned(),
         custom_id,
+        project: b.project.clone(),
         ..Record::default()
     })
 }
@@ -574,6 +584,7 @@ mod tests {
             id: "batch_1".into(),
             user: "ann".into(),
             tags: "team=ads".into(),
+            project: None,
             upstream: "default".into(),
             endpoint: "/v1/chat/completions".into(),
             input_file_id: "file-in".into(),

@@ -176,6 +176,19 @@ async fn a_completed_batch_is_metered_line_by_line_at_batch_prices() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
+    // ann's only project is charged for the batch's lines too.
+    let r = p
+        .admin_call(Method::PUT, "/projects/ads", r#"{"members":["ann"]}"#)
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = p
+        .admin_call(
+            Method::PUT,
+            "/projects/ads/limits",
+            r#"{"budget":1,"period":"total"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
     let r = send(p.addr, create_req("ann", "team=ads")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     // Followed while it runs, with backoff, on the upstream's own key.
@@ -207,6 +220,7 @@ async fn a_completed_batch_is_metered_line_by_line_at_batch_prices() {
     assert_eq!(one["tierRates"], "\"batch\"");
     assert_eq!(one["tierAdjustment"], "-0.000135");
     assert_eq!(one["estimated"], "false");
+    assert_eq!(one["project"], "\"ads\"");
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&one["tags"]).unwrap(),
         json!({"batch": BATCH, "team": "ads"})
@@ -235,6 +249,10 @@ async fn a_completed_batch_is_metered_line_by_line_at_batch_prices() {
     // The lines count in the user's budget at once (no restart needed).
     let l = raw_object(&p.get("/users/ann/limits").await.text());
     assert_eq!(l["spent"], "0.000315");
+    let l = raw_object(&p.get("/projects/ads/limits").await.text());
+    assert_eq!(l["spent"], "0.000315");
+    let u = p.usage_raw("project=ads").await;
+    assert_eq!(u["cost"], "0.000315");
     let by = p.usage("group_by=tag:batch").await;
     let groups: BTreeMap<Option<String>, u64> = by
         .as_array()
@@ -251,13 +269,13 @@ async fn a_completed_batch_is_metered_line_by_line_at_batch_prices() {
         groups,
         BTreeMap::from([(None, 1), (Some(BATCH.to_owned()), 3)])
     );
-    // CSV: customId, then the (empty) project.
+    // CSV: customId, then the project.
     let csv = p.get("/queries?format=csv&tag=batch").await.text();
     assert!(
         csv.lines().next().unwrap().ends_with(",customId,project"),
         "{csv}"
     );
-    assert!(csv.lines().any(|l| l.ends_with(",req-2,")), "{csv}");
+    assert!(csv.lines().any(|l| l.ends_with(",req-2,ads")), "{csv}");
 
     // Metered once: each result file was read once, and the batch is no
     // longer polled once metered.

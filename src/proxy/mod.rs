@@ -416,6 +416,7 @@ impl Ctx {
         let batch = self.creates_batch().then(|| {
             app.batches.on_created(
                 self.user.clone(),
+                self.project.clone(),
                 self.tags.clone(),
                 upstream.clone(),
                 self.started_ms,

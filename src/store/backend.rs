@@ -126,6 +126,8 @@ pub struct BatchInfo {
     pub user: String,
     /// The creating request's tags, canonical.
     pub tags: String,
+    /// The creating request's project, charged for its lines too.
+    pub project: Option<String>,
     /// The upstream it was created on (followed there with its key).
     pub upstream: String,
     /// The endpoint its lines call (`/v1/chat/completions`, ...).

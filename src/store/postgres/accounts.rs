@@ -37,8 +37,8 @@ impl Accounts for PgAccounts {
     fn create_batch(&self, b: &BatchInfo) -> Result<(), StoreError> {
         self.pool.with(|c| {
             wait(c.client.execute(
-                "INSERT INTO batches (id, username, tags, upstream, endpoint, input_file_id, created) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-                &[&b.id, &b.user, &b.tags, &b.upstream, &b.endpoint, &b.input_file_id, &b.created_ms],
+                "INSERT INTO batches (id, username, tags, upstream, endpoint, input_file_id, created, project) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+                &[&b.id, &b.user, &b.tags, &b.upstream, &b.endpoint, &b.input_file_id, &b.created_ms, &b.project],
             ))?;
             Ok(())
         })
@@ -47,7 +47,7 @@ impl Accounts for PgAccounts {
     fn open_batches(&self) -> Result<Vec<BatchInfo>, StoreError> {
         self.pool.with(|c| {
             let rows = wait(c.client.query(
-                "SELECT id, username, tags, upstream, endpoint, input_file_id, created FROM batches WHERE metered IS NULL ORDER BY created, id",
+                "SELECT id, username, tags, upstream, endpoint, input_file_id, created, project FROM batches WHERE metered IS NULL ORDER BY created, id",
                 &[],
             ))?;
             let mut out = Vec::with_capacity(rows.len());
@@ -60,6 +60,7 @@ impl Accounts for PgAccounts {
                     endpoint: r.try_get(4)?,
                     input_file_id: r.try_get(5)?,
                     created_ms: r.try_get(6)?,
+                    project: r.try_get(7)?,
                 });
             }
             Ok(out)

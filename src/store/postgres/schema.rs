@@ -229,7 +229,8 @@ CREATE TABLE batches (
     input_file_id text   NOT NULL,
     created       bigint NOT NULL,
     state         text,
-    metered       bigint
+    metered       bigint,
+    project       text
 );
 ALTER TABLE queries ADD COLUMN IF NOT EXISTS custom_id text;
 ";

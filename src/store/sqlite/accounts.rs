@@ -47,8 +47,8 @@ impl Accounts for SqliteAccounts {
     fn create_batch(&self, b: &BatchInfo) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO batches (id, user, tags, upstream, endpoint, input_file_id, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
-                params![b.id, b.user, b.tags, b.upstream, b.endpoint, b.input_file_id, b.created_ms],
+                "INSERT INTO batches (id, user, tags, upstream, endpoint, input_file_id, created, project) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
+                params![b.id, b.user, b.tags, b.upstream, b.endpoint, b.input_file_id, b.created_ms, b.project],
             )?;
             Ok(())
         })
@@ -57,7 +57,7 @@ impl Accounts for SqliteAccounts {
     fn open_batches(&self) -> Result<Vec<BatchInfo>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare_cached(
-                "SELECT id, user, tags, upstream, endpoint, input_file_id, created FROM batches WHERE metered IS NULL ORDER BY created, id",
+                "SELECT id, user, tags, upstream, endpoint, input_file_id, created, project FROM batches WHERE metered IS NULL ORDER BY created, id",
             )?;
             let rows = st.query_map([], |r| {
                 Ok(BatchInfo {
@@ -68,6 +68,7 @@ impl Accounts for SqliteAccounts {
                     endpoint: r.get(4)?,
                     input_file_id: r.get(5)?,
                     created_ms: r.get(6)?,
+                    project: r.get(7)?,
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)

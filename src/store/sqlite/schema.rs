@@ -308,7 +308,8 @@ CREATE TABLE IF NOT EXISTS batches (
     input_file_id TEXT    NOT NULL,
     created       INTEGER NOT NULL,
     state         TEXT,
-    metered       INTEGER
+    metered       INTEGER,
+    project       TEXT
 ) WITHOUT ROWID;
 ALTER TABLE queries ADD COLUMN custom_id TEXT;
 ";
