@@ -6,7 +6,8 @@ split them anywhere), and records every request it received together with
 what it answered, so tests can compare what the SDK saw with what was sent.
 
 Endpoints: POST /v1/chat/completions, /v1/responses, /v1/embeddings,
-/v1/completions, /v1/files; GET /v1/models. GET /__received reports the
+/v1/completions, /v1/files, /v1/audio/speech, /v1/audio/transcriptions,
+/v1/images/generations; GET /v1/models. GET /__received reports the
 recorded exchanges as JSON; the in-process `MockUpstream.received()` does too.
 
 Run alone with `python mock_upstream.py [PORT]` to poke at it by hand.
@@ -69,6 +70,16 @@ RESPONSES_USAGE = {
     "total_tokens": 2800,
 }
 EMBEDDINGS_USAGE = {"prompt_tokens": 4711, "total_tokens": 4711}
+# A transcription billed by duration (whisper-1), seconds.
+TRANSCRIPTION_SECONDS = 37
+IMAGE_USAGE = {
+    "input_tokens": 50,
+    "input_tokens_details": {"text_tokens": 50, "image_tokens": 0},
+    "output_tokens": 4160,
+    "total_tokens": 4210,
+}
+# What /v1/audio/speech answers: bytes standing for MP3 audio.
+SPEECH_AUDIO = b"ID3mock-audio" + bytes(range(256)) * 4
 COMPLETIONS_USAGE = {"prompt_tokens": 97, "completion_tokens": 203, "total_tokens": 300}
 COMPLETIONS_STREAM_USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 
@@ -227,6 +238,8 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         if path == "/v1/files":
             return self._files(ex)
+        if path == "/v1/audio/transcriptions":
+            return self._transcription(ex)
         try:
             req = json.loads(ex.body)
         except ValueError:
@@ -236,6 +249,8 @@ class Handler(BaseHTTPRequestHandler):
             "/v1/responses": self._responses,
             "/v1/embeddings": self._embeddings,
             "/v1/completions": self._completions,
+            "/v1/audio/speech": self._speech,
+            "/v1/images/generations": self._image,
         }.get(path)
         if route is None:
             return self._error(ex, 404, f"Unknown path {path}")
@@ -261,7 +276,9 @@ class Handler(BaseHTTPRequestHandler):
                 "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
                 "usage": usage,
                 "system_fingerprint": "fp_mock",
-                "service_tier": "default",
+                # The tier that processed it: flex or priority when asked for.
+                "service_tier": req.get("service_tier")
+                if req.get("service_tier") in ("flex", "priority") else "default",
             })
         include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
 
@@ -378,14 +395,18 @@ class Handler(BaseHTTPRequestHandler):
                 "parallel_tool_calls": True,
                 "temperature": 1.0,
                 "tool_choice": "auto",
-                "tools": [],
+                "tools": req.get("tools") or [],
                 "top_p": 1.0,
                 "metadata": req.get("metadata") or {},
                 "usage": usage,
             }
 
+        searched = [t for t in req.get("tools") or [] if t.get("type", "").startswith("web_search")]
+        search = {"id": "ws_mock1", "type": "web_search_call", "status": "completed",
+                  "action": {"type": "search", "query": "mock news"}}
         if not req.get("stream"):
-            return self._json(ex, 200, response("completed", [reasoning, message], RESPONSES_USAGE))
+            output = [reasoning, *([search] if searched else []), message]
+            return self._json(ex, 200, response("completed", output, RESPONSES_USAGE))
         seq = iter(range(1_000_000))
         events: list[tuple[str | None, object]] = []
 
@@ -426,6 +447,28 @@ class Handler(BaseHTTPRequestHandler):
         self._json(ex, 200, {"object": "list", "data": data, "model": answered_model(req["model"]), "usage": EMBEDDINGS_USAGE})
 
     # files
+
+    def _speech(self, ex: Exchange, req: dict):
+        # Audio, no usage: tollgate prices it by the input's characters.
+        ex.answer = {"audio_bytes": len(SPEECH_AUDIO)}
+        self._head(ex, 200, "audio/mpeg", len(SPEECH_AUDIO))
+        self.wfile.write(SPEECH_AUDIO)
+        self.wfile.flush()
+
+    def _transcription(self, ex: Exchange):
+        if not self.headers.get("Content-Type", "").startswith("multipart/form-data"):
+            return self._error(ex, 400, "expected multipart/form-data")
+        self._json(ex, 200, {
+            "text": "Hello from the mock.",
+            "usage": {"type": "duration", "seconds": TRANSCRIPTION_SECONDS},
+        })
+
+    def _image(self, ex: Exchange, req: dict):
+        self._json(ex, 200, {
+            "created": CREATED,
+            "data": [{"b64_json": base64.b64encode(b"mock-png").decode("ascii")}],
+            "usage": IMAGE_USAGE,
+        })
 
     def _files(self, ex: Exchange):
         ctype = self.headers.get("Content-Type", "")

@@ -585,6 +585,107 @@ def test_file_upload(client, tollgate):
     )
 
 
+# ---- the rest of the invoice: tiers, speech, transcription, images, tools ----
+
+
+def price_row(name: str) -> list[str]:
+    """A bundled price row's 15 columns (see src/prices.tsv's header),
+    shorter rows padded with "-"."""
+    path = next(p for p in (REPO / "src" / "prices.tsv", REPO / "prices.tsv") if p.exists())
+    for line in path.read_text().splitlines():
+        cols = line.split()
+        if cols and cols[0] == name:
+            return cols + ["-"] * (15 - len(cols))
+    raise AssertionError(f"{name} is not in the bundled price list")
+
+
+def per_m(n: int, usd_per_1m: str) -> Decimal:
+    return Decimal(n) * Decimal(usd_per_1m) / Decimal(1_000_000)
+
+
+def only_record(tg: Tollgate) -> dict:
+    recs = tg.new_records()
+    assert len(recs) == 1, f"expected exactly one new record, got {recs}\n{tg.log_tail()}"
+    return recs[0]
+
+
+def money(v) -> Decimal:
+    assert isinstance(v, (Decimal, int)), f"money must be a JSON number, got {v!r}"
+    return Decimal(str(v))
+
+
+def test_chat_flex_tier(client, tollgate):
+    resp = client.chat.completions.create(model="o4-mini", messages=MESSAGES, service_tier="flex")
+    ex = one_upstream_request(tollgate, "POST", "/v1/chat/completions")
+    assert ex["body_json"]["service_tier"] == "flex"
+    assert resp.service_tier == "flex"
+    rec = only_record(tollgate)
+    assert rec["serviceTier"] == "flex" and rec["tierRates"] == "flex"
+    query, answer, cached, _ = tokens(mock.CHAT_USAGE)
+    row = price_row("o4-mini")
+    flex = per_m(query - cached, row[4]) + per_m(cached, row[5]) + per_m(answer, row[6])
+    standard = per_m(query - cached, row[1]) + per_m(cached, row[2]) + per_m(answer, row[3])
+    assert money(rec["cost"]) == flex
+    assert money(rec["tierAdjustment"]) == flex - standard < 0
+
+
+def test_speech(client, tollgate):
+    text = "Hello from the official SDK."
+    audio = client.audio.speech.create(model="tts-1", voice="alloy", input=text)
+    ex = one_upstream_request(tollgate, "POST", "/v1/audio/speech")
+    assert audio.content == mock.SPEECH_AUDIO, "the audio must pass byte for byte"
+    rec = only_record(tollgate)
+    assert rec["requestedModel"] == "tts-1" and rec["status"] == 200
+    assert rec["units"] == f"characters={len(text)}"
+    assert money(rec["cost"]) == len(text) * Decimal(price_row("tts-1")[14])
+    assert rec["estimated"] is False
+    assert ex["body_json"]["input"] == text
+
+
+def test_transcription(client, tollgate):
+    wav = b"RIFF" + bytes(range(256)) * 64
+    resp = client.audio.transcriptions.create(model="whisper-1", file=("hello.wav", wav, "audio/wav"))
+    ex = one_upstream_request(tollgate, "POST", "/v1/audio/transcriptions")
+    assert resp.text == "Hello from the mock."
+    assert wav in base64.b64decode(ex["body_b64"]), "the upload must pass byte for byte"
+    rec = only_record(tollgate)
+    assert rec["requestedModel"] == "whisper-1"
+    assert rec["units"] == f"seconds={mock.TRANSCRIPTION_SECONDS}"
+    cost = mock.TRANSCRIPTION_SECONDS * Decimal(price_row("whisper-1")[14])
+    assert money(rec["cost"]) == cost == money(rec["audioInputCost"])
+
+
+def test_image_generation(client, tollgate):
+    resp = client.images.generate(model="gpt-image-1", prompt="a lighthouse at dusk")
+    ex = one_upstream_request(tollgate, "POST", "/v1/images/generations")
+    assert resp.data[0].b64_json == ex["answer"]["data"][0]["b64_json"]
+    rec = only_record(tollgate)
+    u = mock.IMAGE_USAGE
+    assert rec["queryTokens"] == u["input_tokens"] and rec["answerTokens"] == u["output_tokens"]
+    assert rec["imageAnswerTokens"] == u["output_tokens"] and rec["imageQueryTokens"] == 0
+    row = price_row("gpt-image-1")
+    text_in = per_m(u["input_tokens_details"]["text_tokens"], row[1])
+    image_out = per_m(u["output_tokens"], row[13])
+    assert money(rec["inputCost"]) == text_in
+    assert money(rec["imageOutputCost"]) == image_out
+    assert money(rec["cost"]) == text_in + image_out
+
+
+def test_responses_with_web_search(client, tollgate):
+    resp = client.responses.create(model="gpt-4o-mini", input="Any news?", tools=[{"type": "web_search"}])
+    ex = one_upstream_request(tollgate, "POST", "/v1/responses")
+    assert resp.to_dict() == ex["answer"]
+    assert [o.type for o in resp.output].count("web_search_call") == 1
+    rec = only_record(tollgate)
+    assert rec["units"] == "web_search_call=1"
+    call = Decimal(price_row("web_search_call/gpt-4o-mini")[14])
+    assert money(rec["toolCost"]) == call
+    query, answer, cached, _ = tokens(mock.RESPONSES_USAGE)
+    row = price_row("gpt-4o-mini")
+    token_cost = per_m(query - cached, row[1]) + per_m(cached, row[2]) + per_m(answer, row[3])
+    assert money(rec["cost"]) == token_cost + call
+
+
 # ---- totals ----------------------------------------------------------------
 
 
