@@ -2,12 +2,14 @@
 //! million rows, on a database of 20 million records.
 //!
 //! `cargo bench --bench reports` (TOLLGATE_BENCH_SMOKE=1 for a 200k-record
-//! run in seconds). The filled database is kept in `target/bench-reports-N.db`
+//! run in seconds). The filled database is kept in `target/bench-reports-projects-N.db`
 //! so later runs skip the fill.
 //!
 //! With `TOLLGATE_BENCH_PG=postgres://...` the same `/usage` queries also run
-//! on PostgreSQL, over the same records (database `tollgate_reports_N` on that
+//! on PostgreSQL, over the same records (database `tollgate_reports_projects_N` on that
 //! server, filled once by `generate_series` in SQL and kept), side by side.
+//! Records carry tags and a project, with their rollups, so `group_by=tag:`
+//! and `group_by=project` are measured too.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +20,8 @@ const DAY: i64 = 86_400_000;
 /// 2025-01-01T00:00:00Z.
 const START: i64 = 1_735_689_600_000;
 const USERS: u64 = 200;
+/// Each user in one of these projects (a seventh of the records without).
+const PROJECTS: u64 = 20;
 const MODELS: [&str; 12] = [
     "gpt-4o",
     "gpt-4o-mini",
@@ -60,12 +64,13 @@ fn fill(path: &std::path::Path, n: u64) {
              BEGIN;
              WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < {last})
              INSERT INTO queries (user, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
-                                  query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, tags)
+                                  query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, tags, project)
              SELECT 'user-' || (i * 7919 % {USERS}), CASE i % 12 {models} END, 'gpt-4o', '/v1/chat/completions',
                     {START} + i * {step}, 800000, 300000, 200, i % 2,
                     500 + i % 1000, 100 + i % 300, i % 200, i % 50, (500 + i % 1000) * 2500000, 1, 0, NULL,
                     CASE i % 5 WHEN 0 THEN 'feature=autocomplete,team=search' WHEN 1 THEN 'feature=chat'
-                               WHEN 2 THEN 'feature=summary,team=ads' WHEN 3 THEN 'team=search' ELSE '' END
+                               WHEN 2 THEN 'feature=summary,team=ads' WHEN 3 THEN 'team=search' ELSE '' END,
+                    CASE WHEN i % 7 = 6 THEN NULL ELSE 'proj-' || (i * 7919 % {USERS} % {PROJECTS}) END
              FROM n;
              INSERT INTO usage_daily (day, user, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
              SELECT ts / 86400000, user, model, COUNT(*), SUM(query_tokens), SUM(answer_tokens), SUM(cached_tokens),
@@ -79,6 +84,10 @@ fn fill(path: &std::path::Path, n: u64) {
              SELECT 'team', ts / 86400000, substr(tags, instr(tags, 'team=') + 5), user, model, COUNT(*), SUM(query_tokens),
                     SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost), SUM(1 - priced)
              FROM queries WHERE instr(tags, 'team=') > 0 GROUP BY 1, 2, 3, 4, 5;
+             INSERT INTO usage_daily_tags (tag_key, day, tag_value, user, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
+             SELECT '@project', ts / 86400000, project, user, model, COUNT(*), SUM(query_tokens),
+                    SUM(answer_tokens), SUM(cached_tokens), SUM(reasoning_tokens), SUM(cost), SUM(1 - priced)
+             FROM queries WHERE project IS NOT NULL GROUP BY 1, 2, 3, 4, 5;
              COMMIT;
              PRAGMA synchronous = NORMAL;",
             last = n - 1
@@ -105,7 +114,7 @@ fn fill_pg(url: &tollgate::config::PgUrl, n: u64) {
     let started = Instant::now();
     backend
         .execute_batch(&format!(
-            "TRUNCATE queries, usage_daily;
+            "TRUNCATE queries, usage_daily, usage_daily_tags;
              DO $$ DECLARE m int; s timestamptz; BEGIN
              FOR m IN 0..12 LOOP
                  s := timestamptz '2025-01-01 00:00:00+00' + make_interval(months => m);
@@ -116,20 +125,35 @@ fn fill_pg(url: &tollgate::config::PgUrl, n: u64) {
                      (extract(epoch FROM s + interval '1 month') * 1000)::bigint);
              END LOOP; END $$;
              INSERT INTO queries (username, model, requested_model, endpoint, ts, duration_us, ttfb_us, status, stream,
-                                  query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id)
+                                  query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, priced, estimated, request_id, tags, project)
              SELECT 'user-' || (i * 7919 % {USERS}), CASE i % 12 {models} END, 'gpt-4o', '/v1/chat/completions',
                     {START} + i * {step}, 800000, 300000, 200, i % 2 = 1,
-                    500 + i % 1000, 100 + i % 300, i % 200, i % 50, (500 + i % 1000) * 2500000, true, false, NULL
+                    500 + i % 1000, 100 + i % 300, i % 200, i % 50, (500 + i % 1000) * 2500000, true, false, NULL,
+                    CASE i % 5 WHEN 0 THEN 'feature=autocomplete,team=search' WHEN 1 THEN 'feature=chat'
+                               WHEN 2 THEN 'feature=summary,team=ads' WHEN 3 THEN 'team=search' ELSE '' END,
+                    CASE WHEN i % 7 = 6 THEN NULL ELSE 'proj-' || (i * 7919 % {USERS} % {PROJECTS}) END
              FROM generate_series(0::bigint, {last}::bigint) AS i;
              INSERT INTO usage_daily (day, username, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
              SELECT ts / 86400000, username, model, count(*), sum(query_tokens), sum(answer_tokens), sum(cached_tokens),
                     sum(reasoning_tokens), sum(cost), sum(CASE WHEN priced THEN 0 ELSE 1 END)
-             FROM queries GROUP BY 1, 2, 3;",
+             FROM queries GROUP BY 1, 2, 3;
+             INSERT INTO usage_daily_tags (tag_key, day, tag_value, username, model, queries, query_tokens, answer_tokens, cached_tokens, reasoning_tokens, cost, unpriced)
+             SELECT k, ts / 86400000, v, username, model, count(*), sum(query_tokens), sum(answer_tokens), sum(cached_tokens),
+                    sum(reasoning_tokens), sum(cost), sum(CASE WHEN priced THEN 0 ELSE 1 END)
+             FROM (SELECT q.*, t.k, t.v FROM queries q CROSS JOIN LATERAL (VALUES
+                     ('feature', CASE WHEN q.tags LIKE 'feature=%' THEN split_part(substr(q.tags, 9), ',', 1) END),
+                     ('team', CASE WHEN strpos(q.tags, 'team=') > 0 THEN substr(q.tags, strpos(q.tags, 'team=') + 5) END),
+                     ('@project', q.project)) AS t(k, v)) x
+             WHERE v IS NOT NULL GROUP BY 1, 2, 3, 4, 5;",
             last = n - 1
         ))
         .expect("fill PostgreSQL");
     // Each on its own: VACUUM refuses to run in the batch's transaction.
-    for sql in ["VACUUM ANALYZE queries", "VACUUM ANALYZE usage_daily"] {
+    for sql in [
+        "VACUUM ANALYZE queries",
+        "VACUUM ANALYZE usage_daily",
+        "VACUUM ANALYZE usage_daily_tags",
+    ] {
         backend.execute_batch(sql).expect("vacuum");
     }
     println!(
@@ -141,7 +165,7 @@ fn fill_pg(url: &tollgate::config::PgUrl, n: u64) {
 /// The PostgreSQL database of the run: `tollgate_reports_N` on the server,
 /// made and filled when it does not hold `n` records yet.
 fn pg_reports(server: &str, n: u64) -> std::sync::Arc<postgres::PgReports> {
-    let name = format!("tollgate_reports_{n}");
+    let name = format!("tollgate_reports_projects_{n}");
     let base = server.split('?').next().unwrap_or(server);
     let after_scheme = base.find("://").map_or(0, |i| i + 3);
     let host_part = match base[after_scheme..].find('/') {
@@ -196,7 +220,7 @@ fn main() {
     let n: u64 = if smoke { 200_000 } else { 20_000_000 };
     let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("target")
-        .join(format!("bench-reports-tags-{n}.db"));
+        .join(format!("bench-reports-projects-{n}.db"));
     if !path.exists() {
         // `target/` of the checkout, which a CARGO_TARGET_DIR elsewhere leaves unmade.
         if let Some(dir) = path.parent() {
@@ -281,6 +305,25 @@ fn main() {
                 ..month(None, None)
             },
             vec![GroupKey::Tag, GroupKey::Model],
+        ),
+        (
+            "month, group_by=project",
+            Filter {
+                group_tag: Some(tollgate::projects::ROLLUP_KEY.into()),
+                ..month(None, None)
+            },
+            vec![GroupKey::Tag],
+        ),
+        (
+            "month, project=proj-3, group_by=model",
+            Filter {
+                tag: Some(tollgate::tags::TagFilter {
+                    key: tollgate::projects::ROLLUP_KEY.into(),
+                    value: Some("proj-3".into()),
+                }),
+                ..month(None, None)
+            },
+            vec![GroupKey::Model],
         ),
     ];
     let pg = std::env::var("TOLLGATE_BENCH_PG")
