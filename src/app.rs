@@ -115,7 +115,8 @@ impl App {
         let retain = config
             .retain_days
             .map(|d| std::time::Duration::from_secs(u64::from(d) * 86_400));
-        let mut leases: Option<Arc<dyn crate::budget::LeaseSource>> = None;
+        type Source = Arc<dyn crate::budget::LeaseSource>;
+        let mut leases: Option<(Source, Source)> = None;
         let (store, versions) = match &config.db {
             Db::Sqlite(path) => {
                 let (backend, reports, accounts) =
@@ -133,7 +134,9 @@ impl App {
                 let versions = crate::store::Reports::state_versions(&*reports)
                     .map_err(|e| db_error(e.to_string()))?;
                 // Instances on one database lease their budgets from it.
-                leases = Some(Arc::new(backend.leases()));
+                let users = backend.leases();
+                let projects = users.for_projects();
+                leases = Some((Arc::new(users), Arc::new(projects)));
                 (
                     Store::start(backend, reports, accounts, metrics.clone(), retain),
                     versions,
@@ -207,9 +210,12 @@ impl App {
         app.load_accounts()
             .map_err(|e| db_error(format!("cannot load keys and limits: {e}")))?;
         let app = Arc::new(app);
-        if let Some(source) = leases {
+        if let Some((users, projects)) = leases {
             app.budgets
-                .start_leasing(source)
+                .start_leasing(users)
+                .map_err(|e| db_error(format!("cannot start the lease thread: {e}")))?;
+            app.project_budgets
+                .start_leasing(projects)
                 .map_err(|e| db_error(format!("cannot start the lease thread: {e}")))?;
         }
         if let Some(v) = versions {

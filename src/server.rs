@@ -174,8 +174,9 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Out
     }
     let store = app.store.clone();
     let _ = tokio::task::spawn_blocking(move || store.close()).await;
-    let budgets = app.budgets.clone();
-    let _ = tokio::task::spawn_blocking(move || budgets.release_leases()).await;
+    let budgets = [app.budgets.clone(), app.project_budgets.clone()];
+    let _ =
+        tokio::task::spawn_blocking(move || budgets.iter().for_each(|b| b.release_leases())).await;
     tracing::info!("all usage records written; bye");
 }
 

@@ -855,6 +855,93 @@ async fn per_minute_limits_hold_across_instances() {
     assert!(used <= tpm, "{used} tokens used of {tpm}");
 }
 
+/// A project's budget is leased like a user's: three instances, 300
+/// concurrent requests of three members spread over them, a project budget
+/// of 100 such requests (the users have no limits of their own): together
+/// the instances admit no more than the project's budget, and about all of
+/// it (without project leases each instance admits the whole budget).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_share_one_project_budget_without_overrun() {
+    let Some(_) = pg_or_skip("three_instances_share_one_project_budget_without_overrun") else {
+        return;
+    };
+    let db = PgDb::create();
+    let mock = leased_mock().await;
+    let start = || {
+        let url = PgUrl::parse(&db.url).unwrap();
+        Proxy::builder(&mock.url())
+            .default_prices(false)
+            .with(move |c| c.db = Db::Postgres(url))
+            .start()
+    };
+    let a = start().await;
+    assert_eq!(a.set_price("m-lease", LEASED_PRICE).await.status, 200);
+    let members = ["pia", "pat", "pam"];
+    let r = a
+        .admin_call(
+            Method::PUT,
+            "/projects/team",
+            r#"{"members":["pia","pat","pam"]}"#,
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = a
+        .admin_call(
+            Method::PUT,
+            "/projects/team/limits",
+            r#"{"budget":0.1,"period":"month"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let b = start().await;
+    let c = start().await;
+    for p in [&a, &b, &c] {
+        eventually(
+            "the project and its limits on every instance",
+            STEP,
+            || async {
+                (p.state.project_budgets.limits_of("team").is_some()
+                    && p.state.projects.only_project_of("pam").as_deref() == Some("team")
+                    && p.get("/model/m-lease").await.status == 200)
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    let addrs = [a.addr, b.addr, c.addr];
+    let sends =
+        (0..300).map(|i| async move { send(addrs[i % 3], leased_req(members[i / 3 % 3])).await });
+    let answers = futures_util::future::join_all(sends).await;
+    let admitted = answers.iter().filter(|r| r.status == 200).count();
+    for r in answers.iter().filter(|r| r.status != 200) {
+        assert_openai_error(r, 429, "requests", None, Some("budget_exceeded"));
+        assert!(r.text().contains("project"), "{}", r.text());
+    }
+    assert_eq!(
+        mock.seen().len(),
+        admitted,
+        "only admitted requests reach upstream"
+    );
+    eventually("every record written", STEP, || async {
+        (pg_count(&db.url, "SELECT count(*) FROM queries") == admitted as i64).then_some(())
+    })
+    .await;
+    let spent = pg_count(
+        &db.url,
+        "SELECT sum(cost)::bigint FROM queries WHERE project = 'team'",
+    );
+    eprintln!(
+        "three instances, one project: admitted {admitted} of 300, spent {spent} pico-dollars of a {} budget",
+        100 * LEASED_COST
+    );
+    assert_eq!(spent, admitted as i64 * LEASED_COST);
+    assert!(
+        spent <= 100 * LEASED_COST,
+        "spent {spent} over the project budget"
+    );
+    assert!(admitted >= 90, "only {admitted} admitted: starved");
+}
+
 /// The real binary, on PostgreSQL.
 struct Bin(std::process::Child, std::net::SocketAddr);
 

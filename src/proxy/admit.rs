@@ -40,20 +40,20 @@ pub async fn admit(app: &App, ctx: &Ctx) -> Result<Admission, ApiError> {
     let hold = if user_limited || project.is_some() {
         let (cost, tokens) = super::reserve::reservation(app, ctx);
         let user_hold = if user_limited {
-            check(app, ctx, cost, tokens)
+            check(app, &app.budgets, &ctx.user, ctx, cost, tokens)
                 .await
                 .map_err(|r| refused(app, ctx, r, Scope::User))?
         } else {
             None
         };
         let project_hold = match project {
-            Some(p) => match app.project_budgets.check(p, cost, tokens, ctx.started_ms) {
+            Some(p) => match check(app, &app.project_budgets, p, ctx, cost, tokens).await {
                 Ok(h) => h,
                 Err(r) => {
                     if let Some(h) = user_hold {
                         h.cancel();
                     }
-                    return Err(refused(app, ctx, Refused::Limit(r), Scope::Project));
+                    return Err(refused(app, ctx, r, Scope::Project));
                 }
             },
             None => None,
@@ -111,23 +111,30 @@ enum Refused {
     Unavailable,
 }
 
-/// The budget check; a leased budget whose lease does not cover the
-/// request hands the check to the lease thread, which asks the database
-/// for more (one round trip). Nothing granted: over budget. The database away: 503, or
-/// with `--budget-offline admit` the whole budget as this instance knows it.
-async fn check(app: &App, ctx: &Ctx, cost: i128, tokens: u64) -> Result<Option<Hold>, Refused> {
-    let b = &app.budgets;
-    match b.check(&ctx.user, cost, tokens, ctx.started_ms) {
+/// The budget check of `name` (a user, or a project) in `b`; a leased
+/// budget whose lease does not cover the request hands the check to the
+/// lease thread, which asks the database for more (one round trip).
+/// Nothing granted: over budget. The database away: 503, or with
+/// `--budget-offline admit` the whole budget as this instance knows it.
+async fn check(
+    app: &App,
+    b: &std::sync::Arc<crate::budget::Budgets>,
+    name: &str,
+    ctx: &Ctx,
+    cost: i128,
+    tokens: u64,
+) -> Result<Option<Hold>, Refused> {
+    match b.check(name, cost, tokens, ctx.started_ms) {
         Err(Refusal::Unleased { .. }) => {}
         r => return r.map_err(Refused::Limit),
     }
     match b
-        .check_leased(&ctx.user, cost, tokens, ctx.started_ms, LEASE_WAIT)
+        .check_leased(name, cost, tokens, ctx.started_ms, LEASE_WAIT)
         .await
     {
         Ok(r) => r.map_err(Refused::Limit),
         Err(_) if app.config.budget_offline == BudgetOffline::Admit => b
-            .check_unleased(&ctx.user, cost, tokens, ctx.started_ms)
+            .check_unleased(name, cost, tokens, ctx.started_ms)
             .map_err(Refused::Limit),
         Err(_) => Err(Refused::Unavailable),
     }

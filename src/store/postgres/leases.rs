@@ -16,10 +16,17 @@ use crate::store::StoreError;
 /// answer (503) rather than hanging on a stuck database.
 const LEASE_SETTINGS: &str = "SET lock_timeout = '2s'; SET statement_timeout = '3s'";
 
-/// Leases of one instance.
+/// What a project's lease rows are keyed by: this prefix and the project's
+/// name. A control character, so no user name (visible text) can collide.
+pub const PROJECT_PREFIX: &str = "\u{1f}project:";
+
+/// Leases of one instance: of users' budgets and rates, or (with
+/// [`PgLeases::for_projects`]) of projects'.
 pub struct PgLeases {
     url: PgUrl,
     instance: String,
+    /// Put before every name in the lease tables ("" for users).
+    prefix: &'static str,
     client: Mutex<Option<Client>>,
 }
 
@@ -28,7 +35,33 @@ impl PgLeases {
         PgLeases {
             url,
             instance,
+            prefix: "",
             client: Mutex::new(None),
+        }
+    }
+
+    /// The same instance's leases of project budgets and rates (same
+    /// tables, rows keyed by [`PROJECT_PREFIX`] and the project).
+    pub fn for_projects(&self) -> PgLeases {
+        PgLeases {
+            url: self.url.clone(),
+            instance: self.instance.clone(),
+            prefix: PROJECT_PREFIX,
+            client: Mutex::new(None),
+        }
+    }
+
+    /// The row key of `name`.
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// The name a row key stands for in this lease kind, if it is one.
+    fn name_of<'a>(&self, key: &'a str) -> Option<&'a str> {
+        if self.prefix.is_empty() {
+            (!key.starts_with(PROJECT_PREFIX)).then_some(key)
+        } else {
+            key.strip_prefix(self.prefix)
         }
     }
 
@@ -55,6 +88,7 @@ fn ttl_ms() -> i64 {
 
 impl LeaseSource for PgLeases {
     fn take(&self, user: &str, period_start: i64, limit: i64, need: i64) -> Result<Taken, String> {
+        let user = &self.key(user);
         self.with(|c| {
             let row = wait(c.query_one(
                 "SELECT granted, reset FROM tollgate_lease_take($1, $2, $3, $4, $5, $6, $7)",
@@ -76,6 +110,7 @@ impl LeaseSource for PgLeases {
     }
 
     fn give_back(&self, user: &str, period_start: i64, amount: i64) -> Result<(), String> {
+        let user = &self.key(user);
         self.with(|c| {
             wait(c.execute(
                 "UPDATE budget_leases SET amount = amount - $4
@@ -89,6 +124,7 @@ impl LeaseSource for PgLeases {
     fn take_rate(&self, user: &str, ask: RateAsk) -> Result<(u64, u64), String> {
         let limit = |l: Option<u64>| l.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
         let need = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let user = &self.key(user);
         self.with(|c| {
             let row = wait(c.query_one(
                 "SELECT requests, tokens FROM tollgate_rate_take($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -116,6 +152,7 @@ impl LeaseSource for PgLeases {
         tokens: u64,
     ) -> Result<(), String> {
         let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let user = &self.key(user);
         self.with(|c| {
             wait(c.execute(
                 "UPDATE rate_leases SET requests = requests - $4, tokens = tokens - $5
@@ -155,9 +192,14 @@ impl LeaseSource for PgLeases {
                 "DELETE FROM rate_leases WHERE minute < $1",
                 &[&(minute - 1)],
             ))?;
-            rows.iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                .collect()
+            let mut out = Vec::new();
+            for r in &rows {
+                // Renewed for both kinds; reported for this one.
+                if let Some(name) = self.name_of(r.try_get(0)?) {
+                    out.push((name.to_owned(), r.try_get(1)?));
+                }
+            }
+            Ok(out)
         })
     }
 }

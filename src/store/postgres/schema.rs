@@ -81,6 +81,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         what: "projects (members and limits); records and keys name their project",
         sql: SCHEMA_V11,
     },
+    Migration {
+        version: 12,
+        what: "project budgets leased like users': a project's spend from its rollups",
+        sql: SCHEMA_V12,
+    },
 ];
 
 /// The version this build brings a database to.
@@ -438,6 +443,60 @@ BEGIN
         ON CONFLICT (username, minute, instance) DO UPDATE SET
             requests = l.requests + excluded.requests,
             tokens = l.tokens + excluded.tokens;
+END
+$$;
+";
+
+/// Project budgets are leased like users' (`PgLeases::for_projects`): their
+/// lease rows are keyed by a control character, `project:` and the name
+/// (no user name can start so), and a project's spend is the sum of its
+/// `@project` tag rollups rather than of a user's daily rollups. Otherwise
+/// `tollgate_lease_take` is step 5's.
+const SCHEMA_V12: &str = "
+CREATE OR REPLACE FUNCTION tollgate_lease_take(p_user text, p_instance text, p_period bigint,
+        p_limit bigint, p_need bigint, p_div bigint, p_ttl_ms bigint,
+        OUT granted bigint, OUT room bigint, OUT holders bigint, OUT reset boolean)
+    LANGUAGE plpgsql AS $$
+DECLARE
+    v_spent  numeric;
+    v_leased numeric;
+    v_others bigint;
+    v_mine   boolean;
+    v_room   numeric;
+    v_grant  numeric;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('tollgate_lease:' || p_user, 0));
+    IF left(p_user, 9) = chr(31) || 'project:' THEN
+        SELECT coalesce(sum(cost), 0) INTO v_spent FROM usage_daily_tags
+            WHERE tag_key = '@project' AND tag_value = substr(p_user, 10)
+              AND day >= p_period / 86400000;
+    ELSE
+        SELECT coalesce(sum(cost), 0) INTO v_spent
+            FROM usage_daily WHERE username = p_user AND day >= p_period / 86400000;
+    END IF;
+    SELECT coalesce(sum(greatest(amount, 0)), 0),
+           count(*) FILTER (WHERE instance <> p_instance AND amount > 0),
+           bool_or(instance = p_instance)
+        INTO v_leased, v_others, v_mine
+        FROM budget_leases
+        WHERE username = p_user AND period_start = p_period AND expires_at > now();
+    v_room := greatest(p_limit - v_spent - v_leased, 0);
+    holders := v_others + 1;
+    IF v_room < greatest(p_need, 1) THEN
+        v_grant := 0;
+    ELSE
+        v_grant := least(v_room, greatest(p_need, floor(v_room / (p_div * holders))));
+    END IF;
+    granted := v_grant;
+    room := v_room - v_grant;
+    reset := NOT coalesce(v_mine, false);
+    INSERT INTO budget_leases AS l (username, instance, period_start, amount, expires_at)
+        VALUES (p_user, p_instance, p_period, granted,
+                now() + make_interval(secs => p_ttl_ms / 1000.0))
+        ON CONFLICT (username, instance) DO UPDATE SET
+            amount = CASE WHEN reset THEN excluded.amount ELSE l.amount + excluded.amount END,
+            period_start = excluded.period_start,
+            expires_at = excluded.expires_at;
 END
 $$;
 ";

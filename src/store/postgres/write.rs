@@ -207,6 +207,21 @@ pub(super) async fn upsert_tags(
     Ok(())
 }
 
+/// The cost a batch's project rollup rows add per (day, project lease key):
+/// what the project leases of this instance shrink by, as users' do.
+fn project_spend(t: &TagColumns<'_>) -> (Vec<i64>, Vec<String>, Vec<i64>) {
+    let mut out = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..t.key.len() {
+        if t.key[i] == crate::projects::ROLLUP_KEY && t.sums[5][i] != 0 {
+            out.0.push(t.day[i]);
+            out.1
+                .push(format!("{}{}", super::leases::PROJECT_PREFIX, t.value[i]));
+            out.2.push(t.sums[5][i]);
+        }
+    }
+    out
+}
+
 pub(super) fn tag_columns(batch: &[Priced]) -> TagColumns<'_> {
     let mut c = TagColumns::default();
     for ((key, day, value, user, model), d) in crate::store::rollup::tagged(batch) {
@@ -465,6 +480,7 @@ impl PgBackend {
             .map_err(|e| StoreError(e.to_string()))?;
         let daily = daily_columns(batch);
         let tagged = tag_columns(batch);
+        let projects = project_spend(&tagged);
         let mut last_used: BTreeMap<&str, i64> = BTreeMap::new();
         for p in batch {
             if let Some(k) = &p.record.key_id {
@@ -497,6 +513,13 @@ impl PgBackend {
                 if s[5].iter().any(|&c| c != 0) {
                     tx.execute(SPEND_LEASES, &[&daily.day, &daily.user, &s[5], &instance])
                         .await?;
+                }
+                if !projects.0.is_empty() {
+                    tx.execute(
+                        SPEND_LEASES,
+                        &[&projects.0, &projects.1, &projects.2, &instance],
+                    )
+                    .await?;
                 }
                 upsert_tags(&tx, &tagged).await?;
                 if !last_used.is_empty() {
