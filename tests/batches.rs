@@ -110,8 +110,13 @@ async fn batch_mock() -> (Mock, Upstream) {
 }
 
 fn builder(mock: &Mock) -> ProxyBuilder {
+    builder_with_key(mock, "sk-upstream")
+}
+
+/// An instance whose upstream key tells its polls apart from others'.
+fn builder_with_key(mock: &Mock, key: &str) -> ProxyBuilder {
     Proxy::builder(&mock.url())
-        .token("sk-upstream")
+        .token(key)
         .with(|c| c.batch_poll = Duration::from_millis(5))
 }
 
@@ -312,11 +317,23 @@ async fn a_batch_survives_a_restart_and_is_metered_once() {
     wait_polls(&mock, 1).await;
     first.stop().await;
     drop(first);
-    up.set("completed");
     // Two instances on the database: both load the open batch, both may
-    // read its files, one claims it.
-    let mut second = builder(&mock).db(&db).start().await;
-    let mut third = builder(&mock).db(&db).start().await;
+    // read its files, one claims it. It completes only once both follow it
+    // (an instance starting after it was metered has nothing to follow).
+    let mut second = builder_with_key(&mock, "sk-second").db(&db).start().await;
+    let mut third = builder_with_key(&mock, "sk-third").db(&db).start().await;
+    eventually("both instances follow the batch", STEP, || async {
+        let seen = mock.seen();
+        let polled = |key: &str| {
+            seen.iter().any(|s| {
+                s.path.starts_with("/v1/batches/")
+                    && s.header("authorization").as_deref() == Some(key)
+            })
+        };
+        (polled("Bearer sk-second") && polled("Bearer sk-third")).then_some(())
+    })
+    .await;
+    up.set("completed");
     let ended = |outcome: &'static str| {
         let (second, third) = (&second, &third);
         async move { ended(second, outcome).await + ended(third, outcome).await }
