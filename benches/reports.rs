@@ -112,6 +112,11 @@ fn fill_pg(url: &tollgate::config::PgUrl, n: u64) {
         .collect::<Vec<_>>()
         .join(" ");
     let started = Instant::now();
+    // The writer's connection gives up on a statement after a minute; this
+    // fill is one statement over 20M rows.
+    backend
+        .execute_batch("SET statement_timeout = 0")
+        .expect("no statement timeout");
     backend
         .execute_batch(&format!(
             "TRUNCATE queries, usage_daily, usage_daily_tags;
