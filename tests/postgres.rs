@@ -574,12 +574,7 @@ async fn upstream_rate_limits_seen_by_one_instance_are_reported_by_the_others() 
             .header("x-ratelimit-reset-tokens", "1h2m3.5s")
     })
     .await;
-    let start = || {
-        let url = PgUrl::parse(&db.url).unwrap();
-        Proxy::builder(&mock.url())
-            .with(move |c| c.db = Db::Postgres(url))
-            .start()
-    };
+    let start = || on_db(&mock, &db.url).start();
     let a = start().await;
     let b = start().await;
     assert_eq!(b.get("/ratelimits").await.text(), "{}");
@@ -601,6 +596,12 @@ async fn upstream_rate_limits_seen_by_one_instance_are_reported_by_the_others() 
 const LEASED_COST: i64 = 1_000_000_000;
 const LEASED_PRICE: &str =
     r#"{"validFrom":"2020-01-01T00:00:00Z","per1MQueryTokens":0,"per1MAnswerTokens":1}"#;
+
+/// An in-process instance in front of `mock` on the database at `url`.
+fn on_db(mock: &Mock, url: &str) -> ProxyBuilder {
+    let url = PgUrl::parse(url).unwrap();
+    Proxy::builder(&mock.url()).with(move |c| c.db = Db::Postgres(url))
+}
 
 fn leased_req(user: &str) -> hyper::Request<ReqBody> {
     chat_req(
@@ -631,13 +632,7 @@ async fn three_instances_share_one_budget_without_overrun() {
     };
     let db = PgDb::create();
     let mock = leased_mock().await;
-    let start = || {
-        let url = PgUrl::parse(&db.url).unwrap();
-        Proxy::builder(&mock.url())
-            .default_prices(false)
-            .with(move |c| c.db = Db::Postgres(url))
-            .start()
-    };
+    let start = || on_db(&mock, &db.url).default_prices(false).start();
     let a = start().await;
     assert_eq!(a.set_price("m-lease", LEASED_PRICE).await.status, 200);
     let r = a
@@ -780,12 +775,7 @@ async fn per_minute_limits_hold_across_instances() {
     };
     let db = PgDb::create();
     let mock = leased_mock().await;
-    let start = || {
-        let url = PgUrl::parse(&db.url).unwrap();
-        Proxy::builder(&mock.url())
-            .with(move |c| c.db = Db::Postgres(url))
-            .start()
-    };
+    let start = || on_db(&mock, &db.url).start();
     let a = start().await;
     let b = start().await;
     let c = start().await;
@@ -867,13 +857,7 @@ async fn three_instances_share_one_project_budget_without_overrun() {
     };
     let db = PgDb::create();
     let mock = leased_mock().await;
-    let start = || {
-        let url = PgUrl::parse(&db.url).unwrap();
-        Proxy::builder(&mock.url())
-            .default_prices(false)
-            .with(move |c| c.db = Db::Postgres(url))
-            .start()
-    };
+    let start = || on_db(&mock, &db.url).default_prices(false).start();
     let a = start().await;
     assert_eq!(a.set_price("m-lease", LEASED_PRICE).await.status, 200);
     let members = ["pia", "pat", "pam"];

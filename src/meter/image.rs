@@ -61,10 +61,9 @@ fn count(v: &Value) -> Option<u64> {
     }
 }
 
-/// Reads an image generation body. Refuses what is not a JSON object, or
-/// has a `model` that is not a string (or duplicated members, which
-/// parsers disagree on).
-pub fn parse_image_request(body: &[u8]) -> Result<ImageRequest, RequestError> {
+/// A JSON object body read into `T`: anything else is refused, as not
+/// JSON or as not an object.
+fn object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, RequestError> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
         return Err(
@@ -74,12 +73,24 @@ pub fn parse_image_request(body: &[u8]) -> Result<ImageRequest, RequestError> {
             },
         );
     }
-    let f: Fields = serde_json::from_slice(body).map_err(|_| RequestError::NotJson)?;
-    let model = match f.model {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) => s,
-        Some(_) => return Err(RequestError::ModelNotString),
-    };
+    serde_json::from_slice(body).map_err(|_| RequestError::NotJson)
+}
+
+/// A body's `model`: a string, or empty when absent or null.
+fn model_of(v: Option<Value>) -> Result<String, RequestError> {
+    match v {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(RequestError::ModelNotString),
+    }
+}
+
+/// Reads an image generation body. Refuses what is not a JSON object, or
+/// has a `model` that is not a string (or duplicated members, which
+/// parsers disagree on).
+pub fn parse_image_request(body: &[u8]) -> Result<ImageRequest, RequestError> {
+    let f: Fields = object(body)?;
+    let model = model_of(f.model)?;
     let text = |v: Option<Value>| match v {
         Some(Value::String(s)) => Some(s),
         _ => None,
@@ -114,21 +125,8 @@ struct SpeechFields {
 /// Reads a speech body. Refuses what is not a JSON object, or has a
 /// `model` that is not a string.
 pub fn parse_speech_request(body: &[u8]) -> Result<SpeechRequest, RequestError> {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    if first != Some(&b'{') {
-        return Err(
-            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
-                Ok(_) => RequestError::NotObject,
-                Err(_) => RequestError::NotJson,
-            },
-        );
-    }
-    let f: SpeechFields = serde_json::from_slice(body).map_err(|_| RequestError::NotJson)?;
-    let model = match f.model {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) => s,
-        Some(_) => return Err(RequestError::ModelNotString),
-    };
+    let f: SpeechFields = object(body)?;
+    let model = model_of(f.model)?;
     let characters = match f.input {
         Some(Value::String(s)) => s.chars().count() as u64,
         _ => 0,
